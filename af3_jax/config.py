@@ -1,0 +1,166 @@
+"""Model configuration: frozen, hashable dataclasses read from a checkpoint's `config.json`.
+
+Mirrors transformers' `AudioFlamingo3Config` (audio_config = `AudioFlamingo3EncoderConfig`, text_config =
+`Qwen2Config`). Jitted code and modules only ever see these dataclasses, never a dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderConfig:
+  """AF-Whisper encoder (`AudioFlamingo3EncoderConfig`)."""
+
+  num_mel_bins: int = 128
+  hidden_size: int = 1280
+  num_layers: int = 32
+  num_heads: int = 20
+  intermediate_size: int = 5120
+  max_source_positions: int = 1500
+  layer_norm_eps: float = 1e-5
+
+  @property
+  def head_dim(self) -> int:
+    return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+  """Qwen2 decoder (`Qwen2Config`)."""
+
+  vocab_size: int = 151672
+  hidden_size: int = 3584
+  num_layers: int = 28
+  num_heads: int = 28
+  num_kv_heads: int = 4
+  head_dim: int = 128
+  intermediate_size: int = 18944
+  rms_norm_eps: float = 1e-6
+  rope_theta: float = 1e6
+  max_position_embeddings: int = 32768
+
+
+@dataclasses.dataclass(frozen=True)
+class AF3Config:
+  """The whole model. Defaults are the released AF3 (8,267,215,360 parameters)."""
+
+  encoder: EncoderConfig = EncoderConfig()
+  decoder: DecoderConfig = DecoderConfig()
+  audio_token_id: int = 151669
+  projector_bias: bool = True
+
+  @classmethod
+  def from_hf_dict(cls, d: dict[str, Any]) -> AF3Config:
+    """Reads transformers' `AudioFlamingo3Config.to_dict()` (what `config.json` holds)."""
+    if d.get("projector_hidden_act", "gelu") != "gelu":
+      raise ValueError(f"projector_hidden_act {d['projector_hidden_act']!r} is not supported (AF3 uses gelu)")
+    return cls(
+        encoder=encoder_config(d.get("audio_config") or {}),
+        decoder=decoder_config(d.get("text_config") or {}),
+        audio_token_id=d.get("audio_token_id", 151669),
+        projector_bias=d.get("projector_bias", True),
+    )
+
+  @classmethod
+  def from_json(cls, path: str | Path) -> AF3Config:
+    return cls.from_hf_dict(read_json(path))
+
+  def to_hf_dict(self) -> dict[str, Any]:
+    """The inverse of `from_hf_dict`: a `config.json` that transformers loads."""
+    e, t = self.encoder, self.decoder
+    return {
+        "model_type": "audioflamingo3",
+        "architectures": ["AudioFlamingo3ForConditionalGeneration"],
+        "audio_token_id": self.audio_token_id,
+        "projector_hidden_act": "gelu",
+        "projector_bias": self.projector_bias,
+        "audio_config": {
+            "model_type": "audioflamingo3_encoder",
+            "num_mel_bins": e.num_mel_bins,
+            "hidden_size": e.hidden_size,
+            "num_hidden_layers": e.num_layers,
+            "num_attention_heads": e.num_heads,
+            "intermediate_size": e.intermediate_size,
+            "max_source_positions": e.max_source_positions,
+            "activation_function": "gelu",
+        },
+        "text_config": {
+            "model_type": "qwen2",
+            "vocab_size": t.vocab_size,
+            "hidden_size": t.hidden_size,
+            "num_hidden_layers": t.num_layers,
+            "num_attention_heads": t.num_heads,
+            "num_key_value_heads": t.num_kv_heads,
+            "head_dim": t.head_dim,
+            "intermediate_size": t.intermediate_size,
+            "rms_norm_eps": t.rms_norm_eps,
+            "rope_parameters": {"rope_type": "default", "rope_theta": t.rope_theta},
+            "max_position_embeddings": t.max_position_embeddings,
+            "hidden_act": "silu",
+            "tie_word_embeddings": False,
+            "use_sliding_window": False,
+        },
+    }
+
+
+def read_json(path: str | Path) -> dict[str, Any]:
+  try:
+    return json.loads(Path(path).read_text())
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"{path}: cannot read JSON ({e})") from None
+
+
+def _pick(d: dict[str, Any], *names: str, default: Any = None) -> Any:
+  """First present key: HF configs and the Whisper-style NVIDIA ones spell fields differently."""
+  for n in names:
+    if d.get(n) is not None:
+      return d[n]
+  return default
+
+
+def encoder_config(d: dict[str, Any]) -> EncoderConfig:
+  """From `audio_config` (HF) or the NVIDIA `sound_tower/config.json` (Whisper field names)."""
+  act = _pick(d, "activation_function", default="gelu")
+  if act != "gelu":
+    raise ValueError(f"encoder activation {act!r} is not supported (AF-Whisper uses exact gelu)")
+  return EncoderConfig(
+      num_mel_bins=_pick(d, "num_mel_bins", default=128),
+      hidden_size=_pick(d, "hidden_size", "d_model", default=1280),
+      num_layers=_pick(d, "num_hidden_layers", "encoder_layers", default=32),
+      num_heads=_pick(d, "num_attention_heads", "encoder_attention_heads", default=20),
+      intermediate_size=_pick(d, "intermediate_size", "encoder_ffn_dim", default=5120),
+      max_source_positions=_pick(d, "max_source_positions", default=1500),
+  )
+
+
+def decoder_config(d: dict[str, Any]) -> DecoderConfig:
+  """From `text_config` (HF) or the NVIDIA `llm/config.json` (a plain `Qwen2Config`)."""
+  rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+  rope_type = rope.get("rope_type", rope.get("type", "default"))
+  if rope_type != "default":
+    raise ValueError(f"rope_type {rope_type!r} is not supported (AF3 uses default RoPE)")
+  if d.get("use_sliding_window"):
+    raise ValueError("use_sliding_window=True is not supported (AF3 attends over the full context)")
+  if d.get("tie_word_embeddings"):
+    raise ValueError("tie_word_embeddings=True is not supported (AF3 has a separate lm_head)")
+  if _pick(d, "hidden_act", default="silu") != "silu":
+    raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (Qwen2 uses silu)")
+  hidden = _pick(d, "hidden_size", default=3584)
+  heads = _pick(d, "num_attention_heads", default=28)
+  return DecoderConfig(
+      vocab_size=_pick(d, "vocab_size", default=151672),
+      hidden_size=hidden,
+      num_layers=_pick(d, "num_hidden_layers", default=28),
+      num_heads=heads,
+      num_kv_heads=_pick(d, "num_key_value_heads", default=heads),
+      head_dim=_pick(d, "head_dim", default=hidden // heads),
+      intermediate_size=_pick(d, "intermediate_size", default=18944),
+      rms_norm_eps=_pick(d, "rms_norm_eps", default=1e-6),
+      rope_theta=float(_pick(rope, "rope_theta", default=_pick(d, "rope_theta", default=1e6))),
+      max_position_embeddings=_pick(d, "max_position_embeddings", default=32768),
+  )

@@ -1,0 +1,85 @@
+"""Audio Flamingo 3: mirrors transformers' `AudioFlamingo3ForConditionalGeneration`.
+
+Encoder windows -> projector -> frames that replace the `<sound>` tokens of the prompt in order
+(window-major, then row-major over batch and sequence, as HF's `masked_scatter`), then the Qwen2
+decoder and an untied LM head. Everything here has static shapes and runs under `jax.jit`; inputs are
+checked on the host by `af3_jax.pretrained.Model` before they get here.
+Shape letters: B batch, T sequence, W windows, F mel frames, P pooled frames per window (750), D width.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from af3_jax.config import AF3Config
+from af3_jax.models import layers, whisper
+from af3_jax.models.projector import Projector
+from af3_jax.models.qwen2 import Decoder
+
+
+def audio_embed_mask_from_features(features_mask: jax.Array, frames_per_window: int) -> jax.Array:
+  """(W, F) mel mask -> (W, P) bool: the pooled frames HF keeps (`get_audio_features`)."""
+  n = whisper.pooled_lengths(features_mask.astype(jnp.int32).sum(-1))
+  return jnp.arange(frames_per_window)[None, :] < n[:, None]
+
+
+def merge_audio(embeds: jax.Array, is_audio: jax.Array, frames: jax.Array, frames_mask: jax.Array) -> jax.Array:
+  """Puts the selected audio frames into the audio token positions, in order.
+
+  embeds (B, T, D); is_audio (B, T) bool; frames (W, P, D); frames_mask (W, P) bool. The k-th audio
+  token (row-major) receives the k-th selected frame (window-major). A gather plus `where` keeps the
+  shapes static (no boolean scatter); the caller guarantees the counts agree.
+  """
+  flat = frames.reshape(-1, frames.shape[-1])
+  (selected,) = jnp.nonzero(frames_mask.reshape(-1), size=flat.shape[0], fill_value=0)
+  k = jnp.cumsum(is_audio.reshape(-1)).reshape(is_audio.shape) - 1
+  gathered = flat[selected[jnp.clip(k, 0, flat.shape[0] - 1)]]
+  return jnp.where(is_audio[..., None], gathered.astype(embeds.dtype), embeds)
+
+
+class AudioFlamingo3(nnx.Module):
+  """The full model. Attribute names are HF's, so parameter paths are HF's (see `convert/`)."""
+
+  def __init__(self, cfg: AF3Config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+               rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.cfg = cfg
+    self.audio_tower = whisper.AudioEncoder(cfg.encoder, remat=remat, **kw)
+    self.multi_modal_projector = Projector(cfg.encoder.hidden_size, cfg.decoder.hidden_size,
+                                           use_bias=cfg.projector_bias, **kw)
+    self.language_model = Decoder(cfg.decoder, remat=remat, **kw)
+    self.lm_head = layers.Linear(cfg.decoder.hidden_size, cfg.decoder.vocab_size, use_bias=False,
+                                 axes=("embed", "vocab"), **kw)
+
+  def audio_frames(self, input_features: jax.Array, input_features_mask: jax.Array) -> jax.Array:
+    """(W, M, F) features -> (W, P, D) projected frames, before any selection."""
+    return self.multi_modal_projector(self.audio_tower(input_features, input_features_mask))
+
+  def embed(self, input_ids: jax.Array, input_features: jax.Array | None = None,
+            input_features_mask: jax.Array | None = None, audio_embed_mask: jax.Array | None = None) -> jax.Array:
+    """Token embeddings (B, T, D) with the `<sound>` positions filled from the audio."""
+    x = self.language_model.embed_tokens(input_ids)
+    if input_features is None:
+      return x
+    frames = self.audio_frames(input_features, input_features_mask)
+    if audio_embed_mask is None:
+      audio_embed_mask = audio_embed_mask_from_features(input_features_mask, frames.shape[1])
+    return merge_audio(x, input_ids == self.cfg.audio_token_id, frames, audio_embed_mask)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+               input_features: jax.Array | None = None, input_features_mask: jax.Array | None = None,
+               audio_embed_mask: jax.Array | None = None, position_ids: jax.Array | None = None) -> jax.Array:
+    """Logits (B, T, V) in the compute dtype.
+
+    attention_mask (B, T) marks real tokens (left padding); positions default to its cumulative sum
+    minus one, as HF `generate` derives them.
+    """
+    if attention_mask is None:
+      attention_mask = jnp.ones(input_ids.shape, jnp.int32)
+    if position_ids is None:
+      position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+    x = self.embed(input_ids, input_features, input_features_mask, audio_embed_mask)
+    h = self.language_model(x, position_ids, attention_mask.astype(bool))
+    return self.lm_head(h)

@@ -1,0 +1,147 @@
+"""Leaf layers. Every parameter of the model is created here, each tagged with logical axis names.
+
+Parameters live in `param_dtype`; `__call__` computes in `dtype`. Norms compute in float32 whatever the
+compute dtype, as the PyTorch reference does. Weight layouts: Linear `kernel` is (in, out) (the transpose
+of torch's `weight`), Conv1d `kernel` is (k, in, out).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+_normal = jax.nn.initializers.normal(0.02)
+
+
+def param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.Param:
+  """A parameter with logical axes. Sharding is applied by `sharding.py`, never eagerly here."""
+  return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=axes, eager_sharding=False)
+
+
+class Linear(nnx.Module):
+  """`torch.nn.Linear`: y = x @ kernel + bias."""
+
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: Axes, dtype,
+               param_dtype, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.kernel = param(rngs, _normal, (in_features, out_features), param_dtype, axes)
+    self.bias = param(rngs, jax.nn.initializers.zeros, (out_features,), param_dtype, axes[1:]) if use_bias else None
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(self.dtype)
+    return y
+
+
+class Embed(nnx.Module):
+  """`torch.nn.Embedding`: a (num, features) table."""
+
+  def __init__(self, num: int, features: int, *, axes: Axes, dtype, param_dtype, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.embedding = param(rngs, _normal, (num, features), param_dtype, axes)
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """Qwen2RMSNorm: normalise in float32, cast back to the input dtype, then scale."""
+
+  def __init__(self, features: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, jax.nn.initializers.ones, (features,), param_dtype, ("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """`torch.nn.LayerNorm` with scale and bias, computed in float32."""
+
+  def __init__(self, features: int, *, eps: float, param_dtype, rngs: nnx.Rngs):
+    self.eps = eps
+    self.scale = param(rngs, jax.nn.initializers.ones, (features,), param_dtype, ("norm",))
+    self.bias = param(rngs, jax.nn.initializers.zeros, (features,), param_dtype, ("norm",))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Conv1d(nnx.Module):
+  """`torch.nn.Conv1d` with symmetric zero padding, on (batch, length, channels) inputs."""
+
+  def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int, stride: int, padding: int,
+               axes: Axes, dtype, param_dtype, rngs: nnx.Rngs):
+    self.dtype = dtype
+    self.stride = stride
+    self.padding = padding
+    self.kernel = param(rngs, _normal, (kernel_size, in_channels, out_channels), param_dtype, (None, *axes))
+    self.bias = param(rngs, jax.nn.initializers.zeros, (out_channels,), param_dtype, axes[1:])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    y = jax.lax.conv_general_dilated(
+        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        window_strides=(self.stride,), padding=[(self.padding, self.padding)],
+        dimension_numbers=("NWC", "WIO", "NWC"))
+    return y + self.bias[...].astype(self.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, mask: jax.Array | None = None,
+              is_causal: bool = False, kv_lengths: jax.Array | None = None) -> jax.Array:
+  """Softmax attention over (B, T, N, H) queries and (B, S, K, H) keys/values (K divides N: GQA).
+
+  cuDNN flash attention on GPU for 16-bit inputs (it rejects float32), XLA everywhere else.
+  `mask` (bool, broadcastable to B N T S) and `kv_lengths` (B,) select the keys each query may see.
+  """
+  fast = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=mask, scale=scale, is_causal=is_causal,
+      key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32),
+      implementation="cudnn" if fast else "xla")
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def stack(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
+  """`num_layers` independent copies of `make(rngs)`, parameters stacked on a leading `layers` axis."""
+
+  @nnx.split_rngs(splits=num_layers)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def create(rngs: nnx.Rngs) -> nnx.Module:
+    return make(rngs)
+
+  return create(rngs)
+
+
+def scan(layers: nnx.Module, fn: Callable, carry, xs=None, *, remat: str = "none"):
+  """Runs stacked `layers` in order with `lax.scan`: `fn(layer, carry, x) -> (carry, y)`.
+
+  The loop body is traced once, so compile time does not grow with depth. `remat` names a policy in
+  `REMAT_POLICIES` ("none" keeps every activation, the right choice for inference).
+  """
+  graphdef, state = nnx.split(layers)
+
+  def body(carry, state_and_x):
+    layer_state, x = state_and_x
+    return fn(nnx.merge(graphdef, layer_state), carry, x)
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
+  return jax.lax.scan(body, carry, (state, xs))

@@ -1,0 +1,101 @@
+"""Qwen2 decoder: mirrors transformers' `Qwen2Model` (the LM head lives in `af3.py`).
+
+RMSNorm, default RoPE (rotate-half pairing), grouped-query attention with q/k/v biases, SwiGLU MLP.
+Shape letters: B batch, T query length, S key length, D width, N heads, K kv heads, H head dim, F mlp.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from af3_jax.config import DecoderConfig
+from af3_jax import sharding
+from af3_jax.models import layers
+
+ACTIVATION_AXES = ("batch", "length", None)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding on (B, T, N, H) at integer positions (B, T), computed in float32.
+
+  HF's `rotate_half` pairs dimension i with i + H/2 (not interleaved pairs).
+  """
+  h = x.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # (B, T, H/2)
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """`Qwen2Attention`: causal GQA; q/k/v have biases, o_proj has none."""
+
+  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.cfg = cfg
+    self.q_proj = layers.Linear(d, n * h, use_bias=True, axes=("embed", "heads"), **kw)
+    self.k_proj = layers.Linear(d, k * h, use_bias=True, axes=("embed", "kv_heads"), **kw)
+    self.v_proj = layers.Linear(d, k * h, use_bias=True, axes=("embed", "kv_heads"), **kw)
+    self.o_proj = layers.Linear(n * h, d, use_bias=False, axes=("heads", "embed"), **kw)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """x (B, T, D); positions (B, T) int; key_mask (B, S) bool (False = padding)."""
+    b, t, _ = x.shape
+    cfg = self.cfg
+    q = rope(self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
+    k = rope(self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
+    v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    o = layers.attention(q, k, v, scale=cfg.head_dim**-0.5, mask=key_mask[:, None, None, :], is_causal=True)
+    return self.o_proj(o.reshape(b, t, -1))
+
+
+class MLP(nnx.Module):
+  """`Qwen2MLP`: down(silu(gate(x)) * up(x)), no biases."""
+
+  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = layers.Linear(d, f, axes=("embed", "mlp"), **kw)
+    self.up_proj = layers.Linear(d, f, axes=("embed", "mlp"), **kw)
+    self.down_proj = layers.Linear(f, d, axes=("mlp", "embed"), **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+  """`Qwen2DecoderLayer`: pre-RMSNorm attention and MLP, each with a residual."""
+
+  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    norm = dict(eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.input_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
+    self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array) -> jax.Array:
+    x = x + self.self_attn(self.input_layernorm(x), positions, key_mask)
+    return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nnx.Module):
+  """`Qwen2Model`: token embeddings, the layer stack and the final norm."""
+
+  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, remat: str = "none", rngs: nnx.Rngs):
+    self.remat = remat
+    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), dtype=dtype,
+                                     param_dtype=param_dtype, rngs=rngs)
+    self.layers = layers.stack(lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+                               cfg.num_layers, rngs)
+    self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """Input embeddings (B, T, D) -> final hidden states (B, T, D)."""
+    step = lambda layer, h, _: (sharding.constrain(layer(h, positions, key_mask), ACTIVATION_AXES), None)
+    x, _ = layers.scan(self.layers, step, x, remat=self.remat)
+    return self.norm(x)

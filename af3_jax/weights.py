@@ -1,0 +1,201 @@
+"""Finding and reading checkpoints: upstream safetensors in every released layout, and our orbax copies.
+
+Upstream tensors stream one parameter at a time, straight into the target dtype and sharding, so host
+memory peaks at the model plus its largest (stacked) parameter. Only safetensors are read: never pickle.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx, traverse_util
+from safetensors import safe_open
+
+from af3_jax.config import AF3Config, decoder_config, encoder_config, read_json
+from convert import names
+
+ORBAX_PARAMS = "params"  # our converted checkpoints: config.json + orbax tree in this subfolder
+_HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+
+
+def resolve(path_or_hub_id: str | Path) -> Path:
+  """A local checkpoint folder, or a hub id resolved through huggingface_hub (local cache first)."""
+  path = Path(path_or_hub_id).expanduser()
+  if path.exists():
+    if not path.is_dir():
+      raise ValueError(f"{path}: not a checkpoint directory")
+    return path
+  hub_id = str(path_or_hub_id)
+  if not re.fullmatch(r"[\w.-]+/[\w.-]+", hub_id):
+    raise ValueError(f"{hub_id}: no such checkpoint directory")
+  import huggingface_hub  # only needed for hub ids
+
+  try:
+    return Path(huggingface_hub.snapshot_download(hub_id, allow_patterns=_HUB_FILES, local_files_only=True))
+  except Exception:  # not cached: fall through to a download
+    pass
+  try:
+    return Path(huggingface_hub.snapshot_download(hub_id, allow_patterns=_HUB_FILES))
+  except Exception as e:
+    raise ValueError(f"{hub_id}: not a local folder and not downloadable here ({type(e).__name__}); "
+                     f"fetch it with `hf download {hub_id}` where there is network, then pass the folder") from None
+
+
+def layout(root: Path) -> str:
+  """'orbax' (ours), 'nvidia' (llm/ + sound_tower/ + sound_mm_projector/) or 'hf' (one folder)."""
+  if (root / ORBAX_PARAMS).is_dir():
+    return "orbax"
+  if all((root / f).is_dir() for f in names.NVIDIA_FOLDERS):
+    return "nvidia"
+  if (root / "config.json").is_file():
+    return "hf"
+  raise ValueError(f"{root}: not an AF3 checkpoint (no config.json, and not the NVIDIA llm/ + sound_tower/ "
+                   "+ sound_mm_projector/ layout)")
+
+
+def tokenizer_dir(root: Path) -> Path:
+  """Where the tokenizer files are: `llm/` in the NVIDIA layout, the root otherwise."""
+  return root / "llm" if layout(root) == "nvidia" else root
+
+
+def read_config(root: Path) -> AF3Config:
+  if layout(root) != "nvidia":
+    return AF3Config.from_json(root / "config.json")
+  return AF3Config(encoder=encoder_config(read_json(root / "sound_tower" / "config.json")),
+                   decoder=decoder_config(read_json(root / "llm" / "config.json")),
+                   audio_token_id=_sound_token_id(root / "llm"))
+
+
+def _sound_token_id(tok_dir: Path) -> int:
+  """The `<sound>` id from the NVIDIA tokenizer files (151669 in the release)."""
+  added = tok_dir / "added_tokens.json"
+  if added.is_file() and "<sound>" in (ids := read_json(added)):
+    return ids["<sound>"]
+  full = tok_dir / "tokenizer.json"
+  if full.is_file():
+    for tok in read_json(full).get("added_tokens", []):
+      if tok.get("content") == "<sound>":
+        return tok["id"]
+  raise ValueError(f"{tok_dir}: no <sound> token in added_tokens.json or tokenizer.json")
+
+
+def _safetensors_files(folder: Path) -> list[Path]:
+  """The shards of one folder: from the index json if present, else every *.safetensors file."""
+  index = folder / "model.safetensors.index.json"
+  if index.is_file():
+    return sorted({folder / f for f in read_json(index)["weight_map"].values()})
+  files = sorted(folder.glob("*.safetensors"))
+  if not files:
+    raise ValueError(f"{folder}: no .safetensors files (only safetensors checkpoints are read)")
+  return files
+
+
+def tensor_sources(root: Path) -> dict[str, tuple[Path, str]]:
+  """Canonical key -> (file, key in file) for every tensor of an upstream checkpoint."""
+  if layout(root) == "nvidia":
+    folders = [(root / f, names.NVIDIA_PREFIXES[f]) for f in names.NVIDIA_FOLDERS]
+  else:
+    folders = [(root, names.HF_PREFIXES)]
+  sources, unknown = {}, []
+  for folder, prefixes in folders:
+    for file in _safetensors_files(folder):
+      with _open(file) as f:
+        for key in f.keys():
+          canon = names.canonical(key, prefixes)
+          if canon is None:
+            unknown.append(f"{file.relative_to(root)}:{key}")
+          else:
+            sources[canon] = (file, key)
+  if unknown:
+    raise ValueError(f"{root}: unexpected checkpoint keys: {', '.join(sorted(unknown))}")
+  return sources
+
+
+@contextlib.contextmanager
+def _open(file: Path) -> Iterator:
+  # The flax backend reads bfloat16 (numpy's cannot); keep those arrays on the host CPU.
+  with jax.default_device(jax.devices("cpu")[0]):
+    try:
+      handle = safe_open(file, framework="flax")
+    except Exception as e:  # safetensors raises its own error type for a bad header
+      raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    with handle as f:
+      yield f
+
+
+def _plan(sources: dict[str, tuple[Path, str]], abstract: dict) -> dict[tuple, dict[int | None, str]]:
+  """Our path -> {layer: canonical key}, after checking names and shapes against the model."""
+  plan, unexpected, bad_shapes = {}, [], []
+  shapes = {}
+  for file in {f for f, _ in sources.values()}:
+    with _open(file) as f:
+      shapes.update({(file, k): tuple(f.get_slice(k).get_shape()) for k in f.keys()})
+  for canon, src in sources.items():
+    try:
+      path, layer, transform = names.param_path(canon)
+    except KeyError:
+      path = None
+    if path not in abstract:
+      unexpected.append(canon)
+      continue
+    want = abstract[path].shape[1:] if layer is not None else abstract[path].shape
+    got = names.to_ours(np.empty(shapes[src], np.int8), transform).shape
+    if got != tuple(want):
+      bad_shapes.append(f"{canon}: checkpoint {shapes[src]} vs model {tuple(want)} ({transform} layout)")
+    plan.setdefault(path, {})[layer] = canon
+  missing = []
+  for path, var in abstract.items():
+    layers = plan.get(path, {})
+    wanted = range(var.shape[0]) if "layers" in path else [None]
+    missing += [names.hf_key(path, i) for i in wanted if i not in layers]
+  problems = [(f"missing keys: {', '.join(sorted(missing))}", missing),
+              (f"unexpected keys: {', '.join(sorted(unexpected))}", unexpected),
+              (f"shape mismatches: {'; '.join(bad_shapes)}", bad_shapes)]
+  if any(bad for _, bad in problems):
+    raise ValueError("; ".join(msg for msg, bad in problems if bad))
+  return plan
+
+
+def load_safetensors(root: Path, abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:
+  """Streams an upstream checkpoint into `abstract_state`'s dtypes and `shardings`."""
+  sources = tensor_sources(root)
+  abstract = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_state))
+  target = traverse_util.flatten_dict(nnx.to_pure_dict(shardings))
+  plan = _plan(sources, abstract)
+  loaded = {}
+  with contextlib.ExitStack() as stack:
+    handles = {f: stack.enter_context(_open(f)) for f in {f for f, _ in sources.values()}}
+    for path, by_layer in plan.items():
+      spec = abstract[path]
+      buffer = np.empty(spec.shape, spec.dtype)  # the one host copy of this parameter
+      for layer, canon in by_layer.items():
+        file, key = sources[canon]
+        x = names.to_ours(np.asarray(handles[file].get_tensor(key)), names.param_path(canon)[2])
+        buffer[() if layer is None else layer] = x.astype(spec.dtype)
+      loaded[path] = jax.make_array_from_callback(spec.shape, target[path], lambda idx, b=buffer: b[idx])
+  nnx.replace_by_pure_dict(abstract_state, traverse_util.unflatten_dict(loaded))
+  return abstract_state
+
+
+def save_orbax(dst: Path, state: nnx.State) -> None:
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save((dst / ORBAX_PARAMS).absolute(), nnx.to_pure_dict(state))
+
+
+def load_orbax(root: Path, abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:
+  """Restores our converted checkpoint into `abstract_state`'s dtypes and `shardings`."""
+  import orbax.checkpoint as ocp
+
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
+  with ocp.StandardCheckpointer() as ckptr:
+    restored = ckptr.restore((root / ORBAX_PARAMS).absolute(), target)
+  nnx.replace_by_pure_dict(abstract_state, restored)
+  return abstract_state
