@@ -1,0 +1,57 @@
+"""Converts an upstream checkpoint (any layout, local or hub) into our orbax layout for fast restarts.
+
+  python -m convert.from_hf SRC DST [--dtype=bfloat16]
+
+DST gets `config.json` (transformers form), the tokenizer / processor / generation files, and the
+parameters as an orbax tree under `params/`. It is written to a temporary sibling and renamed at the
+end, so an interrupted run never leaves a half-written DST; an existing DST is never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import jax.numpy as jnp
+from absl import app, flags, logging
+
+import af3_jax
+from af3_jax import weights
+
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.")
+_SKIP = {"config.json", "model.safetensors.index.json"}
+
+
+def convert(src: str, dst: Path, dtype) -> None:
+  if dst.exists():
+    raise ValueError(f"{dst}: already exists; choose a new output folder")
+  model = af3_jax.from_pretrained(src, dtype=dtype)
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+    tmp = Path(tmp)
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    weights.save_orbax(tmp, model.state)
+    (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
+    for f in weights.tokenizer_dir(model.path).iterdir():
+      if f.is_file() and f.name not in _SKIP and f.suffix != ".safetensors":
+        shutil.copy2(f, tmp / f.name)
+    tmp.rename(dst)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) != 3:
+    raise app.UsageError("usage: python -m convert.from_hf SRC DST [--dtype=bfloat16|float32|float16]")
+  logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
+  try:
+    convert(argv[1], Path(argv[2]), jnp.dtype(_DTYPE.value))
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"wrote {argv[2]}")
+
+
+if __name__ == "__main__":
+  app.run(main)

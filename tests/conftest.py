@@ -1,0 +1,172 @@
+"""Test setup: 8 fake CPU devices, float32 at highest matmul precision, tiny random AF3 checkpoints.
+
+The checkpoints are built with transformers from small configs and every tensor is re-drawn at random
+(biases and norm weights included), so a wrong transpose, bias or norm cannot hide behind the default
+init of zeros and ones.
+"""
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+
+import jax  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+try:  # the PyTorch reference; tests that need it skip without it
+  import torch
+  import transformers
+  from safetensors.torch import save_file
+except ImportError:
+  torch = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiny:
+  """One tiny model shape. Audio token id is the last vocab entry."""
+
+  name: str
+  enc_width: int
+  enc_heads: int
+  dec_width: int
+  dec_heads: int
+  kv_heads: int
+  head_dim: int
+  rope_theta: float
+  vocab: int = 300
+  layers: int = 2
+
+  @property
+  def audio_token_id(self) -> int:
+    return self.vocab - 1
+
+  def hf_config(self):
+    return transformers.AudioFlamingo3Config(
+        audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=128, hidden_size=self.enc_width,
+                          num_hidden_layers=self.layers, num_attention_heads=self.enc_heads,
+                          intermediate_size=2 * self.enc_width, max_source_positions=1500),
+        text_config=dict(model_type="qwen2", vocab_size=self.vocab, hidden_size=self.dec_width,
+                         num_hidden_layers=self.layers, num_attention_heads=self.dec_heads,
+                         num_key_value_heads=self.kv_heads, head_dim=self.head_dim,
+                         intermediate_size=2 * self.dec_width, rope_theta=self.rope_theta,
+                         tie_word_embeddings=False),
+        audio_token_id=self.audio_token_id)
+
+
+TINY = [
+    # GQA (4 query heads share 2 kv heads), a non-default rope theta.
+    Tiny("gqa", enc_width=32, enc_heads=2, dec_width=64, dec_heads=4, kv_heads=2, head_dim=16, rope_theta=5000.0),
+    # Odd head counts everywhere, one kv head (MQA), head_dim != width / heads.
+    Tiny("odd", enc_width=48, enc_heads=3, dec_width=48, dec_heads=3, kv_heads=1, head_dim=24, rope_theta=1e6),
+]
+
+
+def randomize(model, seed: int) -> None:
+  """Redraws every tensor: weights ~ N(0, 0.1), biases ~ N(0, 0.1), norm weights ~ 1 + N(0, 0.1)."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.state_dict().items():
+      noise = torch.randn(p.shape, generator=g) * 0.1
+      p.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise)
+
+
+def build_torch_model(tiny: Tiny, seed: int = 0):
+  torch.manual_seed(seed)
+  model = transformers.AudioFlamingo3ForConditionalGeneration(tiny.hf_config())
+  randomize(model, seed)
+  return model.eval()
+
+
+def write_module_tree_layout(model, dst: Path) -> None:
+  """The transformers module-tree names (`model.language_model.*`, `lm_head.weight`) in one file."""
+  dst.mkdir(parents=True)
+  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  save_file(state, dst / "model.safetensors")
+  model.config.to_json_file(dst / "config.json")
+
+
+def write_nvidia_layout(model, dst: Path) -> None:
+  """The original release layout: llm/, sound_tower/ (Whisper field names), sound_mm_projector/."""
+  state = {k: v.contiguous() for k, v in model.state_dict().items()}
+  cfg = model.config
+  folders = {"llm": {}, "sound_tower": {}, "sound_mm_projector": {}}
+  for key, value in state.items():
+    if key.startswith("model.language_model."):
+      folders["llm"]["model." + key.removeprefix("model.language_model.")] = value
+    elif key == "lm_head.weight":
+      folders["llm"][key] = value
+    elif key.startswith("model.audio_tower."):
+      folders["sound_tower"][key.removeprefix("model.audio_tower.")] = value
+    else:
+      short = key.removeprefix("model.multi_modal_projector.")
+      folders["sound_mm_projector"][short.replace("linear_1", "layers.0").replace("linear_2", "layers.2")] = value
+  for folder, tensors in folders.items():
+    (dst / folder).mkdir(parents=True)
+    save_file(tensors, dst / folder / "model.safetensors")
+  cfg.text_config.to_json_file(dst / "llm" / "config.json")
+  (dst / "llm" / "added_tokens.json").write_text(json.dumps({"<sound>": cfg.audio_token_id}))
+  a = cfg.audio_config
+  (dst / "sound_tower" / "config.json").write_text(json.dumps(dict(
+      model_type="qwen2_audio_encoder", num_mel_bins=a.num_mel_bins, d_model=a.hidden_size,
+      encoder_layers=a.num_hidden_layers, encoder_attention_heads=a.num_attention_heads,
+      encoder_ffn_dim=a.intermediate_size, max_source_positions=a.max_source_positions,
+      activation_function="gelu")))
+  (dst / "sound_mm_projector" / "config.json").write_text(json.dumps({"model_type": "sound_mm_projector"}))
+
+
+@dataclasses.dataclass
+class Checkpoint:
+  tiny: Tiny
+  torch_model: object
+  hf: Path  # what `save_pretrained` writes (legacy names), sharded with an index json
+  tree: Path  # module-tree names, one file
+  nvidia: Path
+
+
+@pytest.fixture(scope="session", params=TINY, ids=lambda t: t.name)
+def ckpt(request, tmp_path_factory) -> Checkpoint:
+  pytest.importorskip("torch")
+  tiny = request.param
+  model = build_torch_model(tiny)
+  root = tmp_path_factory.mktemp(tiny.name)
+  model.save_pretrained(root / "hf", max_shard_size="100KB")
+  write_module_tree_layout(model, root / "tree")
+  write_nvidia_layout(model, root / "nvidia")
+  return Checkpoint(tiny, model, root / "hf", root / "tree", root / "nvidia")
+
+
+@pytest.fixture(scope="session")
+def gqa_ckpt(tmp_path_factory) -> Checkpoint:
+  """Only the first tiny config, for tests that need one checkpoint, not each."""
+  pytest.importorskip("torch")
+  tiny = TINY[0]
+  model = build_torch_model(tiny)
+  root = tmp_path_factory.mktemp("single")
+  model.save_pretrained(root / "hf")
+  return Checkpoint(tiny, model, root / "hf", root / "tree", root / "nvidia")
+
+
+def audio_tokens(mel_frames: int) -> int:
+  """Upstream's token count for a window with `mel_frames` valid frames (conv2, then the pool)."""
+  conv = (mel_frames - 1) // 2 + 1
+  return max((conv - 2) // 2 + 1, 0)
+
+
+def random_features(rng: np.random.Generator, mel_frames: list[int]) -> tuple[np.ndarray, np.ndarray]:
+  """(windows, 128, 3000) features and the (windows, 3000) mask for the given valid frame counts."""
+  feats = rng.standard_normal((len(mel_frames), 128, 3000)).astype(np.float32)
+  mask = (np.arange(3000)[None, :] < np.asarray(mel_frames)[:, None]).astype(np.int32)
+  return feats, mask
+
+
+def random_text(rng: np.random.Generator, tiny: Tiny, n: int) -> np.ndarray:
+  return rng.integers(0, tiny.audio_token_id, n)

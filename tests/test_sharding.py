@@ -1,0 +1,90 @@
+"""Sharding on 8 fake CPU devices, and the full-size AF3 checked abstractly with jax.eval_shape."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import audio_tokens, random_features, random_text
+from flax import nnx, traverse_util
+
+import af3_jax
+from af3_jax import sharding
+from af3_jax.pretrained import abstract_model
+from convert import names
+
+
+def mesh_222():
+  return sharding.make_mesh((2, 2, 2))
+
+
+def assert_specs_divide(shardings_tree, abstract_tree):
+  """Every spec has the array's rank and each sharded dim divides by its mesh axes' product."""
+  sharded = 0
+  for s, a in zip(jax.tree.leaves(shardings_tree), jax.tree.leaves(abstract_tree), strict=True):
+    spec = tuple(s.spec) + (None,) * (len(a.shape) - len(s.spec))
+    assert len(spec) == len(a.shape)
+    for dim, axes in zip(a.shape, spec):
+      axes = (axes,) if isinstance(axes, str) else (axes or ())
+      assert dim % math.prod(s.mesh.shape[x] for x in axes) == 0
+    sharded += any(x is not None for x in spec)
+  assert sharded > 0  # the rules did shard something
+
+
+def test_sharded_forward_equals_unsharded(ckpt):
+  rng = np.random.default_rng(0)
+  tiny = ckpt.tiny
+  feats, fmask = random_features(rng, [3000, 900])
+  width = 3 + audio_tokens(3000) + 3
+  ids = np.stack([np.concatenate([random_text(rng, tiny, 3), np.full(audio_tokens(n), tiny.audio_token_id),
+                                  random_text(rng, tiny, width - 3 - audio_tokens(n))]) for n in (3000, 900)])
+  batch = dict(input_ids=np.concatenate([ids, ids]), input_features=np.concatenate([feats, feats]),
+               input_features_mask=np.concatenate([fmask, fmask]))
+  single = af3_jax.from_pretrained(ckpt.hf, dtype=jnp.float32)
+  sharded = af3_jax.from_pretrained(ckpt.hf, dtype=jnp.float32, mesh=mesh_222())
+  assert len(sharded.state["lm_head"]["kernel"][...].sharding.device_set) == 8
+  assert_specs_divide(jax.tree.map(lambda x: x.sharding, sharded.state), sharded.state)
+  a, b = np.asarray(single(**batch)), np.asarray(sharded(**batch))
+  assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+
+
+@pytest.fixture(scope="module")
+def full_abstract():
+  cfg = af3_jax.AF3Config()
+  return abstract_model(cfg, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, mesh=mesh_222())
+
+
+def test_full_config_parameter_count(full_abstract):
+  _, state, _ = full_abstract
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  count = lambda prefix: sum(math.prod(v.shape) for k, v in flat.items() if k[0] == prefix)
+  assert sum(math.prod(v.shape) for v in flat.values()) == 8_267_215_360
+  assert count("audio_tower") == 636_968_960
+  assert count("multi_modal_projector") == 17_439_744
+  assert count("language_model") == 7_069_214_208
+  assert count("lm_head") == 543_592_448
+
+
+def test_full_config_specs_divide_on_222_mesh(full_abstract):
+  _, state, shardings = full_abstract
+  assert_specs_divide(shardings, state)
+
+
+def test_full_config_matches_upstream_shapes(full_abstract):
+  """Every tensor of transformers' full-size model (built on the meta device) maps onto ours."""
+  torch = pytest.importorskip("torch")
+  import transformers
+
+  cfg = transformers.AudioFlamingo3Config(**af3_jax.AF3Config().to_hf_dict())
+  with torch.device("meta"):
+    ref = transformers.AudioFlamingo3ForConditionalGeneration(cfg)
+  _, state, _ = full_abstract
+  ours = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  seen = set()
+  for key, tensor in ref.state_dict().items():
+    path, layer, transform = names.param_path(names.canonical(key, names.HF_PREFIXES))
+    shape = ours[path].shape[1:] if layer is not None else ours[path].shape
+    assert names.to_ours(np.empty(tuple(tensor.shape), np.int8), transform).shape == shape, key
+    seen.add(path)
+  assert seen == set(ours)
