@@ -6,15 +6,16 @@ memory peaks at the model plus its largest (stacked) parameter. Only safetensors
 
 from __future__ import annotations
 
-import contextlib
+import json
+import math
 import re
-from collections.abc import Iterator
+import struct
 from pathlib import Path
 
 import jax
+import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
-from safetensors import safe_open
 
 from af3_jax.config import AF3Config, decoder_config, encoder_config, read_json
 from convert import names
@@ -104,38 +105,67 @@ def tensor_sources(root: Path) -> dict[str, tuple[Path, str]]:
   sources, unknown = {}, []
   for folder, prefixes in folders:
     for file in _safetensors_files(folder):
-      with _open(file) as f:
-        for key in f.keys():
-          canon = names.canonical(key, prefixes)
-          if canon is None:
-            unknown.append(f"{file.relative_to(root)}:{key}")
-          else:
-            sources[canon] = (file, key)
+      for key in SafetensorsFile(file).keys():
+        canon = names.canonical(key, prefixes)
+        if canon is None:
+          unknown.append(f"{file.relative_to(root)}:{key}")
+        else:
+          sources[canon] = (file, key)
   if unknown:
     raise ValueError(f"{root}: unexpected checkpoint keys: {', '.join(sorted(unknown))}")
   return sources
 
 
-@contextlib.contextmanager
-def _open(file: Path) -> Iterator:
-  # The flax backend reads bfloat16 (numpy's cannot); keep those arrays on the host CPU.
-  with jax.default_device(jax.devices("cpu")[0]):
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+
+
+class SafetensorsFile:
+  """One .safetensors file, its tensors as read-only memory maps (no copy until they are used).
+
+  safetensors' numpy backend cannot return bfloat16 and its flax backend copies each tensor twice
+  through a device array, so we read the (simple, documented) format directly: a little-endian u64
+  header size, a JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes.
+  """
+
+  def __init__(self, path: Path):
+    self.path = path
     try:
-      handle = safe_open(file, framework="flax")
-    except Exception as e:  # safetensors raises its own error type for a bad header
-      raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
-    with handle as f:
-      yield f
+      with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+      header.pop("__metadata__", None)
+      size = path.stat().st_size
+      for entry in header.values():
+        begin, end = entry["data_offsets"]
+        dtype = np.dtype(_DTYPES[entry["dtype"]])
+        if not 0 <= begin <= end <= size - 8 - n or end - begin != math.prod(entry["shape"]) * dtype.itemsize:
+          raise ValueError("tensor bytes out of range")
+    except (OSError, struct.error, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
+    self.header = header
+    self.data_start = 8 + n
+
+  def keys(self) -> list[str]:
+    return list(self.header)
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return tuple(self.header[key]["shape"])
+
+  def get(self, key: str) -> np.ndarray:
+    entry = self.header[key]
+    dtype = np.dtype(_DTYPES[entry["dtype"]])
+    if not entry["shape"] or 0 in entry["shape"]:
+      return np.zeros(entry["shape"], dtype)
+    return np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + entry["data_offsets"][0],
+                     shape=tuple(entry["shape"]))
 
 
-def _plan(sources: dict[str, tuple[Path, str]], abstract: dict) -> dict[tuple, dict[int | None, str]]:
+def _plan(sources: dict[str, tuple[Path, str]], files: dict[Path, SafetensorsFile],
+          abstract: dict) -> dict[tuple, dict[int | None, str]]:
   """Our path -> {layer: canonical key}, after checking names and shapes against the model."""
   plan, unexpected, bad_shapes = {}, [], []
-  shapes = {}
-  for file in {f for f, _ in sources.values()}:
-    with _open(file) as f:
-      shapes.update({(file, k): tuple(f.get_slice(k).get_shape()) for k in f.keys()})
-  for canon, src in sources.items():
+  for canon, (file, key) in sources.items():
     try:
       path, layer, transform = names.param_path(canon)
     except KeyError:
@@ -144,9 +174,10 @@ def _plan(sources: dict[str, tuple[Path, str]], abstract: dict) -> dict[tuple, d
       unexpected.append(canon)
       continue
     want = abstract[path].shape[1:] if layer is not None else abstract[path].shape
-    got = names.to_ours(np.empty(shapes[src], np.int8), transform).shape
+    shape = files[file].shape(key)
+    got = names.to_ours(np.empty(shape, np.int8), transform).shape
     if got != tuple(want):
-      bad_shapes.append(f"{canon}: checkpoint {shapes[src]} vs model {tuple(want)} ({transform} layout)")
+      bad_shapes.append(f"{canon}: checkpoint {shape} vs model {tuple(want)} ({transform} layout)")
     plan.setdefault(path, {})[layer] = canon
   missing = []
   for path, var in abstract.items():
@@ -164,20 +195,18 @@ def _plan(sources: dict[str, tuple[Path, str]], abstract: dict) -> dict[tuple, d
 def load_safetensors(root: Path, abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:
   """Streams an upstream checkpoint into `abstract_state`'s dtypes and `shardings`."""
   sources = tensor_sources(root)
+  files = {f: SafetensorsFile(f) for f in {f for f, _ in sources.values()}}
   abstract = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_state))
   target = traverse_util.flatten_dict(nnx.to_pure_dict(shardings))
-  plan = _plan(sources, abstract)
   loaded = {}
-  with contextlib.ExitStack() as stack:
-    handles = {f: stack.enter_context(_open(f)) for f in {f for f, _ in sources.values()}}
-    for path, by_layer in plan.items():
-      spec = abstract[path]
-      buffer = np.empty(spec.shape, spec.dtype)  # the one host copy of this parameter
-      for layer, canon in by_layer.items():
-        file, key = sources[canon]
-        x = names.to_ours(np.asarray(handles[file].get_tensor(key)), names.param_path(canon)[2])
-        buffer[() if layer is None else layer] = x.astype(spec.dtype)
-      loaded[path] = jax.make_array_from_callback(spec.shape, target[path], lambda idx, b=buffer: b[idx])
+  for path, by_layer in _plan(sources, files, abstract).items():
+    spec = abstract[path]
+    buffer = np.empty(spec.shape, spec.dtype)  # the one host copy of this parameter
+    for layer, canon in by_layer.items():
+      file, key = sources[canon]
+      # Casting assignment from the memory map: no intermediate copy in the source dtype.
+      buffer[() if layer is None else layer] = names.to_ours(files[file].get(key), names.param_path(canon)[2])
+    loaded[path] = jax.make_array_from_callback(spec.shape, target[path], lambda idx, b=buffer: b[idx])
   nnx.replace_by_pure_dict(abstract_state, traverse_util.unflatten_dict(loaded))
   return abstract_state
 
