@@ -60,8 +60,8 @@ def layout(root: Path) -> str:
 
 
 def tokenizer_dir(root: Path) -> Path:
-  """Where the tokenizer files are: `llm/` in the NVIDIA layout, the root otherwise."""
-  return root / "llm" if layout(root) == "nvidia" else root
+  """Where the tokenizer files are: `llm/` in the NVIDIA layout, the root otherwise (also a bare tokenizer)."""
+  return root / "llm" if all((root / f).is_dir() for f in names.NVIDIA_FOLDERS) else root
 
 
 def read_config(root: Path) -> AF3Config:
@@ -207,6 +207,8 @@ def load_safetensors(root: Path, abstract_state: nnx.State, shardings: nnx.State
       # Casting assignment from the memory map: no intermediate copy in the source dtype.
       buffer[() if layer is None else layer] = names.to_ours(files[file].get(key), names.param_path(canon)[2])
     loaded[path] = jax.make_array_from_callback(spec.shape, target[path], lambda idx, b=buffer: b[idx])
+    # Transfers are asynchronous and keep their host buffer alive; waiting bounds the peak to one buffer.
+    loaded[path].block_until_ready()
   nnx.replace_by_pure_dict(abstract_state, traverse_util.unflatten_dict(loaded))
   return abstract_state
 

@@ -170,3 +170,32 @@ def random_features(rng: np.random.Generator, mel_frames: list[int]) -> tuple[np
 
 def random_text(rng: np.random.Generator, tiny: Tiny, n: int) -> np.ndarray:
   return rng.integers(0, tiny.audio_token_id, n)
+
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<vila/sentinel>", "[BOS]", "[PAD]", "<sound>"]
+_CORPUS = ("You are a helpful assistant. What is in this audio? Describe the sound. Transcribe the input "
+           "speech. The spoken content of the audio is a dog barking while music plays. Please think and "
+           "reason about the input audio before you respond. Compare the first and the second clip.")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+  """A byte-level BPE tokenizer trained here, Qwen-style specials last so `<sound>` is id 299."""
+  pytest.importorskip("torch")
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  vocab = TINY[0].vocab - len(SPECIAL_TOKENS)
+  trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                show_progress=False)
+  tok.train_from_iterator([_CORPUS] * 20, trainer)
+  assert tok.get_vocab_size() == vocab
+  tok.add_special_tokens(SPECIAL_TOKENS)
+  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="<|im_end|>",
+                                              pad_token="[PAD]")
+  path = tmp_path_factory.mktemp("tokenizer")
+  fast.save_pretrained(path)
+  assert fast.convert_tokens_to_ids("<sound>") == TINY[0].audio_token_id
+  return path

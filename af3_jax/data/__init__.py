@@ -1,0 +1,1 @@
+"""Data: the upstream manifest format (grain pipelines for training come with train.py)."""

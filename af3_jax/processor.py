@@ -1,0 +1,193 @@
+"""Processor: conversations of HF-style messages -> the arrays `af3_jax.Model` takes.
+
+Two prompt styles (shared/UPSTREAM.md sections 2, 8, 12):
+  "hf"      token-identical to transformers' `AudioFlamingo3Processor`: one `<sound>` before the message's
+            text (no newline), expanded to the audio's exact number of frames.
+  "nvidia"  the pipeline AF3 was trained with: one `<sound>` per 30 s window, each followed by "\\n";
+            per-window counts rounded to multiples of 10 (Python `round`, ties to even), which may take
+            frames from the padded region; `audio_embed_mask` selects them. Messages are stripped.
+Beyond transformers, both styles take several audios per message and audios in several turns
+(AF3-Chat); `<sound-k>` tags in the text place the k-th audio of the conversation (1-based, repeated
+tags repeat the audio); without tags a message's audios go before its text, in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from af3_jax import weights
+from af3_jax.audio import features
+from af3_jax.audio.loading import load_audio
+from af3_jax.models.whisper import pooled_lengths
+
+STYLES = ("hf", "nvidia")
+SYSTEM_PROMPT = "You are a helpful assistant."
+THINK_SUFFIX = "\nPlease think and reason about the input audio before you respond."
+IGNORE = -100  # label of unsupervised positions (torch cross-entropy's ignore_index)
+_TAG = re.compile(r"<sound-(\d+)>")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Audio:
+  """One audio placed in the prompt: its windows' features and the frames each window contributes."""
+
+  features: np.ndarray  # (W, 128, 3000)
+  features_mask: np.ndarray  # (W, 3000)
+  frames: tuple[int, ...]  # frames used per window
+
+
+class Processor:
+  """Tokenizer + audio features + chat template, for one prompt style."""
+
+  def __init__(self, tokenizer, *, style: str = "hf", max_windows: int = features.MAX_WINDOWS,
+               audio_token: str = "<sound>"):
+    if style not in STYLES:
+      raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    self.tokenizer = tokenizer
+    self.style = style
+    self.max_windows = max_windows
+    self.audio_token = audio_token
+    self.audio_token_id = tokenizer.convert_tokens_to_ids(audio_token)
+    if self.audio_token_id is None or self.audio_token_id == tokenizer.unk_token_id:
+      raise ValueError(f"the tokenizer has no {audio_token} token")
+
+  @classmethod
+  def from_pretrained(cls, path_or_hub_id: str | Path, **kwargs) -> Processor:
+    """The checkpoint's tokenizer (`llm/` in the NVIDIA layout) through transformers' AutoTokenizer."""
+    from transformers import AutoTokenizer
+
+    root = weights.resolve(path_or_hub_id)
+    return cls(AutoTokenizer.from_pretrained(weights.tokenizer_dir(root)), **kwargs)
+
+  def apply_chat_template(self, conversations, add_generation_prompt: bool = True, *, think: bool = False,
+                          return_labels: bool = False) -> dict[str, np.ndarray]:
+    """One conversation (a list of messages) or a batch of them -> numpy model inputs.
+
+    Returns input_ids and attention_mask (batch, seq), left padded; with audio, input_features
+    (windows, 128, 3000), input_features_mask (windows, 3000) and, for style "nvidia",
+    audio_embed_mask (windows, 750); with `return_labels`, labels (batch, seq) that supervise only
+    assistant content and its closing `<|im_end|>` (upstream training masking), -100 elsewhere.
+    """
+    if conversations and isinstance(conversations[0], dict):
+      conversations = [conversations]
+    rendered = [self._render(c, add_generation_prompt, think) for c in conversations]
+    encoded = [self._tokenize(text, spans) for text, spans, _ in rendered]
+    width = max(len(ids) for ids, _ in encoded)
+    pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+    left = lambda x, value: np.pad(np.asarray(x, np.int32), (width - len(x), 0), constant_values=value)
+    out = {"input_ids": np.stack([left(ids, pad) for ids, _ in encoded]),
+           "attention_mask": np.stack([left(np.ones(len(ids)), 0) for ids, _ in encoded])}
+    if return_labels:
+      out["labels"] = np.stack([left(labels, IGNORE) for _, labels in encoded])
+    audios = [a for _, _, placed in rendered for a in placed]
+    if audios:
+      out["input_features"] = np.concatenate([a.features for a in audios])
+      out["input_features_mask"] = np.concatenate([a.features_mask for a in audios])
+      if self.style == "nvidia":
+        used = np.concatenate([a.frames for a in audios])
+        out["audio_embed_mask"] = np.arange(features.FRAMES // 4)[None, :] < used[:, None]
+    return out
+
+  def _render(self, conversation, add_generation_prompt: bool, think: bool):
+    """(prompt text with audio tokens expanded, assistant content spans, audios in prompt order)."""
+    messages = [_check_message(m, i) for i, m in enumerate(conversation)]
+    audio_items = [item for m in messages for item in m["content"] if item["type"] == "audio"]
+    tagged = any(_TAG.search(item["text"]) for m in messages for item in m["content"] if item["type"] == "text")
+    loaded = {}
+
+    def audio(k: int) -> _Audio:  # 1-based, loaded once even when a tag repeats
+      if not 1 <= k <= len(audio_items):
+        raise ValueError(f"<sound-{k}> but the conversation has {len(audio_items)} audio(s)")
+      if k not in loaded:
+        loaded[k] = self._features(audio_items[k - 1])
+      return loaded[k]
+
+    if think:
+      last_user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+      messages[last_user] = {**messages[last_user],
+                             "content": [*messages[last_user]["content"], {"type": "text", "text": THINK_SUFFIX}]}
+    if messages[0]["role"] != "system":
+      messages.insert(0, {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]})
+    text, spans, placed, seen = "", [], [], 0
+    for m in messages:
+      body = "".join(item["text"] for item in m["content"] if item["type"] == "text")
+      n_audio = sum(item["type"] == "audio" for item in m["content"])
+      if self.style == "nvidia":
+        body = body.strip()
+      if tagged:
+        pieces = _TAG.split(body)  # text, k, text, k, ..., text
+        order = [audio(int(k)) for k in pieces[1::2]]
+        body = "".join(p if i % 2 == 0 else self._placeholder(order[i // 2]) for i, p in enumerate(pieces))
+      else:
+        order = [audio(seen + j + 1) for j in range(n_audio)]
+        body = self._leading_placeholders(order) + body
+      seen += n_audio
+      placed += order
+      head = f"<|im_start|>{m['role']}\n"
+      if m["role"] == "assistant":
+        spans.append((len(text) + len(head), len(text) + len(head) + len(body) + len("<|im_end|>")))
+      text += f"{head}{body}<|im_end|>\n"
+    if add_generation_prompt:
+      text += "<|im_start|>assistant\n"
+    return text, spans, placed
+
+  def _placeholder(self, a: _Audio) -> str:
+    """The expanded audio tokens for one placement of an audio."""
+    if self.style == "hf":
+      return self.audio_token * sum(a.frames)
+    return "\n".join(self.audio_token * n for n in a.frames)  # NVIDIA: ("<sound>\n" * W).rstrip()
+
+  def _leading_placeholders(self, audios: Sequence[_Audio]) -> str:
+    if self.style == "hf":  # transformers' template: audio before the text, no separator
+      return "".join(self._placeholder(a) for a in audios)
+    return "".join(self._placeholder(a) + "\n" for a in audios)  # NVIDIA: "<sound>\n" * W + question
+
+  def _features(self, item: dict[str, Any]) -> _Audio:
+    if "audio" in item:  # arrays are used as given (16 kHz mono float), as transformers does
+      wave = np.asarray(item["audio"], np.float32)
+      if wave.ndim != 1:
+        raise ValueError(f"audio arrays must be 1-D (mono, 16 kHz), got shape {wave.shape}")
+    else:
+      # transformers reads whole files and the window cap cuts them; NVIDIA reads only what fits.
+      limit = 30.0 * self.max_windows if self.style == "nvidia" else None
+      wave = load_audio(item["path"], max_seconds=limit, style=self.style)
+    feats, mask, _ = features.extract_features([wave], max_windows=self.max_windows)
+    exact = np.maximum(pooled_lengths(mask.sum(-1)), 0)
+    frames = exact if self.style == "hf" else np.array([round(k / 10) * 10 for k in exact.tolist()])
+    return _Audio(feats, mask, tuple(int(n) for n in frames))
+
+  def _tokenize(self, text: str, spans: list[tuple[int, int]]) -> tuple[list[int], list[int]]:
+    """Token ids and labels; a token is supervised when it starts inside an assistant span."""
+    enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=bool(spans))
+    ids = enc["input_ids"]
+    labels = [IGNORE] * len(ids)
+    for i, (start, _) in enumerate(enc.get("offset_mapping") or []):
+      if any(lo <= start < hi for lo, hi in spans) and ids[i] != self.audio_token_id:
+        labels[i] = ids[i]
+    return ids, labels
+
+
+def _check_message(m: Any, index: int) -> dict[str, Any]:
+  """A message with its content as a list of {"type": "text"|"audio", ...} items."""
+  if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+    raise ValueError(f"message {index}: needs a role of system/user/assistant, got {m!r:.80}")
+  content = m.get("content")
+  if isinstance(content, str):
+    content = [{"type": "text", "text": content}]
+  if not isinstance(content, list):
+    raise ValueError(f"message {index}: content must be a string or a list of items")
+  for item in content:
+    kind = item.get("type") if isinstance(item, dict) else None
+    if kind == "text" and isinstance(item.get("text"), str):
+      continue
+    if kind == "audio" and ("path" in item or "audio" in item):
+      continue
+    raise ValueError(f"message {index}: items are {{'type': 'text', 'text': ...}} or "
+                     f"{{'type': 'audio', 'path'|'audio': ...}}, got {item!r:.80}")
+  return {"role": m["role"], "content": content}

@@ -1,0 +1,191 @@
+"""Processor: token parity with transformers' AudioFlamingo3Processor, the NVIDIA style, labels, e2e."""
+
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import soundfile as sf
+
+import af3_jax
+from af3_jax import Processor
+from af3_jax.audio import features
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# transformers' processor template (the one its AF3 converter writes), restated in our own jinja: a
+# default system turn, then each message as <|im_start|>role\n ... <|im_end|>\n, where a list content
+# renders one <sound> (if it has any audio) followed by all its text items joined with no separator.
+HF_TEMPLATE = (
+    "{% if messages[0].role != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% if m.content | selectattr('type', 'equalto', 'audio') | list %}<sound>{% endif %}"
+    "{% for c in m.content if c.type == 'text' %}{{ c.text }}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def ours(tokenizer_dir):
+  return Processor.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def nvidia(tokenizer_dir):
+  return Processor.from_pretrained(tokenizer_dir, style="nvidia")
+
+
+@pytest.fixture(scope="module")
+def reference(tokenizer_dir):
+  return transformers.AudioFlamingo3Processor(
+      feature_extractor=transformers.WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
+      tokenizer=transformers.AutoTokenizer.from_pretrained(tokenizer_dir), chat_template=HF_TEMPLATE)
+
+
+def wave(seconds: float, seed: int) -> np.ndarray:
+  return (0.1 * np.random.default_rng(seed).standard_normal(int(seconds * 16000))).astype(np.float32)
+
+
+def user(*items):
+  return {"role": "user", "content": list(items)}
+
+
+def text(t):
+  return {"type": "text", "text": t}
+
+
+def audio(x):
+  return {"type": "audio", "audio": x}
+
+
+def assert_matches_reference(ours_out, ref_out):
+  for key in ("input_ids", "attention_mask", "input_features_mask"):
+    if key in ref_out:
+      np.testing.assert_array_equal(ours_out[key], ref_out[key].numpy(), err_msg=key)
+  assert ("input_features" in ours_out) == ("input_features" in ref_out)
+  if "input_features" in ref_out:
+    np.testing.assert_allclose(ours_out["input_features"], ref_out["input_features"].numpy(), atol=1e-4, rtol=0)
+
+
+CASES = {
+    "single audio": [[user(text("What is in this audio?"), audio(wave(7.3, 0)))]],
+    "batch of different lengths": [[user(audio(wave(3.0, 1)), text("Describe the sound."))],
+                                   [user(text("Transcribe the input speech."), audio(wave(41.0, 2)))]],
+    "text only": [[user(text("What is in this audio?"))], [user(text("Hello"))]],
+    "multi-turn": [[{"role": "system", "content": "You answer briefly."},
+                    user(audio(wave(5.0, 3)), text("What is in this audio?")),
+                    {"role": "assistant", "content": [text("A dog barking.")]},
+                    user(text("And the music?"))]],
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_hf_style_matches_transformers(ours, reference, case):
+  conversations = CASES[case]
+  ref = reference.apply_chat_template(conversations, tokenize=True, add_generation_prompt=True, return_dict=True)
+  assert_matches_reference(ours.apply_chat_template(conversations), ref)
+
+
+def runs(ids, token):
+  """Lengths of the consecutive runs of `token` in a 1-D id array."""
+  edges = np.diff(np.concatenate([[0], (ids == token).astype(int), [0]]))
+  return list(np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1))
+
+
+def exact_tokens(seconds):
+  _, mask, _ = features.extract_features([np.zeros(int(seconds * 16000), np.float32)])
+  conv = (mask.sum(-1) - 1) // 2 + 1
+  return list((conv - 2) // 2 + 1)
+
+
+def test_sound_tags_place_audios_in_order(ours):
+  a, b = wave(7.3, 4), wave(45.0, 5)
+  conv = [user(audio(a), audio(b), text("Compare <sound-2> with <sound-1>, then <sound-2> again."))]
+  out = ours.apply_chat_template(conv)
+  n_a, n_b = sum(exact_tokens(7.3)), sum(exact_tokens(45.0))
+  assert runs(out["input_ids"][0], ours.audio_token_id) == [n_b, n_a, n_b]
+  feats = lambda x: features.extract_features([x])[0]
+  np.testing.assert_array_equal(out["input_features"], np.concatenate([feats(b), feats(a), feats(b)]))
+
+
+def test_audios_in_several_turns_expand_in_order(ours):
+  a, b = wave(2.0, 6), wave(31.0, 7)
+  conv = [user(audio(a), text("First?")), {"role": "assistant", "content": "One."}, user(audio(b), text("Second?"))]
+  out = ours.apply_chat_template(conv)
+  assert runs(out["input_ids"][0], ours.audio_token_id) == [sum(exact_tokens(2.0)), sum(exact_tokens(31.0))]
+  assert out["input_features"].shape == (3, 128, 3000)
+
+
+def test_nvidia_style_counts_and_layout(nvidia):
+  """7.3 s -> 182 exact -> 180; 45 s -> 750 + 375 -> 750 + 380 (frames from the padded region)."""
+  out = nvidia.apply_chat_template([user(audio(wave(7.3, 8)), text(" What is it? "))])
+  decoded = nvidia.tokenizer.decode(out["input_ids"][0])
+  assert decoded.endswith("<|im_start|>user\n" + "<sound>" * 180 + "\nWhat is it?<|im_end|>\n<|im_start|>assistant\n")
+  assert out["audio_embed_mask"].sum() == 180 and out["audio_embed_mask"].shape == (1, 750)
+  out = nvidia.apply_chat_template([user(audio(wave(45.0, 9)), text("Describe."))])
+  assert out["audio_embed_mask"].sum(-1).tolist() == [750, 380]
+  assert nvidia.tokenizer.decode(out["input_ids"][0]).endswith(
+      "user\n" + "<sound>" * 750 + "\n" + "<sound>" * 380 + "\nDescribe.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_nvidia_output_feeds_the_model(nvidia, gqa_ckpt):
+  """The embed mask takes padded-region frames; the model accepts the counts (no mismatch error)."""
+  model = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
+  out = nvidia.apply_chat_template([user(audio(wave(45.0, 10)), text("Describe."))])
+  logits = model(**out)
+  assert logits.shape == (*out["input_ids"].shape, gqa_ckpt.tiny.vocab)
+  assert np.isfinite(np.asarray(logits)).all()
+
+
+@pytest.mark.parametrize("style", ["hf", "nvidia"])
+def test_labels_supervise_only_assistant_content(tokenizer_dir, style):
+  proc = Processor.from_pretrained(tokenizer_dir, style=style)
+  conv = [user(audio(wave(2.0, 11)), text("What is in this audio?")),
+          {"role": "assistant", "content": "A dog barking."},
+          user(text("And then?")),
+          {"role": "assistant", "content": [text("Music plays.")]}]
+  out = proc.apply_chat_template([conv, conv[:2]], add_generation_prompt=False, return_labels=True)
+  expected = [["A dog barking.<|im_end|>", "Music plays.<|im_end|>"], ["A dog barking.<|im_end|>"]]
+  for ids, labels, answers in zip(out["input_ids"], out["labels"], expected, strict=True):
+    kept = labels != -100
+    np.testing.assert_array_equal(labels[kept], ids[kept])
+    supervised = proc.tokenizer.decode(np.where(kept, ids, proc.tokenizer.pad_token_id)).split("[PAD]")
+    assert [s for s in supervised if s] == answers
+
+
+def test_think_appends_the_suffix(ours):
+  out = ours.apply_chat_template([user(text("What is it?"))], think=True)
+  assert ours.tokenizer.decode(out["input_ids"][0]).endswith(
+      "What is it?\nPlease think and reason about the input audio before you respond.<|im_end|>\n"
+      "<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("conv, message", [
+    ([{"role": "robot", "content": "hi"}], "role"),
+    ([user({"type": "image", "url": "x"})], "items are"),
+    ([user(audio(np.zeros((2, 100))))], "1-D"),
+    ([user(text("<sound-2>"), audio(wave(1.0, 0)))], "<sound-2> but the conversation has 1 audio"),
+])
+def test_bad_conversations(ours, conv, message):
+  with pytest.raises(ValueError, match=re.escape(message)):
+    ours.apply_chat_template(conv)
+
+
+def test_file_to_logits_matches_transformers(ours, reference, gqa_ckpt, tmp_path):
+  """A 22.05 kHz stereo WAV -> our processor -> our model equals transformers' processor -> torch model."""
+  rng = np.random.default_rng(12)
+  t = np.arange(int(9.5 * 22050)) / 22050
+  stereo = np.stack([0.3 * np.sin(2 * np.pi * 440 * t), 0.2 * rng.standard_normal(t.size)], axis=1)
+  path = tmp_path / "clip.wav"
+  sf.write(path, stereo, 22050, subtype="PCM_16")
+  conv = [user({"type": "audio", "path": str(path)}, text("What is in this audio?"))]
+  ref = reference.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
+  out = ours.apply_chat_template(conv)
+  assert_matches_reference(out, ref)
+  logits = np.asarray(af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)(**out))
+  with torch.no_grad():
+    expected = gqa_ckpt.torch_model(**ref).logits.numpy()
+  assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
