@@ -11,6 +11,7 @@ import numpy as np
 from flax import nnx
 
 from af3_jax import sharding, weights
+from af3_jax.adapter import merge_adapter
 from af3_jax.config import AF3Config
 from af3_jax.models import whisper
 from af3_jax.models.af3 import AudioFlamingo3
@@ -92,11 +93,12 @@ def check_inputs(cfg: AF3Config, *, input_ids, attention_mask=None, input_featur
 
 
 def from_pretrained(path_or_hub_id: str | Path, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, *,
-                    compute_dtype=None) -> Model:
+                    compute_dtype=None, adapter: str | Path | None = None) -> Model:
   """Loads AF3 from a local folder or hub id: any upstream safetensors layout, or our orbax copy.
 
   dtype: parameter dtype; compute_dtype: activation dtype (defaults to dtype). With `mesh`, parameters
   are born sharded by the logical rules in `sharding.py`; without, they live on the first device.
+  adapter: a PEFT LoRA folder (think mode: the checkpoint's `think/` or `stage35/`), merged on load.
   """
   root = weights.resolve(path_or_hub_id)
   cfg = weights.read_config(root)
@@ -104,4 +106,7 @@ def from_pretrained(path_or_hub_id: str | Path, dtype=jnp.bfloat16, mesh: jax.sh
   graphdef, abstract_state, shardings = abstract_model(
       cfg, param_dtype=dtype, dtype=compute_dtype or dtype, mesh=mesh)
   load = weights.load_orbax if weights.layout(root) == "orbax" else weights.load_safetensors
-  return Model(cfg, graphdef, load(root, abstract_state, shardings), mesh, root)
+  state = load(root, abstract_state, shardings)
+  if adapter is not None:
+    state = merge_adapter(state, adapter)
+  return Model(cfg, graphdef, state, mesh, root)

@@ -92,3 +92,11 @@ def to_ours(x: np.ndarray, transform: str) -> np.ndarray:
   if transform == "conv":
     return x.transpose(2, 1, 0)  # (out, in, k) <-> (k, in, out)
   return x
+
+# Adapter and extra-tensor keys name modules of whatever peft wrapped: the transformers model, the
+# NVIDIA llava model (folder names as attribute prefixes), or the bare Qwen2ForCausalLM.
+ADAPTER_PREFIXES = (
+    *HF_PREFIXES,
+    *((f"{folder}.{old}", new) for folder, pairs in NVIDIA_PREFIXES.items() for old, new in pairs),
+    *NVIDIA_PREFIXES["llm"],
+)
