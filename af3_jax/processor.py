@@ -42,6 +42,15 @@ class _Audio:
   frames: tuple[int, ...]  # frames used per window
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+  """One conversation, tokenized: ids and labels (unpadded) and its audios in prompt order."""
+
+  ids: list[int]
+  labels: list[int]
+  audios: list[_Audio]
+
+
 class Processor:
   """Tokenizer + audio features + chat template, for one prompt style."""
 
@@ -76,16 +85,25 @@ class Processor:
     """
     if conversations and isinstance(conversations[0], dict):
       conversations = [conversations]
-    rendered = [self._render(c, add_generation_prompt, think) for c in conversations]
-    encoded = [self._tokenize(text, spans) for text, spans, _ in rendered]
-    width = max(len(ids) for ids, _ in encoded)
+    return self.collate([self.encode(c, add_generation_prompt, think=think) for c in conversations],
+                        return_labels=return_labels)
+
+  def encode(self, conversation, add_generation_prompt: bool = True, *, think: bool = False) -> Encoded:
+    """One conversation -> its unpadded tokens, labels and audio (what `collate` batches)."""
+    text, spans, audios = self._render(conversation, add_generation_prompt, think)
+    ids, labels = self._tokenize(text, spans)
+    return Encoded(ids, labels, audios)
+
+  def collate(self, samples: Sequence[Encoded], *, return_labels: bool = False) -> dict[str, np.ndarray]:
+    """Left-pads encoded samples into one batch; their audio windows follow in batch order."""
+    width = max(len(s.ids) for s in samples)
     pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
     left = lambda x, value: np.pad(np.asarray(x, np.int32), (width - len(x), 0), constant_values=value)
-    out = {"input_ids": np.stack([left(ids, pad) for ids, _ in encoded]),
-           "attention_mask": np.stack([left(np.ones(len(ids)), 0) for ids, _ in encoded])}
+    out = {"input_ids": np.stack([left(s.ids, pad) for s in samples]),
+           "attention_mask": np.stack([left(np.ones(len(s.ids)), 0) for s in samples])}
     if return_labels:
-      out["labels"] = np.stack([left(labels, IGNORE) for _, labels in encoded])
-    audios = [a for _, _, placed in rendered for a in placed]
+      out["labels"] = np.stack([left(s.labels, IGNORE) for s in samples])
+    audios = [a for s in samples for a in s.audios]
     if audios:
       out["input_features"] = np.concatenate([a.features for a in audios])
       out["input_features_mask"] = np.concatenate([a.features_mask for a in audios])
