@@ -12,9 +12,10 @@ from flax import nnx
 
 from af3_jax.config import DecoderConfig
 from af3_jax import sharding
-from af3_jax.models import layers
+from af3_jax.models import kv_cache, layers
 
 ACTIVATION_AXES = ("batch", "length", None)
+KV = tuple[jax.Array, jax.Array]  # one layer's cached keys and values, (B, S, K, H) each
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -43,15 +44,26 @@ class Attention(nnx.Module):
     self.v_proj = layers.Linear(d, k * h, use_bias=True, axes=("embed", "kv_heads"), **kw)
     self.o_proj = layers.Linear(n * h, d, use_bias=False, axes=("heads", "embed"), **kw)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array) -> jax.Array:
-    """x (B, T, D); positions (B, T) int; key_mask (B, S) bool (False = padding)."""
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, kv: KV | None = None,
+               end: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
+    """x (B, T, D); positions (B, T) int; key_mask (B, S) bool: the keys that are real tokens.
+
+    Without `kv` the keys are the T tokens themselves (S = T). With `kv` = (k, v), this layer's cache
+    (B, S, K, H) each, the new keys and values are written at slots end..end+T-1 first and the queries
+    attend over all S slots. Causal either way. Returns the output (B, T, D) and the updated `kv`.
+    """
     b, t, _ = x.shape
     cfg = self.cfg
     q = rope(self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
     k = rope(self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
     v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    o = layers.attention(q, k, v, scale=cfg.head_dim**-0.5, mask=key_mask[:, None, None, :], is_causal=True)
-    return self.o_proj(o.reshape(b, t, -1))
+    mask = key_mask[:, None, None, :]
+    if kv is not None:
+      k, v = kv_cache.write(kv[0], k, end), kv_cache.write(kv[1], v, end)
+      kv = (k, v)
+      mask = mask & kv_cache.causal(end, t, k.shape[1])
+    o = layers.attention(q, k, v, scale=cfg.head_dim**-0.5, mask=mask, is_causal=kv is None)
+    return self.o_proj(o.reshape(b, t, -1)), kv
 
 
 class MLP(nnx.Module):
@@ -78,9 +90,13 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array) -> jax.Array:
-    x = x + self.self_attn(self.input_layernorm(x), positions, key_mask)
-    return x + self.mlp(self.post_attention_layernorm(x))
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, kv: KV | None = None,
+               end: jax.Array | None = None):
+    """(B, T, D) -> (B, T, D); with a cache `kv` (see `Attention`), also the updated `kv`."""
+    h, new_kv = self.self_attn(self.input_layernorm(x), positions, key_mask, kv, end)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x if kv is None else (x, new_kv)
 
 
 class Decoder(nnx.Module):
@@ -94,8 +110,24 @@ class Decoder(nnx.Module):
                                cfg.num_layers, rngs)
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array) -> jax.Array:
-    """Input embeddings (B, T, D) -> final hidden states (B, T, D)."""
-    step = lambda layer, h, _: (sharding.constrain(layer(h, positions, key_mask), ACTIVATION_AXES), None)
-    x, _ = layers.scan(self.layers, step, x, remat=self.remat)
-    return self.norm(x)
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, cache: kv_cache.Cache | None = None):
+    """Input embeddings (B, T, D) -> final hidden states (B, T, D).
+
+    key_mask (B, T) bool marks real tokens (False: left padding). With a `kv_cache.Cache`, the T tokens
+    are appended to it (the prompt, or one decode step) and attend over everything written before
+    them; the call then returns (hidden states, updated cache).
+    """
+    if cache is None:
+      step = lambda layer, h, _: (sharding.constrain(layer(h, positions, key_mask), ACTIVATION_AXES), None)
+      x, _ = layers.scan(self.layers, step, x, remat=self.remat)
+      return self.norm(x)
+    key_mask = kv_cache.write(cache.key_mask, key_mask, cache.end)
+
+    def cached_step(layer, h, kv):
+      h, kv = layer(h, positions, key_mask, kv, cache.end)
+      return sharding.constrain(h, ACTIVATION_AXES), kv
+
+    x, (k, v) = layers.scan(self.layers, cached_step, x, (cache.k, cache.v), remat=self.remat)
+    cache = kv_cache.Cache(k=sharding.constrain(k, kv_cache.AXES), v=sharding.constrain(v, kv_cache.AXES),
+                           key_mask=key_mask, end=cache.end + x.shape[1])
+    return self.norm(x), cache

@@ -1,0 +1,272 @@
+"""Generation with a KV cache: greedy output token for token what transformers' `generate` gives.
+
+`generate` runs the audio encoder, the prefill and the whole token loop (`lax.while_loop`) in one
+jitted function of the model state. `generate_stream` jits the prefill and a single step (which donates
+its state, cache included) and yields every step's tokens. Rows, prompt length (left padded), audio
+windows and the number of new tokens are padded to power-of-two buckets, so most new prompts reuse a
+compiled program. The next token is chosen as transformers' processors do, in their order: repetition
+penalty, then, when sampling, temperature, top-k and top-p. Samples come from `jax.random` (seeded,
+reproducible), so they are not torch's samples.
+Shape letters: B batch, T prompt length, G new-token slots, V vocab.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx, struct
+
+from af3_jax import weights
+from af3_jax.config import read_json
+from af3_jax.models import kv_cache
+from af3_jax.models.af3 import AudioFlamingo3
+from af3_jax.pretrained import Model, check_inputs
+
+TRACES: collections.Counter[str] = collections.Counter()  # traces of each jitted function, for recompile tests
+MIN_BUCKET = 64  # the smallest prompt-length and new-token bucket
+AUDIO_INPUTS = ("input_features", "input_features_mask", "audio_embed_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+  """How the next token is chosen: static under jit. transformers' meanings: repetition_penalty 1.0,
+  top_k 0 and top_p 1.0 are off. (eos and pad ids are data, not settings: changing them never recompiles.)"""
+
+  do_sample: bool = False
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+  repetition_penalty: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature <= 0 or self.top_k < 0 or not 0 <= self.top_p <= 1 or self.repetition_penalty <= 0:
+      raise ValueError(f"invalid sampling settings {self}: need temperature > 0, top_k >= 0, 0 <= top_p <= 1, "
+                       "repetition_penalty > 0")
+
+
+def settings(path: Path | None, *, do_sample=None, temperature=None, top_k=None, top_p=None,
+             repetition_penalty=None, eos_token_id=None, pad_token_id=None) -> tuple[Sampling, tuple[int, ...], int]:
+  """(sampling, eos ids, pad id) from the given values; each one left None comes from
+  `path/generation_config.json`, else from transformers' defaults (greedy; when sampling, temperature 1,
+  top_k 50, top_p 1). eos falls back to the model config's (none: only max_new_tokens stops), pad to
+  eos[0] (as transformers does)."""
+  gen = {}
+  if path is not None and (path / "generation_config.json").is_file():
+    gen = read_json(path / "generation_config.json")
+
+  def pick(name, value, default):
+    return next((v for v in (value, gen.get(name), default) if v is not None), None)
+
+  eos = pick("eos_token_id", eos_token_id, None if path is None else _config_eos(path))
+  eos = tuple(int(e) for e in np.atleast_1d(eos)) if eos is not None else ()
+  pad = int(pick("pad_token_id", pad_token_id, eos[0] if eos else 0))
+  penalty = float(pick("repetition_penalty", repetition_penalty, 1.0))
+  if not pick("do_sample", do_sample, False):  # the warpers are unused: keep them out of the jit key
+    return Sampling(repetition_penalty=penalty), eos, pad
+  return Sampling(True, float(pick("temperature", temperature, 1.0)), int(pick("top_k", top_k, 50)),
+                  float(pick("top_p", top_p, 1.0)), penalty), eos, pad
+
+
+def _config_eos(path: Path):
+  """eos from `config.json`: top level (a plain Qwen2 config) or its `text_config` (transformers' AF3)."""
+  d = read_json(weights.tokenizer_dir(path) / "config.json")
+  return d.get("eos_token_id", (d.get("text_config") or {}).get("eos_token_id"))
+
+
+def process_logits(logits: jax.Array, seen: jax.Array, s: Sampling) -> jax.Array:
+  """(B, V) float32 logits -> the scores transformers' processors give; seen (B, V) bool marks the
+  tokens in the prompt (padding excluded) and the output so far."""
+  if s.repetition_penalty != 1.0:  # RepetitionPenaltyLogitsProcessor
+    penalized = jnp.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
+    logits = jnp.where(seen, penalized, logits)
+  if not s.do_sample:
+    return logits
+  if s.temperature != 1.0:  # TemperatureLogitsWarper
+    logits = logits / s.temperature
+  if s.top_k:  # TopKLogitsWarper: ties with the k-th score stay
+    kth = jax.lax.top_k(logits, min(s.top_k, logits.shape[-1]))[0][:, -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if s.top_p < 1.0:  # TopPLogitsWarper: drop the low tail holding at most 1 - top_p, keep the top token
+    ascending = jnp.sort(logits, axis=-1)
+    drop = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1) <= 1 - s.top_p
+    drop = drop.at[:, -1].set(False)
+    # `drop` is a prefix of the ascending order, so a threshold finds it without a scatter (an exact tie
+    # straddling the cut is kept whole, where torch's sort order would split it).
+    cutoff = jnp.take_along_axis(ascending, drop.sum(-1, keepdims=True), axis=-1)
+    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  return logits
+
+
+@struct.dataclass
+class State:
+  """Decoding state: cache; token (B,) int32, the latest choice; position (B,) of the last token in the
+  cache; done (B,) bool; seen (B, V) bool (repetition penalty); step () tokens chosen; key for sampling;
+  eos (E,) and pad () token ids."""
+
+  cache: kv_cache.Cache
+  token: jax.Array
+  position: jax.Array
+  done: jax.Array
+  seen: jax.Array
+  step: jax.Array
+  key: jax.Array
+  eos: jax.Array
+  pad: jax.Array
+
+
+def _choose(state: State, logits: jax.Array, s: Sampling) -> State:
+  """Picks every row's next token from (B, V) logits; finished rows get `pad`, as in transformers."""
+  scores = process_logits(logits.astype(jnp.float32), state.seen, s)
+  if s.do_sample:
+    token = jax.random.categorical(jax.random.fold_in(state.key, state.step), scores, axis=-1)
+  else:
+    token = jnp.argmax(scores, axis=-1)
+  token = jnp.where(state.done, state.pad, token).astype(jnp.int32)
+  return state.replace(token=token, seen=state.seen.at[jnp.arange(token.shape[0]), token].set(True),
+                       done=state.done | jnp.isin(token, state.eos), step=state.step + 1)
+
+
+def prefill(model: AudioFlamingo3, batch: dict[str, jax.Array], new_len: int, s: Sampling, key: jax.Array,
+            eos: jax.Array, pad: jax.Array) -> State:
+  """Encodes the audio, writes the left-padded prompt (B, T) into a cache of T + new_len slots and
+  chooses the first token. Positions are cumsum(attention_mask) - 1, as transformers derives them."""
+  ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
+  x = model.embed(ids, **{k: batch[k] for k in AUDIO_INPUTS if k in batch})
+  b, t = ids.shape
+  positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+  cache = kv_cache.init(model.cfg.decoder, b, t + new_len, x.dtype)
+  h, cache = model.language_model(x, positions, mask, cache)
+  vocab = model.cfg.decoder.vocab_size
+  # Padding points at an extra column that is dropped (transformers' RepetitionPenaltyLogitsProcessor).
+  seen = jnp.zeros((b, vocab + 1), bool).at[jnp.arange(b)[:, None], jnp.where(mask, ids, vocab)].set(True)
+  state = State(cache=cache, token=jnp.zeros((b,), jnp.int32), position=positions[:, -1], done=~mask[:, -1],
+                seen=seen[:, :vocab], step=jnp.zeros((), jnp.int32), key=key, eos=eos, pad=pad)
+  return _choose(state, model.lm_head(h[:, -1]), s)
+
+
+def step(model: AudioFlamingo3, state: State, s: Sampling) -> State:
+  """Feeds every row's latest token (finished rows too, as transformers does) and chooses the next."""
+  position = state.position + 1
+  x = model.language_model.embed_tokens(state.token[:, None])
+  h, cache = model.language_model(x, position[:, None], jnp.ones((x.shape[0], 1), bool), state.cache)
+  return _choose(state.replace(cache=cache, position=position), model.lm_head(h[:, 0]), s)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "s", "new_len"))
+def _generate_fn(graphdef, params, batch, max_new_tokens, key, eos, pad, *, s: Sampling, new_len: int):
+  """-> tokens (B, G) and the number of steps taken."""
+  TRACES["generate"] += 1
+  model = nnx.merge(graphdef, params)
+  state = prefill(model, batch, new_len, s, key, eos, pad)
+  tokens = jnp.full((state.token.shape[0], new_len), state.pad, jnp.int32).at[:, 0].set(state.token)
+
+  def more(carry):
+    state, _ = carry
+    return (state.step < max_new_tokens) & ~state.done.all()
+
+  def next_token(carry):
+    state, tokens = carry
+    state = step(model, state, s)
+    return state, jax.lax.dynamic_update_slice_in_dim(tokens, state.token[:, None], state.step - 1, axis=1)
+
+  state, tokens = jax.lax.while_loop(more, next_token, (state, tokens))
+  return tokens, state.step
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "s", "new_len"))
+def _prefill_fn(graphdef, params, batch, key, eos, pad, *, s: Sampling, new_len: int) -> State:
+  TRACES["prefill"] += 1
+  return prefill(nnx.merge(graphdef, params), batch, new_len, s, key, eos, pad)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "s"), donate_argnames="state")
+def _step_fn(graphdef, params, state: State, *, s: Sampling) -> State:
+  TRACES["step"] += 1
+  return step(nnx.merge(graphdef, params), state, s)
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+  """The smallest power of two >= max(n, minimum)."""
+  return max(minimum, 1 << (n - 1).bit_length())
+
+
+def _pad_to(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+  """Zero-pads the leading axis at the end and the second axis at the front (left padding)."""
+  widths = [(0, shape[0] - x.shape[0])] + [(shape[1] - x.shape[1], 0)] * (x.ndim > 1) + [(0, 0)] * (x.ndim - 2)
+  return np.pad(x, widths)
+
+
+def _pad_batch(model: Model, batch: dict) -> dict[str, np.ndarray]:
+  """Checks a transformers-named batch and pads it to buckets: extra rows are all padding (finished
+  from the start), prompts are left padded, extra audio windows are empty (they give no frames)."""
+  batch = {k: np.asarray(v) for k, v in batch.items() if v is not None}
+  unknown = set(batch) - {"input_ids", "attention_mask", *AUDIO_INPUTS}
+  if unknown:
+    raise ValueError(f"unknown batch entries {sorted(unknown)}")
+  check_inputs(model.config, **batch)
+  ids = batch["input_ids"]
+  mask = batch.setdefault("attention_mask", np.ones_like(ids))
+  if not (np.isin(mask, (0, 1)).all() and (np.diff(mask, axis=1) >= 0).all() and mask[:, -1].all()):
+    raise ValueError("attention_mask must be left padding (zeros, then ones) with a token in every row")
+  rows, length = bucket(ids.shape[0]), bucket(ids.shape[1], MIN_BUCKET)
+  out = {k: _pad_to(batch[k], (rows, length)) for k in ("input_ids", "attention_mask")}
+  if "input_features" in batch:
+    windows = bucket(len(batch["input_features"]))
+    out.update({k: _pad_to(batch[k], (windows,) + batch[k].shape[1:]) for k in AUDIO_INPUTS if k in batch})
+  return out
+
+
+def generate(model: Model, batch: dict, max_new_tokens: int, do_sample: bool | None = None,
+             temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+             repetition_penalty: float | None = None, seed: int = 0, eos_token_id: int | list[int] | None = None,
+             pad_token_id: int | None = None) -> np.ndarray:
+  """New tokens (batch, n), n <= max_new_tokens the steps taken; rows are `pad_token_id` after their eos.
+
+  batch: transformers' names, `input_ids` (batch, seq) with `attention_mask` (left padding) and, with
+  audio, `input_features`, `input_features_mask` and optionally `audio_embed_mask`. Settings left None
+  come from the checkpoint's `generation_config.json` (see `settings`), as in transformers. One compile
+  per bucket of shapes and per `Sampling`; seed, eos, pad and max_new_tokens within a bucket do not
+  recompile.
+  """
+  s, inputs, key, eos, pad, new_len = _setup(
+      model, batch, max_new_tokens, seed, do_sample=do_sample, temperature=temperature, top_k=top_k,
+      top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+  with jax.set_mesh(model.mesh):
+    tokens, n = _generate_fn(model.graphdef, model.state, inputs, max_new_tokens, key, eos, pad, s=s, new_len=new_len)
+  return np.asarray(tokens)[:len(batch["input_ids"]), :int(n)]
+
+
+def generate_stream(model: Model, batch: dict, max_new_tokens: int, seed: int = 0, **kwargs) -> Iterator[np.ndarray]:
+  """Yields each step's new tokens (batch,) as they come, until every row is done or max_new_tokens.
+
+  Takes `generate`'s arguments and yields, step by step, the columns `generate` returns.
+  """
+  s, inputs, key, eos, pad, new_len = _setup(model, batch, max_new_tokens, seed, **kwargs)
+  state = None
+  for _ in range(max_new_tokens):
+    with jax.set_mesh(model.mesh):
+      if state is None:
+        state = _prefill_fn(model.graphdef, model.state, inputs, key, eos, pad, s=s, new_len=new_len)
+      else:
+        state = _step_fn(model.graphdef, model.state, state, s=s)
+    token, done = jax.device_get((state.token, state.done))
+    yield token[:len(batch["input_ids"])]
+    if done.all():
+      return
+
+
+def _setup(model: Model, batch: dict, max_new_tokens: int, seed: int, **kwargs):
+  """(sampling, padded inputs, rng key, eos ids, pad id, new-token bucket) for both entry points."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+  s, eos, pad = settings(model.path, **kwargs)
+  eos_ids = np.full(bucket(len(eos), 4), -1, np.int32)  # -1 is never a token; the bucket spares recompiles
+  eos_ids[:len(eos)] = eos
+  return s, _pad_batch(model, batch), jax.random.key(seed), eos_ids, np.int32(pad), bucket(max_new_tokens, MIN_BUCKET)

@@ -1,0 +1,226 @@
+"""Generation against transformers' `generate` on the tiny random checkpoints, and the decoding parts.
+
+Greedy output must equal transformers' token for token. After a long audio prompt these random models
+repeat one token forever, so the audio cases add repetition_penalty=2 (still greedy, applied on both
+sides) to make the paths vary; the text cases are plain greedy. Every case stops at an eos that the
+reference meets part way, so stopping and the padding after eos are compared too. Cases are chosen so
+that few shapes need compiling (prompts of one bucket share a program).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import transformers
+from conftest import audio_tokens, random_features, random_text
+from flax import nnx
+
+import af3_jax
+from af3_jax import decode
+from af3_jax.models import kv_cache
+
+torch = pytest.importorskip("torch")
+
+MAX_NEW = 16
+PAD = 0
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt):
+  return af3_jax.from_pretrained(ckpt.hf, dtype=jnp.float32)
+
+
+def left_pad(rows: list[np.ndarray]) -> dict[str, np.ndarray]:
+  width = max(map(len, rows))
+  return dict(input_ids=np.stack([np.pad(r, (width - len(r), 0)) for r in rows]),
+              attention_mask=np.stack([np.pad(np.ones_like(r), (width - len(r), 0)) for r in rows]))
+
+
+def audio_batch(rng, tiny, frames: list[int]) -> dict[str, np.ndarray]:
+  """One row per audio, each a single window; shorter prompts are left padded."""
+  feats, fmask = random_features(rng, frames)
+  rows = [np.concatenate([random_text(rng, tiny, 4), np.full(audio_tokens(n), tiny.audio_token_id),
+                          random_text(rng, tiny, 3 + i)]) for i, n in enumerate(frames)]
+  return dict(left_pad(rows), input_features=feats, input_features_mask=fmask)
+
+
+def single_audio(rng, tiny):
+  return audio_batch(rng, tiny, [730]), 2.0
+
+
+def two_audios(rng, tiny):
+  """Different audio lengths; the shorter prompt is left padded."""
+  return audio_batch(rng, tiny, [900, 500]), 2.0
+
+
+def two_windows(rng, tiny):
+  """45 s of audio in one prompt: a full window and a 15 s tail."""
+  feats, fmask = random_features(rng, [3000, 1500])
+  n = audio_tokens(3000) + audio_tokens(1500)
+  ids = np.concatenate([random_text(rng, tiny, 4), np.full(n, tiny.audio_token_id), random_text(rng, tiny, 3)])
+  return dict(left_pad([ids]), input_features=feats, input_features_mask=fmask), 2.0
+
+
+def text(rng, tiny):
+  return left_pad([random_text(rng, tiny, 9), random_text(rng, tiny, 5)]), None
+
+
+def multi_turn(rng, tiny):
+  """~150 tokens shaped like a chat: turns framed by fixed start/end/newline ids."""
+  start, end, newline = tiny.vocab - 4, tiny.vocab - 3, 10
+  turns = [np.concatenate([[start, 20 + i % 2, newline], random_text(rng, tiny, 24), [end, newline]])
+           for i in range(5)]
+  return left_pad([np.concatenate([*turns, [start, 20, newline]])]), None
+
+
+CASES = {f.__name__: f for f in (single_audio, two_audios, two_windows, text, multi_turn)}
+
+
+def torch_generate(model, batch, **kw) -> np.ndarray:
+  """New tokens from transformers' greedy generate; positions come from the attention mask."""
+  with torch.no_grad():
+    out = model.generate(**{k: torch.tensor(v) for k, v in batch.items()}, do_sample=False,
+                         max_new_tokens=MAX_NEW, pad_token_id=PAD, **kw)
+  return out[:, batch["input_ids"].shape[1]:].numpy()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_greedy_matches_transformers(ckpt, loaded, case):
+  batch, penalty = CASES[case](np.random.default_rng(len(case)), ckpt.tiny)
+  free = torch_generate(ckpt.torch_model, batch, repetition_penalty=penalty)
+  assert len(np.unique(free[0])) > 2, f"degenerate reference path {free[0]}"
+  eos = int(free[0, MAX_NEW // 2])
+  ref = torch_generate(ckpt.torch_model, batch, repetition_penalty=penalty, eos_token_id=eos)
+  ours = af3_jax.generate(loaded, batch, MAX_NEW, do_sample=False, repetition_penalty=penalty,
+                          eos_token_id=eos, pad_token_id=PAD)
+  np.testing.assert_array_equal(ours, ref)
+
+
+def test_batch_equals_rows_alone(ckpt, loaded):
+  batch, penalty = two_audios(np.random.default_rng(len("two_audios")), ckpt.tiny)
+  together = af3_jax.generate(loaded, batch, MAX_NEW, repetition_penalty=penalty)
+  for i in range(2):
+    real = batch["attention_mask"][i].astype(bool)
+    alone = dict(input_ids=batch["input_ids"][i:i + 1, real], input_features=batch["input_features"][i:i + 1],
+                 input_features_mask=batch["input_features_mask"][i:i + 1])
+    np.testing.assert_array_equal(af3_jax.generate(loaded, alone, MAX_NEW, repetition_penalty=penalty)[0],
+                                  together[i])
+
+
+def test_new_prompt_length_in_bucket_reuses_the_compile(gqa_ckpt):
+  """Three rows run as four (one all-padding row) and give what the first two give alone."""
+  model = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
+  rng = np.random.default_rng(11)
+  rows = [random_text(rng, gqa_ckpt.tiny, n) for n in (9, 5, 7)]
+  three = af3_jax.generate(model, left_pad(rows), MAX_NEW)
+  np.testing.assert_array_equal(three[:2], af3_jax.generate(model, left_pad(rows[:2]), MAX_NEW))
+  traces = decode.TRACES["generate"]
+  longer = left_pad([np.concatenate([r, random_text(rng, gqa_ckpt.tiny, 30)]) for r in rows])
+  af3_jax.generate(model, longer, MAX_NEW - 3, eos_token_id=[5, 7], pad_token_id=3)  # same buckets
+  assert decode.TRACES["generate"] == traces
+
+
+def test_stream_yields_what_generate_returns(gqa_ckpt):
+  model = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
+  batch, _ = text(np.random.default_rng(12), gqa_ckpt.tiny)
+  full = af3_jax.generate(model, batch, MAX_NEW)
+  eos = int(full[1, 3])
+  expected = af3_jax.generate(model, batch, MAX_NEW, eos_token_id=eos, pad_token_id=PAD)
+  steps = decode.TRACES["step"]
+  streamed = list(af3_jax.generate_stream(model, batch, MAX_NEW, eos_token_id=eos, pad_token_id=PAD))
+  np.testing.assert_array_equal(np.stack(streamed, axis=1), expected)
+  assert decode.TRACES["step"] - steps <= 1
+
+
+def test_sampling_is_seeded(gqa_ckpt):
+  model = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
+  batch, _ = text(np.random.default_rng(13), gqa_ckpt.tiny)
+  kw = dict(do_sample=True, temperature=1.5, top_k=40, top_p=0.95, repetition_penalty=1.05)
+  first, again, other = (af3_jax.generate(model, batch, MAX_NEW, seed=seed, **kw) for seed in (0, 0, 1))
+  np.testing.assert_array_equal(first, again)
+  assert (first != other).any()
+  assert (first != af3_jax.generate(model, batch, MAX_NEW)).any()  # not greedy in disguise
+
+
+@pytest.mark.parametrize("kw", [
+    dict(repetition_penalty=1.3),
+    dict(do_sample=True, temperature=0.7),
+    dict(do_sample=True, temperature=1.0, top_k=5),
+    dict(do_sample=True, temperature=1.0, top_p=0.8),
+    dict(do_sample=True, temperature=1.0, top_p=0.0),
+    dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.8, repetition_penalty=1.05),
+], ids=str)
+def test_processed_scores_match_transformers(kw):
+  rng = np.random.default_rng(14)
+  logits = (3 * rng.standard_normal((3, 50))).astype(np.float32)
+  ids = rng.integers(0, 50, (3, 12))
+  s = decode.Sampling(**kw)
+  processors = transformers.LogitsProcessorList()
+  if s.repetition_penalty != 1.0:
+    processors.append(transformers.RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
+  if s.do_sample:
+    processors.append(transformers.TemperatureLogitsWarper(s.temperature))
+    if s.top_k:
+      processors.append(transformers.TopKLogitsWarper(s.top_k))
+    if s.top_p < 1:
+      processors.append(transformers.TopPLogitsWarper(s.top_p))
+  ref = processors(torch.tensor(ids), torch.tensor(logits)).numpy()
+  seen = np.zeros_like(logits, bool)
+  np.put_along_axis(seen, ids, True, axis=1)
+  ours = np.asarray(decode.process_logits(jnp.asarray(logits), jnp.asarray(seen), s))
+  np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
+  np.testing.assert_allclose(ours, ref, rtol=1e-6)
+  assert np.isfinite(ours).sum(-1).min() >= 1
+
+
+def test_settings_come_from_the_checkpoint(tmp_path):
+  (tmp_path / "config.json").write_text('{"text_config": {"eos_token_id": 7}}')
+  assert decode.settings(tmp_path) == (decode.Sampling(), (7,), 7)
+  (tmp_path / "generation_config.json").write_text(
+      '{"do_sample": true, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05, '
+      '"eos_token_id": [5, 6], "pad_token_id": 4}')
+  s, eos, pad = decode.settings(tmp_path)
+  assert s == decode.Sampling(True, 0.7, 50, 0.8, 1.05) and eos == (5, 6) and pad == 4
+  s, eos, pad = decode.settings(tmp_path, do_sample=False, eos_token_id=9, pad_token_id=1)
+  assert s == decode.Sampling(repetition_penalty=1.05) and eos == (9,) and pad == 1
+
+
+def test_bad_batches_are_errors(gqa_ckpt):
+  model = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
+  ids = np.ones((2, 5), np.int32)
+  with pytest.raises(ValueError, match="left padding"):
+    af3_jax.generate(model, dict(input_ids=ids, attention_mask=np.array([[1, 1, 1, 0, 0], [1] * 5])), 4)
+  with pytest.raises(ValueError, match="unknown batch entries"):
+    af3_jax.generate(model, dict(input_ids=ids, position_ids=ids), 4)
+
+
+def test_cached_decode_matches_full_forward(gqa_ckpt):
+  """Prefill (row 1 left padded) then one token at a time through the cache: every step's logits
+  equal the full forward's at that position, within 1e-4 of the largest logit. (Audio in the prefill is
+  covered by the generation tests.)"""
+  model = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
+  rng = np.random.default_rng(15)
+  tiny = gqa_ckpt.tiny
+  prompt = left_pad([random_text(rng, tiny, 21), random_text(rng, tiny, 13)])
+  more = random_text(rng, tiny, 8).reshape(2, 4)
+  full = np.asarray(model(input_ids=np.concatenate([prompt["input_ids"], more], 1),
+                          attention_mask=np.pad(prompt["attention_mask"], ((0, 0), (0, 4)), constant_values=1)))
+  positions = np.maximum(np.cumsum(prompt["attention_mask"], -1) - 1, 0)
+
+  @jax.jit
+  def cached_logits(state):  # the prefill, then each new token alone through the cache
+    m = nnx.merge(model.graphdef, state)
+    cache = kv_cache.init(m.cfg.decoder, 2, full.shape[1], jnp.float32)
+    h, cache = m.language_model(m.embed(prompt["input_ids"]), positions,
+                                prompt["attention_mask"].astype(bool), cache)
+    logits = [m.lm_head(h[:, -1])]
+    for i in range(4):
+      h, cache = m.language_model(m.embed(more[:, i:i + 1]), positions[:, -1:] + 1 + i, jnp.ones((2, 1), bool), cache)
+      logits.append(m.lm_head(h[:, 0]))
+    return jnp.stack(logits, 1), cache.end
+
+  ours, end = cached_logits(model.state)
+  ref = full[:, prompt["input_ids"].shape[1] - 1:]
+  err = np.abs(np.asarray(ours) - ref).max()
+  assert err <= 1e-4 * np.abs(ref).max(), err
+  assert int(end) == prompt["input_ids"].shape[1] + 4
