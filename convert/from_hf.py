@@ -21,7 +21,6 @@ from absl import app, flags, logging
 import af3_jax
 from af3_jax import weights
 
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.")
 _SKIP = {"config.json", "model.safetensors.index.json"}
 
 
@@ -46,7 +45,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError("usage: python -m convert.from_hf SRC DST [--dtype=bfloat16|float32|float16]")
   logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
   try:
-    convert(argv[1], Path(argv[2]), jnp.dtype(_DTYPE.value))
+    convert(argv[1], Path(argv[2]), jnp.dtype(flags.FLAGS.dtype))
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -54,4 +53,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  # Defined here, not at import: tests import `convert` beside infer.py, which has its own --dtype.
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.")
   app.run(main)

@@ -199,3 +199,17 @@ def tokenizer_dir(tmp_path_factory):
   fast.save_pretrained(path)
   assert fast.convert_tokens_to_ids("<sound>") == TINY[0].audio_token_id
   return path
+
+
+# transformers' processor template (the one its AF3 converter writes), restated in our own jinja: a
+# default system turn, then each message as <|im_start|>role\n ... <|im_end|>\n, where a list content
+# renders one <sound> (if it has any audio) followed by all its text items joined with no separator.
+HF_TEMPLATE = (
+    "{% if messages[0].role != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+    "{% if m.content is string %}{{ m.content }}{% else %}"
+    "{% if m.content | selectattr('type', 'equalto', 'audio') | list %}<sound>{% endif %}"
+    "{% for c in m.content if c.type == 'text' %}{{ c.text }}{% endfor %}"
+    "{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)

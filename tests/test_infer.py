@@ -1,0 +1,141 @@
+"""infer.py end to end on a tiny checkpoint: single and two audios, chat on stdin, batch with a bad item
+and a resume, and bad input as one line with a non-zero exit."""
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+from absl import flags
+
+import infer
+from conftest import HF_TEMPLATE
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(gqa_ckpt, tokenizer_dir, tmp_path_factory):
+  """The tiny checkpoint with the test tokenizer beside it, as a released folder has."""
+  path = tmp_path_factory.mktemp("cli") / "model"
+  shutil.copytree(gqa_ckpt.hf, path)
+  for f in tokenizer_dir.iterdir():
+    shutil.copy(f, path)
+  return path
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("clips")
+  rng = np.random.default_rng(0)
+  for name, seconds in (("a.wav", 3.0), ("b.flac", 6.5)):
+    sf.write(folder / name, 0.2 * rng.standard_normal(int(seconds * 16000)), 16000)
+  (folder / "broken.wav").write_bytes(b"RIFF not really")
+  return folder
+
+
+def run_cli(args, stdin="", capsys=None, monkeypatch=None):
+  """Runs infer.run() in this process (shared jit caches keep the suite fast); returns (code, out, err)."""
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["infer.py", *args])
+  monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+  try:
+    code = infer.run()
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    code = 1
+  captured = capsys.readouterr()
+  return code, captured.out, captured.err
+
+
+def test_single_audio_answer_equals_transformers_greedy(model_dir, clips, capsys, monkeypatch):
+  args = ["--model", str(model_dir), "--audio", str(clips / "a.wav"), "--prompt", "What is in this audio?",
+          "--greedy", "--dtype", "float32", "--max-new-tokens", "12"]
+  code, out, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
+  assert code == 0 and "new tokens/s" in err
+  processor = transformers.AudioFlamingo3Processor(
+      feature_extractor=transformers.WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
+      tokenizer=transformers.AutoTokenizer.from_pretrained(model_dir))
+  conv = [{"role": "user", "content": [{"type": "audio", "path": str(clips / "a.wav")},
+                                       {"type": "text", "text": "What is in this audio?"}]}]
+  inputs = processor.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True,
+                                         chat_template=HF_TEMPLATE)
+  torch_model = transformers.AudioFlamingo3ForConditionalGeneration.from_pretrained(model_dir).eval()
+  with torch.no_grad():
+    new = torch_model.generate(**inputs, do_sample=False, max_new_tokens=12)[0, inputs["input_ids"].shape[1]:]
+  expected = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+  assert expected and out.strip() == expected
+
+
+def test_two_audios(model_dir, clips, capsys, monkeypatch):
+  args = ["--model", str(model_dir), "--audio", str(clips / "a.wav"), "--audio", str(clips / "b.flac"),
+          "--prompt", "Compare them.", "--greedy", "--max-new-tokens", "6"]
+  code, out, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
+  assert code == 0 and out.strip()
+  assert "9.5 s of audio" in err
+
+
+def test_chat_through_stdin(model_dir, clips, capsys, monkeypatch):
+  script = f"/audio {clips / 'a.wav'}\nWhat is it?\n/audio {clips / 'missing.wav'}\nAnd this?\nThanks.\n/reset\nHi\n/exit\nignored\n"
+  code, out, err = run_cli(["--model", str(model_dir), "--chat", "--greedy", "--max-new-tokens", "4"], script,
+                           capsys=capsys, monkeypatch=monkeypatch)
+  assert code == 0
+  assert len([line for line in out.splitlines() if line.strip()]) == 3  # three answered turns
+  assert "missing.wav: no such file" in err and "(new conversation)" in err
+  assert "3 request(s)" in err
+
+
+def test_batch_with_a_bad_item_and_resume(model_dir, clips, tmp_path, capsys, monkeypatch):
+  manifest = tmp_path / "eval.json"
+  manifest.write_text(json.dumps([
+      {"id": "one", "sound": str(clips / "a.wav"), "conversations": [{"from": "human", "value": "<sound>\nWhat?"},
+                                                                     {"from": "gpt", "value": "ref"}]},
+      {"id": "bad", "sound": str(clips / "broken.wav"), "conversations": [{"from": "human", "value": "What?"}]},
+      {"id": "two", "sound": [str(clips / "b.flac")], "conversations": [{"from": "human", "value": "<sound-1> Hm?"}]},
+      {"id": "text", "conversations": [{"from": "human", "value": "Say hi."}]},
+  ]))
+  out_file = tmp_path / "results.jsonl"
+  args = ["--model", str(model_dir), "--batch", str(manifest), "--out", str(out_file), "--batch-size", "2",
+          "--greedy", "--max-new-tokens", "4"]
+  code, _, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
+  lines = [json.loads(line) for line in out_file.read_text().splitlines()]
+  assert code == 1 and "1 item(s) failed" in err
+  assert {r["id"] for r in lines if "output" in r} == {"one", "two", "text"}
+  (bad,) = [r for r in lines if "error" in r]
+  assert bad["id"] == "bad" and bad["error"].startswith(f"{clips / 'broken.wav'}: not a readable audio file")
+  # A crash mid-write leaves a partial line: the resume keeps it, starts on a fresh line, and redoes
+  # only the item that failed (its audio may have been fixed since).
+  with open(out_file, "a") as f:
+    f.write('{"id": "tw')
+  first = out_file.read_text()
+  code, _, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
+  assert out_file.read_text().startswith(first + "\n")
+  added = [json.loads(line) for line in out_file.read_text()[len(first) + 1:].splitlines()]
+  assert [r["id"] for r in added] == ["bad"] and "0 request(s)" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--audio", "x.wav", "--model", "/nonexistent/af3"], "error: /nonexistent/af3: no such checkpoint directory"),
+    (["--model", "/nonexistent/af3"], "error: give exactly one of --audio, --chat or --batch"),
+])
+def test_bad_input_is_one_line_and_exit_1(args, message):
+  run = subprocess.run([sys.executable, "infer.py", *args], cwd=ROOT, capture_output=True, text=True)
+  assert run.returncode == 1
+  assert run.stderr.strip().splitlines() == [message]
+
+
+def test_missing_audio_and_long_prompt(model_dir, clips, capsys, monkeypatch):
+  code, _, err = run_cli(["--model", str(model_dir), "--audio", str(clips / "nope.wav")], capsys=capsys,
+                         monkeypatch=monkeypatch)
+  assert code == 1 and f"{clips / 'nope.wav'}: no such file" in err
+  code, _, err = run_cli(["--model", str(model_dir), "--audio", str(clips / "a.wav"), "--max-new-tokens",
+                          "40000"], capsys=capsys, monkeypatch=monkeypatch)
+  assert code == 1 and "exceeds the model's context of 32768" in err
