@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import math
 import re
+import shutil
 import struct
+import tempfile
 from pathlib import Path
 
 import jax
@@ -22,6 +24,7 @@ from convert import names
 
 ORBAX_PARAMS = "params"  # our converted checkpoints: config.json + orbax tree in this subfolder
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
+_NOT_COPIED = {"config.json", "model.safetensors.index.json"}  # model files, rewritten by save_model
 
 
 def resolve(path_or_hub_id: str | Path) -> Path:
@@ -213,11 +216,28 @@ def load_safetensors(root: Path, abstract_state: nnx.State, shardings: nnx.State
   return abstract_state
 
 
-def save_orbax(dst: Path, state: nnx.State) -> None:
+def save_model(dst: Path, config: AF3Config, state: nnx.State, files_from: Path) -> None:
+  """Writes a folder `from_pretrained` reads: `config.json`, the parameters as an orbax tree under
+  `params/`, and the tokenizer, generation and processor files found in `files_from`.
+
+  It is written to a temporary sibling and renamed at the end, so an interrupted write never leaves a
+  half-written `dst`; an existing `dst` is never overwritten.
+  """
   import orbax.checkpoint as ocp
 
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save((dst / ORBAX_PARAMS).absolute(), nnx.to_pure_dict(state))
+  if dst.exists():
+    raise ValueError(f"{dst}: already exists; choose a new output folder")
+  dst.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
+    tmp = Path(tmp)
+    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    with ocp.StandardCheckpointer() as ckptr:
+      ckptr.save((tmp / ORBAX_PARAMS).absolute(), nnx.to_pure_dict(state))
+    (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
+    for f in files_from.iterdir():
+      if f.is_file() and f.name not in _NOT_COPIED and f.suffix != ".safetensors":
+        shutil.copy2(f, tmp / f.name)
+    tmp.rename(dst)
 
 
 def load_orbax(root: Path, abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:

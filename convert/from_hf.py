@@ -9,10 +9,7 @@ end, so an interrupted run never leaves a half-written DST; an existing DST is n
 
 from __future__ import annotations
 
-import json
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -21,23 +18,12 @@ from absl import app, flags, logging
 import af3_jax
 from af3_jax import weights
 
-_SKIP = {"config.json", "model.safetensors.index.json"}
-
 
 def convert(src: str, dst: Path, dtype) -> None:
-  if dst.exists():
+  if dst.exists():  # checked before the (long) load, and again by save_model
     raise ValueError(f"{dst}: already exists; choose a new output folder")
   model = af3_jax.from_pretrained(src, dtype=dtype)
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
-    tmp = Path(tmp)
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    weights.save_orbax(tmp, model.state)
-    (tmp / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2) + "\n")
-    for f in weights.tokenizer_dir(model.path).iterdir():
-      if f.is_file() and f.name not in _SKIP and f.suffix != ".safetensors":
-        shutil.copy2(f, tmp / f.name)
-    tmp.rename(dst)
+  weights.save_model(dst, model.config, model.state, weights.tokenizer_dir(model.path))
 
 
 def main(argv: list[str]) -> None:
