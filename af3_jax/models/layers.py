@@ -24,16 +24,46 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.
 
 
 class Linear(nnx.Module):
-  """`torch.nn.Linear`: y = x @ kernel + bias."""
+  """`torch.nn.Linear`: y = x @ kernel + bias, plus an optional LoRA term (peft's `lora.Linear`).
+
+  With LoRA (`add_lora`): y = x @ kernel + lora_scale * (x @ lora_a) @ lora_b + bias, where lora_a
+  (in, r) = peft's `lora_A.weight.T` and lora_b (r, out) = `lora_B.weight.T`. The base `kernel` keeps its
+  path and value, so checkpoints load unchanged and LoRA weights train as `nnx.LoRAParam`.
+  """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: Axes, dtype,
                param_dtype, rngs: nnx.Rngs):
     self.dtype = dtype
     self.kernel = param(rngs, _normal, (in_features, out_features), param_dtype, axes)
     self.bias = param(rngs, jax.nn.initializers.zeros, (out_features,), param_dtype, axes[1:]) if use_bias else None
+    self.lora_a: nnx.LoRAParam | None = nnx.data(None)
+    self.lora_b: nnx.LoRAParam | None = nnx.data(None)
+    self.lora_scale: float | None = None
+
+  def add_lora(self, rank: int, alpha: float, key: jax.Array, param_dtype=jnp.float32) -> None:
+    """Adds LoRA weights of rank `rank` with scale alpha / rank, as peft initialises them.
+
+    lora_a ~ U(-1/sqrt(in), 1/sqrt(in)) (peft: kaiming_uniform_(a=sqrt(5)) on lora_A), lora_b = 0, so
+    the layer's output is unchanged. Works on stacked layers too: a kernel (L, in, out) with axes
+    (layers, in_axis, out_axis) gets lora_a (L, in, r) and lora_b (L, r, out), axes to match.
+    """
+    if self.lora_a is not None:
+      raise ValueError("this Linear already has LoRA weights")
+    *lead, n_in, n_out = self.kernel.shape
+    *lead_axes, in_axis, out_axis = nnx.get_partition_spec(self.kernel).get_value()
+    bound = n_in**-0.5
+    a = jax.random.uniform(key, (*lead, n_in, rank), param_dtype, -bound, bound)
+    self.lora_a = nnx.LoRAParam(a, out_sharding=(*lead_axes, in_axis, None), eager_sharding=False)
+    self.lora_b = nnx.LoRAParam(jnp.zeros((*lead, rank, n_out), param_dtype),
+                                out_sharding=(*lead_axes, None, out_axis), eager_sharding=False)
+    self.lora_scale = alpha / rank
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+    x = x.astype(self.dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    if self.lora_a is not None:
+      h = jnp.dot(x, self.lora_a[...].astype(self.dtype))
+      y = y + self.lora_scale * jnp.dot(h, self.lora_b[...].astype(self.dtype))
     if self.bias is not None:
       y = y + self.bias[...].astype(self.dtype)
     return y

@@ -1,0 +1,288 @@
+"""Training parity: loss, gradients and optimizer updates equal transformers / peft / torch.optim.
+
+Float32, highest matmul precision, max |ours - torch| <= 1e-4 * max |torch| per tensor.
+"""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import audio_tokens, random_features, random_text
+from flax import nnx, traverse_util
+
+import af3_jax
+from af3_jax import optim, sharding, train_lib
+from convert import names
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+RTOL = 1e-4
+RANK, ALPHA = 4, 16  # scale 4: a wrong scale cannot hide
+PEFT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# k_proj biases shift every score of a query equally, so softmax makes their gradient exactly zero in
+# theory; both sides return rounding noise there, which is compared on the scale of the largest gradient.
+ZERO_GRAD = "self_attn.k_proj.bias"
+
+
+def assert_close(ours, ref, rtol=RTOL, scale=None):
+  ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+  assert ours.shape == ref.shape
+  scale = np.abs(ref).max() if scale is None else scale
+  err = np.abs(ours - ref).max()
+  assert err <= rtol * scale, f"max |diff| {err:.3g} > {rtol} * {scale:.3g}"
+  return err / scale
+
+
+def make_batch(tiny, seed=0):
+  """Two rows, one audio window each (100 and 50 tokens), right padded; only the answers are labels."""
+  rng = np.random.default_rng(seed)
+  frames, answers = [400, 200], [6, 10]
+  feats, fmask = random_features(rng, frames)
+  rows = [np.concatenate([random_text(rng, tiny, 5), np.full(audio_tokens(n), tiny.audio_token_id),
+                          random_text(rng, tiny, 3 + a)]) for n, a in zip(frames, answers)]
+  width = max(map(len, rows)) + 2
+  ids = np.stack([np.pad(r, (0, width - len(r))) for r in rows])
+  mask = np.stack([np.pad(np.ones_like(r), (0, width - len(r))) for r in rows])
+  labels = np.full_like(ids, train_lib.IGNORE)
+  for i, (r, a) in enumerate(zip(rows, answers)):
+    labels[i, len(r) - a:len(r)] = r[-a:]
+  return dict(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask, labels=labels)
+
+
+def torch_loss_and_grads(model, batch):
+  kw = {k: torch.tensor(v) for k, v in batch.items()}
+  kw["position_ids"] = torch.tensor(np.maximum(np.cumsum(batch["attention_mask"], -1) - 1, 0))
+  model.zero_grad(set_to_none=True)
+  loss = model(**kw).loss
+  loss.backward()
+  return loss.item(), {n: p.grad.numpy() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def flat(state):
+  return traverse_util.flatten_dict(nnx.to_pure_dict(state))
+
+
+def ours_loss_and_grads(module, trainable, batch):
+  graphdef, params, frozen = train_lib.split(module, trainable)
+  fn = jax.jit(jax.value_and_grad(train_lib.loss_fn), static_argnums=3)
+  loss, grads = fn(params, frozen, batch, graphdef)
+  return float(loss), flat(grads)
+
+
+@pytest.fixture(scope="module")
+def batch(gqa_ckpt):
+  return make_batch(gqa_ckpt.tiny)
+
+
+@pytest.fixture(scope="module")
+def loaded(gqa_ckpt):
+  return af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def torch_full(gqa_ckpt, batch):
+  """transformers' (loss, gradients by parameter name) for full fine-tuning on `batch`."""
+  return torch_loss_and_grads(copy.deepcopy(gqa_ckpt.torch_model), batch)
+
+
+@pytest.fixture(scope="module")
+def torch_lora(peft_model, batch):
+  """peft's (loss, gradients by parameter name): only lora_A / lora_B have any."""
+  return torch_loss_and_grads(peft_model, batch)
+
+
+def test_full_finetune_loss_and_grads(loaded, batch, torch_full):
+  ref_loss, ref_grads = torch_full
+  loss, grads = ours_loss_and_grads(loaded.module, "all", batch)
+  assert abs(loss - ref_loss) <= RTOL * abs(ref_loss)
+  biggest = max(np.abs(g).max() for g in ref_grads.values())
+  seen = set()
+  for name, g in ref_grads.items():
+    path, layer, transform = names.param_path(names.canonical(name, names.HF_PREFIXES))
+    ours = grads[path] if layer is None else grads[path][layer]
+    assert_close(ours, names.to_ours(g, transform), scale=biggest if ZERO_GRAD in name else None)
+    seen.add(path)
+  assert seen == set(grads)  # every trainable parameter (embed_positions is frozen on both sides)
+
+
+@pytest.fixture(scope="module")
+def peft_model(gqa_ckpt):
+  config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=PEFT_TARGETS, lora_dropout=0.0)
+  model = peft.get_peft_model(copy.deepcopy(gqa_ckpt.torch_model), config)
+  g = torch.Generator().manual_seed(3)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "lora_" in name:
+        p.copy_(torch.randn(p.shape, generator=g) * 0.1)  # lora_B non-zero, so lora_A gets gradients
+  return model
+
+
+def peft_key(path, layer):
+  """Our LoRA path (`.../q_proj/lora_a`) and a layer index -> peft's parameter name."""
+  *module, leaf = path
+  stem = ".".join(module).replace("layers", f"layers.{layer}", 1)
+  return f"base_model.model.model.{stem}.lora_{leaf[-1].upper()}.default.weight"
+
+
+def lora_module(loaded, peft_model):
+  """Our module with LoRA added and peft's weights copied in (a = A.T, b = B.T, stacked on layers)."""
+  module = loaded.module
+  adapted = train_lib.add_lora(module, RANK, ALPHA, jax.random.PRNGKey(0))
+  assert len(adapted) == 7  # stacked: one Linear per projection
+  weights = {n: p.detach().numpy() for n, p in peft_model.named_parameters()}
+  lora = nnx.state(module, nnx.LoRAParam)
+  values = {path: np.stack([weights[peft_key(path, i)].T for i in range(loaded.config.decoder.num_layers)])
+            for path in flat(lora)}
+  nnx.replace_by_pure_dict(lora, traverse_util.unflatten_dict(values))
+  nnx.update(module, lora)
+  return module
+
+
+def test_lora_loss_and_grads(loaded, peft_model, batch, torch_lora):
+  ref_loss, ref_grads = torch_lora
+  assert all("lora_" in n for n in ref_grads)
+  loss, grads = ours_loss_and_grads(lora_module(loaded, peft_model), "lora", batch)
+  assert abs(loss - ref_loss) <= RTOL * abs(ref_loss)
+  assert len(grads) == 14
+  for path, g in grads.items():
+    for i in range(g.shape[0]):
+      assert_close(g[i], ref_grads[peft_key(path, i)].T)
+
+
+def test_add_lora_keeps_the_base(loaded):
+  """Base paths and values stay, lora_b starts at zero (the output is unchanged), axes follow the kernel."""
+  module = loaded.module
+  train_lib.add_lora(module, RANK, ALPHA, jax.random.PRNGKey(0))
+  params = flat(nnx.state(module))
+  base = flat(loaded.state)
+  assert {k for k in params if k[-1] not in ("lora_a", "lora_b")} == set(base)
+  for k, v in base.items():
+    np.testing.assert_array_equal(params[k], v)
+  mlp = module.language_model.layers.mlp
+  dec = loaded.config.decoder
+  assert mlp.down_proj.lora_a.shape == (dec.num_layers, dec.intermediate_size, RANK)
+  assert mlp.down_proj.lora_b.shape == (dec.num_layers, RANK, dec.hidden_size)
+  assert not np.asarray(mlp.down_proj.lora_b[...]).any() and mlp.down_proj.lora_scale == ALPHA / RANK
+  assert tuple(nnx.get_partition_spec(mlp.down_proj.lora_a).get_value()) == ("layers", "mlp", None)
+  assert tuple(nnx.get_partition_spec(mlp.down_proj.lora_b).get_value()) == ("layers", None, "embed")
+  assert module.lm_head.lora_a is None
+
+
+def test_trainable_sets_match_torch(gqa_ckpt, loaded, peft_model):
+  """Parameter counts per stage filter equal the torch modules upstream trains in that stage."""
+  torch_params = {n: p.numel() for n, p in gqa_ckpt.torch_model.named_parameters() if p.requires_grad}
+  expect = {
+      "projector": sum(v for n, v in torch_params.items() if "multi_modal_projector" in n),
+      "encoder_projector": sum(v for n, v in torch_params.items() if "audio_tower" in n or "projector" in n),
+      "all": sum(torch_params.values()),
+  }
+  size = lambda state: sum(x.size for x in jax.tree.leaves(state))
+  for trainable, count in expect.items():
+    _, params, frozen = train_lib.split(loaded.module, trainable)
+    assert size(params) == count, trainable
+    assert size(params) + size(frozen) == sum(p.numel() for p in gqa_ckpt.torch_model.parameters())
+  with pytest.raises(ValueError, match="add_lora first"):
+    train_lib.split(loaded.module, "lora")
+  _, params, _ = train_lib.split(lora_module(loaded, peft_model), "lora")
+  assert size(params) == peft_model.get_nb_trainable_parameters()[0]
+
+
+def test_schedule_matches_hf():
+  total, lr = 100, 2e-5
+  schedule = optim.make_schedule(lr, total, warmup_ratio=0.03)  # warmup ceil(3.0) = 3
+  p = torch.nn.Parameter(torch.zeros(1))
+  opt = torch.optim.AdamW([p], lr=lr)
+  hf = transformers.get_cosine_schedule_with_warmup(opt, num_warmup_steps=3, num_training_steps=total)
+  for step in range(total):
+    assert abs(float(schedule(step)) - opt.param_groups[0]["lr"]) <= 1e-6 * lr, step
+    opt.step()
+    hf.step()
+
+
+def test_adamw_updates_match_torch(loaded):
+  """Three updates (lr 0 at step 0 in warmup, then peak, then cosine) with clipping at 1.0."""
+  _, params, _ = train_lib.split(loaded.module, "projector")
+  total, lr = 10, 1e-2
+  tx = optim.make_optimizer(lr, total, warmup_ratio=0.1, clip_norm=1.0)
+  rng = np.random.default_rng(0)
+  draw = lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
+  grads = [jax.tree.map(draw, params) for _ in range(3)]
+  flat_params = flat(params)
+  tp = {k: torch.nn.Parameter(torch.tensor(np.asarray(v))) for k, v in flat_params.items()}
+  opt = torch.optim.AdamW(tp.values(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+  hf = transformers.get_cosine_schedule_with_warmup(opt, num_warmup_steps=1, num_training_steps=total)
+  opt_state = tx.init(params)
+  update = jax.jit(tx.update)
+  for g in grads:
+    updates, opt_state = update(g, opt_state, params)
+    params = jax.tree.map(jnp.add, params, updates)
+    for k, v in flat(g).items():
+      tp[k].grad = torch.tensor(np.asarray(v))
+    torch.nn.utils.clip_grad_norm_(tp.values(), 1.0)
+    opt.step()
+    hf.step()
+  moved = 0.0
+  for k, v in flat(params).items():
+    assert_close(v, tp[k].detach().numpy())
+    moved = max(moved, float(np.abs(np.asarray(v) - np.asarray(flat_params[k])).max()))
+  assert moved > 1e-3
+
+
+def split_micro(batch):
+  """The 2-row batch as 2 micro-batches of one row (and one audio window) each."""
+  return {k: v[:, None] for k, v in batch.items()}
+
+
+def run_steps(module, trainable, batches, mesh, accum_steps, total=10):
+  graphdef, params, frozen = train_lib.split(module, trainable)
+  tx = optim.make_optimizer(1e-3, total, warmup_ratio=0.0, clip_norm=1.0)
+  state = train_lib.init_state(params, tx, mesh)
+  step_fn = train_lib.jit_train_step(graphdef, tx, state, frozen, mesh, accum_steps=accum_steps)
+  metrics = []
+  with jax.set_mesh(mesh):
+    for b in batches:
+      b = jax.device_put(b, train_lib.batch_shardings(b, mesh, accum_steps))
+      state, m = step_fn(state, frozen, b)
+      metrics.append(jax.device_get(m))
+  return state, metrics
+
+
+def test_gradient_accumulation_equals_one_big_batch(gqa_ckpt, loaded, batch, torch_full):
+  """Two micro-batches of one row each (6 and 10 label tokens) make the update transformers makes from
+  the whole batch: its token-mean loss and gradients, clipped to norm 1, then one AdamW step."""
+  state, [m] = run_steps(loaded.module, "projector", [split_micro(batch)], loaded.mesh, accum_steps=2)
+  ref_loss, ref_grads = torch_full
+  lr = 1e-3  # run_steps' peak rate; no warmup, so the first update uses it
+  torch_model = copy.deepcopy(gqa_ckpt.torch_model)
+  torch_params = {n: p for n, p in torch_model.named_parameters() if "projector" in n}
+  for n, p in torch_params.items():
+    p.grad = torch.tensor(ref_grads[n])
+  ref_norm = float(torch.nn.utils.clip_grad_norm_(torch_params.values(), 1.0))
+  torch.optim.AdamW(torch_params.values(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0).step()
+  assert int(m["tokens"]) == 16 and int(state.step) == 1
+  assert abs(m["loss"] - ref_loss) <= RTOL * ref_loss
+  assert abs(m["grad_norm"] - ref_norm) <= RTOL * ref_norm and ref_norm > 1.0  # clipping is active
+  assert m["lr"] == pytest.approx(lr)
+  params = flat(state.params)
+  for n, p in torch_params.items():
+    path, _, transform = names.param_path(names.canonical(n, names.HF_PREFIXES))
+    assert_close(params[path], names.to_ours(p.detach().numpy(), transform))
+
+
+def test_sharded_lora_step_matches_peft(gqa_ckpt, peft_model, batch, torch_lora):
+  """The jitted step on a (2, 2, 2) mesh of fake devices: the first step's loss and gradient norm are
+  peft's (as the unsharded ones are, above); a second step runs on the donated state."""
+  mesh = sharding.make_mesh((2, 2, 2))
+  module = lora_module(af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32, mesh=mesh), peft_model)
+  state, metrics = run_steps(module, "lora", [batch, make_batch(gqa_ckpt.tiny, seed=1)], mesh, accum_steps=1)
+  ref_loss, ref_grads = torch_lora
+  ref_norm = np.sqrt(sum(np.sum(np.square(g, dtype=np.float64)) for g in ref_grads.values()))
+  assert abs(metrics[0]["loss"] - ref_loss) <= RTOL * ref_loss
+  assert abs(metrics[0]["grad_norm"] - ref_norm) <= RTOL * ref_norm
+  assert np.isfinite(metrics[1]["loss"]) and int(state.step) == 2
+  lora_b = state.params["language_model"]["layers"]["mlp"]["gate_proj"]["lora_b"]
+  assert lora_b[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
