@@ -100,3 +100,8 @@ ADAPTER_PREFIXES = (
     *((f"{folder}.{old}", new) for folder, pairs in NVIDIA_PREFIXES.items() for old, new in pairs),
     *NVIDIA_PREFIXES["llm"],
 )
+
+
+def module_tree_key(canon: str) -> str:
+  """Canonical key -> transformers' module-tree name (`model.language_model.*`, `lm_head.weight`)."""
+  return canon if canon.startswith("lm_head.") else "model." + canon

@@ -1,0 +1,1 @@
+"""Training configs: one per curriculum stage, built on common.py."""

@@ -1,0 +1,46 @@
+"""Settings shared by every stage of the curriculum (shared/UPSTREAM.md section 10).
+
+Each `configs/stageN.py` starts from `base()` and changes what its stage changes. Any field can be
+overridden on the command line: `--config.optim.lr=3e-5`, `--config.data.train=a.json,b.json`.
+The model's shape is never configured: it comes from the checkpoint in `init_from`.
+"""
+
+import ml_collections
+
+
+def base() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.init_from = ""  # anything from_pretrained reads, or the previous stage's workdir
+  c.trainable = "projector"  # projector | encoder_projector | all | lora
+  c.lora = ml_collections.ConfigDict({"rank": 64, "alpha": 16.0})  # upstream stage 3.5 (peft defaults)
+
+  c.data = ml_collections.ConfigDict()
+  c.data.train = ""  # comma-separated upstream JSON manifests
+  c.data.style = "nvidia"  # the prompt style AF3 was trained with
+  c.data.max_windows = 1  # 30 s windows per audio (upstream `audio_frames`): 1, 1, 5, 20, 20
+  c.data.max_length = 8192  # tokens after audio expansion (upstream model_max_length)
+  c.data.length_buckets = (512, 1024, 2048, 4096, 8192)  # padded lengths: few shapes, few compiles
+  c.data.workers = 2  # grain worker processes decoding audio; 0 decodes in the training process
+  c.data.seed = 0
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-3
+  c.optim.warmup_ratio = 0.03  # then cosine decay to 0
+  c.optim.weight_decay = 0.0
+  c.optim.clip_norm = 1.0  # global-norm clipping; 0 turns it off (stage 1 upstream)
+
+  c.per_device_batch = 4
+  c.accum_steps = 1
+  c.epochs = 1
+  c.total_steps = 0  # 0: epochs x steps per epoch
+  c.save_every = 500
+  c.keep_checkpoints = 3
+  c.log_every = 1
+
+  c.param_dtype = "float32"  # trainable weights; frozen ones are stored in compute_dtype
+  c.compute_dtype = "bfloat16"
+  c.remat = "nothing_saveable"  # none | nothing_saveable | dots_saveable
+  c.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
+  c.seed = 0
+  c.peak_tflops = 989.0  # per device, for the MFU estimate (H100 SXM dense bf16)
+  return c

@@ -1,0 +1,110 @@
+"""Exports a training run to transformers' layout, or its LoRA as a PEFT adapter.
+
+  python -m convert.to_hf --workdir runs/stage5 --out af3-stage5-hf [--dtype=bfloat16]
+  python -m convert.to_hf --workdir runs/stage4 --out think-adapter --adapter-only
+
+The full export is `model.safetensors` (shards of at most 5 GB plus an index), `config.json`, and the
+tokenizer, generation and processor files the run started from; LoRA is merged. It loads with
+`AudioFlamingo3ForConditionalGeneration.from_pretrained(OUT)`. The output is written to a temporary
+sibling folder and renamed when complete; an existing OUT is never touched.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+from flax import nnx, traverse_util
+from safetensors.numpy import save_file
+
+from convert import names
+
+SHARD_BYTES = 5 * 2**30
+
+
+def tensors(state: nnx.State):
+  """(module-tree key, numpy tensor in torch layout) for every parameter, one layer at a time."""
+  for path, x in traverse_util.flatten_dict(nnx.to_pure_dict(state)).items():
+    layers = range(x.shape[0]) if "layers" in path else [None]
+    for layer in layers:
+      canon = names.hf_key(path, layer)
+      value = np.asarray(jax.device_get(x[layer] if layer is not None else x))
+      yield names.module_tree_key(canon), np.ascontiguousarray(names.to_ours(value, names.param_path(canon)[2]))
+
+
+def write_safetensors(state: nnx.State, dst: Path) -> None:
+  """Shards of at most SHARD_BYTES and, when there are several, `model.safetensors.index.json`."""
+  shards, current, size = [], {}, 0
+  for key, value in tensors(state):
+    if current and size + value.nbytes > SHARD_BYTES:
+      shards.append(current)
+      current, size = {}, 0
+    current[key] = value
+    size += value.nbytes
+  shards.append(current)
+  if len(shards) == 1:
+    save_file(shards[0], dst / "model.safetensors", metadata={"format": "pt"})
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards, 1):
+    name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, dst / name, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(shard, name))
+  index = {"metadata": {"total_size": sum(v.nbytes for s in shards for v in s.values())}, "weight_map": weight_map}
+  (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export(workdir: Path, out: Path, *, dtype, adapter_only: bool) -> None:
+  import af3_jax
+  from af3_jax import weights
+
+  if out.exists():
+    raise ValueError(f"{out}: already exists; choose a new output folder")
+  source = workdir / ("adapter" if adapter_only else "model")
+  if not source.is_dir():
+    what = "a LoRA run's adapter/" if adapter_only else "a finished model/"
+    raise ValueError(f"{workdir}: has no {what} (train until the run completes first)")
+  out.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+    tmp = Path(tmp)
+    tmp.chmod(0o755)
+    if adapter_only:
+      shutil.copytree(source, tmp, dirs_exist_ok=True)
+    else:
+      model = af3_jax.from_pretrained(source, dtype=dtype)
+      write_safetensors(model.state, tmp)
+      config = {**model.config.to_hf_dict(), "dtype": jnp.dtype(dtype).name}
+      (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+      for f in weights.tokenizer_dir(source).iterdir():
+        if f.is_file() and f.name != "config.json":
+          shutil.copy2(f, tmp / f.name)
+    tmp.rename(out)
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)
+  f = flags.FLAGS
+  try:
+    export(Path(f.workdir), Path(f.out), dtype=jnp.dtype(f.dtype), adapter_only=f["adapter-only"].value)
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  print(f"wrote {f.out}")
+
+
+if __name__ == "__main__":
+  # Defined here, not at import: tests import `convert` beside infer.py and train.py.
+  flags.DEFINE_string("workdir", None, "A train.py workdir.", required=True)
+  flags.DEFINE_string("out", None, "The folder to write.", required=True)
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Tensor dtype to store.")
+  flags.DEFINE_bool("adapter-only", False, "Write the run's LoRA as a PEFT adapter instead.")
+  app.run(main)

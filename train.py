@@ -1,0 +1,136 @@
+"""Train one stage of the AF3 curriculum.
+
+  python train.py --config=configs/stage5.py --workdir=runs/stage5 --config.init_from=CKPT \
+      --config.data.train=a.json,b.json [--config.total_steps=N] [--config.save_every=N]
+
+Rerunning the same command resumes from the latest checkpoint in `workdir`; SIGTERM or SIGINT saves
+and exits 0. When the run completes, `workdir/model` holds the trained model (LoRA merged) in the
+layout `from_pretrained` reads, so the next stage can start from `--config.init_from=runs/stage5`.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from pathlib import Path
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the final model go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _Stop:
+  """Turns SIGTERM/SIGINT into a request the loop honours after the current step."""
+
+  requested = False
+
+  @classmethod
+  def install(cls) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):
+      signal.signal(sig, lambda *_: setattr(cls, "requested", True))
+
+
+def run(cfg, workdir: Path) -> int:
+  import jax
+  import numpy as np
+  from tqdm import tqdm
+
+  import af3_jax
+  from af3_jax import checkpoint, metrics, optim, sharding, train_lib, trainer
+  from af3_jax.data import pipeline
+
+  trainer.initialize_distributed()
+  workdir.mkdir(parents=True, exist_ok=True)
+  print(cfg)
+  mesh = sharding.make_mesh(trainer.mesh_shape(cfg.mesh, jax.device_count()))
+  print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
+
+  if not cfg.init_from:
+    raise ValueError("--config.init_from is required: a checkpoint or the previous stage's workdir")
+  if not cfg.data.train:
+    raise ValueError("--config.data.train is required: comma-separated JSON manifests")
+  samples = [s for f in cfg.data.train.split(",") for s in af3_jax.read_manifest(f)]
+  init_from = trainer.resolve_init(cfg.init_from)
+  # Frozen weights stay in the compute dtype; init_state gives the trainable ones float32 copies.
+  model = af3_jax.from_pretrained(init_from, dtype=np.dtype(cfg.compute_dtype), mesh=mesh)
+  graphdef, trainable, frozen = trainer.prepare(model, cfg)
+  n_train, n_frozen = trainer.count(trainable), trainer.count(frozen)
+  print(f"parameters: {n_train:,} trainable, {n_frozen:,} frozen ({cfg.trainable})")
+
+  rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
+  per_epoch = pipeline.steps_per_epoch(len(samples), rows * cfg.accum_steps, jax.process_count())
+  total = cfg.total_steps or cfg.epochs * per_epoch
+  if total < 1:
+    raise ValueError(f"{len(samples)} samples make no full step of {rows * cfg.accum_steps} rows per host")
+  optimizer = optim.make_optimizer(cfg.optim.lr, total, warmup_ratio=cfg.optim.warmup_ratio,
+                                   weight_decay=cfg.optim.weight_decay, clip_norm=cfg.optim.clip_norm or None)
+  processor = af3_jax.Processor.from_pretrained(init_from, style=cfg.data.style,
+                                                max_windows=cfg.data.max_windows)
+  data = pipeline.train_batches(
+      samples, processor, rows=rows * cfg.accum_steps, windows_per_row=cfg.data.max_windows,
+      buckets=cfg.data.length_buckets, seed=cfg.data.seed, epochs=None, workers=cfg.data.workers,
+      process_index=jax.process_index(), process_count=jax.process_count())
+
+  with jax.set_mesh(mesh):
+    state = train_lib.init_state(trainable, optimizer, mesh, cfg.seed)
+    step_fn = train_lib.jit_train_step(graphdef, optimizer, state, frozen, mesh, accum_steps=cfg.accum_steps)
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, save_every=cfg.save_every)
+  start = ckpt.latest_step() or 0
+  if start:
+    state = ckpt.restore(start, state, data)
+    print(f"resumed from step {start}")
+  log = metrics.MetricsLog(workdir, n_params=n_train + n_frozen, peak_flops=cfg.peak_tflops * 1e12 * jax.device_count())
+  _Stop.install()
+  compiled = {}  # one program per batch shape (length bucket)
+  with tqdm(total=total, initial=start, desc="train", unit="step") as bar:
+    for step in range(start + 1, total + 1):
+      host = next(data)
+      skipped = int(host.pop("skipped"))
+      batch = trainer.global_batch(host, mesh, cfg.accum_steps)
+      shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
+      with jax.set_mesh(mesh):
+        if shapes not in compiled:
+          compiled[shapes] = step_fn.lower(state, frozen, batch).compile()
+          print(f"compiled train step for input_ids {batch['input_ids'].shape}: "
+                f"{trainer.memory_summary(compiled[shapes])}")
+        state, m = compiled[shapes](state, frozen, batch)
+      m = jax.device_get(m)
+      if not np.isfinite(m["loss"]):
+        print(f"error: non-finite loss {m['loss']} at step {step}; stopping without saving this state "
+              f"(the last checkpoint is step {ckpt.latest_step()})", file=sys.stderr)
+        ckpt.close()
+        return 1
+      record = log.write(step, {**m, "skipped": skipped}, tokens=int(m["tokens"]))
+      bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+      bar.update()
+      ckpt.save(step, state, data, force=_Stop.requested or step == total)
+      if _Stop.requested:
+        print(f"stopped at step {step} by a signal; checkpoint saved, rerun the command to resume", file=sys.stderr)
+        ckpt.close()
+        return 0
+  ckpt.close()
+  if not (workdir / "model").exists():  # a rerun of a finished run has nothing left to do
+    trainer.write_model(workdir, model, graphdef, state.params, frozen, init_from, cfg)
+  print(f"done: {total} steps; the trained model is in {workdir / 'model'}")
+  return 0
+
+
+def main(argv: list[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  started = time.perf_counter()
+  try:
+    code = run(_CONFIG.value, Path(_WORKDIR.value))
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    code = 1
+  print(f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
+  sys.exit(code)
+
+
+if __name__ == "__main__":
+  app.run(main)
