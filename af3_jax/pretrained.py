@@ -1,4 +1,5 @@
-"""`from_pretrained` and `Model`, the public handle on a loaded Audio Flamingo 3."""
+"""`from_pretrained` and `Model`, the public handle on a loaded Audio Flamingo 3 (`init_random`: one
+with random weights, for benchmarks)."""
 
 from __future__ import annotations
 
@@ -110,3 +111,22 @@ def from_pretrained(path_or_hub_id: str | Path, dtype=jnp.bfloat16, mesh: jax.sh
   if adapter is not None:
     state = merge_adapter(state, adapter)
   return Model(cfg, graphdef, state, mesh, root)
+
+
+def init_random(cfg: AF3Config, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> Model:
+  """A Model with random weights (our layers' init, in `dtype` for parameters and compute), for benchmarks.
+
+  The constructor runs inside `jax.jit` with the logical shardings as `out_shardings`, so every
+  parameter is born on its devices, sharded; the full model never exists on the host or on one device
+  unsharded. Without `mesh`, everything lives on the first device. The Model's `path` is None, so
+  generation has no eos unless one is passed.
+  """
+  mesh = mesh if mesh is not None else sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  graphdef, _, shardings = abstract_model(cfg, param_dtype=dtype, dtype=dtype, mesh=mesh)
+
+  @functools.partial(jax.jit, out_shardings=shardings)
+  def init_fn() -> nnx.State:
+    return nnx.split(AudioFlamingo3(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed)))[1]
+
+  with jax.set_mesh(mesh):
+    return Model(cfg, graphdef, init_fn(), mesh)

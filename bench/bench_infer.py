@@ -1,0 +1,266 @@
+"""Inference speed of af3_jax against transformers' PyTorch AF3, both with random weights, on one device.
+
+  python bench/bench_infer.py --size tiny     # a small model: seconds on a CPU
+  python bench/bench_infer.py --size full     # AF3Config() (8.27B) in bf16: one H100 or H200
+  (from the repo root, with af3_jax installed or PYTHONPATH=.)
+
+Cells: 30 s (1 window) or 10 min (20 windows) of audio per row, at batch 1 and 8. Every row is a short
+text prompt around 750 `<sound>` tokens per window; the features are random log-mel shaped as the
+processor gives them, masks full. Both sides decode exactly --new-tokens tokens greedily: a model with
+no checkpoint has no eos on our side, and transformers gets min_new_tokens as well.
+
+Time to first token (TTFT): from host inputs until the first new token is on the host (audio encoder
+and prefill). Decode tokens/s: (N - 1) * batch / the time after the first token. JAX is timed on its
+streaming path (`generate_stream`: one jitted step per token, the host sees each, as torch's streamer
+does) and on `generate` (the whole loop in one jit; decode time = generate(N) - generate(1), one
+program while N <= 64). JAX's first calls compile: they are reported apart from the warm medians. torch
+runs first and returns its device memory before JAX starts, so neither limits the other. Random weights
+make the answers meaningless; only the times count.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX would take 75% of the GPU from torch
+
+import dataclasses
+import datetime
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from absl import app, flags
+
+from af3_jax import decode, sharding
+from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.pretrained import Model, init_random
+
+_SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "A preset: the model and the defaults below.")
+_DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where both run (auto: gpu if torch sees one).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype, both sides.")
+_NEW = flags.DEFINE_integer("new-tokens", None, "Tokens each row decodes, at least 2 (default: the preset's).")
+_REPEATS = flags.DEFINE_integer("repeats", None, "Warm runs per cell, medians reported (default: the preset's).")
+_AUDIO = flags.DEFINE_multi_enum("audio", None, ["30s", "10min"], "Audio lengths (default: the preset's).")
+_BATCH = flags.DEFINE_multi_integer("batch", [1, 8], "Batch sizes.")
+
+WINDOWS = {"30s": 1, "10min": 20}  # 30 s windows per row
+TOKENS_PER_WINDOW = 750  # `<sound>` tokens of a full window (3000 mel frames, conv stride 2, pool 2)
+PROMPT = (4, 12)  # text tokens before and after the audio, as a chat template adds
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+  cfg: AF3Config
+  audio: tuple[str, ...]
+  new_tokens: int
+  repeats: int
+
+
+PRESETS = {
+    # Wider than the test configs so the matmuls, not the dispatch, take the time. 10 min is left out
+    # (--audio=10min runs it): on 2 CPU cores one such prefill takes JAX ~25 s and torch ~8 s, and at
+    # batch 8 XLA's CPU attention would hold 8 GiB of float32 scores per head.
+    "tiny": Preset(AF3Config(
+        encoder=EncoderConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
+        decoder=DecoderConfig(vocab_size=4096, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=1,
+                              head_dim=64, intermediate_size=1024),
+        audio_token_id=4095), audio=("30s",), new_tokens=32, repeats=1),
+    "full": Preset(AF3Config(), audio=("30s", "10min"), new_tokens=64, repeats=3),
+}
+
+
+@dataclasses.dataclass
+class Timing:
+  """One side of one cell, from the medians of the warm runs (JAX's compile: first calls minus warm
+  ones, every program of the cell); all None when the device ran out of memory."""
+
+  ttft: float | None = None
+  tok_s: float | None = None
+  loop_tok_s: float | None = None
+  compile_s: float | None = None
+
+
+def make_batch(cfg: AF3Config, windows: int, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """transformers-named inputs: every row the same length, so nothing is padded."""
+  rng = np.random.default_rng(seed)
+  text = lambda n: rng.integers(0, cfg.audio_token_id, (rows, n))
+  ids = np.concatenate([text(PROMPT[0]), np.full((rows, windows * TOKENS_PER_WINDOW), cfg.audio_token_id),
+                        text(PROMPT[1])], axis=1).astype(np.int32)
+  frames = 2 * cfg.encoder.max_source_positions
+  return dict(input_ids=ids, attention_mask=np.ones_like(ids),
+              input_features=rng.standard_normal((rows * windows, cfg.encoder.num_mel_bins, frames), np.float32),
+              input_features_mask=np.ones((rows * windows, frames), np.int32))
+
+
+def _median_split(runs: list[tuple[float, float]]) -> tuple[float, float]:
+  return statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs)
+
+
+def _checked(tokens: np.ndarray, rows: int, n: int) -> None:
+  if tokens.shape != (rows, n):
+    raise RuntimeError(f"decoded {tokens.shape}, expected {(rows, n)} tokens: the timings would be wrong")
+
+
+def jax_stream(model: Model, batch: dict, n: int) -> tuple[float, float]:
+  """(TTFT, decode seconds after the first token) through `generate_stream`."""
+  start = time.perf_counter()
+  tokens, times = [], []
+  for t in decode.generate_stream(model, batch, n):
+    times.append(time.perf_counter())
+    tokens.append(t)
+  _checked(np.stack(tokens, axis=1), len(batch["input_ids"]), n)
+  return times[0] - start, times[-1] - times[0]
+
+
+def jax_loop(model: Model, batch: dict, n: int) -> float:
+  """Seconds for `generate` (the whole loop in one jit), host inputs to host tokens."""
+  start = time.perf_counter()
+  tokens = decode.generate(model, batch, n)
+  elapsed = time.perf_counter() - start
+  _checked(tokens, len(batch["input_ids"]), n)
+  return elapsed
+
+
+def time_jax(model: Model, batch: dict, n: int, repeats: int) -> Timing:
+  rows = len(batch["input_ids"])
+  stream_first = sum(jax_stream(model, batch, n))
+  ttft, dt = _median_split([jax_stream(model, batch, n) for _ in range(repeats)])
+  loop_first = jax_loop(model, batch, n)
+  first, full = _median_split([(jax_loop(model, batch, 1), jax_loop(model, batch, n)) for _ in range(repeats)])
+  compile_s = (stream_first - ttft - dt) + (loop_first - full)
+  # NaN: the prefill's jitter outweighed the decode (tiny models on a CPU); more tokens or repeats help.
+  loop_tok_s = (n - 1) * rows / (full - first) if full > first else float("nan")
+  return Timing(ttft, (n - 1) * rows / dt, loop_tok_s, compile_s)
+
+
+class _Clock(transformers.generation.BaseStreamer):
+  """Notes when each `put` reaches the host: the prompt first, then one per new token."""
+
+  def __init__(self):
+    self.times: list[float] = []
+
+  def put(self, value):
+    self.times.append(time.perf_counter())
+
+  def end(self):
+    pass
+
+
+def torch_run(model, batch: dict, n: int) -> tuple[float, float]:
+  """(TTFT, decode seconds after the first token) of transformers' greedy generate, from host inputs."""
+  device = model.device
+  clock = _Clock()
+  if device.type == "cuda":
+    torch.cuda.synchronize()
+  start = time.perf_counter()
+  inputs = {k: torch.from_numpy(v).to(device) for k, v in batch.items()}
+  inputs["input_ids"] = inputs["input_ids"].long()  # what transformers' processor gives
+  inputs["input_features"] = inputs["input_features"].to(model.dtype)
+  with torch.inference_mode():
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                         streamer=clock)
+  _checked(out[:, batch["input_ids"].shape[1]:].cpu().numpy(), len(batch["input_ids"]), n)
+  return clock.times[1] - start, clock.times[-1] - clock.times[1]
+
+
+def time_torch(model, batch: dict, n: int, repeats: int) -> Timing:
+  torch_run(model, batch, n)  # warm-up: kernel selection, allocator growth
+  ttft, dt = _median_split([torch_run(model, batch, n) for _ in range(repeats)])
+  return Timing(ttft, (n - 1) * len(batch["input_ids"]) / dt)
+
+
+def _is_oom(e: Exception) -> bool:
+  return isinstance(e, torch.OutOfMemoryError) or "RESOURCE_EXHAUSTED" in str(e)
+
+
+def run_cells(name: str, measure: Callable[[dict], Timing], cfg: AF3Config, audios, batches) -> dict:
+  """{(audio, batch): Timing} over the grid; a cell that runs out of device memory is reported, not fatal."""
+  results = {}
+  for audio in audios:
+    for rows in batches:
+      batch = make_batch(cfg, WINDOWS[audio], rows)
+      try:
+        results[audio, rows] = t = measure(batch)
+      except (RuntimeError, jax.errors.JaxRuntimeError) as e:
+        if not _is_oom(e):
+          raise
+        results[audio, rows] = t = Timing()
+      print(f"{name} {audio} batch {rows} ({batch['input_ids'].shape[1]} prompt tokens): {_describe(t)}", flush=True)
+  return results
+
+
+def _describe(t: Timing) -> str:
+  if t.ttft is None:
+    return "out of device memory"
+  parts = [f"TTFT {t.ttft:.3f} s", f"{t.tok_s:.1f} tok/s"]
+  if t.loop_tok_s is not None:
+    parts += [f"loop {t.loop_tok_s:.1f} tok/s", f"compile {t.compile_s:.1f} s"]
+  return ", ".join(parts)
+
+
+def torch_model(cfg: AF3Config, dtype: torch.dtype, device: str):
+  """transformers' AF3 with its own random init, built on `device` directly (no host copy of the weights)."""
+  config = transformers.AudioFlamingo3Config(**cfg.to_hf_dict())
+  torch.manual_seed(0)
+  with torch.device(device):
+    model = transformers.AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype)
+  return model.eval()
+
+
+def table(jax_t: dict, torch_t: dict) -> str:
+  fmt = lambda x, spec: "OOM" if x is None else format(x, spec)
+  lines = ["| audio | batch | JAX TTFT s | torch TTFT s | JAX tok/s | JAX loop tok/s | torch tok/s | JAX compile s |",
+           "|---|---|---|---|---|---|---|---|"]
+  for (audio, rows), j in jax_t.items():
+    t = torch_t[audio, rows]
+    lines.append(f"| {audio} | {rows} | {fmt(j.ttft, '.3f')} | {fmt(t.ttft, '.3f')} | {fmt(j.tok_s, '.1f')} | "
+                 f"{fmt(j.loop_tok_s, '.1f')} | {fmt(t.tok_s, '.1f')} | {fmt(j.compile_s, '.1f')} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  preset = PRESETS[_SIZE.value]
+  n = _NEW.value or preset.new_tokens
+  repeats = _REPEATS.value or preset.repeats
+  audios = _AUDIO.value or preset.audio
+  if n < 2 or repeats < 1 or min(_BATCH.value) < 1:
+    print("--new-tokens must be at least 2, --repeats and --batch at least 1", file=sys.stderr)
+    return 1
+  platform = _DEVICE.value if _DEVICE.value != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+  torch_device = "cuda" if platform == "gpu" else "cpu"
+  jax_device = jax.devices(platform)[0]
+  header = (f"{_SIZE.value} AF3, {_DTYPE.value}, {n} new tokens, {repeats} warm runs | JAX {jax.__version__} on "
+            f"{jax_device.device_kind} | torch {torch.__version__} (transformers {transformers.__version__}) on "
+            f"{torch.cuda.get_device_name() if torch_device == 'cuda' else 'cpu'} | "
+            f"{datetime.datetime.now().isoformat(timespec='minutes')}")
+  print(header, flush=True)
+
+  model = torch_model(preset.cfg, getattr(torch, _DTYPE.value), torch_device)
+  print(f"torch model: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+  torch_t = run_cells("torch", lambda b: time_torch(model, b, n, repeats), preset.cfg, audios, _BATCH.value)
+  del model
+  if torch_device == "cuda":
+    torch.cuda.empty_cache()
+
+  start = time.perf_counter()
+  jmodel = init_random(preset.cfg, dtype=jnp.dtype(_DTYPE.value), mesh=sharding.make_mesh((1, 1, 1), [jax_device]))
+  jax.block_until_ready(jmodel.state)
+  params = sum(x.size for x in jax.tree.leaves(jmodel.state))
+  print(f"JAX model: {params:,} parameters, random init {time.perf_counter() - start:.1f} s", flush=True)
+  jax_t = run_cells("JAX", lambda b: time_jax(jmodel, b, n, repeats), preset.cfg, audios, _BATCH.value)
+
+  print(f"\n{header}\n{table(jax_t, torch_t)}")
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,49 @@
+"""`init_random` (random weights born sharded) and `bench/bench_infer.py` end to end at tiny size.
+
+No timings are checked: the bench only has to run and print its table.
+"""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from af3_jax import sharding
+from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.pretrained import abstract_model, init_random
+
+ROOT = Path(__file__).resolve().parents[1]
+CFG = AF3Config(encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+                decoder=DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                      head_dim=16, intermediate_size=128),
+                audio_token_id=299)
+
+
+def test_init_random_is_born_sharded():
+  mesh = sharding.make_mesh((1, 4, 2))
+  model = init_random(CFG, mesh=mesh)
+  _, abstract, shardings = abstract_model(CFG, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, mesh=mesh)
+  for x, a, s in zip(jax.tree.leaves(model.state), jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True):
+    assert x.shape == a.shape and x.dtype == jnp.bfloat16
+    assert x.sharding == s
+  assert len(model.state["lm_head"]["kernel"][...].sharding.device_set) == 8
+  assert model.path is None
+  logits = model(input_ids=np.random.default_rng(0).integers(0, 299, (2, 7)))
+  assert logits.shape == (2, 7, 300) and logits.dtype == jnp.bfloat16
+  assert np.isfinite(np.asarray(logits, np.float32)).all()
+
+
+def test_bench_runs_at_tiny_size():
+  pytest.importorskip("torch")
+  # One cell (30 s, batch 2) and 4 tokens: most of the time is JAX compiling its three programs.
+  args = ["--size", "tiny", "--new-tokens", "4", "--batch", "2"]
+  run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_infer.py"), *args], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = run.stdout.strip().splitlines()
+  header = next(i for i, line in enumerate(lines) if line.startswith("| audio | batch |"))
+  assert lines[header + 2:] == [lines[-1]] and lines[-1].startswith("| 30s | 2 | "), run.stdout
