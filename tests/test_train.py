@@ -53,8 +53,8 @@ def run_setup(gqa_ckpt, tokenizer_dir, tmp_path_factory):
   return model, manifest, corrupt
 
 
-def train(workdir, model, manifest, *extra, wait=True):
-  cmd = [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+def train(workdir, model, manifest, *extra, wait=True, config="configs/tiny.py"):
+  cmd = [sys.executable, "train.py", f"--config={config}", f"--workdir={workdir}",
          f"--config.init_from={model}", f"--config.data.train={manifest}", *extra]
   proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   if not wait:
@@ -154,3 +154,24 @@ def test_each_stage_compiles_with_its_trainable_set(gqa_ckpt, stage, expected):
              "labels": jnp.ones((1, 16), jnp.int32)}
     assert step_fn.lower(state, frozen, batch).compile() is not None
 
+
+
+def test_lora_run_exports_a_peft_adapter(run_setup, gqa_ckpt, tmp_path):
+  """Stage 4's LoRA on the tiny model: peft applies the exported adapter to the base torch model and
+  gives the logits of our merged model."""
+  peft = pytest.importorskip("peft")
+  model, manifest, _ = run_setup
+  code, _, err = train(tmp_path / "run", model, manifest, "--config.total_steps=3", config="configs/tiny.py:4")
+  assert code == 0, err[-2000:]
+  out = tmp_path / "adapter"
+  run = subprocess.run([sys.executable, "-m", "convert.to_hf", f"--workdir={tmp_path / 'run'}", f"--out={out}",
+                        "--adapter-only"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+  assert run.returncode == 0, run.stderr[-2000:]
+  base = transformers.AudioFlamingo3ForConditionalGeneration.from_pretrained(gqa_ckpt.hf).eval()
+  ids = np.random.default_rng(2).integers(0, 290, (1, 12))
+  with torch.no_grad():
+    before = base(input_ids=torch.tensor(ids)).logits.numpy()
+    expected = peft.PeftModel.from_pretrained(base, out).eval()(input_ids=torch.tensor(ids)).logits.numpy()
+  assert np.abs(expected - before).max() > 1e-3 * np.abs(before).max()  # training moved the adapter
+  got = np.asarray(af3_jax.from_pretrained(tmp_path / "run" / "model", dtype=jnp.float32)(input_ids=ids))
+  assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
