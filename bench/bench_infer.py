@@ -39,8 +39,9 @@ import transformers
 from absl import app, flags
 
 from af3_jax import decode, sharding
-from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.config import AF3Config
 from af3_jax.pretrained import Model, init_random
+from presets import MODELS, TOKENS_PER_WINDOW
 
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "A preset: the model and the defaults below.")
 _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where both run (auto: gpu if torch sees one).")
@@ -51,7 +52,6 @@ _AUDIO = flags.DEFINE_multi_enum("audio", None, ["30s", "10min"], "Audio lengths
 _BATCH = flags.DEFINE_multi_integer("batch", [1, 8], "Batch sizes.")
 
 WINDOWS = {"30s": 1, "10min": 20}  # 30 s windows per row
-TOKENS_PER_WINDOW = 750  # `<sound>` tokens of a full window (3000 mel frames, conv stride 2, pool 2)
 PROMPT = (4, 12)  # text tokens before and after the audio, as a chat template adds
 
 
@@ -64,15 +64,10 @@ class Preset:
 
 
 PRESETS = {
-    # Wider than the test configs so the matmuls, not the dispatch, take the time. 10 min is left out
-    # (--audio=10min runs it): on 2 CPU cores one such prefill takes JAX ~25 s and torch ~8 s, and at
-    # batch 8 XLA's CPU attention would hold 8 GiB of float32 scores per head.
-    "tiny": Preset(AF3Config(
-        encoder=EncoderConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
-        decoder=DecoderConfig(vocab_size=4096, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=1,
-                              head_dim=64, intermediate_size=1024),
-        audio_token_id=4095), audio=("30s",), new_tokens=32, repeats=1),
-    "full": Preset(AF3Config(), audio=("30s", "10min"), new_tokens=64, repeats=3),
+    # 10 min is left out at tiny size (--audio=10min runs it): on 2 CPU cores one such prefill takes
+    # JAX ~25 s and torch ~8 s, and at batch 8 XLA's CPU attention would hold 8 GiB of float32 scores.
+    "tiny": Preset(MODELS["tiny"], audio=("30s",), new_tokens=32, repeats=1),
+    "full": Preset(MODELS["full"], audio=("30s", "10min"), new_tokens=64, repeats=3),
 }
 
 

@@ -1,4 +1,5 @@
-"""`init_random` (random weights born sharded) and `bench/bench_infer.py` end to end at tiny size.
+"""`init_random` (random weights born sharded), and `bench/bench_infer.py` and `bench/bench_train.py`
+end to end at tiny size.
 
 No timings are checked: the bench only has to run and print its table.
 """
@@ -47,3 +48,13 @@ def test_bench_runs_at_tiny_size():
   lines = run.stdout.strip().splitlines()
   header = next(i for i, line in enumerate(lines) if line.startswith("| audio | batch |"))
   assert lines[header + 2:] == [lines[-1]] and lines[-1].startswith("| 30s | 2 | "), run.stdout
+
+
+def test_train_bench_runs_at_tiny_size():
+  pytest.importorskip("torch")
+  args = ["--size", "tiny", "--stage", "projector", "--steps", "1", "--batch", "1"]
+  run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), *args], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300)
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = run.stdout.strip().splitlines()
+  assert lines[-3].startswith("| stage | trainable |") and lines[-1].startswith("| projector | ")

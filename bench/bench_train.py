@@ -1,0 +1,155 @@
+"""Training step speed of af3_jax against the same step in transformers' PyTorch AF3, on one device.
+
+  python bench/bench_train.py --size tiny                    # seconds on a CPU
+  python bench/bench_train.py --size full --decoder-layers 4 # one H100/H200: full encoder, truncated LLM
+  (from the repo root, with af3_jax installed or PYTHONPATH=.)
+
+For each stage's trainable set (projector, encoder_projector, all, lora), one optimizer step on a random
+batch (rows of one 30 s window, its 750 `<sound>` tokens and a text prompt, every text token a label):
+forward, backward and AdamW, bf16 compute with float32 trainable weights on our side, and on torch's a
+bf16 model whose trainable parameters are float32 (the same split). Step time is the median of warm
+steps; JAX's compile time is reported apart. MFU = 6 x parameters x tokens / time / --peak-tflops.
+The full 8B model with AdamW does not fit one card, hence `--decoder-layers`.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave torch its share of the GPU
+
+import dataclasses
+import datetime
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import torch
+import transformers
+from absl import app, flags
+
+from af3_jax import optim, train_lib, trainer
+from af3_jax.pretrained import init_random
+from presets import MODELS, TOKENS_PER_WINDOW
+
+_SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "The model (bench/presets.py).")
+_DECODER_LAYERS = flags.DEFINE_integer("decoder-layers", None, "Truncate the LLM to this many layers.")
+_BATCH = flags.DEFINE_integer("batch", 2, "Rows per step.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Warm steps timed per cell (after one compiling step).")
+_STAGES = flags.DEFINE_multi_enum("stage", list(train_lib.TRAINABLE), list(train_lib.TRAINABLE), "Trainable sets.")
+_PEAK = flags.DEFINE_float("peak-tflops", 989.0, "The device's dense bf16 peak, for MFU (H100 SXM: 989).")
+
+
+@dataclasses.dataclass
+class Row:
+  stage: str
+  params: int
+  jax_s: float
+  torch_s: float
+  compile_s: float
+  tokens: int
+
+
+def batch(cfg, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  text = 24
+  ids = rng.integers(0, cfg.audio_token_id, (rows, TOKENS_PER_WINDOW + text)).astype(np.int32)
+  ids[:, 8:8 + TOKENS_PER_WINDOW] = cfg.audio_token_id
+  labels = np.where(ids == cfg.audio_token_id, -100, ids)
+  return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
+          "input_features": rng.standard_normal((rows, 128, 3000)).astype(np.float32),
+          "input_features_mask": np.ones((rows, 3000), np.int32)}
+
+
+def time_jax(cfg, stage: str, host: dict) -> tuple[float, float, int, int]:
+  """(median warm step s, compile s, trainable parameters, all parameters)."""
+  model = init_random(cfg, dtype=jnp.bfloat16)
+  run = ml_collections.ConfigDict({"trainable": stage, "lora": {"rank": 64, "alpha": 16.0}, "seed": 0})
+  graphdef, params, frozen = trainer.prepare(model, run)
+  optimizer = optim.make_optimizer(1e-5, 1000, clip_norm=1.0)
+  with jax.set_mesh(model.mesh):
+    state = train_lib.init_state(params, optimizer, model.mesh)
+    step = train_lib.jit_train_step(graphdef, optimizer, state, frozen, model.mesh)
+    data = jax.device_put(host)
+    times = []
+    for _ in range(_STEPS.value + 1):
+      start = time.perf_counter()
+      state, m = step(state, frozen, data)
+      jax.block_until_ready(m)
+      times.append(time.perf_counter() - start)
+  warm = statistics.median(times[1:])
+  return warm, times[0] - warm, trainer.count(params), trainer.count(params) + trainer.count(frozen)
+
+
+def time_torch(cfg, stage: str, host: dict, device: str) -> float:
+  config = transformers.AudioFlamingo3Config(**cfg.to_hf_dict())
+  with torch.device(device):
+    model = transformers.AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+  if stage == "lora":
+    import peft
+
+    model = peft.get_peft_model(model, peft.LoraConfig(
+        r=64, lora_alpha=16, target_modules=".*" + train_lib.LORA_TARGET))
+  else:
+    prefixes = {"projector": ("model.multi_modal_projector",),
+                "encoder_projector": ("model.multi_modal_projector", "model.audio_tower"), "all": ("",)}[stage]
+    for name, p in model.named_parameters():
+      p.requires_grad = name.startswith(prefixes) and "embed_positions" not in name
+  trainable = [p for p in model.parameters() if p.requires_grad]
+  for p in trainable:
+    p.data = p.data.float()  # float32 master weights, as ours; autocast keeps the matmuls in bf16
+  opt = torch.optim.AdamW(trainable, lr=1e-5, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+  inputs = {k: torch.tensor(v, device=device) for k, v in host.items()}
+  inputs["input_features"] = inputs["input_features"].to(torch.bfloat16)
+  inputs["labels"] = inputs["labels"].long()  # torch's cross-entropy takes int64 targets
+  times = []
+  for _ in range(_STEPS.value + 1):
+    start = time.perf_counter()
+    with torch.autocast(device_type=device, dtype=torch.bfloat16):
+      loss = model(**inputs).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    if device == "cuda":
+      torch.cuda.synchronize()
+    times.append(time.perf_counter() - start)
+  del model, opt
+  if device == "cuda":
+    torch.cuda.empty_cache()
+  return statistics.median(times[1:])
+
+
+def main(argv: list[str]) -> None:
+  del argv
+  cfg = MODELS[_SIZE.value]
+  if _DECODER_LAYERS.value:
+    cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, num_layers=_DECODER_LAYERS.value))
+  device = "cuda" if torch.cuda.is_available() else "cpu"
+  host = batch(cfg, _BATCH.value, np.random.default_rng(0))
+  tokens = int((host["labels"] != -100).sum())
+  rows, n_params = [], 0
+  for stage in _STAGES.value:
+    print(f"{stage}: torch ...", flush=True)
+    torch_s = time_torch(cfg, stage, host, device)
+    print(f"{stage}: jax ...", flush=True)
+    jax_s, compile_s, trainable, n_params = time_jax(cfg, stage, host)
+    rows.append(Row(stage, trainable, jax_s, torch_s, compile_s, int(host["input_ids"].size)))
+  flops = 6.0 * n_params
+  peak = _PEAK.value * 1e12
+  print(f"\n{_SIZE.value} AF3 ({n_params:,} parameters, {cfg.decoder.num_layers} decoder layers), batch "
+        f"{_BATCH.value} x {host['input_ids'].shape[1]} tokens ({tokens} labels), bf16 | JAX {jax.__version__} "
+        f"on {jax.devices()[0].platform} | torch {torch.__version__} on {device} | "
+        f"{datetime.datetime.now().isoformat(timespec='minutes')}\n")
+  print("| stage | trainable | JAX step s | torch step s | JAX tokens/s | torch tokens/s | JAX MFU | torch MFU | JAX compile s |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for r in rows:
+    jt, tt = r.tokens / r.jax_s, r.tokens / r.torch_s
+    print(f"| {r.stage} | {r.params:,} | {r.jax_s:.3f} | {r.torch_s:.3f} | {jt:.0f} | {tt:.0f} | "
+          f"{jt * flops / peak:.1%} | {tt * flops / peak:.1%} | {r.compile_s:.1f} |")
+
+
+if __name__ == "__main__":
+  app.run(main)
