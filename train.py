@@ -83,10 +83,11 @@ def run(cfg, workdir: Path) -> int:
   if start:
     state = ckpt.restore(start, state, data)
     print(f"resumed from step {start}")
+  primary = jax.process_index() == 0  # the one process that writes metrics (all save checkpoints together)
   log = metrics.MetricsLog(workdir, n_params=n_train + n_frozen, peak_flops=cfg.peak_tflops * 1e12 * jax.device_count())
   _Stop.install()
   compiled = {}  # one program per batch shape (length bucket)
-  with tqdm(total=total, initial=start, desc="train", unit="step") as bar:
+  with tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary) as bar:
     for step in range(start + 1, total + 1):
       host = next(data)
       skipped = int(host.pop("skipped"))
@@ -104,8 +105,9 @@ def run(cfg, workdir: Path) -> int:
               f"(the last checkpoint is step {ckpt.latest_step()})", file=sys.stderr)
         ckpt.close()
         return 1
-      record = log.write(step, {**m, "skipped": skipped}, tokens=int(m["tokens"]))
-      bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+      if primary:
+        log.write(step, {**m, "skipped": skipped}, tokens=int(m["tokens"]))
+      bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{float(m['lr']):.2e}")
       bar.update()
       ckpt.save(step, state, data, force=_Stop.requested or step == total)
       if _Stop.requested:

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
+from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
 from af3_jax import train_lib, weights
@@ -107,12 +108,17 @@ def write_model(workdir: Path, model: Model, graphdef: nnx.GraphDef, params: nnx
 def write_peft_adapter(dst: Path, params: nnx.State, cfg) -> None:
   """peft's layout: `adapter_config.json` and `adapter_model.safetensors` with
   `base_model.model.<module-tree path>.lora_{A,B}.weight` (A = lora_a.T, B = lora_b.T)."""
+  # Every process gathers (params may be sharded over processes); process 0 alone writes.
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(params))
+  flat = {k: np.asarray(x, np.float32) for k, x in multihost_utils.process_allgather(flat, tiled=True).items()}
+  if jax.process_index() != 0:
+    return
   tensors = {}
-  for path, x in traverse_util.flatten_dict(nnx.to_pure_dict(params)).items():
+  for path, x in flat.items():
     which = {"lora_a": "A", "lora_b": "B"}[path[-1]]
     for layer in range(x.shape[0]) if "layers" in path else [None]:
       module = names.module_tree_key(names.hf_key((*path[:-1], "kernel"), layer)).removesuffix(".weight")
-      value = np.asarray(jax.device_get(x[layer] if layer is not None else x), np.float32)
+      value = x[layer] if layer is not None else x
       tensors[f"base_model.model.{module}.lora_{which}.weight"] = np.ascontiguousarray(value.T)
   dst.mkdir(parents=True)
   save_file(tensors, dst / "adapter_model.safetensors", metadata={"format": "pt"})

@@ -11,7 +11,6 @@ import math
 import re
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 
 import jax
@@ -220,24 +219,37 @@ def save_model(dst: Path, config: AF3Config, state: nnx.State, files_from: Path)
   """Writes a folder `from_pretrained` reads: `config.json`, the parameters as an orbax tree under
   `params/`, and the tokenizer, generation and processor files found in `files_from`.
 
-  It is written to a temporary sibling and renamed at the end, so an interrupted write never leaves a
-  half-written `dst`; an existing `dst` is never overwritten.
+  It is written to `.<name>.partial` beside `dst` and renamed at the end, so an interrupted write never
+  leaves a half-written `dst`; an existing `dst` is never overwritten. In a multi-process run every
+  process calls this (orbax saves collectively, to a filesystem they share); the fixed temporary name
+  lets them meet there, and process 0 alone writes the small files and renames.
   """
   import orbax.checkpoint as ocp
 
-  if dst.exists():
+  if dst.exists():  # every process checks, and fails alike, before the first barrier
     raise ValueError(f"{dst}: already exists; choose a new output folder")
-  dst.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=dst.parent, prefix=f".{dst.name}.") as tmp:
-    tmp = Path(tmp)
-    tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
-    with ocp.StandardCheckpointer() as ckptr:
-      ckptr.save((tmp / ORBAX_PARAMS).absolute(), nnx.to_pure_dict(state))
+  tmp = dst.parent / f".{dst.name}.partial"
+  primary = jax.process_index() == 0
+  if primary:
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted write
+    tmp.mkdir(parents=True)
+  _sync("save_model_start")
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save((tmp / ORBAX_PARAMS).absolute(), nnx.to_pure_dict(state))
+  if primary:
     (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     for f in files_from.iterdir():
       if f.is_file() and f.name not in _NOT_COPIED and f.suffix != ".safetensors":
         shutil.copy2(f, tmp / f.name)
     tmp.rename(dst)
+  _sync("save_model_done")  # nobody reads dst before it is in place
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
 
 
 def load_orbax(root: Path, abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:

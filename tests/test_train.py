@@ -175,3 +175,36 @@ def test_lora_run_exports_a_peft_adapter(run_setup, gqa_ckpt, tmp_path):
   assert np.abs(expected - before).max() > 1e-3 * np.abs(before).max()  # training moved the adapter
   got = np.asarray(af3_jax.from_pretrained(tmp_path / "run" / "model", dtype=jnp.float32)(input_ids=ids))
   assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_two_processes_match_one(run_setup, tmp_path):
+  """train.py as 2 processes (one CPU device each, gloo) gives the per-step losses of 1 process with 2
+  devices; only process 0 writes metrics, and both processes write the final model together."""
+  portpicker = pytest.importorskip("portpicker")
+  model, manifest, _ = run_setup
+  args = ("--config.total_steps=3", "--config.save_every=100")
+  cmd = lambda workdir: [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
+                         f"--config.init_from={model}", f"--config.data.train={manifest}", *args]
+  one = subprocess.Popen(cmd(tmp_path / "one"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+  port = portpicker.pick_unused_port()
+  procs = [subprocess.Popen(cmd(tmp_path / "two"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**ENV, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
+                                 "JAX_PROCESS_ID": str(i)}) for i in range(2)]
+  try:
+    results = [p.communicate(timeout=240) for p in (one, *procs)]
+  finally:
+    for p in (one, *procs):
+      p.kill()
+  for p, (_, err) in zip((one, *procs), results):
+    assert p.returncode == 0, err[-2000:]
+  single, _ = losses(tmp_path / "one")
+  multi, _ = losses(tmp_path / "two")
+  lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+  assert len(lines) == 3 and sorted(multi) == sorted(single) == [1, 2, 3]  # process 0 alone logged
+  np.testing.assert_allclose([multi[s] for s in (1, 2, 3)], [single[s] for s in (1, 2, 3)], rtol=1e-5)
+  a = af3_jax.from_pretrained(tmp_path / "one" / "model", dtype=jnp.float32)
+  b = af3_jax.from_pretrained(tmp_path / "two" / "model", dtype=jnp.float32)
+  for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
+  assert not list((tmp_path / "two").glob(".model*"))  # no temporary folder left behind
