@@ -94,18 +94,35 @@ class TrainState:
   rng: jax.Array
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(sum of token losses, number of label tokens), transformers' `ForCausalLMLoss` shift.
+LOSS_CHUNK = 1024  # positions per row whose float32 logits exist at once in the loss
 
-  logits (B, T, V) any float dtype, upcast to float32 as upstream; labels (B, T) int. Position t
-  predicts labels[t + 1]; labels equal to -100 are skipped.
+
+def cross_entropy(hidden: jax.Array, lm_head: Callable, labels: jax.Array,
+                  chunk: int = LOSS_CHUNK) -> tuple[jax.Array, jax.Array]:
+  """(sum of token losses, number of label tokens) of `lm_head(hidden)`, transformers' `ForCausalLMLoss`.
+
+  hidden (B, T, D); labels (B, T) int. Position t predicts labels[t + 1]; -100 is skipped; logits are
+  upcast to float32 as upstream. The head and the loss run over `chunk` positions at a time under
+  `jax.checkpoint`, so neither pass holds the whole (B, T, V) logits (an 8k-token row of AF3's
+  151,672-word vocabulary is 5 GB in float32); backward recomputes each chunk's logits.
   """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = labels[:, 1:]
-  valid = targets != IGNORE
-  picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
-  losses = jax.nn.logsumexp(logits, axis=-1) - picked
-  return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid, dtype=jnp.int32)
+  b, t, d = hidden.shape
+  n = -(-t // chunk)
+  targets = jnp.pad(labels[:, 1:], ((0, 0), (0, n * chunk - t + 1)), constant_values=IGNORE)
+  h = jnp.pad(hidden, ((0, 0), (0, n * chunk - t), (0, 0)))
+  xs = (h.reshape(b, n, chunk, d).swapaxes(0, 1), targets.reshape(b, n, chunk).swapaxes(0, 1))
+
+  @jax.checkpoint
+  def one(carry, chunk_xs):
+    h, y = chunk_xs
+    logits = lm_head(h).astype(jnp.float32)
+    valid = y != IGNORE
+    picked = jnp.take_along_axis(logits, jnp.where(valid, y, 0)[..., None], axis=-1)[..., 0]
+    losses = jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)
+    return (carry[0] + losses.sum(), carry[1] + valid.sum(dtype=jnp.int32)), None
+
+  (total, count), _ = jax.lax.scan(one, (jnp.float32(0), jnp.int32(0)), xs)
+  return total, count
 
 
 def summed_loss_fn(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array],
@@ -113,7 +130,7 @@ def summed_loss_fn(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Ar
   """(sum of token losses, label count) of one batch; the model computes in its own compute dtype."""
   model = nnx.merge(graphdef, params, frozen)
   inputs = {k: v for k, v in batch.items() if k != "labels"}
-  return cross_entropy(model(**inputs), batch["labels"])
+  return cross_entropy(model.hidden_states(**inputs), model.lm_head, batch["labels"])
 
 
 def loss_fn(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array],

@@ -286,3 +286,24 @@ def test_sharded_lora_step_matches_peft(gqa_ckpt, peft_model, batch, torch_lora)
   assert np.isfinite(metrics[1]["loss"]) and int(state.step) == 2
   lora_b = state.params["language_model"]["layers"]["mlp"]["gate_proj"]["lora_b"]
   assert lora_b[...].sharding.spec == jax.sharding.PartitionSpec(None, None, "tensor")
+
+
+def test_chunked_cross_entropy_equals_the_full_one():
+  """Chunks of 3 positions (with a ragged last chunk) give the loss and gradients of full logits."""
+  rng = np.random.default_rng(7)
+  hidden = jnp.asarray(rng.standard_normal((2, 11, 8)), jnp.float32)
+  kernel = jnp.asarray(rng.standard_normal((8, 17)), jnp.float32)
+  labels = jnp.asarray(np.where(rng.random((2, 11)) < 0.3, -100, rng.integers(0, 17, (2, 11))), jnp.int32)
+
+  def full(hidden, kernel):
+    logits = (hidden @ kernel)[:, :-1]
+    y = labels[:, 1:]
+    valid = y != -100
+    nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.where(valid, y, 0)[..., None], -1)[..., 0]
+    return jnp.sum(jnp.where(valid, nll, 0.0))
+
+  chunked = lambda hidden, kernel: train_lib.cross_entropy(hidden, lambda h: h @ kernel, labels, chunk=3)[0]
+  np.testing.assert_allclose(chunked(hidden, kernel), full(hidden, kernel), rtol=1e-6)
+  for g, r in zip(jax.grad(chunked, (0, 1))(hidden, kernel), jax.grad(full, (0, 1))(hidden, kernel)):
+    np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+  assert int(train_lib.cross_entropy(hidden, lambda h: h @ kernel, labels, chunk=3)[1]) == int((labels[:, 1:] != -100).sum())

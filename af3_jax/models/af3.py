@@ -68,10 +68,10 @@ class AudioFlamingo3(nnx.Module):
       audio_embed_mask = audio_embed_mask_from_features(input_features_mask, frames.shape[1])
     return merge_audio(x, input_ids == self.cfg.audio_token_id, frames, audio_embed_mask)
 
-  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-               input_features: jax.Array | None = None, input_features_mask: jax.Array | None = None,
-               audio_embed_mask: jax.Array | None = None, position_ids: jax.Array | None = None) -> jax.Array:
-    """Logits (B, T, V) in the compute dtype.
+  def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                    input_features: jax.Array | None = None, input_features_mask: jax.Array | None = None,
+                    audio_embed_mask: jax.Array | None = None, position_ids: jax.Array | None = None) -> jax.Array:
+    """The decoder's final hidden states (B, T, D), before the LM head (the loss applies it in chunks).
 
     attention_mask (B, T) marks real tokens (left padding); positions default to its cumulative sum
     minus one, as HF `generate` derives them.
@@ -81,5 +81,8 @@ class AudioFlamingo3(nnx.Module):
     if position_ids is None:
       position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
     x = self.embed(input_ids, input_features, input_features_mask, audio_embed_mask)
-    h = self.language_model(x, position_ids, attention_mask.astype(bool))
-    return self.lm_head(h)
+    return self.language_model(x, position_ids, attention_mask.astype(bool))
+
+  def __call__(self, input_ids: jax.Array, **inputs) -> jax.Array:
+    """Logits (B, T, V) in the compute dtype; takes `hidden_states`' arguments."""
+    return self.lm_head(self.hidden_states(input_ids, **inputs))
