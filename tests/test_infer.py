@@ -139,3 +139,17 @@ def test_missing_audio_and_long_prompt(model_dir, clips, capsys, monkeypatch):
   code, _, err = run_cli(["--model", str(model_dir), "--audio", str(clips / "a.wav"), "--max-new-tokens",
                           "40000"], capsys=capsys, monkeypatch=monkeypatch)
   assert code == 1 and "exceeds the model's context of 32768" in err
+
+
+def test_think_merges_the_checkpoints_think_adapter(model_dir, clips, gqa_ckpt, capsys, monkeypatch, tmp_path):
+  peft = pytest.importorskip("peft")
+  args = ["--audio", str(clips / "a.wav"), "--think", "--greedy", "--max-new-tokens", "4"]
+  code, _, err = run_cli(["--model", str(model_dir), *args], capsys=capsys, monkeypatch=monkeypatch)
+  assert code == 1 and "--think needs a think/ or stage35/ adapter folder" in err
+  with_think = tmp_path / "model"
+  shutil.copytree(model_dir, with_think)
+  base = transformers.AudioFlamingo3ForConditionalGeneration.from_pretrained(gqa_ckpt.hf)
+  lora = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=r".*language_model.*\.q_proj"))
+  lora.save_pretrained(with_think / "think")
+  code, out, err = run_cli(["--model", str(with_think), *args], capsys=capsys, monkeypatch=monkeypatch)
+  assert code == 0 and out.strip(), err
