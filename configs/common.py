@@ -1,6 +1,5 @@
-"""Settings shared by every stage of the curriculum (shared/UPSTREAM.md section 10).
-
-Each `configs/stageN.py` starts from `base()` and changes what its stage changes. Any field can be
+"""Settings shared by every stage of the curriculum, and what each stage changes (shared/UPSTREAM.md
+section 10). `configs/stageN.py` is `stage(N)`. Any field can be
 overridden on the command line: `--config.optim.lr=3e-5`, `--config.data.train=a.json,b.json`.
 The model's shape is never configured: it comes from the checkpoint in `init_from`.
 """
@@ -43,4 +42,26 @@ def base() -> ml_collections.ConfigDict:
   c.mesh = (1, -1, 1)  # (data, fsdp, tensor); -1 takes the remaining devices
   c.seed = 0
   c.peak_tflops = 989.0  # per device, for the MFU estimate (H100 SXM dense bf16)
+  return c
+
+
+# Upstream's table (the paper's stage 3.5 is our stage 4, chat is stage 5): trainable set, 30 s windows
+# per audio, learning rate, clipping (stage 1's DeepSpeed config has none), per-device batch x
+# accumulation, epochs.
+STAGES = {
+    1: dict(trainable="projector", windows=1, lr=1e-3, clip_norm=0.0, batch=4, accum=1, epochs=1),
+    2: dict(trainable="encoder_projector", windows=1, lr=1.5e-5, clip_norm=1.0, batch=4, accum=4, epochs=1),
+    3: dict(trainable="all", windows=5, lr=1.5e-5, clip_norm=1.0, batch=2, accum=8, epochs=1),
+    4: dict(trainable="lora", windows=20, lr=5e-5, clip_norm=1.0, batch=2, accum=8, epochs=2),
+    5: dict(trainable="all", windows=20, lr=5e-5, clip_norm=1.0, batch=2, accum=8, epochs=2),
+}
+
+
+def stage(n: int) -> ml_collections.ConfigDict:
+  s = STAGES[n]
+  c = base()
+  c.trainable = s["trainable"]
+  c.data.max_windows = s["windows"]
+  c.optim.lr, c.optim.clip_norm = s["lr"], s["clip_norm"]
+  c.per_device_batch, c.accum_steps, c.epochs = s["batch"], s["accum"], s["epochs"]
   return c

@@ -5,9 +5,4 @@ from configs import common
 
 def get_config(arg=None):
   del arg
-  c = common.base()
-  c.trainable = "encoder_projector"
-  c.data.max_windows = 1
-  c.optim.lr = 1.5e-5
-  c.per_device_batch, c.accum_steps = 4, 4
-  return c
+  return common.stage(2)

@@ -6,10 +6,4 @@ from configs import common
 
 def get_config(arg=None):
   del arg
-  c = common.base()
-  c.trainable = "all"
-  c.data.max_windows = 20
-  c.optim.lr = 5e-5
-  c.epochs = 2
-  c.per_device_batch, c.accum_steps = 2, 8
-  return c
+  return common.stage(5)

@@ -3,15 +3,13 @@
 `--config=configs/tiny.py:STAGE` (1..5) keeps that stage's trainable set instead.
 """
 
-from configs import common, stage1, stage2, stage3, stage4, stage5
-
-STAGES = {"1": stage1, "2": stage2, "3": stage3, "4": stage4, "5": stage5}
+from configs import common
 
 
 def get_config(arg=None):
   c = common.base()
   if arg:
-    stage = STAGES[arg].get_config()
+    stage = common.stage(int(arg))
     c.trainable, c.lora = stage.trainable, stage.lora
   else:
     c.trainable = "all"
