@@ -152,8 +152,10 @@ REMAT_POLICIES = {
 def stack(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
   """`num_layers` independent copies of `make(rngs)`, parameters stacked on a leading `layers` axis."""
 
+  # nnx.transform_metadata (not vmap's own option) adds the `layers` axis in graph and tree mode alike.
   @nnx.split_rngs(splits=num_layers)
-  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  @nnx.vmap(in_axes=0, out_axes=0)
+  @nnx.transform_metadata(in_axes=0, out_axes=0, partition="layers")
   def create(rngs: nnx.Rngs) -> nnx.Module:
     return make(rngs)
 
