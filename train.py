@@ -84,7 +84,9 @@ def run(cfg, workdir: Path) -> int:
     state = ckpt.restore(start, state, data)
     print(f"resumed from step {start}")
   primary = jax.process_index() == 0  # the one process that writes metrics (all save checkpoints together)
-  log = metrics.MetricsLog(workdir, n_params=n_train + n_frozen, peak_flops=cfg.peak_tflops * 1e12 * jax.device_count())
+  if primary:
+    log = metrics.MetricsLog(workdir, n_params=n_train + n_frozen,
+                             peak_flops=cfg.peak_tflops * 1e12 * jax.device_count())
   _Stop.install()
   compiled = {}  # one program per batch shape (length bucket)
   with tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary) as bar:

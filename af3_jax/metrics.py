@@ -1,10 +1,13 @@
-"""Training metrics: one JSON object per logged step in `workdir/metrics.jsonl`, plus tokens/s and MFU."""
+"""Training metrics: one JSON object per logged step in `workdir/metrics.jsonl` and the same scalars as
+TensorBoard events in the workdir, with tokens/s and MFU added."""
 
 from __future__ import annotations
 
 import json
 import time
 from pathlib import Path
+
+from af3_jax.tensorboard import EventWriter
 
 
 def train_flops_per_token(n_params: int) -> float:
@@ -17,6 +20,7 @@ class MetricsLog:
 
   def __init__(self, workdir: Path, *, n_params: int, peak_flops: float):
     self.path = workdir / "metrics.jsonl"
+    self.events = EventWriter(workdir)
     self.flops_per_token = train_flops_per_token(n_params)
     self.peak_flops = peak_flops
     self.last = time.perf_counter()
@@ -30,4 +34,5 @@ class MetricsLog:
               "mfu": rate * self.flops_per_token / self.peak_flops}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
+    self.events.scalars(step, {k: v for k, v in record.items() if k != "step"})
     return record

@@ -77,6 +77,11 @@ def test_loss_falls_and_the_export_loads_in_transformers(run_setup, tmp_path):
   first, last = np.mean([by_step[s] for s in range(1, 5)]), np.mean([by_step[s] for s in range(13, 17)])
   assert last < 0.7 * first, (first, last)
   assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped"} <= set(records[0])
+  from test_tensorboard import read_scalars
+
+  (events,) = (tmp_path / "run").glob("events.out.tfevents.*")
+  logged = {s: v for s, tag, v in read_scalars(events) if tag == "loss"}
+  assert logged == pytest.approx(by_step, rel=1e-6)  # the same losses as metrics.jsonl
   assert "trainable" in out and "compiled train step" in out
 
   export = tmp_path / "hf"
