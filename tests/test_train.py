@@ -213,3 +213,35 @@ def test_two_processes_match_one(run_setup, tmp_path):
   for x, y in zip(jax.tree.leaves(a.state), jax.tree.leaves(b.state), strict=True):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-4, atol=1e-6)
   assert not list((tmp_path / "two").glob(".model*"))  # no temporary folder left behind
+
+
+def test_a_kill_mid_run_leaves_a_usable_checkpoint(run_setup, tmp_path):
+  """SIGKILL while checkpoints are being written every step (asynchronously): the rerun resumes from
+  the latest complete one and ends with the losses of an uninterrupted run."""
+  model, manifest, _ = run_setup
+  args = ("--config.total_steps=6", "--config.save_every=1")
+  code, _, err = train(tmp_path / "straight", model, manifest, *args)
+  assert code == 0, err[-2000:]
+  proc = train(tmp_path / "killed", model, manifest, *args, wait=False)
+  metrics = tmp_path / "killed" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+    time.sleep(0.05)
+  proc.kill()
+  proc.communicate(timeout=60)
+  code, out, err = train(tmp_path / "killed", model, manifest, *args)
+  assert code == 0 and "resumed from step" in out, err[-2000:]
+  straight, _ = losses(tmp_path / "straight")
+  killed, _ = losses(tmp_path / "killed")
+  np.testing.assert_allclose([killed[s] for s in range(1, 7)], [straight[s] for s in range(1, 7)], rtol=1e-6)
+
+
+def test_a_non_finite_loss_stops_without_saving_it(run_setup, tmp_path):
+  model, manifest, _ = run_setup
+  code, _, err = train(tmp_path / "run", model, manifest, "--config.optim.lr=1e30", "--config.total_steps=8",
+                       "--config.save_every=1")
+  assert code == 1 and "non-finite loss" in err
+  bad_step = int(err.split("non-finite loss")[1].split("at step ")[1].split(";")[0])
+  saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and max(saved) < bad_step
+  assert not (tmp_path / "run" / "model").exists()
