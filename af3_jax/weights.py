@@ -23,7 +23,7 @@ from convert import names
 
 ORBAX_PARAMS = "params"  # our converted checkpoints: config.json + orbax tree in this subfolder
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
-_NOT_COPIED = {"config.json", "model.safetensors.index.json"}  # model files, rewritten by save_model
+_MODEL_FILES = {"config.json", "model.safetensors.index.json"}  # rewritten by whoever writes a model
 
 
 def resolve(path_or_hub_id: str | Path) -> Path:
@@ -238,11 +238,16 @@ def save_model(dst: Path, config: AF3Config, state: nnx.State, files_from: Path)
     ckptr.save((tmp / ORBAX_PARAMS).absolute(), nnx.to_pure_dict(state))
   if primary:
     (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
-    for f in files_from.iterdir():
-      if f.is_file() and f.name not in _NOT_COPIED and f.suffix != ".safetensors":
-        shutil.copy2(f, tmp / f.name)
+    copy_side_files(files_from, tmp)
     tmp.rename(dst)
   _sync("save_model_done")  # nobody reads dst before it is in place
+
+
+def copy_side_files(src: Path, dst: Path) -> None:
+  """The tokenizer, generation and processor files of a model folder (not its weights or config)."""
+  for f in src.iterdir():
+    if f.is_file() and f.name not in _MODEL_FILES and f.suffix != ".safetensors":
+      shutil.copy2(f, dst / f.name)
 
 
 def _sync(name: str) -> None:

@@ -82,9 +82,7 @@ def export(workdir: Path, out: Path, *, dtype, adapter_only: bool) -> None:
       write_safetensors(model.state, tmp)
       config = {**model.config.to_hf_dict(), "dtype": jnp.dtype(dtype).name}
       (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-      for f in weights.tokenizer_dir(source).iterdir():
-        if f.is_file() and f.name != "config.json":
-          shutil.copy2(f, tmp / f.name)
+      weights.copy_side_files(weights.tokenizer_dir(source), tmp)
     tmp.rename(out)
 
 

@@ -97,24 +97,29 @@ def test_loss_falls_and_the_export_loads_in_transformers(run_setup, tmp_path):
   assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-def test_sigterm_then_resume_matches_an_uninterrupted_run(run_setup, tmp_path):
+def stop_and_resume(run_setup, tmp_path, save_every: int, stop):
+  """Runs 6 steps straight, and again stopped by `stop(proc)` after 3 logged steps and then rerun;
+  returns (the stopped process's stderr, its return code, straight losses, resumed losses)."""
   model, manifest, _ = run_setup
-  args = ("--config.total_steps=6", "--config.save_every=2")
+  args = ("--config.total_steps=6", f"--config.save_every={save_every}")
   code, _, err = train(tmp_path / "straight", model, manifest, *args)
   assert code == 0, err[-2000:]
   proc = train(tmp_path / "cut", model, manifest, *args, wait=False)
   metrics = tmp_path / "cut" / "metrics.jsonl"
   deadline = time.time() + 300
   while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-2000:]
-  assert "stopped at step" in err
+    time.sleep(0.05)
+  stop(proc)
+  _, stop_err = proc.communicate(timeout=300)
   code, out, err = train(tmp_path / "cut", model, manifest, *args)
   assert code == 0 and "resumed from step" in out, err[-2000:]
-  straight, _ = losses(tmp_path / "straight")
-  cut, _ = losses(tmp_path / "cut")  # the resumed run appends; later lines win for repeated steps
+  # The resumed run appends to metrics.jsonl; later lines win for repeated steps.
+  return stop_err, proc.returncode, losses(tmp_path / "straight")[0], losses(tmp_path / "cut")[0]
+
+
+def test_sigterm_then_resume_matches_an_uninterrupted_run(run_setup, tmp_path):
+  err, code, straight, cut = stop_and_resume(run_setup, tmp_path, 2, lambda p: p.send_signal(signal.SIGTERM))
+  assert code == 0 and "stopped at step" in err, err[-2000:]
   assert sorted(cut) == sorted(straight) == list(range(1, 7))
   np.testing.assert_allclose([cut[s] for s in range(1, 7)], [straight[s] for s in range(1, 7)], rtol=1e-6)
 
@@ -218,21 +223,7 @@ def test_two_processes_match_one(run_setup, tmp_path):
 def test_a_kill_mid_run_leaves_a_usable_checkpoint(run_setup, tmp_path):
   """SIGKILL while checkpoints are being written every step (asynchronously): the rerun resumes from
   the latest complete one and ends with the losses of an uninterrupted run."""
-  model, manifest, _ = run_setup
-  args = ("--config.total_steps=6", "--config.save_every=1")
-  code, _, err = train(tmp_path / "straight", model, manifest, *args)
-  assert code == 0, err[-2000:]
-  proc = train(tmp_path / "killed", model, manifest, *args, wait=False)
-  metrics = tmp_path / "killed" / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-    time.sleep(0.05)
-  proc.kill()
-  proc.communicate(timeout=60)
-  code, out, err = train(tmp_path / "killed", model, manifest, *args)
-  assert code == 0 and "resumed from step" in out, err[-2000:]
-  straight, _ = losses(tmp_path / "straight")
-  killed, _ = losses(tmp_path / "killed")
+  _, _, straight, killed = stop_and_resume(run_setup, tmp_path, 1, lambda p: p.kill())
   np.testing.assert_allclose([killed[s] for s in range(1, 7)], [straight[s] for s in range(1, 7)], rtol=1e-6)
 
 
