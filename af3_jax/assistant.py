@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -96,79 +97,157 @@ class Assistant:
     return [self._text(row[row != pad]).strip() for row in new]
 
 
-def prompt_turns(conversation: list[dict]) -> list[dict]:
-  """The conversation up to its last user turn: a manifest's reference answers are not prompts."""
-  last_user = max(i for i, m in enumerate(conversation) if m["role"] == "user")
-  return conversation[: last_user + 1]
+def batch_items(samples: Sequence[Sample], manifest: str | Path) -> list[Sample]:
+  """A manifest's samples as prompts: each conversation up to its last user turn (the reference answers
+  that follow are not prompts). Refuses in one ValueError, naming them all, ids that repeat once made
+  strings (`read_manifest` makes 1 and "1" one id and null "None"; results are keyed by id) and items
+  with no user turn to answer. Sample i is the manifest's item i."""
+  where: dict[str, list[int]] = {}
+  for index, sample in enumerate(samples):
+    where.setdefault(sample.id, []).append(index)
+  repeated = [f"{id_!r} (items {', '.join(map(str, at))})" for id_, at in where.items() if len(at) > 1]
+  if repeated:
+    raise ValueError(f"{manifest}: ids must be unique as strings (1 and \"1\" are one id, null is 'None'); "
+                     f"repeated: {'; '.join(repeated)}")
+  last_user = [max((i for i, m in enumerate(s.conversation) if m["role"] == "user"), default=None)
+               for s in samples]
+  unasked = [f"{i} ({s.id!r})" for i, (s, last) in enumerate(zip(samples, last_user)) if last is None]
+  if unasked:
+    raise ValueError(f"{manifest}: item(s) with no human turn to answer: {', '.join(unasked)}")
+  return [Sample(s.id, s.conversation[:last + 1]) for s, last in zip(samples, last_user)]
 
 
-def finished_ids(out_path: Path) -> set[str]:
-  """Ids already answered in a results file. Items that failed are tried again (their audio may have
-  been fixed since), and a line cut short by a crash is ignored, so that item is redone too."""
-  done = set()
-  if out_path.is_file():
-    for line in out_path.read_text().splitlines():
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError:
-        continue
-      if isinstance(record, dict) and "output" in record:
-        done.add(str(record["id"]))
-  return done
+_RECORD_START = '{"id": '  # how every line run_batch writes begins (json.dumps of {"id", ...})
 
 
-def run_batch(assistant: Assistant, samples: Sequence[Sample], out_path: Path, batch_size: int) -> int:
-  """Answers every sample not yet in `out_path`, appending one JSON line per item; returns the failures.
+def _results(path: Path, text: str) -> list[tuple[str, bool, str]]:
+  """(id, answered, line) for each record of a results file's `text`, in file order.
 
-  An item whose audio or prompt is bad gets `{"id", "error"}` and the run goes on.
-  """
-  todo = [s for s in samples if s.id not in finished_ids(out_path)]
+  A last line that a crash cut short (no newline, not JSON, begun as run_batch begins its lines) is
+  left out. Any other line that is not an {"id", "output"|"error"} object raises ValueError naming the
+  file and line: it is not ours to drop, and the file may not be a results file at all."""
+  lines = text.split("\n")  # the last piece is "" when the file ends with a newline
+  records = []
+  for number, line in enumerate(lines, 1):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError:
+      record = None
+    if isinstance(record, dict) and "id" in record and ("output" in record or "error" in record):
+      records.append((str(record["id"]), "output" in record, line))
+    elif not (number == len(lines) and record is None and _RECORD_START.startswith(line[:len(_RECORD_START)])):
+      raise ValueError(f"{path}: line {number} is not a results record ({{\"id\", \"output\"|\"error\"}}); "
+                       "move the file or fix that line")
+  return records
+
+
+def compact_results(path: Path) -> set[str]:
+  """Rewrites a JSONL results file to one line per id; returns the answered ids (none if no file).
+
+  Whichever manifest an id came from, it keeps its "output" line (answers are never dropped) or, if
+  it has none, its newest "error" line; a half-written last line is dropped; lines keep their order.
+  The rewrite is atomic (a crash leaves the old file or the new one) and skipped when nothing changes."""
+  if not path.exists():
+    return set()
+  try:
+    text = path.read_text()
+  except UnicodeDecodeError as e:
+    raise ValueError(f"{path}: not a results file ({e})") from None
+  records = _results(path, text)
+  answered = {id_ for id_, ok, _ in records if ok}
+  newest_error = {id_: n for n, (id_, ok, _) in enumerate(records) if not ok}
+  kept = "".join(line + "\n" for n, (id_, ok, line) in enumerate(records)
+                 if ok or (id_ not in answered and newest_error[id_] == n))
+  if kept != text:
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w") as f:
+      f.write(kept)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  return answered
+
+
+def _answer_chunk(assistant: Assistant, chunk: Sequence[Sample], out: IO[str]) -> int:
+  """Answers samples together, writing one {"id", "output"} or {"id", "error"} line each; returns the
+  failures (an item whose audio or prompt is bad: the others are still answered)."""
+  good, encoded = [], []
+  for sample in chunk:
+    try:
+      encoded.append(assistant.encode(sample.conversation))
+      good.append(sample)
+    except ValueError as e:
+      out.write(json.dumps({"id": sample.id, "error": str(e)}) + "\n")
+  if good:
+    for sample, answer in zip(good, assistant.reply_batch(encoded), strict=True):
+      out.write(json.dumps({"id": sample.id, "output": answer}) + "\n")
+  out.flush()
+  return len(chunk) - len(good)
+
+
+def run_batch(assistant: Assistant, items: Sequence[Sample], out_path: Path, batch_size: int) -> int:
+  """Answers the prompts in `items` (see `batch_items`) not yet answered in `out_path`, `batch_size` at
+  a time, appending a line per item as its chunk finishes; returns the failures.
+
+  However the run ends (Ctrl-C included), `out_path` is then compacted (`compact_results`): one valid
+  JSONL line per id, so a failed item retried on every rerun still has one line."""
+  done = compact_results(out_path)  # also drops a line half-written by a crash before we append
+  todo = [s for s in items if s.id not in done]
   failures = 0
-  if out_path.is_file() and not out_path.read_bytes().endswith(b"\n") and out_path.stat().st_size:
-    with open(out_path, "a") as out:
-      out.write("\n")  # a crash cut the last line short; keep it, but start ours on a fresh line
-  with open(out_path, "a") as out, tqdm(total=len(todo), desc="items", unit="item") as bar:
-    for start in range(0, len(todo), batch_size):
-      chunk = todo[start:start + batch_size]
-      good, encoded = [], []
-      for sample in chunk:
-        try:
-          encoded.append(assistant.encode(prompt_turns(sample.conversation)))
-          good.append(sample)
-        except ValueError as e:
-          out.write(json.dumps({"id": sample.id, "error": str(e)}) + "\n")
-          failures += 1
-      if good:
-        for sample, answer in zip(good, assistant.reply_batch(encoded), strict=True):
-          out.write(json.dumps({"id": sample.id, "output": answer}) + "\n")
-      out.flush()
-      bar.update(len(chunk))
+  try:
+    with open(out_path, "a") as out, tqdm(total=len(todo), desc="items", unit="item") as bar:
+      for start in range(0, len(todo), batch_size):
+        chunk = todo[start:start + batch_size]
+        failures += _answer_chunk(assistant, chunk, out)
+        bar.update(len(chunk))
+  finally:
+    compact_results(out_path)
   return failures
+
+
+_COMMANDS = {"/audio": "/audio PATH", "/reset": "/reset", "/exit": "/exit"}
+
+
+def _command_error(command: str, argument: str) -> str | None:
+  """What is wrong with a `/command argument` chat line, or None when it is a valid command."""
+  if command not in _COMMANDS:
+    return f"unknown command {command}; the commands are {', '.join(_COMMANDS.values())}"
+  if bool(argument) != (command == "/audio"):
+    return f"usage: {_COMMANDS[command]}"
+  return None
 
 
 def run_chat(assistant: Assistant, lines: Iterable[str], out: IO[str], err: IO[str]) -> None:
   """A multi-turn chat over `lines` (a terminal or piped stdin): `/audio PATH` attaches audio to the
   next turn, `/reset` starts a new conversation, `/exit` ends; any other line is the user's turn.
-  A turn that fails (a bad audio file, say) is reported on `err` and dropped; the chat goes on."""
+  A bad command, or a turn that fails (a bad audio file, say), is one `error:` line on `err` and is
+  dropped; the chat goes on."""
   conversation, pending = [], []
   for line in lines:
     line = line.strip()
     if not line:
       continue
-    if line == "/exit":
-      break
-    if line == "/reset":
-      conversation, pending = [], []
-      err.write("(new conversation)\n")
-    elif line.startswith("/audio"):
-      pending.append({"type": "audio", "path": line.removeprefix("/audio").strip()})
-    else:
-      turn = {"role": "user", "content": [*pending, {"type": "text", "text": line}]}
-      pending = []
-      try:
-        answer = assistant.reply([*conversation, turn], out)
-      except ValueError as e:
-        err.write(f"error: {e}\n")
-        continue
-      out.write("\n")
-      conversation += [turn, {"role": "assistant", "content": answer}]
+    if line.startswith("/"):
+      command, *rest = line.split(maxsplit=1)
+      argument = rest[0] if rest else ""
+      if problem := _command_error(command, argument):
+        err.write(f"error: {problem}\n")
+      elif command == "/exit":
+        break
+      elif command == "/reset":
+        conversation, pending = [], []
+        err.write("(new conversation)\n")
+      else:
+        pending.append({"type": "audio", "path": argument})
+      continue
+    turn = {"role": "user", "content": [*pending, {"type": "text", "text": line}]}
+    pending = []
+    try:
+      answer = assistant.reply([*conversation, turn], out)
+    except ValueError as e:
+      err.write(f"error: {e}\n")
+      continue
+    out.write("\n")
+    conversation += [turn, {"role": "assistant", "content": answer}]

@@ -1,0 +1,182 @@
+"""infer.py on bad input and interruptions, without a model: flags and files refused before the model
+loads, the batch results file kept at one valid line per id, chat commands, and Ctrl-C. A stand-in
+assistant replaces the model where one would answer (test_infer.py runs the real tiny one)."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from absl import flags
+
+import infer
+from af3_jax import assistant
+
+ROOT = Path(__file__).resolve().parents[1]
+NO_MODEL = ["--model", "/nonexistent/af3"]  # an error about the model would mean it was loaded first
+
+
+def run_cli(args, stdin="", capsys=None, monkeypatch=None):
+  """Runs infer.main in this process (shared jit caches keep the suite fast); returns (code, out, err).
+  `stdin` is the text to read, or any iterable of lines (one can raise KeyboardInterrupt)."""
+  flags.FLAGS.unparse_flags()
+  infer._parse_flags(["infer.py", *args])
+  monkeypatch.setattr(sys, "stdin", io.StringIO(stdin) if isinstance(stdin, str) else stdin)
+  with pytest.raises(SystemExit) as exited:
+    infer.main(["infer.py"])
+  captured = capsys.readouterr()
+  return exited.value.code, captured.out, captured.err
+
+
+class StandIn:
+  """Answers like an Assistant without a model: "ok: <question>"; a question holding "bad" fails as a bad
+  audio file does, and the `interrupt_at`-th generate call (0-based) raises KeyboardInterrupt."""
+
+  def __init__(self, interrupt_at=None):
+    self.stats = assistant.Stats()
+    self.asked = []
+    self.interrupt_at = interrupt_at
+
+  def encode(self, conversation):
+    question = conversation[-1]["content"][-1]["text"]
+    if "bad" in question:
+      raise ValueError(f"{question}: not a readable audio file")
+    return question
+
+  def reply_batch(self, questions):
+    if len(self.asked) == self.interrupt_at:
+      raise KeyboardInterrupt
+    self.asked.append(list(questions))
+    self.stats.requests += len(questions)
+    return [f"ok: {q}" for q in questions]
+
+  def reply(self, conversation, out):
+    (answer,) = self.reply_batch([self.encode(conversation)])
+    out.write(answer)
+    return answer
+
+
+def item(id_, question="What?", *turns):
+  return {"id": id_, "conversations": [{"from": "human", "value": question}, *turns]}
+
+
+def write_manifest(path, items):
+  path.write_text(json.dumps(items))
+  return path
+
+
+def records(path):
+  """The results file as parsed lines; fails unless it is valid JSONL ending in a newline."""
+  text = path.read_text()
+  assert text.endswith("\n")
+  return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "error: flag --batch-size=0: 0 is not a positive integer"),
+    (["--batch-size", "-1"], "error: flag --batch-size=-1: -1 is not a positive integer"),
+    (["--max-new-tokens", "0"], "error: flag --max-new-tokens=0: 0 is not a positive integer"),
+    (["--temperature", "0"], "error: flag --temperature=0.0: must be a positive number"),
+    (["--top-p", "1.5"], "error: flag --top-p=1.5: 1.5 is not a number in the range [0, 1]"),
+    (["--out", "{tmp}"], "error: {tmp}: is a folder; --out takes a results file such as {tmp}/results.jsonl"),
+    (["--out", "{tmp}/no/r.jsonl"], "error: {tmp}/no/r.jsonl: --out's folder {tmp}/no does not exist"),
+    (["--out", "{tmp}/../{name}/m.json"], "error: {tmp}/../{name}/m.json: --out is the manifest itself; "
+                                          "write the results to another file"),
+    (["--out", "{tmp}/r.jsonl", "stray"], "error: unexpected arguments: stray"),
+])
+def test_bad_flags_are_one_line_before_the_model_loads(args, message, tmp_path):
+  manifest = write_manifest(tmp_path / "m.json", [item("a")])
+  fill = {"tmp": tmp_path, "name": tmp_path.name}
+  args = ["--batch", str(manifest), "--out", str(tmp_path / "r.jsonl"), *NO_MODEL, *[a.format(**fill) for a in args]]
+  run = subprocess.run([sys.executable, "infer.py", *args], cwd=ROOT, capture_output=True, text=True)
+  assert (run.returncode, run.stderr.splitlines()) == (1, [message.format(**fill)])
+  assert manifest.read_text() == json.dumps([item("a")])
+
+
+@pytest.mark.parametrize("items, message", [
+    ([item(1), item("1"), item(None), item("ok"), item("None")],
+     "ids must be unique as strings (1 and \"1\" are one id, null is 'None'); "
+     "repeated: '1' (items 0, 1); 'None' (items 2, 4)"),
+    ([item("a"), {"id": "b", "conversations": [{"from": "gpt", "value": "An answer, no question."}]}],
+     "item(s) with no human turn to answer: 1 ('b')"),
+])
+def test_bad_manifest_is_refused_before_the_model_loads(items, message, tmp_path, capsys, monkeypatch):
+  manifest = write_manifest(tmp_path / "m.json", items)
+  code, _, err = run_cli(["--batch", str(manifest), "--out", str(tmp_path / "r.jsonl"), *NO_MODEL],
+                         capsys=capsys, monkeypatch=monkeypatch)
+  assert (code, err.splitlines()) == (1, [f"error: {manifest}: {message}"])
+  assert not (tmp_path / "r.jsonl").exists()
+
+
+def test_missing_audio_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch):
+  code, _, err = run_cli(["--audio", str(tmp_path / "nope.wav"), *NO_MODEL], capsys=capsys, monkeypatch=monkeypatch)
+  assert (code, err.splitlines()) == (1, [f"error: {tmp_path / 'nope.wav'}: no such file"])
+
+
+def test_rerun_keeps_one_line_per_id_and_mends_a_half_written_line(tmp_path, capsys, monkeypatch):
+  manifest = write_manifest(tmp_path / "m.json", [item("a", "A?"), item("b", "bad B?"), item("c", "C?")])
+  out = tmp_path / "r.jsonl"
+  # Lines of ids this manifest does not ask for are someone else's: kept, errors included.
+  out.write_text('{"id": "other", "output": "kept"}\n{"id": "gone", "error": "kept too"}\n')
+  args = ["--batch", str(manifest), "--out", str(out), "--batch-size", "2"]
+  for run in range(3):
+    bot = StandIn()
+    monkeypatch.setattr(infer, "_load", lambda bot=bot: bot)
+    code, _, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
+    assert code == 1 and "1 item(s) failed" in err
+    assert bot.asked == ([["A?"], ["C?"]] if run == 0 else [])  # "b" fails before the model is asked
+    assert sorted(records(out), key=lambda r: r["id"]) == [
+        {"id": "a", "output": "ok: A?"}, {"id": "b", "error": "bad B?: not a readable audio file"},
+        {"id": "c", "output": "ok: C?"}, {"id": "gone", "error": "kept too"}, {"id": "other", "output": "kept"}]
+    with open(out, "a") as f:
+      f.write('{"id": "b", "outp')  # a crash mid-line, mended by the next run
+
+
+def test_interrupted_batch_keeps_a_valid_results_file(tmp_path, capsys, monkeypatch):
+  manifest = write_manifest(tmp_path / "m.json", [item(str(i), f"Q{i}?") for i in range(5)])
+  out = tmp_path / "r.jsonl"
+  monkeypatch.setattr(infer, "_load", lambda: StandIn(interrupt_at=1))
+  code, _, err = run_cli(["--batch", str(manifest), "--out", str(out), "--batch-size", "2"], capsys=capsys,
+                         monkeypatch=monkeypatch)
+  assert code == infer.INTERRUPTED and err.splitlines()[-1].startswith("interrupted; 2 request(s) in")
+  assert records(out) == [{"id": "0", "output": "ok: Q0?"}, {"id": "1", "output": "ok: Q1?"}]
+
+
+@pytest.mark.parametrize("text, line", [
+    ('{"id": "a", "output": "x"}\nnot json\n{"id": "b", "output": "y"}\n', 2),
+    ('{"id": "a", "output": "x"}\n{"id": "b", "answer": "y"}\n', 2),
+    ('Some notes of mine', 1),  # not begun as a results line: not mistaken for a half-written one
+])
+def test_a_file_that_is_not_a_results_file_is_left_alone(text, line, tmp_path, capsys, monkeypatch):
+  manifest = write_manifest(tmp_path / "m.json", [item("a")])
+  out = tmp_path / "r.jsonl"
+  out.write_text(text)
+  code, _, err = run_cli(["--batch", str(manifest), "--out", str(out), *NO_MODEL], capsys=capsys,
+                         monkeypatch=monkeypatch)
+  assert (code, err.splitlines()) == (1, [f'error: {out}: line {line} is not a results record ({{"id", '
+                                          f'"output"|"error"}}); move the file or fix that line'])
+  assert out.read_text() == text
+
+
+def test_chat_commands():
+  bot, out, err = StandIn(), io.StringIO(), io.StringIO()
+  script = "/help\n/audio\n/audio   \n/reset now\n/exitnow\nHi\n/exit\nignored\n"
+  assistant.run_chat(bot, io.StringIO(script), out, err)
+  assert bot.asked == [["Hi"]] and out.getvalue() == "ok: Hi\n"
+  assert err.getvalue().splitlines() == [
+      "error: unknown command /help; the commands are /audio PATH, /reset, /exit",
+      "error: usage: /audio PATH", "error: usage: /audio PATH", "error: usage: /reset",
+      "error: unknown command /exitnow; the commands are /audio PATH, /reset, /exit"]
+
+
+def test_ctrl_c_ends_a_chat_with_the_summary(capsys, monkeypatch):
+  def typed():
+    yield "Hi\n"
+    raise KeyboardInterrupt
+
+  monkeypatch.setattr(infer, "_load", StandIn)
+  code, out, err = run_cli(["--chat", *NO_MODEL], typed(), capsys=capsys, monkeypatch=monkeypatch)
+  assert (code, out) == (infer.INTERRUPTED, "ok: Hi\n")
+  assert err.startswith("\ninterrupted; 1 request(s) in") and len(err.splitlines()) == 2
