@@ -138,7 +138,7 @@ def prefill(model: AudioFlamingo3, batch: dict[str, jax.Array], new_len: int, s:
   """Encodes the audio, writes the left-padded prompt (B, T) into a cache of T + new_len slots and
   chooses the first token. Positions are cumsum(attention_mask) - 1, as transformers derives them."""
   ids, mask = batch["input_ids"], batch["attention_mask"].astype(bool)
-  x = model.embed(ids, **{k: batch[k] for k in AUDIO_INPUTS if k in batch})
+  x = model.embed(ids, mask, **{k: batch[k] for k in AUDIO_INPUTS if k in batch})
   b, t = ids.shape
   positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
   cache = kv_cache.init(model.cfg.decoder, b, t + new_len, x.dtype)
@@ -197,15 +197,16 @@ def bucket(n: int, minimum: int = 1) -> int:
   return max(minimum, 1 << (n - 1).bit_length())
 
 
-def _pad_to(x: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-  """Zero-pads the leading axis at the end and the second axis at the front (left padding)."""
+def _pad_to(x: np.ndarray, shape: tuple[int, ...], value: int = 0) -> np.ndarray:
+  """Pads with `value` the leading axis at the end and the second axis at the front (left padding)."""
   widths = [(0, shape[0] - x.shape[0])] + [(shape[1] - x.shape[1], 0)] * (x.ndim > 1) + [(0, 0)] * (x.ndim - 2)
-  return np.pad(x, widths)
+  return np.pad(x, widths, constant_values=value)
 
 
-def _pad_batch(model: Model, batch: dict) -> dict[str, np.ndarray]:
+def _pad_batch(model: Model, batch: dict, pad_id: int) -> dict[str, np.ndarray]:
   """Checks a transformers-named batch and pads it to buckets: extra rows are all padding (finished
-  from the start), prompts are left padded, extra audio windows are empty (they give no frames)."""
+  from the start), prompts are left padded with `pad_id` (the mask, not the id, makes a position
+  padding: it is never audio), extra audio windows are empty (they give no frames)."""
   batch = {k: np.asarray(v) for k, v in batch.items() if v is not None}
   unknown = set(batch) - {"input_ids", "attention_mask", *AUDIO_INPUTS}
   if unknown:
@@ -216,7 +217,7 @@ def _pad_batch(model: Model, batch: dict) -> dict[str, np.ndarray]:
   if not (np.isin(mask, (0, 1)).all() and (np.diff(mask, axis=1) >= 0).all() and mask[:, -1].all()):
     raise ValueError("attention_mask must be left padding (zeros, then ones) with a token in every row")
   rows, length = bucket(ids.shape[0]), bucket(ids.shape[1], MIN_BUCKET)
-  out = {k: _pad_to(batch[k], (rows, length)) for k in ("input_ids", "attention_mask")}
+  out = {"input_ids": _pad_to(ids, (rows, length), pad_id), "attention_mask": _pad_to(mask, (rows, length))}
   if "input_features" in batch:
     windows = bucket(len(batch["input_features"]))
     out.update({k: _pad_to(batch[k], (windows,) + batch[k].shape[1:]) for k in AUDIO_INPUTS if k in batch})
@@ -269,4 +270,4 @@ def _setup(model: Model, batch: dict, max_new_tokens: int, seed: int, **kwargs):
   s, eos, pad = settings(model.path, **kwargs)
   eos_ids = np.full(bucket(len(eos), 4), -1, np.int32)  # -1 is never a token; the bucket spares recompiles
   eos_ids[:len(eos)] = eos
-  return s, _pad_batch(model, batch), jax.random.key(seed), eos_ids, np.int32(pad), bucket(max_new_tokens, MIN_BUCKET)
+  return s, _pad_batch(model, batch, pad), jax.random.key(seed), eos_ids, np.int32(pad), bucket(max_new_tokens, MIN_BUCKET)

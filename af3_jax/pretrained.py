@@ -15,7 +15,7 @@ from af3_jax import sharding, weights
 from af3_jax.adapter import merge_adapter
 from af3_jax.config import AF3Config
 from af3_jax.models import whisper
-from af3_jax.models.af3 import AudioFlamingo3
+from af3_jax.models.af3 import AudioFlamingo3, audio_positions
 
 
 def abstract_model(cfg: AF3Config, *, param_dtype, dtype, mesh: jax.sharding.Mesh, rules=sharding.LOGICAL_RULES):
@@ -87,10 +87,11 @@ def check_inputs(cfg: AF3Config, *, input_ids, attention_mask=None, input_featur
     raise ValueError(f"audio_embed_mask must be ({windows}, {frames // 4}), got {np.shape(audio_embed_mask)}")
   else:
     n_frames = int(np.asarray(audio_embed_mask).astype(bool).sum())
-  n_tokens = int((ids == cfg.audio_token_id).sum())
+  mask = None if attention_mask is None else np.asarray(attention_mask)
+  n_tokens = int(audio_positions(ids, mask, cfg.audio_token_id).sum())
   if n_tokens != n_frames:
-    raise ValueError(f"input_ids hold {n_tokens} <sound> tokens (id {cfg.audio_token_id}) but the audio "
-                     f"gives {n_frames} frames; they must be equal")
+    raise ValueError(f"input_ids hold {n_tokens} <sound> tokens (id {cfg.audio_token_id}, padding not "
+                     f"counted) but the audio gives {n_frames} frames; they must be equal")
 
 
 def from_pretrained(path_or_hub_id: str | Path, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, *,

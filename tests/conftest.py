@@ -70,6 +70,34 @@ TINY = [
 ]
 
 
+@dataclasses.dataclass(frozen=True)
+class Tester:
+  """The config of transformers' own `AudioFlamingo3ModelTester` (tests/models/audioflamingo3/
+  test_modeling_audioflamingo3.py): `<sound>` is id 0 and padding id 1, so padding written as 0 looks
+  like audio; 80 mel bins and 30 source positions make 60-frame windows of 15 audio tokens."""
+
+  name: str = "tester"
+  vocab: int = 99
+  audio_token_id: int = 0
+  pad_token_id: int = 1
+  num_mel_bins: int = 80
+  window: int = 60  # mel frames per window: 2 * max_source_positions
+
+  def hf_config(self):
+    return transformers.AudioFlamingo3Config(
+        audio_config=dict(model_type="audioflamingo3_encoder", hidden_size=16, num_attention_heads=4,
+                          intermediate_size=16, num_hidden_layers=2, num_mel_bins=self.num_mel_bins,
+                          max_source_positions=self.window // 2),
+        text_config=dict(model_type="qwen2", vocab_size=self.vocab, hidden_size=32, intermediate_size=36,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=52, pad_token_id=self.pad_token_id),
+        audio_token_id=self.audio_token_id)
+
+  def text(self, rng: np.random.Generator, n: int) -> np.ndarray:
+    """Random ids other than `<sound>` and padding, as the tester draws them."""
+    return rng.integers(2, self.vocab, n)
+
+
 def randomize(model, seed: int) -> None:
   """Redraws every tensor: weights ~ N(0, 0.1), biases ~ N(0, 0.1), norm weights ~ 1 + N(0, 0.1)."""
   g = torch.Generator().manual_seed(seed)
@@ -79,7 +107,7 @@ def randomize(model, seed: int) -> None:
       p.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise)
 
 
-def build_torch_model(tiny: Tiny, seed: int = 0):
+def build_torch_model(tiny: Tiny | Tester, seed: int = 0):
   torch.manual_seed(seed)
   model = transformers.AudioFlamingo3ForConditionalGeneration(tiny.hf_config())
   randomize(model, seed)
@@ -125,7 +153,7 @@ def write_nvidia_layout(model, dst: Path) -> None:
 
 @dataclasses.dataclass
 class Checkpoint:
-  tiny: Tiny
+  tiny: Tiny | Tester
   torch_model: object
   hf: Path  # what `save_pretrained` writes (legacy names), sharded with an index json
   tree: Path  # module-tree names, one file
@@ -155,21 +183,49 @@ def gqa_ckpt(tmp_path_factory) -> Checkpoint:
   return Checkpoint(tiny, model, root / "hf", root / "tree", root / "nvidia")
 
 
+@pytest.fixture(scope="session")
+def tester_ckpt(tmp_path_factory) -> Checkpoint:
+  """transformers' tester config (`Tester`), saved by `save_pretrained` (hf only)."""
+  pytest.importorskip("torch")
+  tester = Tester()
+  model = build_torch_model(tester)
+  root = tmp_path_factory.mktemp(tester.name)
+  model.save_pretrained(root / "hf")
+  return Checkpoint(tester, model, root / "hf", root / "tree", root / "nvidia")
+
+
 def audio_tokens(mel_frames: int) -> int:
   """Upstream's token count for a window with `mel_frames` valid frames (conv2, then the pool)."""
   conv = (mel_frames - 1) // 2 + 1
   return max((conv - 2) // 2 + 1, 0)
 
 
-def random_features(rng: np.random.Generator, mel_frames: list[int]) -> tuple[np.ndarray, np.ndarray]:
-  """(windows, 128, 3000) features and the (windows, 3000) mask for the given valid frame counts."""
-  feats = rng.standard_normal((len(mel_frames), 128, 3000)).astype(np.float32)
-  mask = (np.arange(3000)[None, :] < np.asarray(mel_frames)[:, None]).astype(np.int32)
+def random_features(rng: np.random.Generator, mel_frames: list[int], mel_bins: int = 128,
+                    window: int = 3000) -> tuple[np.ndarray, np.ndarray]:
+  """(windows, mel_bins, window) features and the (windows, window) mask for the given valid frame counts."""
+  feats = rng.standard_normal((len(mel_frames), mel_bins, window)).astype(np.float32)
+  mask = (np.arange(window)[None, :] < np.asarray(mel_frames)[:, None]).astype(np.int32)
   return feats, mask
 
 
 def random_text(rng: np.random.Generator, tiny: Tiny, n: int) -> np.ndarray:
   return rng.integers(0, tiny.audio_token_id, n)
+
+
+def left_pad(rows: list[np.ndarray], pad_id: int = 0, extra: int = 0) -> dict[str, np.ndarray]:
+  """`input_ids` and `attention_mask` (batch, longest + extra): rows left padded with `pad_id`."""
+  width = max(map(len, rows)) + extra
+  return dict(input_ids=np.stack([np.pad(r, (width - len(r), 0), constant_values=pad_id) for r in rows]),
+              attention_mask=np.stack([np.pad(np.ones_like(r), (width - len(r), 0)) for r in rows]))
+
+
+def random_prompts(rng: np.random.Generator, tester: Tester, mel_frames: list[int]):
+  """One unpadded prompt per window (4 + 3i text ids, the window's `<sound>` tokens, 5 text ids), and
+  the windows' (windows, mel bins, window) features and (windows, window) mask."""
+  feats, mask = random_features(rng, mel_frames, tester.num_mel_bins, tester.window)
+  rows = [np.concatenate([tester.text(rng, 4 + 3 * i), np.full(audio_tokens(n), tester.audio_token_id),
+                          tester.text(rng, 5)]) for i, n in enumerate(mel_frames)]
+  return rows, feats, mask
 
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<vila/sentinel>", "[BOS]", "[PAD]", "<sound>"]

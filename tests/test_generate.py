@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import audio_tokens, random_features, random_text
+from conftest import audio_tokens, left_pad, random_features, random_prompts, random_text
 from flax import nnx
 
 import af3_jax
@@ -28,12 +28,6 @@ PAD = 0
 @pytest.fixture(scope="module")
 def loaded(ckpt):
   return af3_jax.from_pretrained(ckpt.hf, dtype=jnp.float32)
-
-
-def left_pad(rows: list[np.ndarray]) -> dict[str, np.ndarray]:
-  width = max(map(len, rows))
-  return dict(input_ids=np.stack([np.pad(r, (width - len(r), 0)) for r in rows]),
-              attention_mask=np.stack([np.pad(np.ones_like(r), (width - len(r), 0)) for r in rows]))
 
 
 def audio_batch(rng, tiny, frames: list[int]) -> dict[str, np.ndarray]:
@@ -105,6 +99,33 @@ def test_batch_equals_rows_alone(ckpt, loaded):
                  input_features_mask=batch["input_features_mask"][i:i + 1])
     np.testing.assert_array_equal(af3_jax.generate(loaded, alone, MAX_NEW, repetition_penalty=penalty)[0],
                                   together[i])
+
+
+@pytest.fixture(scope="module")
+def tester_loaded(tester_ckpt):
+  return af3_jax.from_pretrained(tester_ckpt.hf, dtype=jnp.float32)
+
+
+@pytest.mark.parametrize("extra", [0, 32])
+def test_padding_is_never_audio(tester_ckpt, tester_loaded, extra):
+  """transformers' tester config, where `<sound>` is id 0 (PAD): our prompts hold 0 in every padded
+  position, the `extra` left pads and the bucket's (pad_token_id PAD); transformers' hold the pad id 1,
+  without which it would take them for audio. Greedy tokens equal transformers', for the batch and for
+  each row alone. All calls share two compiles (one row or two, length bucket 64)."""
+  tester = tester_ckpt.tiny
+  rows, feats, fmask = random_prompts(np.random.default_rng(32), tester, [60, 41])
+  free = torch_generate(tester_ckpt.torch_model, dict(left_pad(rows, tester.pad_token_id), input_features=feats,
+                                                      input_features_mask=fmask))
+  assert len(np.unique(free[0])) > 2, f"degenerate reference path {free[0]}"
+  eos = int(free[0, MAX_NEW // 2])
+  for pick in ([0], [1], [0, 1]):
+    audio = dict(input_features=feats[pick], input_features_mask=fmask[pick])
+    picked = [rows[i] for i in pick]
+    ref = torch_generate(tester_ckpt.torch_model, dict(left_pad(picked, tester.pad_token_id, extra), **audio),
+                         eos_token_id=eos)
+    ours = af3_jax.generate(tester_loaded, dict(left_pad(picked, tester.audio_token_id, extra), **audio), MAX_NEW,
+                            do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+    np.testing.assert_array_equal(ours, ref, err_msg=f"rows {pick}")
 
 
 def test_new_prompt_length_in_bucket_reuses_the_compile(gqa_ckpt):

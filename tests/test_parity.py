@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import audio_tokens, random_features, random_text
+from conftest import audio_tokens, left_pad, random_features, random_prompts, random_text
 from flax import nnx
 
 import af3_jax
@@ -100,11 +100,26 @@ def test_logits_batch_left_padded(ckpt, loaded):
   feats, fmask = random_features(rng, frames)
   rows = [np.concatenate([random_text(rng, tiny, 4), np.full(audio_tokens(n), tiny.audio_token_id),
                           random_text(rng, tiny, 3 + i)]) for i, n in enumerate(frames)]
-  width = max(map(len, rows))
-  ids = np.stack([np.pad(r, (width - len(r), 0)) for r in rows])
-  mask = np.stack([np.pad(np.ones_like(r), (width - len(r), 0)) for r in rows])
-  ours = np.asarray(loaded(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask))
+  batch = left_pad(rows)
+  ids, mask = batch["input_ids"], batch["attention_mask"]
+  ours = np.asarray(loaded(**batch, input_features=feats, input_features_mask=fmask))
   ref = torch_logits(ckpt.torch_model, ids, mask, feats, fmask)
+  valid = mask.astype(bool)  # padded positions are garbage in both
+  assert_close(ours[valid], ref[valid])
+
+
+def test_logits_padding_holding_the_audio_id(tester_ckpt):
+  """transformers' tester config, where `<sound>` is id 0: three left-padded rows (a full window, a
+  short one, a full one) whose padding holds 0 in our copy and the pad id 1 in transformers' (which
+  would take 0 for audio) give transformers' logits at every real position."""
+  tester = tester_ckpt.tiny
+  rows, feats, fmask = random_prompts(np.random.default_rng(11), tester, [60, 41, 60])
+  batch = left_pad(rows, tester.audio_token_id, extra=5)
+  mask = batch["attention_mask"]
+  ref_ids = np.where(mask == 1, batch["input_ids"], tester.pad_token_id)
+  ref = torch_logits(tester_ckpt.torch_model, ref_ids, mask, feats, fmask)
+  model = af3_jax.from_pretrained(tester_ckpt.hf, dtype=jnp.float32)
+  ours = np.asarray(model(**batch, input_features=feats, input_features_mask=fmask))
   valid = mask.astype(bool)  # padded positions are garbage in both
   assert_close(ours[valid], ref[valid])
 

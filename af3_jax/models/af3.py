@@ -2,7 +2,8 @@
 
 Encoder windows -> projector -> frames that replace the `<sound>` tokens of the prompt in order
 (window-major, then row-major over batch and sequence, as HF's `masked_scatter`), then the Qwen2
-decoder and an untied LM head. Everything here has static shapes and runs under `jax.jit`; inputs are
+decoder and an untied LM head. Unlike HF, a padded position (attention mask 0) is never audio, even
+when its id is the audio token's. Everything here has static shapes and runs under `jax.jit`; inputs are
 checked on the host by `af3_jax.pretrained.Model` before they get here.
 Shape letters: B batch, T sequence, W windows, F mel frames, P pooled frames per window (750), D width.
 """
@@ -23,6 +24,14 @@ def audio_embed_mask_from_features(features_mask: jax.Array, frames_per_window: 
   """(W, F) mel mask -> (W, P) bool: the pooled frames HF keeps (`get_audio_features`)."""
   n = whisper.pooled_lengths(features_mask.astype(jnp.int32).sum(-1))
   return jnp.arange(frames_per_window)[None, :] < n[:, None]
+
+
+def audio_positions(input_ids, attention_mask, audio_token_id: int):
+  """(B, T) bool, numpy or jax alike: the positions audio frames fill, the `<sound>` tokens that
+  `attention_mask` (None: all real) marks real. Padding is never audio, whatever id it holds: a pad id
+  equal to the audio id would otherwise take frames and shift every later one."""
+  is_audio = input_ids == audio_token_id
+  return is_audio if attention_mask is None else is_audio & (attention_mask != 0)
 
 
 def merge_audio(embeds: jax.Array, is_audio: jax.Array, frames: jax.Array, frames_mask: jax.Array) -> jax.Array:
@@ -57,16 +66,19 @@ class AudioFlamingo3(nnx.Module):
     """(W, M, F) features -> (W, P, D) projected frames, before any selection."""
     return self.multi_modal_projector(self.audio_tower(input_features, input_features_mask))
 
-  def embed(self, input_ids: jax.Array, input_features: jax.Array | None = None,
-            input_features_mask: jax.Array | None = None, audio_embed_mask: jax.Array | None = None) -> jax.Array:
-    """Token embeddings (B, T, D) with the `<sound>` positions filled from the audio."""
+  def embed(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+            input_features: jax.Array | None = None, input_features_mask: jax.Array | None = None,
+            audio_embed_mask: jax.Array | None = None) -> jax.Array:
+    """Token embeddings (B, T, D) with the real `<sound>` positions (`audio_positions`) filled from the
+    audio; attention_mask (B, T) marks real tokens (None: all)."""
     x = self.language_model.embed_tokens(input_ids)
     if input_features is None:
       return x
     frames = self.audio_frames(input_features, input_features_mask)
     if audio_embed_mask is None:
       audio_embed_mask = audio_embed_mask_from_features(input_features_mask, frames.shape[1])
-    return merge_audio(x, input_ids == self.cfg.audio_token_id, frames, audio_embed_mask)
+    is_audio = audio_positions(input_ids, attention_mask, self.cfg.audio_token_id)
+    return merge_audio(x, is_audio, frames, audio_embed_mask)
 
   def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                     input_features: jax.Array | None = None, input_features_mask: jax.Array | None = None,
@@ -80,7 +92,7 @@ class AudioFlamingo3(nnx.Module):
       attention_mask = jnp.ones(input_ids.shape, jnp.int32)
     if position_ids is None:
       position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-    x = self.embed(input_ids, input_features, input_features_mask, audio_embed_mask)
+    x = self.embed(input_ids, attention_mask, input_features, input_features_mask, audio_embed_mask)
     return self.language_model(x, position_ids, attention_mask.astype(bool))
 
   def __call__(self, input_ids: jax.Array, **inputs) -> jax.Array:
