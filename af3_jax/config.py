@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -60,15 +62,15 @@ class AF3Config:
     if d.get("projector_hidden_act", "gelu") != "gelu":
       raise ValueError(f"projector_hidden_act {d['projector_hidden_act']!r} is not supported (AF3 uses gelu)")
     return cls(
-        encoder=encoder_config(d.get("audio_config") or {}),
-        decoder=decoder_config(d.get("text_config") or {}),
+        encoder=encoder_config(_section(d, "audio_config")),
+        decoder=decoder_config(_section(d, "text_config")),
         audio_token_id=d.get("audio_token_id", 151669),
         projector_bias=d.get("projector_bias", True),
     )
 
   @classmethod
   def from_json(cls, path: str | Path) -> AF3Config:
-    return cls.from_hf_dict(read_json(path))
+    return parse_json(path, cls.from_hf_dict)
 
   def to_hf_dict(self) -> dict[str, Any]:
     """The inverse of `from_hf_dict`: a `config.json` that transformers loads."""
@@ -109,10 +111,34 @@ class AF3Config:
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
+  """The JSON object in `path`. Every file we read holds an object; anything else (missing, not UTF-8,
+  not JSON, or another JSON value) is a one-line ValueError naming the file."""
   try:
-    return json.loads(Path(path).read_text())
-  except (OSError, json.JSONDecodeError) as e:
+    value = json.loads(Path(path).read_text())
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
     raise ValueError(f"{path}: cannot read JSON ({e})") from None
+  if not isinstance(value, dict):
+    raise ValueError(f"{path}: expected a JSON object, got {type(value).__name__}")
+  return value
+
+
+def parse_json(path: str | Path, parse: Callable[[dict[str, Any]], Any]) -> Any:
+  """`parse` of the JSON object in `path`, its ValueErrors prefixed with the file's name."""
+  d = read_json(path)
+  try:
+    return parse(d)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from None
+
+
+def _section(d: dict[str, Any], name: str) -> dict[str, Any]:
+  """The object `d[name]`, {} when absent or null."""
+  value = d.get(name)
+  if value is None:
+    return {}
+  if not isinstance(value, dict):
+    raise ValueError(f"{name} must be a JSON object, got {type(value).__name__}")
+  return value
 
 
 def _pick(d: dict[str, Any], *names: str, default: Any = None) -> Any:
@@ -123,24 +149,35 @@ def _pick(d: dict[str, Any], *names: str, default: Any = None) -> Any:
   return default
 
 
+def _positive(d: dict[str, Any], *names: str, default: int | float, kind: type = int) -> int | float:
+  """`_pick` for a size or constant, checked here so a config of strings or zeros fails on load, naming
+  the field, not deep inside the model."""
+  name = next((n for n in names if d.get(n) is not None), None)
+  value = default if name is None else d[name]
+  number = isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+  if not (number and math.isfinite(value) and value > 0):
+    raise ValueError(f"{name or names[0]} must be a positive {kind.__name__}, got {value!r}")
+  return kind(value)
+
+
 def encoder_config(d: dict[str, Any]) -> EncoderConfig:
   """From `audio_config` (HF) or the NVIDIA `sound_tower/config.json` (Whisper field names)."""
   act = _pick(d, "activation_function", default="gelu")
   if act != "gelu":
     raise ValueError(f"encoder activation {act!r} is not supported (AF-Whisper uses exact gelu)")
   return EncoderConfig(
-      num_mel_bins=_pick(d, "num_mel_bins", default=128),
-      hidden_size=_pick(d, "hidden_size", "d_model", default=1280),
-      num_layers=_pick(d, "num_hidden_layers", "encoder_layers", default=32),
-      num_heads=_pick(d, "num_attention_heads", "encoder_attention_heads", default=20),
-      intermediate_size=_pick(d, "intermediate_size", "encoder_ffn_dim", default=5120),
-      max_source_positions=_pick(d, "max_source_positions", default=1500),
+      num_mel_bins=_positive(d, "num_mel_bins", default=128),
+      hidden_size=_positive(d, "hidden_size", "d_model", default=1280),
+      num_layers=_positive(d, "num_hidden_layers", "encoder_layers", default=32),
+      num_heads=_positive(d, "num_attention_heads", "encoder_attention_heads", default=20),
+      intermediate_size=_positive(d, "intermediate_size", "encoder_ffn_dim", default=5120),
+      max_source_positions=_positive(d, "max_source_positions", default=1500),
   )
 
 
 def decoder_config(d: dict[str, Any]) -> DecoderConfig:
   """From `text_config` (HF) or the NVIDIA `llm/config.json` (a plain `Qwen2Config`)."""
-  rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+  rope = _section(d, "rope_parameters") or _section(d, "rope_scaling")
   rope_type = rope.get("rope_type", rope.get("type", "default"))
   if rope_type != "default":
     raise ValueError(f"rope_type {rope_type!r} is not supported (AF3 uses default RoPE)")
@@ -150,17 +187,19 @@ def decoder_config(d: dict[str, Any]) -> DecoderConfig:
     raise ValueError("tie_word_embeddings=True is not supported (AF3 has a separate lm_head)")
   if _pick(d, "hidden_act", default="silu") != "silu":
     raise ValueError(f"hidden_act {d['hidden_act']!r} is not supported (Qwen2 uses silu)")
-  hidden = _pick(d, "hidden_size", default=3584)
-  heads = _pick(d, "num_attention_heads", default=28)
+  hidden = _positive(d, "hidden_size", default=3584)
+  heads = _positive(d, "num_attention_heads", default=28)
   return DecoderConfig(
-      vocab_size=_pick(d, "vocab_size", default=151672),
+      vocab_size=_positive(d, "vocab_size", default=151672),
       hidden_size=hidden,
-      num_layers=_pick(d, "num_hidden_layers", default=28),
+      num_layers=_positive(d, "num_hidden_layers", default=28),
       num_heads=heads,
-      num_kv_heads=_pick(d, "num_key_value_heads", default=heads),
-      head_dim=_pick(d, "head_dim", default=hidden // heads),
-      intermediate_size=_pick(d, "intermediate_size", default=18944),
-      rms_norm_eps=_pick(d, "rms_norm_eps", default=1e-6),
-      rope_theta=float(_pick(rope, "rope_theta", default=_pick(d, "rope_theta", default=1e6))),
-      max_position_embeddings=_pick(d, "max_position_embeddings", default=32768),
+      num_kv_heads=_positive(d, "num_key_value_heads", default=heads),
+      head_dim=_positive(d, "head_dim", default=hidden // heads),
+      intermediate_size=_positive(d, "intermediate_size", default=18944),
+      rms_norm_eps=_positive(d, "rms_norm_eps", default=1e-6, kind=float),
+      # transformers 5 keeps rope_theta in rope_parameters, older configs at the top level.
+      rope_theta=_positive(rope, "rope_theta", default=_positive(d, "rope_theta", default=1e6, kind=float),
+                           kind=float),
+      max_position_embeddings=_positive(d, "max_position_embeddings", default=32768),
   )

@@ -12,18 +12,22 @@ import re
 import shutil
 import struct
 from pathlib import Path
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
 
-from af3_jax.config import AF3Config, decoder_config, encoder_config, read_json
+from af3_jax.config import AF3Config, decoder_config, encoder_config, parse_json, read_json
 from convert import names
 
 ORBAX_PARAMS = "params"  # our converted checkpoints: config.json + orbax tree in this subfolder
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
-_MODEL_FILES = {"config.json", "model.safetensors.index.json"}  # rewritten by whoever writes a model
+_ORBAX_TREE = "_METADATA"  # what every finished orbax tree holds (its structure)
+_INDEX = "model.safetensors.index.json"
+_MODEL_FILES = {"config.json", _INDEX}  # rewritten by whoever writes a model
 
 
 def resolve(path_or_hub_id: str | Path) -> Path:
@@ -50,10 +54,19 @@ def resolve(path_or_hub_id: str | Path) -> Path:
 
 
 def layout(root: Path) -> str:
-  """'orbax' (ours), 'nvidia' (llm/ + sound_tower/ + sound_mm_projector/) or 'hf' (one folder)."""
-  if (root / ORBAX_PARAMS).is_dir():
+  """'orbax' (ours), 'nvidia' (llm/ + sound_tower/ + sound_mm_projector/) or 'hf' (one folder).
+
+  Decided by the weights really there: a `params/` folder that is not a finished orbax checkpoint (a
+  user's stray folder) does not count, and orbax weights beside safetensors are an error, not a guess.
+  """
+  nvidia = all((root / f).is_dir() for f in names.NVIDIA_FOLDERS)
+  upstream = nvidia or any(root.glob("*.safetensors")) or (root / _INDEX).is_file()
+  if (root / ORBAX_PARAMS / _ORBAX_TREE).is_file():
+    if upstream:
+      raise ValueError(f"{root}: holds both safetensors and an orbax checkpoint in {ORBAX_PARAMS}/; "
+                       "keep only one of them")
     return "orbax"
-  if all((root / f).is_dir() for f in names.NVIDIA_FOLDERS):
+  if nvidia:
     return "nvidia"
   if (root / "config.json").is_file():
     return "hf"
@@ -69,33 +82,41 @@ def tokenizer_dir(root: Path) -> Path:
 def read_config(root: Path) -> AF3Config:
   if layout(root) != "nvidia":
     return AF3Config.from_json(root / "config.json")
-  return AF3Config(encoder=encoder_config(read_json(root / "sound_tower" / "config.json")),
-                   decoder=decoder_config(read_json(root / "llm" / "config.json")),
+  return AF3Config(encoder=parse_json(root / "sound_tower" / "config.json", encoder_config),
+                   decoder=parse_json(root / "llm" / "config.json", decoder_config),
                    audio_token_id=_sound_token_id(root / "llm"))
 
 
 def _sound_token_id(tok_dir: Path) -> int:
   """The `<sound>` id from the NVIDIA tokenizer files (151669 in the release)."""
   added = tok_dir / "added_tokens.json"
-  if added.is_file() and "<sound>" in (ids := read_json(added)):
-    return ids["<sound>"]
+  if added.is_file() and isinstance(sound := read_json(added).get("<sound>"), int):
+    return sound
   full = tok_dir / "tokenizer.json"
-  if full.is_file():
-    for tok in read_json(full).get("added_tokens", []):
-      if tok.get("content") == "<sound>":
-        return tok["id"]
+  tokens = read_json(full).get("added_tokens") if full.is_file() else None
+  for tok in tokens if isinstance(tokens, list) else []:
+    if isinstance(tok, dict) and tok.get("content") == "<sound>" and isinstance(tok.get("id"), int):
+      return tok["id"]
   raise ValueError(f"{tok_dir}: no <sound> token in added_tokens.json or tokenizer.json")
 
 
 def _safetensors_files(folder: Path) -> list[Path]:
   """The shards of one folder: from the index json if present, else every *.safetensors file."""
-  index = folder / "model.safetensors.index.json"
+  index = folder / _INDEX
   if index.is_file():
-    return sorted({folder / f for f in read_json(index)["weight_map"].values()})
+    return sorted({folder / f for f in parse_json(index, _weight_map).values()})
   files = sorted(folder.glob("*.safetensors"))
   if not files:
     raise ValueError(f"{folder}: no .safetensors files (only safetensors checkpoints are read)")
   return files
+
+
+def _weight_map(index: dict[str, Any]) -> dict[str, str]:
+  """The index's tensor name -> shard file name map."""
+  weight_map = index.get("weight_map")
+  if not (isinstance(weight_map, dict) and all(isinstance(f, str) for f in weight_map.values())):
+    raise ValueError("weight_map must map tensor names to file names")
+  return weight_map
 
 
 def tensor_sources(root: Path) -> dict[str, tuple[Path, str]]:
@@ -118,6 +139,7 @@ def tensor_sources(root: Path) -> dict[str, tuple[Path, str]]:
   return sources
 
 
+_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the header (MAX_HEADER_SIZE)
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
@@ -133,20 +155,9 @@ class SafetensorsFile:
   def __init__(self, path: Path):
     self.path = path
     try:
-      with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-      header.pop("__metadata__", None)
-      size = path.stat().st_size
-      for entry in header.values():
-        begin, end = entry["data_offsets"]
-        dtype = np.dtype(_DTYPES[entry["dtype"]])
-        if not 0 <= begin <= end <= size - 8 - n or end - begin != math.prod(entry["shape"]) * dtype.itemsize:
-          raise ValueError("tensor bytes out of range")
-    except (OSError, struct.error, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+      self.header, self.data_start = _read_header(path)
+    except (OSError, struct.error, UnicodeDecodeError, RecursionError, ValueError, KeyError, TypeError) as e:
       raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-    self.header = header
-    self.data_start = 8 + n
 
   def keys(self) -> list[str]:
     return list(self.header)
@@ -161,6 +172,29 @@ class SafetensorsFile:
       return np.zeros(entry["shape"], dtype)
     return np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + entry["data_offsets"][0],
                      shape=tuple(entry["shape"]))
+
+
+def _read_header(path: Path) -> tuple[dict, int]:
+  """(header without `__metadata__`, offset of the data) of a safetensors file, every entry checked to
+  lie inside the file; raises ValueError (or the parsing error) for anything else."""
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    (n,) = struct.unpack("<Q", f.read(8))
+    # Bounded before reading: a corrupt length would otherwise ask for exabytes (OverflowError, MemoryError).
+    if n > (limit := min(size - 8, _MAX_HEADER_BYTES)):
+      raise ValueError(f"header length {n} is impossible (at most {limit} bytes here)")
+    header = json.loads(f.read(n))
+  if not isinstance(header, dict):
+    raise ValueError("the header is not a JSON object")
+  header.pop("__metadata__", None)
+  for key, entry in header.items():
+    shape, (begin, end) = entry["shape"], entry["data_offsets"]
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+      raise ValueError(f"{key!r}: bad shape {shape!r}")
+    nbytes = math.prod(shape) * np.dtype(_DTYPES[entry["dtype"]]).itemsize
+    if not (isinstance(begin, int) and 0 <= begin <= end <= size - 8 - n and end - begin == nbytes):
+      raise ValueError(f"{key!r}: tensor bytes out of range")
+  return header, 8 + n
 
 
 def _plan(sources: dict[str, tuple[Path, str]], files: dict[Path, SafetensorsFile],
@@ -257,13 +291,29 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def orbax_dtype(root: Path) -> np.dtype:
+  """The dtype our orbax checkpoint stores its parameters in (the widest, if they differ), from its metadata."""
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckptr:
+    tree = ckptr.metadata((root / ORBAX_PARAMS).absolute()).item_metadata
+  dtypes = [leaf.dtype for leaf in jax.tree.leaves(tree)]
+  if not dtypes:
+    raise ValueError(f"{root / ORBAX_PARAMS}: not an orbax checkpoint (no parameter metadata)")
+  return np.dtype(jnp.result_type(*dtypes))
+
+
 def load_orbax(root: Path, abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:
   """Restores our converted checkpoint into `abstract_state`'s dtypes and `shardings`."""
   import orbax.checkpoint as ocp
 
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
-  with ocp.StandardCheckpointer() as ckptr:
-    restored = ckptr.restore((root / ORBAX_PARAMS).absolute(), target)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      restored = ckptr.restore((root / ORBAX_PARAMS).absolute(), target)
+  except (ValueError, OSError) as e:  # a damaged tree, or one config.json does not describe
+    raise ValueError(f"{root / ORBAX_PARAMS}: cannot restore this orbax checkpoint with {root / 'config.json'} "
+                     f"({' '.join(str(e).split())})") from None
   nnx.replace_by_pure_dict(abstract_state, restored)
   return abstract_state

@@ -1,6 +1,9 @@
 """Loading: every upstream layout gives the same parameters; bad checkpoints fail naming the problem."""
 
+import json
+import re
 import shutil
+import struct
 import subprocess
 import sys
 
@@ -116,3 +119,84 @@ def test_convert_cli_bad_input_is_one_line(tmp_path):
   assert run.returncode == 1
   assert run.stderr.strip().splitlines() == [f"error: {tmp_path / 'absent'}: no such checkpoint directory"]
   assert not (tmp_path / "out").exists()
+
+
+def folder_with(src, dst, files):
+  """A copy of the checkpoint `src` with `files` ({name: bytes or text}) written over it."""
+  shutil.copytree(src, dst)
+  for name, content in files.items():
+    (dst / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+  return dst
+
+
+def safetensors_bytes(header: bytes, header_length: int | None = None, data: bytes = b"") -> bytes:
+  """A safetensors file: the header's length (or the one given), the header, the data."""
+  return struct.pack("<Q", len(header) if header_length is None else header_length) + header + data
+
+
+@pytest.mark.parametrize("content, problem", [
+    (np.random.default_rng(0).bytes(4096), r"header length \d+ is impossible \(at most 4088 bytes here\)"),
+    (safetensors_bytes(b"{}", header_length=2**40), r"header length 1099511627776 is impossible"),
+    (safetensors_bytes(b"[]"), "the header is not a JSON object"),
+    (safetensors_bytes(b'{"x": {"dtype": "F32", "shape": [-1, -4], "data_offsets": [0, 16]}}', data=bytes(16)),
+     r"'x': bad shape \[-1, -4\]"),
+], ids=["random_bytes", "huge_header_length", "header_not_object", "negative_shape"])
+def test_corrupt_safetensors_are_one_line_errors(gqa_ckpt, tmp_path, content, problem):
+  bad = folder_with(gqa_ckpt.hf, tmp_path / "bad", {"model.safetensors": content})
+  with pytest.raises(ValueError, match=f"model.safetensors: not a readable safetensors file \\({problem}") as info:
+    af3_jax.from_pretrained(bad, dtype=jnp.float32)
+  assert "\n" not in str(info.value)
+
+
+def edit_config(edit):
+  """config.json content: the checkpoint's own, changed by `edit`."""
+  return lambda config: json.dumps(edit(config))
+
+
+INDEX = "model.safetensors.index.json"
+
+
+@pytest.mark.parametrize("name, content, problem", [
+    ("config.json", "[]", "expected a JSON object, got list"),
+    ("config.json", edit_config(lambda c: {**c, "text_config": [1]}), "text_config must be a JSON object, got list"),
+    ("config.json", edit_config(lambda c: {**c, "text_config": {**c["text_config"], "hidden_size": "big"}}),
+     "hidden_size must be a positive int, got 'big'"),
+    ("config.json", edit_config(lambda c: {**c, "audio_config": {**c["audio_config"], "num_attention_heads": 0}}),
+     "num_attention_heads must be a positive int, got 0"),
+    (INDEX, "[]", "expected a JSON object, got list"),
+    (INDEX, '{"weight_map": ["model.safetensors"]}', "weight_map must map tensor names to file names"),
+    (INDEX, '{"weight_map": {"lm_head.weight": 3}}', "weight_map must map tensor names to file names"),
+], ids=["config_list", "section_list", "size_string", "zero_heads", "index_list", "weight_map_list",
+        "weight_map_number"])
+def test_malformed_json_is_one_line_error_naming_the_file(gqa_ckpt, tmp_path, name, content, problem):
+  if callable(content):
+    content = content(json.loads((gqa_ckpt.hf / "config.json").read_text()))
+  bad = folder_with(gqa_ckpt.hf, tmp_path / "bad", {name: content})
+  with pytest.raises(ValueError, match=f"^{re.escape(str(bad / name))}: {problem}$"):
+    af3_jax.from_pretrained(bad, dtype=jnp.float32)
+
+
+def test_stray_params_folder_does_not_hijack_transformers_files(gqa_ckpt, tmp_path):
+  stray = folder_with(gqa_ckpt.hf, tmp_path / "stray", {})
+  (stray / "params").mkdir()
+  (stray / "params" / "notes.txt").write_text("not a checkpoint")
+  assert_same_params(af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32),
+                     af3_jax.from_pretrained(stray, dtype=jnp.float32))
+
+
+def test_orbax_folders_that_cannot_load_say_why(gqa_ckpt, tmp_path):
+  """Orbax weights beside safetensors are ambiguous; a tree config.json does not describe is named."""
+  orbax = tmp_path / "orbax"
+  from_hf.convert(str(gqa_ckpt.hf), orbax, jnp.float32)
+  shutil.copy(gqa_ckpt.hf / "model.safetensors", orbax)
+  both = f"^{re.escape(str(orbax))}: holds both safetensors and an orbax checkpoint in params/"
+  with pytest.raises(ValueError, match=both):
+    af3_jax.from_pretrained(orbax, dtype=jnp.float32)
+  (orbax / "model.safetensors").unlink()
+  config = json.loads((orbax / "config.json").read_text())
+  config["text_config"]["intermediate_size"] += 1
+  (orbax / "config.json").write_text(json.dumps(config))
+  restore = f"^{re.escape(str(orbax / 'params'))}: cannot restore this orbax checkpoint"
+  with pytest.raises(ValueError, match=restore) as info:
+    af3_jax.from_pretrained(orbax, dtype=jnp.float32)
+  assert "\n" not in str(info.value)
