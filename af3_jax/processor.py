@@ -64,15 +64,15 @@ class Processor:
     self.audio_token = audio_token
     self.audio_token_id = tokenizer.convert_tokens_to_ids(audio_token)
     if self.audio_token_id is None or self.audio_token_id == tokenizer.unk_token_id:
-      raise ValueError(f"the tokenizer has no {audio_token} token")
+      where = getattr(tokenizer, "name_or_path", "")  # the folder it was loaded from, if any
+      raise ValueError(f"{where + ': ' if where else ''}the tokenizer has no {audio_token} token")
 
   @classmethod
   def from_pretrained(cls, path_or_hub_id: str | Path, **kwargs) -> Processor:
-    """The checkpoint's tokenizer (`llm/` in the NVIDIA layout) through transformers' AutoTokenizer."""
-    from transformers import AutoTokenizer
-
+    """The checkpoint's tokenizer (`llm/` in the NVIDIA layout) through transformers' AutoTokenizer.
+    Missing or unreadable tokenizer files are a one-line ValueError naming the folder."""
     root = weights.resolve(path_or_hub_id)
-    return cls(AutoTokenizer.from_pretrained(weights.tokenizer_dir(root)), **kwargs)
+    return cls(_load_tokenizer(weights.tokenizer_dir(root)), **kwargs)
 
   def apply_chat_template(self, conversations, add_generation_prompt: bool = True, *, think: bool = False,
                           return_labels: bool = False) -> dict[str, np.ndarray]:
@@ -189,6 +189,21 @@ class Processor:
       if any(lo <= start < hi for lo, hi in spans) and ids[i] != self.audio_token_id:
         labels[i] = ids[i]
     return ids, labels
+
+
+def _load_tokenizer(folder: Path):
+  """AutoTokenizer of `folder`, which must hold Qwen2's files: tokenizer.json, or vocab.json + merges.txt."""
+  from transformers import AutoTokenizer
+
+  missing = [f for f in ("tokenizer.json", "vocab.json", "merges.txt") if not (folder / f).is_file()]
+  if "tokenizer.json" in missing and len(missing) > 1:
+    # Without them AutoTokenizer still builds a tokenizer, an empty one, and nothing says why.
+    raise ValueError(f"{folder}: no tokenizer files (tokenizer.json, or vocab.json and merges.txt, are needed; "
+                     f"missing: {', '.join(missing)})")
+  try:
+    return AutoTokenizer.from_pretrained(folder)
+  except Exception as e:  # a damaged file surfaces as whatever tokenizers or transformers raise (JSON, type errors)
+    raise ValueError(f"{folder}: cannot load the tokenizer ({type(e).__name__}: {' '.join(str(e).split())})") from None
 
 
 def _check_message(m: Any, index: int) -> dict[str, Any]:

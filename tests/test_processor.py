@@ -1,6 +1,7 @@
 """Processor: token parity with transformers' AudioFlamingo3Processor, the NVIDIA style, labels, e2e."""
 
 import re
+import shutil
 
 import jax.numpy as jnp
 import numpy as np
@@ -176,3 +177,29 @@ def test_file_to_logits_matches_transformers(ours, reference, gqa_ckpt, tmp_path
   with torch.no_grad():
     expected = gqa_ckpt.torch_model(**ref).logits.numpy()
   assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_missing_tokenizer_files_are_named(gqa_ckpt):
+  """A model folder without a tokenizer (AutoTokenizer would quietly build an empty one)."""
+  with pytest.raises(ValueError, match=f"^{re.escape(str(gqa_ckpt.hf))}: no tokenizer files .*"
+                                       "missing: tokenizer.json, vocab.json, merges.txt"):
+    Processor.from_pretrained(gqa_ckpt.hf)
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"tokenizer.json": "garbage"}, "cannot load the tokenizer"),
+    ({"tokenizer_config.json": "[]"}, "cannot load the tokenizer"),
+], ids=["tokenizer_not_json", "config_not_object"])
+def test_damaged_tokenizer_files_are_one_line_errors(tokenizer_dir, tmp_path, damage, message):
+  folder = tmp_path / "tok"
+  shutil.copytree(tokenizer_dir, folder)
+  for name, content in damage.items():
+    (folder / name).write_text(content)
+  with pytest.raises(ValueError, match=f"^{re.escape(str(folder))}: {message}") as info:
+    Processor.from_pretrained(folder)
+  assert "\n" not in str(info.value)
+
+
+def test_a_tokenizer_without_the_audio_token_is_named(tokenizer_dir):
+  with pytest.raises(ValueError, match=f"^{re.escape(str(tokenizer_dir))}: the tokenizer has no <bark> token"):
+    Processor.from_pretrained(tokenizer_dir, audio_token="<bark>")
