@@ -3,6 +3,9 @@
 Every file is written into tmp_path with soundfile from seeded random signals.
 """
 
+import re
+import warnings
+
 import librosa
 import numpy as np
 import pytest
@@ -153,3 +156,41 @@ def test_bad_input_is_one_line_value_error(name, tmp_path):
     audio.load_audio(path)
   message = str(info.value)
   assert str(path) in message and "\n" not in message
+
+
+def _wav_cut_at(path, seconds: float, keep_seconds: float):
+  """A 16 kHz int16 mono WAV of `seconds` whose bytes stop after `keep_seconds` (header unchanged)."""
+  sf.write(path, tones(seconds, SR, 1, 12), SR, subtype="PCM_16")
+  raw = path.read_bytes()
+  path.write_bytes(raw[:len(raw) - 2 * int(seconds * SR) + 2 * int(keep_seconds * SR)])
+  return path
+
+
+@pytest.mark.parametrize("style, max_seconds", [("nvidia", None), ("hf", None), ("nvidia", 1.5)])
+def test_truncated_wav_warns_naming_the_file(tmp_path, style, max_seconds):
+  path = _wav_cut_at(tmp_path / "cut.wav", 2.0, 1.0)
+  expected = f"{path}: truncated: its header promises 2.00 s of audio but the file holds 1.00 s"
+  with pytest.warns(UserWarning, match=re.escape(expected)):
+    out = audio.load_audio(path, max_seconds, style=style)
+  assert out.size == SR
+
+
+def _streamed_wav(path):
+  """A WAV written to a pipe: RIFF and data sizes are 0xFFFFFFFF placeholders, the samples run to the end."""
+  sf.write(path, tones(1.0, SR, 1, 13), SR, subtype="PCM_16")
+  raw = bytearray(path.read_bytes())
+  raw[4:8] = raw[40:44] = b"\xff\xff\xff\xff"
+  path.write_bytes(bytes(raw))
+  return path
+
+
+@pytest.mark.parametrize("make, max_seconds", [
+    (lambda p: _wav_cut_at(p, 2.0, 1.0), 0.5),  # the read stops before the cut, on purpose
+    (lambda p: _wav_cut_at(p, 2.0, 2.0), None),  # complete
+    (_streamed_wav, None),
+], ids=["stops_before_the_cut", "complete", "streamed"])
+def test_wavs_read_in_full_do_not_warn(tmp_path, make, max_seconds):
+  path = make(tmp_path / "a.wav")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert audio.load_audio(path, max_seconds).size == int((max_seconds or sf.info(path).duration) * SR)

@@ -11,6 +11,7 @@ Every bad input is a one-line `ValueError` naming the file.
 from __future__ import annotations
 
 import os
+import struct
 import warnings
 
 import librosa
@@ -60,6 +61,36 @@ def _read(path: str, max_seconds: float | None, is_mp3: bool) -> tuple[np.ndarra
     raise _error(path, f"not a readable mp3 file ({_why(first)}; fallback decoder: {_why(err)})") from None
 
 
+def _truncated_wav_seconds(path: str) -> float | None:
+  """The seconds a RIFF/WAVE header promises when its data chunk runs past the end of the file (the file
+  was cut short); None when it does not, for other formats, and for streamed WAVs, whose data size is a
+  0 or 0xFFFFFFFF placeholder."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    if (head := f.read(12))[:4] != b"RIFF" or head[8:] != b"WAVE":
+      return None
+    byte_rate = 0
+    while len(chunk := f.read(8)) == 8:
+      name, length = chunk[:4], struct.unpack("<I", chunk[4:])[0]
+      start = f.tell()
+      if name == b"fmt " and len(fmt := f.read(12)) == 12:
+        byte_rate = struct.unpack("<8xI", fmt)[0]  # nAvgBytesPerSec
+      if name == b"data":
+        cut = length not in (0, 0xFFFFFFFF) and start + length > size
+        return length / byte_rate if cut and byte_rate else None
+      f.seek(start + length + length % 2)  # chunks are padded to an even size
+  return None
+
+
+def _warn_if_truncated(path: str, frames: int, sr: int, max_seconds: float | None) -> None:
+  """libsndfile reads a WAV whose header promises more than the file holds as a shorter file, silently:
+  warn, unless the read stopped at `max_seconds` before the cut anyway."""
+  promised = _truncated_wav_seconds(path)
+  if promised is not None and (max_seconds is None or frames < int(max_seconds * sr)):
+    warnings.warn(f"{path}: truncated: its header promises {promised:.2f} s of audio but the file holds "
+                  f"{frames / sr:.2f} s; loading what is there")
+
+
 def _peak_normalize(x: np.ndarray) -> np.ndarray:
   """NVIDIA's peak normalisation: non-negative signals map to [-1, 1], others are divided by the peak."""
   peak = np.abs(x).max()
@@ -73,7 +104,8 @@ def load_audio(path: str | os.PathLike, max_seconds: float | None = 600.0, *, st
   """Loads the first `max_seconds` (None: all) of an audio file as (T,) float32, mono, 16 kHz.
 
   WAV, FLAC, OGG and anything else libsndfile reads go through soundfile; mp3 falls back to librosa's
-  decoder when soundfile fails. Raises ValueError for a missing, empty, undecodable or non-finite file.
+  decoder when soundfile fails. Raises ValueError for a missing, empty, undecodable or non-finite file;
+  warns (UserWarning, naming the file) when a WAV holds less audio than its header promises.
   """
   path = os.fspath(path)
   if style not in ("nvidia", "hf"):
@@ -88,6 +120,7 @@ def load_audio(path: str | os.PathLike, max_seconds: float | None = 600.0, *, st
     raise _error(path, "is empty (0 bytes)")
   is_mp3 = path.lower().endswith(".mp3")
   data, sr = _read(path, max_seconds, is_mp3)
+  _warn_if_truncated(path, len(data), sr, max_seconds)
   if data.size == 0:
     raise _error(path, "has no audio samples")
   if not np.isfinite(data).all():
