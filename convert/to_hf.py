@@ -1,12 +1,13 @@
 """Exports a training run to transformers' layout, or its LoRA as a PEFT adapter.
 
-  python -m convert.to_hf --workdir runs/stage5 --out af3-stage5-hf [--dtype=bfloat16]
+  python -m convert.to_hf --workdir runs/stage5 --out af3-stage5-hf [--dtype=bfloat16|float32|float16]
   python -m convert.to_hf --workdir runs/stage4 --out think-adapter --adapter-only
 
 The full export is `model.safetensors` (shards of at most 5 GB plus an index), `config.json`, and the
-tokenizer, generation and processor files the run started from; LoRA is merged. It loads with
-`AudioFlamingo3ForConditionalGeneration.from_pretrained(OUT)`. The output is written to a temporary
-sibling folder and renamed when complete; an existing OUT is never touched.
+tokenizer, generation and processor files the run started from; LoRA is merged. Tensors keep the dtype
+the run saved its model in (float32 stays float32) unless `--dtype` chooses another; config.json's
+"dtype" names it. It loads with `AudioFlamingo3ForConditionalGeneration.from_pretrained(OUT)`. The output
+is written to a temporary sibling folder and renamed when complete; an existing OUT is never touched.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ def write_safetensors(state: nnx.State, dst: Path) -> None:
 
 
 def export(workdir: Path, out: Path, *, dtype, adapter_only: bool) -> None:
+  """Writes the run's model (tensors in `dtype`, None: as saved) or its LoRA adapter to `out`."""
   import af3_jax
   from af3_jax import weights
 
@@ -78,9 +80,10 @@ def export(workdir: Path, out: Path, *, dtype, adapter_only: bool) -> None:
     if adapter_only:
       shutil.copytree(source, tmp, dirs_exist_ok=True)
     else:
+      dtype = weights.orbax_dtype(source) if dtype is None else jnp.dtype(dtype)
       model = af3_jax.from_pretrained(source, dtype=dtype)
       write_safetensors(model.state, tmp)
-      config = {**model.config.to_hf_dict(), "dtype": jnp.dtype(dtype).name}
+      config = {**model.config.to_hf_dict(), "dtype": dtype.name}
       (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
       weights.copy_side_files(weights.tokenizer_dir(source), tmp)
     tmp.rename(out)
@@ -92,7 +95,7 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   try:
-    export(Path(f.workdir), Path(f.out), dtype=jnp.dtype(f.dtype), adapter_only=f["adapter-only"].value)
+    export(Path(f.workdir), Path(f.out), dtype=f.dtype, adapter_only=f["adapter-only"].value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -103,6 +106,7 @@ if __name__ == "__main__":
   # Defined here, not at import: tests import `convert` beside infer.py and train.py.
   flags.DEFINE_string("workdir", None, "A train.py workdir.", required=True)
   flags.DEFINE_string("out", None, "The folder to write.", required=True)
-  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Tensor dtype to store.")
+  flags.DEFINE_enum("dtype", None, ["bfloat16", "float32", "float16"],
+                    "Tensor dtype to store (default: the dtype the run saved its model in).")
   flags.DEFINE_bool("adapter-only", False, "Write the run's LoRA as a PEFT adapter instead.")
   app.run(main)
