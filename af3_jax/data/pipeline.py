@@ -1,11 +1,13 @@
 """The training input pipeline (grain): manifests -> shuffled, host-sharded, padded numpy batches.
 
-Audio decoding and log-mel run in grain worker processes. Each batch has static shapes: `rows` rows
-right-padded to the smallest length bucket that fits (longer samples are cut at the last bucket, as
-upstream cuts at model_max_length, dropping the audio frames cut off with them) and `rows * max_windows`
-audio windows (unused ones empty). A sample whose audio cannot be read is skipped with a warning that
-names it; each batch counts its skips in `skipped`. The iterator's state is checkpointable with
-`grain.checkpoint.CheckpointSave`, so a resumed run continues with the next unseen batch.
+Audio decoding and log-mel run in grain worker processes. Every sample is cut at `max_length` tokens
+(upstream's model_max_length, dropping the audio frames cut off with the tail). Each batch has static
+shapes: `rows` rows right-padded to the smallest length bucket that fits, and `rows * max_windows`
+audio windows (unused ones empty). A sample that cannot be used (unreadable audio, too many windows,
+nothing left to learn from) is skipped with a warning that names it and replaced by the next usable
+one, so every row of every batch is a real sample; each batch counts the samples skipped to fill it
+in `skipped`. The iterator's state is checkpointable with `grain.checkpoint.CheckpointSave`, so a
+resumed run continues with the next unseen batch.
 """
 
 from __future__ import annotations
@@ -26,11 +28,13 @@ _FRAMES_PER_WINDOW = features.FRAMES // 4
 
 @dataclasses.dataclass(frozen=True)
 class Encode:
-  """Sample -> tokens, labels and audio arrays; or {"skipped": id} when its audio cannot be used (an
-  unreadable file, or more windows in all than a batch row holds)."""
+  """Sample -> tokens and labels cut at `max_length`, and its audio arrays; or {"skipped": id} when
+  the sample cannot be used: an unreadable file, more windows in all than a batch row holds, or no
+  supervised token (no assistant turn, or every answer cut off at `max_length`)."""
 
   processor: Processor
   windows_per_row: int
+  max_length: int
 
   def __call__(self, sample: Sample) -> dict:
     try:
@@ -38,16 +42,62 @@ class Encode:
       n_windows = sum(len(a.frames) for a in e.audios)
       if n_windows > self.windows_per_row:
         raise ValueError(f"{n_windows} audio windows in all, more than the {self.windows_per_row} a row holds")
+      labels = np.asarray(e.labels[:self.max_length], np.int32)
+      if (labels == IGNORE).all():
+        raise ValueError(f"no assistant answer to learn from in its first {self.max_length} tokens")
     except ValueError as err:
       logging.warning("skipping sample %s: %s", sample.id, err)
       return {"skipped": sample.id}
     frames = [n for a in e.audios for n in a.frames]
     feats = [a.features for a in e.audios]
     masks = [a.features_mask for a in e.audios]
-    return {"ids": np.asarray(e.ids, np.int32), "labels": np.asarray(e.labels, np.int32),
+    return {"ids": np.asarray(e.ids[:self.max_length], np.int32), "labels": labels,
             "features": np.concatenate(feats) if feats else np.zeros((0, features.N_MELS, features.FRAMES), np.float32),
             "features_mask": np.concatenate(masks) if masks else np.zeros((0, features.FRAMES), np.int32),
             "frames": np.asarray(frames, np.int32)}
+
+
+class NothingUsable(ValueError):
+  """Every sample of a full pass over the data was skipped: training would never see a row."""
+
+
+class SkipUnusable(grain.IterDataset):
+  """Drops Encode's {"skipped": id} records. Each record kept carries `skipped`, the number dropped
+  since the one before it. When every one of the `samples` samples (this host's share of `source`)
+  is dropped, `NothingUsable` is raised instead of searching forever."""
+
+  def __init__(self, parent: grain.IterDataset, *, samples: int, source: str):
+    super().__init__(parent)
+    self.samples = samples
+    self.source = source
+
+  def __iter__(self) -> grain.DatasetIterator:
+    return _SkipUnusableIterator(self._parent.__iter__(), self.samples, self.source)
+
+
+class _SkipUnusableIterator(grain.DatasetIterator):
+
+  def __init__(self, parent: grain.DatasetIterator, samples: int, source: str):
+    super().__init__(parent)
+    self.samples = samples
+    self.source = source
+
+  def __next__(self) -> dict:
+    dropped = 0
+    while "skipped" in (record := next(self._parent)):
+      dropped += 1
+      # Epochs may be shuffled differently, but any 2n records in a row hold one whole epoch of n.
+      if dropped >= 2 * self.samples:
+        raise NothingUsable(f"{self.source}: none of its {self.samples} sample(s) can be used "
+                            "(see the warnings above); nothing to train on")
+    return {**record, "skipped": dropped}
+
+  # Between two records nothing is pending, so the parent's position is the whole state.
+  def get_state(self) -> dict:
+    return self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._parent.set_state(state)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,9 +111,8 @@ class Collate:
   audio_token_id: int
 
   def __call__(self, records: Sequence[dict]) -> dict[str, np.ndarray]:
-    kept = [r for r in records if "skipped" not in r]
-    longest = max([len(r["ids"]) for r in kept], default=1)
-    length = next((b for b in self.buckets if b >= longest), self.buckets[-1])
+    longest = max(len(r["ids"]) for r in records)
+    length = next(b for b in self.buckets if b >= longest)
     windows = self.rows * self.windows_per_row
     out = {"input_ids": np.full((self.rows, length), self.pad_id, np.int32),
            "attention_mask": np.zeros((self.rows, length), np.int32),
@@ -71,13 +120,13 @@ class Collate:
            "input_features": np.zeros((windows, features.N_MELS, features.FRAMES), np.float32),
            "input_features_mask": np.zeros((windows, features.FRAMES), np.int32),
            "audio_embed_mask": np.zeros((windows, _FRAMES_PER_WINDOW), bool),
-           "skipped": np.int32(len(records) - len(kept))}
-    for row, r in enumerate(kept):
+           "skipped": np.int32(sum(r["skipped"] for r in records))}
+    for row, r in enumerate(records):
       w = row * self.windows_per_row  # row-aligned, so rows (and micro-batches) split with their audio
-      ids = r["ids"][:length]
+      ids = r["ids"]
       out["input_ids"][row, :len(ids)] = ids
       out["attention_mask"][row, :len(ids)] = 1
-      out["labels"][row, :len(ids)] = r["labels"][:length]
+      out["labels"][row, :len(ids)] = r["labels"]
       n_windows = len(r["frames"])
       out["input_features"][w:w + n_windows] = r["features"]
       out["input_features_mask"][w:w + n_windows] = r["features_mask"]
@@ -91,21 +140,30 @@ class Collate:
     return out
 
 
+def length_buckets(buckets: Sequence[int], max_length: int) -> tuple[int, ...]:
+  """The padded lengths a run uses: the configured ones below `max_length`, then `max_length`."""
+  if max_length < 1:
+    raise ValueError(f"data.max_length must be at least 1, got {max_length}")
+  return tuple(sorted({b for b in buckets if 0 < b < max_length} | {max_length}))
+
+
 def train_batches(samples: Sequence[Sample], processor: Processor, *, rows: int, windows_per_row: int,
-                  buckets: Sequence[int], seed: int, epochs: int | None, workers: int, process_index: int = 0,
-                  process_count: int = 1) -> grain.DatasetIterator:
+                  buckets: Sequence[int], max_length: int, seed: int, epochs: int | None, workers: int,
+                  source: str, process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
   """This host's share of the samples, shuffled, encoded and collated into batches of `rows`.
 
   epochs None repeats forever. Every host draws the same permutation and takes every
-  `process_count`-th sample of it from `process_index` on.
+  `process_count`-th sample of it from `process_index` on. `source` names the data in errors (the
+  manifests).
   """
   # Shuffle, then shard: each step's global batch holds the samples a single process would read
   # (in another row order), so the token-mean loss does not depend on the number of hosts.
   ds = grain.MapDataset.source(list(samples)).shuffle(seed=seed)[process_index::process_count]
-  ds = ds.repeat(epochs).map(Encode(processor, windows_per_row))
-  collate = Collate(rows, windows_per_row, tuple(buckets), processor.tokenizer.pad_token_id or 0,
-                    processor.audio_token_id)
-  it = ds.to_iter_dataset().batch(rows, batch_fn=collate, drop_remainder=True)
+  per_host = len(ds)
+  ds = ds.repeat(epochs).map(Encode(processor, windows_per_row, max_length)).to_iter_dataset()
+  collate = Collate(rows, windows_per_row, length_buckets(buckets, max_length),
+                    processor.tokenizer.pad_token_id or 0, processor.audio_token_id)
+  it = SkipUnusable(ds, samples=per_host, source=source).batch(rows, batch_fn=collate, drop_remainder=True)
   if workers:
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(it)
