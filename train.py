@@ -4,8 +4,9 @@
       --config.data.train=a.json,b.json [--config.total_steps=N] [--config.save_every=N]
 
 Rerunning the same command resumes from the latest checkpoint in `workdir`; SIGTERM or SIGINT saves
-and exits 0. When the run completes, `workdir/model` holds the trained model (LoRA merged) in the
+and exits 0. When the run completes, `workdir/model` holds the last step's model (LoRA merged) in the
 layout `from_pretrained` reads, so the next stage can start from `--config.init_from=runs/stage5`.
+One run at a time may use a workdir.
 """
 
 from __future__ import annotations
@@ -35,64 +36,97 @@ class _Stop:
 
 
 def run(cfg, workdir: Path) -> int:
+  from af3_jax import trainer
+
+  # Everything that can be checked without the model first: loading the 8B model takes minutes.
+  trainer.check_config(cfg)
+  samples = trainer.read_samples(cfg.data.train)
+  trainer.check_workdir(workdir)
+  init_from = trainer.resolve_init(cfg.init_from)
+  trainer.initialize_distributed()
+  with trainer.WorkdirLock(workdir):
+    return _train(cfg, workdir, samples, init_from)
+
+
+def build(cfg, init_from: str, mesh, total_steps: int):
+  """(model, graphdef, frozen weights, step-0 train state, jitted train step) as `cfg` says: its
+  trainable set, remat policy, dtypes, optimizer and accumulation."""
+  import jax
+  import numpy as np
+
+  import af3_jax
+  from af3_jax import optim, train_lib, trainer
+
+  # Frozen weights stay in the compute dtype; the trainable ones get param_dtype copies (init_state).
+  model = af3_jax.from_pretrained(init_from, dtype=np.dtype(cfg.compute_dtype), mesh=mesh, remat=cfg.remat)
+  graphdef, trainable, frozen = trainer.prepare(model, cfg)
+  optimizer = optim.make_optimizer(cfg.optim.lr, total_steps, warmup_ratio=cfg.optim.warmup_ratio,
+                                   weight_decay=cfg.optim.weight_decay, clip_norm=cfg.optim.clip_norm or None)
+  with jax.set_mesh(mesh):
+    state = train_lib.init_state(trainable, optimizer, mesh, cfg.seed, dtype=np.dtype(cfg.param_dtype))
+    step_fn = train_lib.jit_train_step(graphdef, optimizer, state, frozen, mesh, accum_steps=cfg.accum_steps)
+  return model, graphdef, frozen, state, step_fn
+
+
+def _train(cfg, workdir: Path, samples, init_from: str) -> int:
   import jax
   import numpy as np
   from tqdm import tqdm
 
   import af3_jax
-  from af3_jax import checkpoint, metrics, optim, sharding, train_lib, trainer
+  from af3_jax import checkpoint, metrics, sharding, trainer
   from af3_jax.data import pipeline
 
-  trainer.initialize_distributed()
-  workdir.mkdir(parents=True, exist_ok=True)
   print(cfg)
   mesh = sharding.make_mesh(trainer.mesh_shape(cfg.mesh, jax.device_count()))
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
-
-  if not cfg.init_from:
-    raise ValueError("--config.init_from is required: a checkpoint or the previous stage's workdir")
-  if not cfg.data.train:
-    raise ValueError("--config.data.train is required: comma-separated JSON manifests")
-  samples = [s for f in cfg.data.train.split(",") for s in af3_jax.read_manifest(f)]
-  init_from = trainer.resolve_init(cfg.init_from)
-  # Frozen weights stay in the compute dtype; init_state gives the trainable ones float32 copies.
-  model = af3_jax.from_pretrained(init_from, dtype=np.dtype(cfg.compute_dtype), mesh=mesh)
-  graphdef, trainable, frozen = trainer.prepare(model, cfg)
-  n_train, n_frozen = trainer.count(trainable), trainer.count(frozen)
-  print(f"parameters: {n_train:,} trainable, {n_frozen:,} frozen ({cfg.trainable})")
-
   rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
   per_epoch = pipeline.steps_per_epoch(len(samples), rows * cfg.accum_steps, jax.process_count())
   total = cfg.total_steps or cfg.epochs * per_epoch
   if total < 1:
-    raise ValueError(f"{len(samples)} samples make no full step of {rows * cfg.accum_steps} rows per host")
-  optimizer = optim.make_optimizer(cfg.optim.lr, total, warmup_ratio=cfg.optim.warmup_ratio,
-                                   weight_decay=cfg.optim.weight_decay, clip_norm=cfg.optim.clip_norm or None)
+    raise ValueError(f"{len(samples)} samples make no full step of {rows * cfg.accum_steps} rows per host; "
+                     "set total_steps to repeat them")
+
+  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, save_every=cfg.save_every)
+  start = ckpt.latest_step() or 0
+  if start > total:
+    ckpt.close()
+    raise ValueError(f"{workdir}: its checkpoints reach step {start}, past total_steps={total}; "
+                     "raise total_steps or choose another --workdir")
+  changed = trainer.record_settings(workdir, cfg)
+  if start and changed:
+    print(f"warning: resuming step {start} with settings that differ from the run that saved it: "
+          f"{'; '.join(changed)}", file=sys.stderr)
+
+  model, graphdef, frozen, state, step_fn = build(cfg, init_from, mesh, total)
+  n_train, n_frozen = trainer.count(state.params), trainer.count(frozen)
+  print(f"parameters: {n_train:,} trainable, {n_frozen:,} frozen ({cfg.trainable}); remat {cfg.remat}")
   processor = af3_jax.Processor.from_pretrained(init_from, style=cfg.data.style,
                                                 max_windows=cfg.data.max_windows)
   data = pipeline.train_batches(
       samples, processor, rows=rows * cfg.accum_steps, windows_per_row=cfg.data.max_windows,
-      buckets=cfg.data.length_buckets, seed=cfg.data.seed, epochs=None, workers=cfg.data.workers,
-      process_index=jax.process_index(), process_count=jax.process_count())
+      buckets=cfg.data.length_buckets, max_length=cfg.data.max_length, seed=cfg.data.seed, epochs=None,
+      workers=cfg.data.workers, source=cfg.data.train, process_index=jax.process_index(),
+      process_count=jax.process_count())
 
-  with jax.set_mesh(mesh):
-    state = train_lib.init_state(trainable, optimizer, mesh, cfg.seed)
-    step_fn = train_lib.jit_train_step(graphdef, optimizer, state, frozen, mesh, accum_steps=cfg.accum_steps)
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, save_every=cfg.save_every)
-  start = ckpt.latest_step() or 0
   if start:
     state = ckpt.restore(start, state, data)
     print(f"resumed from step {start}")
   primary = jax.process_index() == 0  # the one process that writes metrics (all save checkpoints together)
   if primary:
-    log = metrics.MetricsLog(workdir, n_params=n_train + n_frozen,
+    log = metrics.MetricsLog(workdir, n_params=n_train + n_frozen, every=cfg.log_every, after_step=start,
                              peak_flops=cfg.peak_tflops * 1e12 * jax.device_count())
   _Stop.install()
   compiled = {}  # one program per batch shape (length bucket)
   with tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary) as bar:
     for step in range(start + 1, total + 1):
-      host = next(data)
-      skipped = int(host.pop("skipped"))
+      try:
+        host = next(data)
+      except pipeline.NothingUsable as e:
+        ckpt.close()
+        data.close()  # stops grain's worker processes now, not noisily at interpreter exit
+        raise ValueError(str(e)) from None
+      skipped = trainer.all_hosts_sum(int(host.pop("skipped")))
       batch = trainer.global_batch(host, mesh, cfg.accum_steps)
       shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
       with jax.set_mesh(mesh):
@@ -107,20 +141,34 @@ def run(cfg, workdir: Path) -> int:
               f"(the last checkpoint is step {ckpt.latest_step()})", file=sys.stderr)
         ckpt.close()
         return 1
+      stopping = _Stop.requested or step == total
       if primary:
-        log.write(step, {**m, "skipped": skipped}, tokens=int(m["tokens"]))
+        log.add(step, {**m, "skipped": skipped}, flush=stopping)
       bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{float(m['lr']):.2e}")
       bar.update()
-      ckpt.save(step, state, data, force=_Stop.requested or step == total)
+      ckpt.save(step, state, data, force=stopping)
       if _Stop.requested:
         print(f"stopped at step {step} by a signal; checkpoint saved, rerun the command to resume", file=sys.stderr)
         ckpt.close()
         return 0
   ckpt.close()
-  if not (workdir / "model").exists():  # a rerun of a finished run has nothing left to do
-    trainer.write_model(workdir, model, graphdef, state.params, frozen, init_from, cfg)
+  if trainer.model_step(workdir) != total:  # a rerun of a finished run finds its model already written
+    trainer.write_model(workdir, total, model, graphdef, state.params, frozen, init_from, cfg)
   print(f"done: {total} steps; the trained model is in {workdir / 'model'}")
   return 0
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a bad --config file or override as one line and exit 1."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    problem = e
+  except (KeyError, AttributeError) as e:  # ml_collections: an override names no field of the config
+    problem = f"no such config field in the --config overrides: {e.args[0] if e.args else e}"
+  except OSError as e:  # ml_collections: the --config file cannot be loaded
+    problem = f"cannot load the --config file: {e}"
+  sys.exit(f"error: {' '.join(str(problem).split())}")
 
 
 def main(argv: list[str]) -> None:
@@ -130,11 +178,10 @@ def main(argv: list[str]) -> None:
   try:
     code = run(_CONFIG.value, Path(_WORKDIR.value))
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    code = 1
+    sys.exit(f"error: {e}")
   print(f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
   sys.exit(code)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

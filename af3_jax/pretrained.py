@@ -14,13 +14,16 @@ from flax import nnx
 from af3_jax import sharding, weights
 from af3_jax.adapter import merge_adapter
 from af3_jax.config import AF3Config
-from af3_jax.models import whisper
+from af3_jax.models import layers, whisper
 from af3_jax.models.af3 import AudioFlamingo3, audio_positions
 
 
-def abstract_model(cfg: AF3Config, *, param_dtype, dtype, mesh: jax.sharding.Mesh, rules=sharding.LOGICAL_RULES):
-  """(graphdef, abstract state, shardings) of the model, without allocating any parameter."""
-  module = nnx.eval_shape(lambda: AudioFlamingo3(cfg, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(0)))
+def abstract_model(cfg: AF3Config, *, param_dtype, dtype, mesh: jax.sharding.Mesh, rules=sharding.LOGICAL_RULES,
+                   remat: str = "none"):
+  """(graphdef, abstract state, shardings) of the model, without allocating any parameter. `remat`
+  names the layer stacks' rematerialisation policy (`layers.REMAT_POLICIES`): training memory."""
+  module = nnx.eval_shape(lambda: AudioFlamingo3(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
+                                                 rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(module)
   return graphdef, abstract_state, sharding.state_shardings(abstract_state, mesh, rules)
 
@@ -95,18 +98,21 @@ def check_inputs(cfg: AF3Config, *, input_ids, attention_mask=None, input_featur
 
 
 def from_pretrained(path_or_hub_id: str | Path, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, *,
-                    compute_dtype=None, adapter: str | Path | None = None) -> Model:
+                    compute_dtype=None, adapter: str | Path | None = None, remat: str = "none") -> Model:
   """Loads AF3 from a local folder or hub id: any upstream safetensors layout, or our orbax copy.
 
   dtype: parameter dtype; compute_dtype: activation dtype (defaults to dtype). With `mesh`, parameters
   are born sharded by the logical rules in `sharding.py`; without, they live on the first device.
   adapter: a PEFT LoRA folder (think mode: the checkpoint's `think/` or `stage35/`), merged on load.
+  remat: the layer stacks' rematerialisation policy for training ("none" for inference), by name.
   """
+  if remat not in layers.REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {sorted(layers.REMAT_POLICIES)}, got {remat!r}")
   root = weights.resolve(path_or_hub_id)
   cfg = weights.read_config(root)
   mesh = mesh if mesh is not None else sharding.make_mesh((1, 1, 1), jax.devices()[:1])
   graphdef, abstract_state, shardings = abstract_model(
-      cfg, param_dtype=dtype, dtype=compute_dtype or dtype, mesh=mesh)
+      cfg, param_dtype=dtype, dtype=compute_dtype or dtype, mesh=mesh, remat=remat)
   load = weights.load_orbax if weights.layout(root) == "orbax" else weights.load_safetensors
   state = load(root, abstract_state, shardings)
   if adapter is not None:

@@ -81,7 +81,7 @@ def split(module: nnx.Module, trainable: str) -> tuple[nnx.GraphDef, nnx.State, 
 
 @struct.dataclass
 class TrainState:
-  """step () int32; params: the trainable nnx.State (float32); opt_state: optax's; rng: a uint32 (2,) key.
+  """step () int32; params: the trainable nnx.State (param_dtype, float32 by default); opt_state: optax's; rng: a uint32 (2,) key.
 
   Nothing draws from `rng` yet: the model has no dropout or layerdrop (transformers' AF3 configs set
   every rate to 0). A stochastic layer would take `jax.random.fold_in(rng, step)`, so runs stay
@@ -179,14 +179,15 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
 
 
 def init_state(params: nnx.State, optimizer: optax.GradientTransformation, mesh: Mesh,
-               seed: int = 0) -> TrainState:
-  """A step-0 TrainState, born sharded: params cast to float32, optimizer state, rng from `seed`.
+               seed: int = 0, dtype=jnp.float32) -> TrainState:
+  """A step-0 TrainState, born sharded: params cast to `dtype` (float32: the optimizer's updates stay
+  exact), optimizer state, rng from `seed`.
 
   `params` (e.g. bfloat16 from the checkpoint) is read, not donated: the model still references it.
   """
 
   def init(p):
-    p = jax.tree.map(lambda x: x.astype(jnp.float32), p)
+    p = jax.tree.map(lambda x: x.astype(dtype), p)
     return TrainState(step=jnp.int32(0), params=p, opt_state=optimizer.init(p), rng=jax.random.PRNGKey(seed))
 
   return jax.jit(init, out_shardings=state_shardings(jax.eval_shape(init, params), mesh))(params)

@@ -27,7 +27,8 @@ ORBAX_PARAMS = "params"  # our converted checkpoints: config.json + orbax tree i
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
 _ORBAX_TREE = "_METADATA"  # what every finished orbax tree holds (its structure)
 _INDEX = "model.safetensors.index.json"
-_MODEL_FILES = {"config.json", _INDEX}  # rewritten by whoever writes a model
+# Rewritten by whoever writes a model; trainer_state.json records a training run's step (trainer.py).
+_MODEL_FILES = {"config.json", _INDEX, "trainer_state.json"}
 
 
 def resolve(path_or_hub_id: str | Path) -> Path:
@@ -267,14 +268,14 @@ def save_model(dst: Path, config: AF3Config, state: nnx.State, files_from: Path)
   if primary:
     shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted write
     tmp.mkdir(parents=True)
-  _sync("save_model_start")
+  sync_processes("save_model_start")
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save((tmp / ORBAX_PARAMS).absolute(), nnx.to_pure_dict(state))
   if primary:
     (tmp / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     copy_side_files(files_from, tmp)
     tmp.rename(dst)
-  _sync("save_model_done")  # nobody reads dst before it is in place
+  sync_processes("save_model_done")  # nobody reads dst before it is in place
 
 
 def copy_side_files(src: Path, dst: Path) -> None:
@@ -284,7 +285,8 @@ def copy_side_files(src: Path, dst: Path) -> None:
       shutil.copy2(f, dst / f.name)
 
 
-def _sync(name: str) -> None:
+def sync_processes(name: str) -> None:
+  """A barrier of every process of a multi-process run; nothing for one process."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 

@@ -19,6 +19,7 @@ import soundfile as sf
 
 import af3_jax
 from af3_jax import optim, train_lib, trainer
+from flax import nnx
 from configs import tiny
 
 torch = pytest.importorskip("torch")
@@ -97,9 +98,10 @@ def test_loss_falls_and_the_export_loads_in_transformers(run_setup, tmp_path):
   assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-def stop_and_resume(run_setup, tmp_path, save_every: int, stop):
-  """Runs 6 steps straight, and again stopped by `stop(proc)` after 3 logged steps and then rerun;
-  returns (the stopped process's stderr, its return code, straight losses, resumed losses)."""
+def stop_and_resume(run_setup, tmp_path, save_every: int, stop, while_running=lambda: None):
+  """Runs 6 steps straight, and again stopped by `stop(proc)` after 3 logged steps (having called
+  `while_running()` then) and then rerun; returns (the stopped process's stderr, its return code,
+  straight losses, resumed losses). The resumed run's metrics.jsonl holds each step once."""
   model, manifest, _ = run_setup
   args = ("--config.total_steps=6", f"--config.save_every={save_every}")
   code, _, err = train(tmp_path / "straight", model, manifest, *args)
@@ -109,11 +111,13 @@ def stop_and_resume(run_setup, tmp_path, save_every: int, stop):
   deadline = time.time() + 300
   while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
     time.sleep(0.05)
+  while_running()
   stop(proc)
   _, stop_err = proc.communicate(timeout=300)
   code, out, err = train(tmp_path / "cut", model, manifest, *args)
   assert code == 0 and "resumed from step" in out, err[-2000:]
-  # The resumed run appends to metrics.jsonl; later lines win for repeated steps.
+  _, records = losses(tmp_path / "cut")
+  assert [r["step"] for r in records] == list(range(1, 7))
   return stop_err, proc.returncode, losses(tmp_path / "straight")[0], losses(tmp_path / "cut")[0]
 
 
@@ -133,11 +137,104 @@ def test_a_corrupt_file_is_skipped_and_counted(run_setup, tmp_path):
   assert "broken.wav" in err
 
 
-def test_bad_input_is_one_line(run_setup, tmp_path):
+@pytest.mark.parametrize("case, expected", [
+    ("missing manifest", "missing.json: not a readable JSON manifest"),
+    ("empty manifest", "empty.json: the manifest holds no samples"),
+    ("workdir is a file", "--workdir is a file, not a folder"),
+    ("typo in an override", "no such config field in the --config overrides"),
+    ("negative total_steps", "total_steps must be >= 0"),
+    ("missing config file", "cannot load the --config file"),
+    ("no checkpoint in init_from", "no-model: not an AF3 checkpoint"),
+])
+def test_bad_input_is_one_line_before_the_model_loads(run_setup, tmp_path, case, expected):
+  """Each fails in one line with exit 1, and before the model loads: init_from is a folder with a
+  config.json and no weights, which would fail later and differently."""
   model, manifest, _ = run_setup
-  code, _, err = train(tmp_path / "run", model, tmp_path / "missing.json")
-  assert code == 1 and "missing.json: not a readable JSON manifest" in err
-  assert "Traceback" not in err
+  (tmp_path / "empty.json").write_text("[]")
+  (tmp_path / "file").write_text("")
+  (tmp_path / "no-model").mkdir()
+  shutil.copy(model / "config.json", tmp_path / "no-model")
+  workdir, extra, config = tmp_path / "run", [], "configs/tiny.py"
+  if case == "missing manifest":
+    manifest = tmp_path / "missing.json"
+  elif case == "empty manifest":
+    manifest, extra = tmp_path / "empty.json", ["--config.total_steps=5"]
+  elif case == "workdir is a file":
+    workdir = tmp_path / "file"
+  elif case == "typo in an override":
+    extra = ["--config.optim.lrr=1"]
+  elif case == "negative total_steps":
+    extra = ["--config.total_steps=-1"]
+  elif case == "missing config file":
+    config = "configs/nope.py"
+  else:
+    (tmp_path / "no-model" / "config.json").unlink()
+  code, _, err = train(workdir, tmp_path / "no-model", manifest, *extra, config=config)
+  assert code == 1 and expected in err, err[-2000:]
+  assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err[-2000:]
+
+
+def test_a_manifest_with_nothing_usable_exits_1_naming_it(run_setup, tmp_path):
+  model, _, _ = run_setup
+  bad = json.loads(run_setup[2].read_text())[-1]  # the item whose audio is not a readable WAV
+  manifest = tmp_path / "bad.json"
+  manifest.write_text(json.dumps([bad, {**bad, "id": "bad2"}]))
+  code, _, err = train(tmp_path / "run", model, manifest, "--config.total_steps=4")
+  expected = f"error: {manifest}: none of its 2 sample(s) can be used (see the warnings above); nothing to train on"
+  assert code == 1 and expected in err.splitlines(), err[-2000:]  # beside the warnings naming each sample
+  assert "Traceback" not in err and not (tmp_path / "run" / "model").exists()
+
+
+def test_a_longer_rerun_writes_the_last_steps_model_and_warns_of_changes(run_setup, tmp_path):
+  """A finished 3-step run rerun with total_steps=5 (and another lr) trains steps 4 and 5, says which
+  settings changed, and leaves the step-5 state in W/model; log_every=2 logs steps 2, 3 then 4, 5."""
+  model, manifest, _ = run_setup
+  workdir = tmp_path / "run"
+  code, _, err = train(workdir, model, manifest, "--config.total_steps=3", "--config.log_every=2")
+  assert code == 0, err[-2000:]
+  first = af3_jax.from_pretrained(workdir / "model", dtype=jnp.float32)
+  code, _, err = train(workdir, model, manifest, "--config.total_steps=5", "--config.log_every=2",
+                       "--config.optim.lr=0.001")
+  assert code == 0, err[-2000:]
+  assert "optim.lr: 0.003 -> 0.001" in err and "total_steps: 3 -> 5" in err
+  assert [r["step"] for r in losses(workdir)[1]] == [2, 3, 4, 5]
+  assert json.loads((workdir / "model" / "trainer_state.json").read_text()) == {"step": 5}
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckptr:
+    saved = ckptr.restore((workdir / "checkpoints" / "5" / "state").absolute())["params"]
+  last = af3_jax.from_pretrained(workdir / "model", dtype=jnp.float32).state
+  flat = lambda tree: dict(jax.tree_util.tree_flatten_with_path(tree)[0])
+  ours = {jax.tree_util.keystr(k): v for k, v in flat(nnx.to_pure_dict(last)).items()}
+  moved = 0
+  before = {jax.tree_util.keystr(k): v for k, v in flat(nnx.to_pure_dict(first.state)).items()}
+  for key, value in flat(saved).items():
+    name = jax.tree_util.keystr(key).removesuffix("['value']")  # orbax keeps nnx.State's leaf level
+    np.testing.assert_array_equal(ours[name], value, err_msg=name)
+    moved += not np.array_equal(value, before[name])
+  assert moved  # steps 4 and 5 changed the model
+
+
+def test_the_stage_configs_remat_reaches_the_compiled_step(gqa_ckpt):
+  """Stage 5's remat policy, built the way train.py builds it, shrinks the compiled step's temporaries
+  against the same config with remat "none"."""
+  import train as train_py
+  from af3_jax import sharding
+  from configs import stage5
+
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  temporaries = {}
+  for remat in (stage5.get_config().remat, "none"):
+    cfg = stage5.get_config()
+    cfg.remat, cfg.accum_steps = remat, 1
+    _, _, frozen, state, step_fn = train_py.build(cfg, str(gqa_ckpt.hf), mesh, total_steps=10)
+    t = 1024
+    batch = {"input_ids": jnp.zeros((2, t), jnp.int32), "attention_mask": jnp.ones((2, t), jnp.int32),
+             "labels": jnp.ones((2, t), jnp.int32)}
+    with jax.set_mesh(mesh):
+      temporaries[remat] = step_fn.lower(state, frozen, batch).compile().memory_analysis().temp_size_in_bytes
+  assert stage5.get_config().remat == "nothing_saveable"
+  assert temporaries["nothing_saveable"] < 0.7 * temporaries["none"], temporaries
 
 
 @pytest.mark.parametrize("stage, expected", [
@@ -221,9 +318,18 @@ def test_two_processes_match_one(run_setup, tmp_path):
 
 
 def test_a_kill_mid_run_leaves_a_usable_checkpoint(run_setup, tmp_path):
-  """SIGKILL while checkpoints are being written every step (asynchronously): the rerun resumes from
-  the latest complete one and ends with the losses of an uninterrupted run."""
-  _, _, straight, killed = stop_and_resume(run_setup, tmp_path, 1, lambda p: p.kill())
+  """SIGKILL amid asynchronous checkpoints every 2 steps, after 3 logged steps: the rerun resumes from
+  the latest complete one (logging each step once) and ends with the losses of an uninterrupted run.
+  While the first run lives, a second one on its workdir is refused at once; its kill frees the
+  workdir for the rerun."""
+  model, manifest, _ = run_setup
+
+  def second_run():
+    code, _, err = train(tmp_path / "cut", model, manifest, "--config.total_steps=6")
+    assert code == 1 and err.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'cut'}: another train.py run (pid")
+    assert "Traceback" not in err
+
+  _, _, straight, killed = stop_and_resume(run_setup, tmp_path, 2, lambda p: p.kill(), second_run)
   np.testing.assert_allclose([killed[s] for s in range(1, 7)], [straight[s] for s in range(1, 7)], rtol=1e-6)
 
 
