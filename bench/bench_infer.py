@@ -65,7 +65,7 @@ class Preset:
 
 PRESETS = {
     # 10 min is left out at tiny size (--audio=10min runs it): on 2 CPU cores one such prefill takes
-    # JAX ~25 s and torch ~8 s, and at batch 8 XLA's CPU attention would hold 8 GiB of float32 scores.
+    # JAX ~25 s and torch ~8 s (bench_memory.py measures its memory).
     "tiny": Preset(MODELS["tiny"], audio=("30s",), new_tokens=32, repeats=1),
     "full": Preset(MODELS["full"], audio=("30s", "10min"), new_tokens=64, repeats=3),
 }

@@ -5,6 +5,12 @@ from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 TOKENS_PER_WINDOW = 750  # `<sound>` tokens of a full window (3000 mel frames, conv stride 2, pool 2)
 
 MODELS = {
+    # The tests' tiny model (tests/conftest.py TINY[0], "gqa"): 4 query heads share 2 kv heads.
+    "test": AF3Config(
+        encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+        decoder=DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                              head_dim=16, intermediate_size=128, rope_theta=5000.0),
+        audio_token_id=299),
     # Wider than the test configs so the matmuls, not the dispatch, take the time on a CPU.
     "tiny": AF3Config(
         encoder=EncoderConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),

@@ -1,8 +1,14 @@
-"""A 16,000-token prompt plus 1,024 new tokens through `af3_jax.generate`, against transformers.
+"""Long prompts: a 16,000-token prompt plus 1,024 new tokens through `af3_jax.generate`, against
+transformers (the first 8 greedy tokens must be equal), and the host memory of 5 and 10 minutes of audio.
 
-One attention head and one kv head: XLA's CPU attention holds the whole (T, S) score matrix, about
-1 GiB in float32 per head at this length. The first 8 greedy tokens must equal transformers'.
+Both run the blockwise attention path (`layers.attention`): XLA's one-piece attention would hold the
+whole (T, S) score matrix, about 1 GiB in float32 per head at 16,000 tokens.
 """
+
+import json
+import subprocess
+import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -11,7 +17,7 @@ from conftest import Tiny, build_torch_model, random_text
 
 import af3_jax
 
-torch = pytest.importorskip("torch")
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_memory.py"
 
 PROMPT = 16_000
 NEW = 1_024
@@ -21,6 +27,7 @@ TINY = Tiny("long", enc_width=32, enc_heads=1, dec_width=32, dec_heads=1, kv_hea
 
 @pytest.mark.slow
 def test_long_prompt_generates_as_transformers(tmp_path):
+  torch = pytest.importorskip("torch")
   reference = build_torch_model(TINY)
   reference.save_pretrained(tmp_path)
   ids = random_text(np.random.default_rng(0), TINY, PROMPT)[None].astype(np.int64)
@@ -33,3 +40,21 @@ def test_long_prompt_generates_as_transformers(tmp_path):
   ours = af3_jax.generate(model, dict(input_ids=ids), NEW)  # no eos in the config: all NEW tokens
   assert ours.shape == (1, NEW) and ((0 <= ours) & (ours < TINY.vocab)).all()
   np.testing.assert_array_equal(ours[:, :8], ref)
+
+
+@pytest.mark.slow
+def test_long_audio_memory_is_linear_in_the_prompt():
+  """The tests' tiny model (float32) generating after 5 and 10 minutes of audio (nvidia-style prompts of
+  7,526 and 15,036 tokens), each in a fresh process. With one-piece attention the prefill's temporaries
+  were 3.1 and 12.3 GiB (peak RSS 3.6 GiB at 5 minutes); now doubling the audio at most about doubles
+  them and what generating adds to the resident set (seen: 0.20 -> 0.41 GiB and 0.39 -> 0.66 GiB, peak
+  1.06 GiB at 10 minutes). bench/RESULTS.md has the table."""
+  runs = {}
+  for minutes in (5, 10):
+    child = subprocess.run([sys.executable, BENCH, "--child", f"--minutes={minutes}"], capture_output=True, text=True,
+                           check=True, cwd=BENCH.parent)
+    runs[minutes] = json.loads(child.stdout.strip().splitlines()[-1])
+  five, ten = runs[5], runs[10]
+  assert ten["prefill_temp"] <= 2.2 * five["prefill_temp"]
+  assert ten["rss_peak"] - ten["rss_before"] <= 2.2 * (five["rss_peak"] - five["rss_before"])
+  assert ten["rss_peak"] < 2 * 2**30

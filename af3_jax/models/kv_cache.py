@@ -40,7 +40,3 @@ def write(slots: jax.Array, new: jax.Array, end: jax.Array) -> jax.Array:
   """Puts `new` (B, T, ...) into `slots` (B, S, ...) at slots end..end+T-1."""
   return jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), end, axis=1)
 
-
-def causal(end: jax.Array, t: int, s: int) -> jax.Array:
-  """(T, S) bool: new token i, stored at slot end + i, sees the slots up to and including its own."""
-  return jnp.arange(s)[None, :] <= end + jnp.arange(t)[:, None]

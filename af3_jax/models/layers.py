@@ -7,6 +7,8 @@ of torch's `weight`), Conv1d `kernel` is (k, in, out).
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Callable, Sequence
 
 import jax
@@ -128,18 +130,87 @@ class Conv1d(nnx.Module):
     return y + self.bias[...].astype(self.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, mask: jax.Array | None = None,
-              is_causal: bool = False, kv_lengths: jax.Array | None = None) -> jax.Array:
+# Up to this many attention scores (B N T S), 64 MiB in float32, XLA computes them in one piece: the
+# tiny test models' prompts and decode steps, which compile faster so. Beyond it, blockwise: memory linear
+# in the prompt. The full decoder passes it at ~740 prompt tokens; 15,000 would be 6.3e9 scores (25 GB).
+DENSE_MAX_SCORES = 2**24
+Q_BLOCK = 512  # queries per block of the blockwise path
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, key_mask: jax.Array | None = None,
+              kv_lengths: jax.Array | None = None, causal: bool = False,
+              q_offset: jax.Array | None = None) -> jax.Array:
   """Softmax attention over (B, T, N, H) queries and (B, S, K, H) keys/values (K divides N: GQA).
 
-  cuDNN flash attention on GPU for 16-bit inputs (it rejects float32), XLA everywhere else.
-  `mask` (bool, broadcastable to B N T S) and `kv_lengths` (B,) select the keys each query may see.
+  Keys a query may see: those with `key_mask` (B, S) bool True, below `kv_lengths` (B,) and, if
+  `causal`, at or before the query's own slot, q_offset + i for query i (q_offset () int, default 0).
+  Backends: cuDNN flash attention on GPU for 16-bit inputs (it rejects float32); XLA in one piece
+  when there are at most `DENSE_MAX_SCORES` scores; otherwise blockwise (`_blockwise`), so no (T, S)
+  array is ever built for a long prompt.
   """
-  fast = jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
-  return jax.nn.dot_product_attention(
-      q, k, v, mask=mask, scale=scale, is_causal=is_causal,
-      key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32),
-      implementation="cudnn" if fast else "xla")
+  b, t, n, _ = q.shape
+  s = k.shape[1]
+  if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    # cuDNN takes causality as a flag when queries and keys start together, as a mask after a cache.
+    offset_causal = causal and q_offset is not None
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=_mask(0, t, s, key_mask, None, offset_causal, q_offset), scale=scale,
+        is_causal=causal and not offset_causal,
+        key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32),
+        implementation="cudnn")
+  if b * n * t * s <= DENSE_MAX_SCORES:
+    return jax.nn.dot_product_attention(q, k, v, mask=_mask(0, t, s, key_mask, kv_lengths, causal, q_offset),
+                                        scale=scale, implementation="xla")
+  return _blockwise(q, k, v, scale=scale, key_mask=key_mask, kv_lengths=kv_lengths, causal=causal,
+                    q_offset=q_offset)
+
+
+def _mask(start, t: int, s: int, key_mask, kv_lengths, causal: bool, q_offset) -> jax.Array | None:
+  """(B or 1, 1, t, S) bool for queries start..start+t-1 (see `attention`), or None: every key."""
+  parts = []
+  if key_mask is not None:
+    parts.append(key_mask[:, None, None, :])
+  if kv_lengths is not None:
+    parts.append((jnp.arange(s) < kv_lengths[:, None])[:, None, None, :])
+  if causal:
+    slots = start + jnp.arange(t) + (0 if q_offset is None else q_offset)
+    parts.append((jnp.arange(s) <= slots[:, None])[None, None])
+  return functools.reduce(jnp.logical_and, parts) if parts else None
+
+
+def _blockwise(q, k, v, *, scale, key_mask, kv_lengths, causal, q_offset) -> jax.Array:
+  """`attention` in blocks of `Q_BLOCK` queries, each through tokamax's `xla_chunked` (online softmax
+  over 1024-key chunks). Temporaries are linear in S: the mask of one block of queries, (B, 1, Q, S) bool.
+
+  Two things tokamax would otherwise do for us cost memory: it turns any mask into a dense (T, S) array
+  (hence our query blocks), and it repeats k and v to N heads for GQA (hence the G queries sharing a kv
+  head become G rows of one block). The last block overlaps the one before it when Q_BLOCK does not
+  divide T, so nothing is padded.
+  """
+  # tokamax is imported here, not at the top: GPU runs in 16-bit never need it.
+  import tokamax
+  from absl import flags
+
+  # tokamax 0.0.12 parses sys.argv with absl on first use and fails on the host program's own arguments
+  # (pytest's, a script's); parsing only the flags absl knows is its later fix (openxla/tokamax#957).
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS(sys.argv, known_only=True)
+
+  b, t, n, h = q.shape
+  kh = k.shape[2]
+  g, rows = n // kh, min(Q_BLOCK, t)
+
+  def block(i, out):
+    start = jnp.minimum(i * rows, t - rows)
+    qb = jax.lax.dynamic_slice_in_dim(q, start, rows, axis=1)
+    qb = qb.reshape(b, rows, kh, g, h).transpose(0, 1, 3, 2, 4).reshape(b, rows * g, kh, h)
+    mask = _mask(start, rows, k.shape[1], key_mask, kv_lengths, causal, q_offset)
+    mask = None if mask is None else jnp.repeat(mask, g, axis=2)
+    o = tokamax.dot_product_attention(qb, k, v, mask=mask, scale=scale, implementation="xla_chunked")
+    o = o.reshape(b, rows, g, kh, h).transpose(0, 1, 3, 2, 4).reshape(b, rows, n, h)
+    return jax.lax.dynamic_update_slice_in_dim(out, o, start, axis=1)
+
+  return jax.lax.fori_loop(0, -(-t // rows), block, jnp.zeros_like(q))
 
 
 REMAT_POLICIES = {

@@ -57,12 +57,12 @@ class Attention(nnx.Module):
     q = rope(self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
     k = rope(self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
     v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    mask = key_mask[:, None, None, :]
     if kv is not None:
       k, v = kv_cache.write(kv[0], k, end), kv_cache.write(kv[1], v, end)
       kv = (k, v)
-      mask = mask & kv_cache.causal(end, t, k.shape[1])
-    o = layers.attention(q, k, v, scale=cfg.head_dim**-0.5, mask=mask, is_causal=kv is None)
+    # With a cache, new token i sits at slot end + i; the slots after it are empty or in its future.
+    o = layers.attention(q, k, v, scale=cfg.head_dim**-0.5, key_mask=key_mask, causal=True,
+                         q_offset=None if kv is None else end)
     return self.o_proj(o.reshape(b, t, -1)), kv
 
 

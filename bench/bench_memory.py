@@ -1,0 +1,141 @@
+"""Host memory of long-audio generation: peak RSS of one `af3_jax.generate` call per audio length.
+
+  python bench/bench_memory.py                       # the tiny test model, 5 and 10 minutes of audio
+  python bench/bench_memory.py --size full --aot     # compiled temporaries only, at the released AF3 size
+  (from the repo root, with af3_jax installed or PYTHONPATH=.)
+
+Each length runs in a fresh process: random weights (no checkpoint), an NVIDIA-style prompt (`<sound>`
+and a newline per 30 s window, 750 audio frames each: 5 minutes is 7,500 audio tokens, 10 minutes
+15,000), then a few greedy tokens. Reported: the peak resident set size (`ru_maxrss`) before generating
+(runtime and weights) and after, and the compiled temporaries of the prefill (audio encoder and prompt).
+Prompt and windows are padded to generate's power-of-two buckets (10 minutes: 16,384 tokens, 32
+windows), as in real use. `--aot` only compiles the prefill from abstract weights, so it runs at full
+size on a CPU (shared/STYLE.md 21).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+from flax import nnx
+
+import af3_jax
+from af3_jax import decode, sharding
+from af3_jax.config import AF3Config
+from af3_jax.pretrained import abstract_model, init_random
+from presets import MODELS, TOKENS_PER_WINDOW
+
+_SIZE = flags.DEFINE_enum("size", "test", ["test", "tiny", "full"], "A model preset (test: the tests' tiny model).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Parameter and compute dtype.")
+_MINUTES = flags.DEFINE_multi_integer("minutes", [5, 10], "Audio lengths in minutes (30 s windows, at most 10).")
+_NEW = flags.DEFINE_integer("new-tokens", 4, "Tokens to generate.")
+_AOT = flags.DEFINE_bool("aot", False, "Only compile the prefill from abstract weights and report its temporaries.")
+_CHILD = flags.DEFINE_bool("child", False, "Internal: measure one length in this process and print JSON.")
+
+PROMPT = (4, 12)  # text tokens before and after the audio
+NEWLINE = 3  # the token id that follows each window's `<sound>` tokens
+
+
+def nvidia_batch(cfg: AF3Config, minutes: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """One row, padded to generate's buckets: text, then `<sound>` x 750 and a newline per window, then text."""
+  rng = np.random.default_rng(seed)
+  windows = 2 * minutes
+  text = lambda n: rng.integers(NEWLINE + 1, cfg.audio_token_id, n)
+  window = np.concatenate([np.full(TOKENS_PER_WINDOW, cfg.audio_token_id), [NEWLINE]])
+  ids = np.concatenate([text(PROMPT[0]), *[window] * windows, text(PROMPT[1])])
+  length, padded_windows = decode.bucket(len(ids), decode.MIN_BUCKET), decode.bucket(windows)
+  frames = 2 * cfg.encoder.max_source_positions
+  real = np.arange(padded_windows) < windows
+  return dict(
+      input_ids=np.pad(ids, (length - len(ids), 0))[None].astype(np.int32),
+      attention_mask=(np.arange(length) >= length - len(ids))[None].astype(np.int32),
+      input_features=rng.standard_normal((padded_windows, cfg.encoder.num_mel_bins, frames), np.float32),
+      input_features_mask=np.repeat(real[:, None], frames, axis=1).astype(np.int32),
+      audio_embed_mask=np.repeat(real[:, None], frames // 4, axis=1))
+
+
+def prefill_temp_bytes(cfg: AF3Config, dtype, batch: dict, new_tokens: int) -> int:
+  """Compiled temporaries of `decode.prefill` for `batch`, from abstract weights (nothing allocated)."""
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  graphdef, abstract, _ = abstract_model(cfg, param_dtype=dtype, dtype=dtype, mesh=mesh)
+  new_len = decode.bucket(new_tokens, decode.MIN_BUCKET)
+  eos = np.full(4, -1, np.int32)
+
+  def prefill_fn(state, batch):
+    return decode.prefill(nnx.merge(graphdef, state), batch, new_len, decode.Sampling(), jax.random.key(0), eos,
+                          np.int32(0))
+
+  with jax.set_mesh(mesh):
+    compiled = jax.jit(prefill_fn).lower(abstract, batch).compile()
+  return compiled.memory_analysis().temp_size_in_bytes
+
+
+def peak_rss() -> int:
+  """This process's peak resident set size in bytes (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def measure(cfg: AF3Config, dtype, minutes: int, new_tokens: int, aot: bool) -> dict:
+  batch = nvidia_batch(cfg, minutes)
+  out = dict(minutes=minutes, prompt=int(batch["attention_mask"].sum()), padded=batch["input_ids"].shape[1])
+  if not aot:
+    model = init_random(cfg, dtype=dtype)
+    jax.block_until_ready(model.state)
+    out["rss_before"] = peak_rss()
+    start = time.perf_counter()
+    tokens = af3_jax.generate(model, batch, new_tokens, do_sample=False)
+    out["seconds"] = time.perf_counter() - start
+    out["rss_peak"] = peak_rss()
+    if tokens.shape != (1, new_tokens):
+      raise RuntimeError(f"generated {tokens.shape}, expected (1, {new_tokens})")
+  out["prefill_temp"] = prefill_temp_bytes(cfg, dtype, batch, new_tokens)
+  return out
+
+
+def row(r: dict) -> str:
+  gib = lambda key: f"{r[key] / 2**30:.2f}" if key in r else "-"
+  seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
+  return (f"| {r['minutes']} min | {r['prompt']:,} ({r['padded']:,}) | {gib('rss_before')} | {gib('rss_peak')} | "
+          f"{gib('prefill_temp')} | {seconds} |")
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  cfg, dtype = MODELS[_SIZE.value], jnp.dtype(_DTYPE.value)
+  if _CHILD.value:
+    print(json.dumps(measure(cfg, dtype, _MINUTES.value[0], _NEW.value, _AOT.value)))
+    return 0
+  if not all(1 <= m <= 10 for m in _MINUTES.value):
+    print("--minutes must be between 1 and 10 (at most 20 windows of 30 s)", file=sys.stderr)
+    return 1
+  print(f"{_SIZE.value} AF3, {_DTYPE.value}, {_NEW.value} new tokens | JAX {jax.__version__} on "
+        f"{jax.devices()[0].device_kind} | {datetime.datetime.now().isoformat(timespec='minutes')}", flush=True)
+  lines = ["| audio | prompt tokens (padded) | RSS before GiB | peak RSS GiB | prefill temporaries GiB | seconds |",
+           "|---|---|---|---|---|---|"]
+  for minutes in _MINUTES.value:
+    args = [sys.executable, Path(__file__).resolve(), "--child", f"--minutes={minutes}", f"--size={_SIZE.value}",
+            f"--dtype={_DTYPE.value}", f"--new-tokens={_NEW.value}", f"--aot={_AOT.value}"]
+    child = subprocess.run(args, capture_output=True, text=True)
+    if child.returncode != 0:
+      print(f"{minutes} min: the measuring process failed ({child.returncode}):\n{child.stderr[-3000:]}",
+            file=sys.stderr)
+      return 1
+    lines.append(row(json.loads(child.stdout.strip().splitlines()[-1])))
+    print(lines[-1], flush=True)
+  print("\n".join(lines))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)
