@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import IO, Any
 import numpy as np
 from tqdm import tqdm
 
-from af3_jax import decode
+from af3_jax import decode, files
 from af3_jax.audio import features
 from af3_jax.data.manifest import Sample
 from af3_jax.pretrained import Model
@@ -161,12 +160,7 @@ def compact_results(path: Path) -> set[str]:
   kept = "".join(line + "\n" for n, (id_, ok, line) in enumerate(records)
                  if ok or (id_ not in answered and newest_error[id_] == n))
   if kept != text:
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w") as f:
-      f.write(kept)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
+    files.write_text_atomic(path, kept)
   return answered
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from af3_jax import files
 from af3_jax.tensorboard import EventWriter
 
 _SUMMED = ("tokens", "skipped")
@@ -50,9 +51,7 @@ class MetricsLog:
         continue
       if record["step"] <= step:
         kept.append(line + "\n")
-    tmp = self.path.with_suffix(".jsonl.partial")
-    tmp.write_text("".join(kept))
-    tmp.replace(self.path)
+    files.write_text_atomic(self.path, "".join(kept))
 
   def add(self, step: int, metrics: dict, *, flush: bool = False) -> dict | None:
     """Takes one step's scalar metrics; every `every` steps, or when `flush`, writes the record of the

@@ -20,7 +20,7 @@ from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
-from af3_jax import train_lib, weights
+from af3_jax import files, train_lib, weights
 from af3_jax.data.manifest import Sample, read_manifest
 from af3_jax.models import layers
 from af3_jax.pretrained import Model
@@ -118,14 +118,13 @@ def record_settings(workdir: Path, cfg) -> list[str]:
   """Writes the run's settings to `workdir/train_config.json` (process 0) and returns those that
   differ from the settings recorded by the run before, as "name: old -> new" (a resumed run's warning)."""
   path = workdir / "train_config.json"
-  new = traverse_util.flatten_dict(json.loads(cfg.to_json()), sep=".")
+  settings = json.loads(cfg.to_json())
+  new = traverse_util.flatten_dict(settings, sep=".")
   old = traverse_util.flatten_dict(json.loads(path.read_text()), sep=".") if path.is_file() else new
   changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
              if old.get(k) != new.get(k)]
   if jax.process_index() == 0:
-    tmp = path.with_suffix(".json.partial")
-    tmp.write_text(json.dumps(json.loads(cfg.to_json()), indent=2) + "\n")
-    tmp.replace(path)
+    files.write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
   return changed
 
 
