@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+from tokenizers.decoders import DecodeStream
 from tqdm import tqdm
 
 from af3_jax import decode, files
@@ -74,18 +75,21 @@ class Assistant:
     """Streams the answer to one conversation to `out` as it is generated; returns the whole text."""
     start = time.perf_counter()
     batch = self._inputs([self.encode(conversation)])
-    tokens, shown = [], ""
+    # Decodes each new token against a few before it, not the whole answer again (linear, not quadratic
+    # in its length); `step` gives None while a multi-byte character is still incomplete.
+    stream, backend = DecodeStream(skip_special_tokens=True), self.processor.tokenizer.backend_tokenizer
+    tokens = []
     for step in decode.generate_stream(self.model, batch, self.max_new_tokens, **self.sampling):
       if not tokens:
         self.stats.first_token_s += time.perf_counter() - start
         self.stats.streamed += 1
       tokens.append(int(step[0]))
-      text = self._text(tokens)
-      if out is not None and text.startswith(shown):  # holds back a half-decoded multi-byte character
-        out.write(text[len(shown):])
+      if out is not None and (piece := stream.step(backend, tokens[-1])):
+        out.write(piece)
         out.flush()
-        shown = text
     self.stats.new_tokens += len(tokens)
+    # One full decode at the end (linear) returns exactly what `decode` gives, even where the answer ends
+    # in a cut-off character that the stream holds back.
     return self._text(tokens).strip()
 
   def reply_batch(self, encoded: Sequence[Encoded]) -> list[str]:
