@@ -7,21 +7,19 @@ memory peaks at the model plus its largest (stacked) parameter. Only safetensors
 from __future__ import annotations
 
 import json
-import math
 import re
 import shutil
-import struct
 from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_dtypes
 import numpy as np
 from flax import nnx, traverse_util
 
+from af3_jax import names
 from af3_jax.config import AF3Config, decoder_config, encoder_config, parse_json, read_json
-from convert import names
+from af3_jax.safetensors_file import SafetensorsFile
 
 ORBAX_PARAMS = "params"  # our converted checkpoints: config.json + orbax tree in this subfolder
 _HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]
@@ -140,64 +138,6 @@ def tensor_sources(root: Path) -> dict[str, tuple[Path, str]]:
   return sources
 
 
-_MAX_HEADER_BYTES = 100_000_000  # safetensors' own limit on the header (MAX_HEADER_SIZE)
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-
-
-class SafetensorsFile:
-  """One .safetensors file, its tensors as read-only memory maps (no copy until they are used).
-
-  safetensors' numpy backend cannot return bfloat16 and its flax backend copies each tensor twice
-  through a device array, so we read the (simple, documented) format directly: a little-endian u64
-  header size, a JSON header of {name: {dtype, shape, data_offsets}}, then the raw bytes.
-  """
-
-  def __init__(self, path: Path):
-    self.path = path
-    try:
-      self.header, self.data_start = _read_header(path)
-    except (OSError, struct.error, UnicodeDecodeError, RecursionError, ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"{path}: not a readable safetensors file ({e})") from None
-
-  def keys(self) -> list[str]:
-    return list(self.header)
-
-  def shape(self, key: str) -> tuple[int, ...]:
-    return tuple(self.header[key]["shape"])
-
-  def get(self, key: str) -> np.ndarray:
-    entry = self.header[key]
-    dtype = np.dtype(_DTYPES[entry["dtype"]])
-    if not entry["shape"] or 0 in entry["shape"]:
-      return np.zeros(entry["shape"], dtype)
-    return np.memmap(self.path, dtype=dtype, mode="r", offset=self.data_start + entry["data_offsets"][0],
-                     shape=tuple(entry["shape"]))
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-  """(header without `__metadata__`, offset of the data) of a safetensors file, every entry checked to
-  lie inside the file; raises ValueError (or the parsing error) for anything else."""
-  size = path.stat().st_size
-  with open(path, "rb") as f:
-    (n,) = struct.unpack("<Q", f.read(8))
-    # Bounded before reading: a corrupt length would otherwise ask for exabytes (OverflowError, MemoryError).
-    if n > (limit := min(size - 8, _MAX_HEADER_BYTES)):
-      raise ValueError(f"header length {n} is impossible (at most {limit} bytes here)")
-    header = json.loads(f.read(n))
-  if not isinstance(header, dict):
-    raise ValueError("the header is not a JSON object")
-  header.pop("__metadata__", None)
-  for key, entry in header.items():
-    shape, (begin, end) = entry["shape"], entry["data_offsets"]
-    if not all(isinstance(d, int) and d >= 0 for d in shape):
-      raise ValueError(f"{key!r}: bad shape {shape!r}")
-    nbytes = math.prod(shape) * np.dtype(_DTYPES[entry["dtype"]]).itemsize
-    if not (isinstance(begin, int) and 0 <= begin <= end <= size - 8 - n and end - begin == nbytes):
-      raise ValueError(f"{key!r}: tensor bytes out of range")
-  return header, 8 + n
-
-
 def _plan(sources: dict[str, tuple[Path, str]], files: dict[Path, SafetensorsFile],
           abstract: dict) -> dict[tuple, dict[int | None, str]]:
   """Our path -> {layer: canonical key}, after checking names and shapes against the model."""
@@ -212,15 +152,14 @@ def _plan(sources: dict[str, tuple[Path, str]], files: dict[Path, SafetensorsFil
       continue
     want = abstract[path].shape[1:] if layer is not None else abstract[path].shape
     shape = files[file].shape(key)
-    got = names.to_ours(np.empty(shape, np.int8), transform).shape
+    got = names.torch_to_ours(np.empty(shape, np.int8), transform).shape
     if got != tuple(want):
       bad_shapes.append(f"{canon}: checkpoint {shape} vs model {tuple(want)} ({transform} layout)")
     plan.setdefault(path, {})[layer] = canon
   missing = []
   for path, var in abstract.items():
     layers = plan.get(path, {})
-    wanted = range(var.shape[0]) if "layers" in path else [None]
-    missing += [names.hf_key(path, i) for i in wanted if i not in layers]
+    missing += [names.hf_key(path, i) for i in names.layers_of(path, var.shape) if i not in layers]
   problems = [(f"missing keys: {', '.join(sorted(missing))}", missing),
               (f"unexpected keys: {', '.join(sorted(unexpected))}", unexpected),
               (f"shape mismatches: {'; '.join(bad_shapes)}", bad_shapes)]
@@ -242,7 +181,7 @@ def load_safetensors(root: Path, abstract_state: nnx.State, shardings: nnx.State
     for layer, canon in by_layer.items():
       file, key = sources[canon]
       # Casting assignment from the memory map: no intermediate copy in the source dtype.
-      buffer[() if layer is None else layer] = names.to_ours(files[file].get(key), names.param_path(canon)[2])
+      buffer[() if layer is None else layer] = names.torch_to_ours(files[file].get(key), names.param_path(canon)[2])
     loaded[path] = jax.make_array_from_callback(spec.shape, target[path], lambda idx, b=buffer: b[idx])
     # Transfers are asynchronous and keep their host buffer alive; waiting bounds the peak to one buffer.
     loaded[path].block_until_ready()

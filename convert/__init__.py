@@ -1,1 +1,3 @@
-"""Checkpoint name tables and tensor transforms between upstream layouts and af3_jax parameters."""
+"""Command-line tools: `python -m convert.from_hf` (a checkpoint to our orbax layout) and
+`python -m convert.to_hf` (a training run to transformers' layout). The key-name tables they use live
+in `af3_jax/names.py`."""

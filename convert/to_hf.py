@@ -25,7 +25,8 @@ from absl import app, flags, logging
 from flax import nnx, traverse_util
 from safetensors.numpy import save_file
 
-from convert import names
+import af3_jax
+from af3_jax import names, weights
 
 SHARD_BYTES = 5 * 2**30
 
@@ -33,11 +34,10 @@ SHARD_BYTES = 5 * 2**30
 def tensors(state: nnx.State):
   """(module-tree key, numpy tensor in torch layout) for every parameter, one layer at a time."""
   for path, x in traverse_util.flatten_dict(nnx.to_pure_dict(state)).items():
-    layers = range(x.shape[0]) if "layers" in path else [None]
-    for layer in layers:
+    for layer in names.layers_of(path, x.shape):
       canon = names.hf_key(path, layer)
       value = np.asarray(jax.device_get(x[layer] if layer is not None else x))
-      yield names.module_tree_key(canon), np.ascontiguousarray(names.to_ours(value, names.param_path(canon)[2]))
+      yield names.module_tree_key(canon), np.ascontiguousarray(names.ours_to_torch(value, names.param_path(canon)[2]))
 
 
 def write_safetensors(state: nnx.State, dst: Path) -> None:
@@ -64,9 +64,6 @@ def write_safetensors(state: nnx.State, dst: Path) -> None:
 
 def export(workdir: Path, out: Path, *, dtype, adapter_only: bool) -> None:
   """Writes the run's model (tensors in `dtype`, None: as saved) or its LoRA adapter to `out`."""
-  import af3_jax
-  from af3_jax import weights
-
   if out.exists():
     raise ValueError(f"{out}: already exists; choose a new output folder")
   source = workdir / ("adapter" if adapter_only else "model")

@@ -14,6 +14,7 @@ Layouts (shared/UPSTREAM.md section 7):
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -85,13 +86,24 @@ def hf_key(path: tuple[str, ...], layer: int | None) -> str:
   return ".".join(names)
 
 
-def to_ours(x: np.ndarray, transform: str) -> np.ndarray:
-  """torch layout -> ours. Both transposes are their own inverse."""
+def torch_to_ours(x: np.ndarray, transform: str) -> np.ndarray:
+  """A tensor in torch's layout -> ours: linear (out, in) -> (in, out), conv (out, in, k) -> (k, in, out)."""
   if transform == "linear":
     return x.T
   if transform == "conv":
-    return x.transpose(2, 1, 0)  # (out, in, k) <-> (k, in, out)
+    return x.transpose(2, 1, 0)
   return x
+
+
+def ours_to_torch(x: np.ndarray, transform: str) -> np.ndarray:
+  """Our layout -> torch's, the inverse of `torch_to_ours` (each transpose is its own inverse)."""
+  return torch_to_ours(x, transform)
+
+
+def layers_of(path: tuple[str, ...], shape: tuple[int, ...]) -> Sequence[int | None]:
+  """The checkpoint layers one of our parameters holds: each index of its leading axis when its path
+  is in a layer stack (`layers`), else [None] (one unstacked tensor)."""
+  return range(shape[0]) if "layers" in path else [None]
 
 # Adapter and extra-tensor keys name modules of whatever peft wrapped: the transformers model, the
 # NVIDIA llava model (folder names as attribute prefixes), or the bare Qwen2ForCausalLM.
