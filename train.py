@@ -36,16 +36,23 @@ class _Stop:
 
 
 def run(cfg, workdir: Path) -> int:
-  from af3_jax import trainer
+  from af3_jax import train_run
 
   # Everything that can be checked without the model first: loading the 8B model takes minutes.
-  trainer.check_config(cfg)
-  samples = trainer.read_samples(cfg.data.train)
-  trainer.check_workdir(workdir)
-  init_from = trainer.resolve_init(cfg.init_from)
-  trainer.initialize_distributed()
-  with trainer.WorkdirLock(workdir):
+  train_run.check_config(cfg)
+  samples = train_run.read_samples(cfg.data.train)
+  train_run.check_workdir(workdir)
+  init_from = train_run.resolve_init(cfg.init_from)
+  train_run.initialize_distributed()
+  with train_run.WorkdirLock(workdir):
     return _train(cfg, workdir, samples, init_from)
+
+
+def _adapter(cfg):
+  """The LoRA a stage trains (its "lora" trainable set), or None."""
+  from af3_jax import lora
+
+  return lora.Spec(cfg.lora.rank, cfg.lora.alpha) if cfg.trainable == "lora" else None
 
 
 def build(cfg, init_from: str, mesh, total_steps: int):
@@ -55,16 +62,16 @@ def build(cfg, init_from: str, mesh, total_steps: int):
   import numpy as np
 
   import af3_jax
-  from af3_jax import optim, train_lib, trainer
+  from af3_jax import optim, train_run, train_step
 
   # Frozen weights stay in the compute dtype; the trainable ones get param_dtype copies (init_state).
   model = af3_jax.from_pretrained(init_from, dtype=np.dtype(cfg.compute_dtype), mesh=mesh, remat=cfg.remat)
-  graphdef, trainable, frozen = trainer.prepare(model, cfg)
+  graphdef, trainable, frozen = train_run.prepare(model, cfg.trainable, _adapter(cfg), cfg.seed)
   optimizer = optim.make_optimizer(cfg.optim.lr, total_steps, warmup_ratio=cfg.optim.warmup_ratio,
                                    weight_decay=cfg.optim.weight_decay, clip_norm=cfg.optim.clip_norm or None)
   with jax.set_mesh(mesh):
-    state = train_lib.init_state(trainable, optimizer, mesh, cfg.seed, dtype=np.dtype(cfg.param_dtype))
-    step_fn = train_lib.jit_train_step(graphdef, optimizer, state, frozen, mesh, accum_steps=cfg.accum_steps)
+    state = train_step.init_state(trainable, optimizer, mesh, cfg.seed, dtype=np.dtype(cfg.param_dtype))
+    step_fn = train_step.jit_train_step(graphdef, optimizer, state, frozen, mesh, accum_steps=cfg.accum_steps)
   return model, graphdef, frozen, state, step_fn
 
 
@@ -74,11 +81,11 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
   from tqdm import tqdm
 
   import af3_jax
-  from af3_jax import checkpoint, metrics, sharding, trainer
+  from af3_jax import checkpoint, metrics, sharding, train_run
   from af3_jax.data import pipeline
 
   print(cfg)
-  mesh = sharding.make_mesh(trainer.mesh_shape(cfg.mesh, jax.device_count()))
+  mesh = sharding.make_mesh(sharding.resolve_shape(cfg.mesh, jax.device_count()))
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
   rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
   per_epoch = pipeline.steps_per_epoch(len(samples), rows * cfg.accum_steps, jax.process_count())
@@ -93,13 +100,13 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
     ckpt.close()
     raise ValueError(f"{workdir}: its checkpoints reach step {start}, past total_steps={total}; "
                      "raise total_steps or choose another --workdir")
-  changed = trainer.record_settings(workdir, cfg)
+  changed = train_run.record_settings(workdir, cfg)
   if start and changed:
     print(f"warning: resuming step {start} with settings that differ from the run that saved it: "
           f"{'; '.join(changed)}", file=sys.stderr)
 
   model, graphdef, frozen, state, step_fn = build(cfg, init_from, mesh, total)
-  n_train, n_frozen = trainer.count(state.params), trainer.count(frozen)
+  n_train, n_frozen = train_run.count(state.params), train_run.count(frozen)
   print(f"parameters: {n_train:,} trainable, {n_frozen:,} frozen ({cfg.trainable}); remat {cfg.remat}")
   processor = af3_jax.Processor.from_pretrained(init_from, style=cfg.data.style,
                                                 max_windows=cfg.data.max_windows)
@@ -118,7 +125,11 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
                              peak_flops=cfg.peak_tflops * 1e12 * jax.device_count())
   _Stop.install()
   compiled = {}  # one program per batch shape (length bucket)
-  with tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary) as bar:
+  # Under the guard a host<->device copy that nobody asked for (a stray numpy operand, a Python
+  # conversion of a device value) is an error, not a silent sync per step: the batch goes up and the
+  # metrics come down explicitly.
+  with tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary) as bar, \
+       jax.transfer_guard("disallow"):
     for step in range(start + 1, total + 1):
       try:
         host = next(data)
@@ -126,14 +137,14 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
         ckpt.close()
         data.close()  # stops grain's worker processes now, not noisily at interpreter exit
         raise ValueError(str(e)) from None
-      skipped = trainer.all_hosts_sum(int(host.pop("skipped")))
-      batch = trainer.global_batch(host, mesh, cfg.accum_steps)
+      skipped = train_run.all_hosts_sum(int(host.pop("skipped")))
+      batch = sharding.global_batch(host, mesh, cfg.accum_steps)
       shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
       with jax.set_mesh(mesh):
         if shapes not in compiled:
           compiled[shapes] = step_fn.lower(state, frozen, batch).compile()
           print(f"compiled train step for input_ids {batch['input_ids'].shape}: "
-                f"{trainer.memory_summary(compiled[shapes])}")
+                f"{train_run.memory_summary(compiled[shapes])}")
         state, m = compiled[shapes](state, frozen, batch)
       m = jax.device_get(m)
       if not np.isfinite(m["loss"]):
@@ -152,8 +163,8 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
         ckpt.close()
         return 0
   ckpt.close()
-  if trainer.model_step(workdir) != total:  # a rerun of a finished run finds its model already written
-    trainer.write_model(workdir, total, model, graphdef, state.params, frozen, init_from, cfg)
+  if train_run.model_step(workdir) != total:  # a rerun of a finished run finds its model already written
+    train_run.write_model(workdir, total, model, graphdef, state.params, frozen, _adapter(cfg))
   print(f"done: {total} steps; the trained model is in {workdir / 'model'}")
   return 0
 

@@ -1,4 +1,5 @@
-"""Meshes and the logical-to-mesh sharding rules. The only module that knows mesh axis names.
+"""Meshes, the logical-to-mesh sharding rules, and batches placed on a mesh. The only module that knows
+mesh axis names.
 
 Model code tags every parameter with logical axis names (`embed`, `heads`, `mlp`, ...); the rules below
 map them onto the mesh axes `(data, fsdp, tensor)`. A mesh axis is dropped from a dimension it does not
@@ -41,6 +42,17 @@ def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[jax.Device] 
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
+def single_device_mesh(device: jax.Device | None = None) -> Mesh:
+  """A mesh of one device (the first by default): where a model lives when no mesh is given."""
+  return make_mesh((1, 1, 1), [device if device is not None else jax.devices()[0]])
+
+
+def resolve_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
+  """A configured (data, fsdp, tensor) with its one -1 replaced by the devices left over."""
+  fixed = math.prod(s for s in shape if s != -1)
+  return tuple(n_devices // fixed if s == -1 else s for s in shape)
+
+
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_shape: dict[str, int],
                     rules: Rules = LOGICAL_RULES) -> P:
   """Logical axis names of an array -> a PartitionSpec whose mesh axes divide the array's dims."""
@@ -78,3 +90,34 @@ def constrain(x: jax.Array, axes: Sequence[str | None], rules: Rules = LOGICAL_R
   if mesh.empty:
     return x
   return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, x.shape, dict(mesh.shape), rules))
+
+
+def batch_shardings(batch: dict[str, jax.Array], mesh: Mesh, accum_steps: int = 1) -> dict[str, NamedSharding]:
+  """Each batch array split over `batch` (data, fsdp) on its first example axis (windows for audio),
+  after the leading micro-batch axis when accum_steps > 1. A mesh axis that does not divide a dim is
+  dropped."""
+  lead = (None,) if accum_steps > 1 else ()
+
+  def one(x):
+    axes = (*lead, "batch", *(None,) * (x.ndim - len(lead) - 1))
+    return NamedSharding(mesh, logical_to_spec(axes, x.shape, dict(mesh.shape)))
+
+  return jax.tree.map(one, batch)
+
+
+def global_batch(host: dict[str, np.ndarray], mesh: Mesh, accum_steps: int) -> dict[str, jax.Array]:
+  """This host's rows -> global arrays split over the batch axes (an explicit host-to-device transfer).
+  With accumulation, a leading micro-batch axis: rows and their row-aligned audio windows split into
+  `accum_steps` equal parts."""
+  if accum_steps > 1:
+    host = {k: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]) for k, x in host.items()}
+  batch_axis = int(accum_steps > 1)
+
+  def global_shape(x):
+    shape = list(x.shape)
+    shape[batch_axis] *= jax.process_count()
+    return tuple(shape)
+
+  shardings = batch_shardings({k: jax.ShapeDtypeStruct(global_shape(x), x.dtype) for k, x in host.items()},
+                              mesh, accum_steps)
+  return {k: jax.make_array_from_process_local_data(shardings[k], x, global_shape(x)) for k, x in host.items()}

@@ -1,7 +1,6 @@
-"""The plumbing of a training run around `train_lib`'s step: processes and mesh, the run's settings
-and data checked before anything heavy, the workdir's lock and its record of the run's settings, the
-model and its trainable split for a stage, host batches to global arrays, and the finished model
-written out."""
+"""A training run's plumbing around `train_step`: processes, the run's settings and data checked
+before anything heavy, the workdir's lock and its record of the run's settings, the model's trainable
+split for a stage, and the finished model written out."""
 
 from __future__ import annotations
 
@@ -10,7 +9,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
 from pathlib import Path
 
 import jax
@@ -18,13 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
-from safetensors.numpy import save_file
 
-from af3_jax import files, train_lib, weights
+from af3_jax import files, lora, train_step, weights
 from af3_jax.data.manifest import Sample, read_manifest
 from af3_jax.models import layers
 from af3_jax.pretrained import Model
-from convert import names
 
 TRAINER_STATE = "trainer_state.json"  # in a run's model/: the step it holds
 
@@ -40,19 +36,13 @@ def initialize_distributed() -> None:
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
 
 
-def mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
-  """The config's (data, fsdp, tensor) with its one -1 replaced by the devices left over."""
-  fixed = math.prod(s for s in shape if s != -1)
-  return tuple(n_devices // fixed if s == -1 else s for s in shape)
-
-
 def check_config(cfg) -> None:
   """Raises ValueError naming the first setting that cannot work, before anything is loaded."""
   floats = ("float32", "bfloat16", "float16")
   checks = [
       (bool(cfg.init_from), "--config.init_from is required: a checkpoint or the previous stage's workdir"),
       (bool(cfg.data.train), "--config.data.train is required: comma-separated JSON manifests"),
-      (cfg.trainable in train_lib.TRAINABLE, f"trainable must be one of {sorted(train_lib.TRAINABLE)}"),
+      (cfg.trainable in train_step.TRAINABLE, f"trainable must be one of {sorted(train_step.TRAINABLE)}"),
       (cfg.remat in layers.REMAT_POLICIES, f"remat must be one of {sorted(layers.REMAT_POLICIES)}"),
       (cfg.param_dtype in floats and cfg.compute_dtype in floats, f"param_dtype and compute_dtype are one of {floats}"),
       (cfg.total_steps >= 0, "total_steps must be >= 0 (0: epochs x steps per epoch)"),
@@ -142,12 +132,14 @@ def resolve_init(init_from: str) -> str:
   return str(root)
 
 
-def prepare(model: Model, cfg) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
-  """(graphdef, trainable params, frozen rest) for the config's stage, LoRA added for "lora"."""
-  module = model.module
-  if cfg.trainable == "lora":
-    train_lib.add_lora(module, cfg.lora.rank, cfg.lora.alpha, jax.random.key(cfg.seed))
-  return train_lib.split(module, cfg.trainable)
+def prepare(model: Model, trainable: str, adapter: lora.Spec | None = None,
+            seed: int = 0) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, trainable params, frozen rest) for a stage's trainable set (`train_step.TRAINABLE`),
+  with a new LoRA `adapter` added first (the "lora" stage), initialised from `seed`."""
+  module = model.module()
+  if adapter is not None:
+    lora.add(module, adapter, jax.random.key(seed))
+  return train_step.split(module, trainable)
 
 
 def count(state: nnx.State) -> int:
@@ -161,32 +153,11 @@ def all_hosts_sum(n: int) -> int:
   return int(multihost_utils.process_allgather(np.int32(n)).sum())
 
 
-def global_batch(host: dict[str, np.ndarray], mesh: jax.sharding.Mesh, accum_steps: int) -> dict[str, jax.Array]:
-  """This host's rows -> global arrays split over the batch axes. With accumulation, a leading
-  micro-batch axis: rows and their row-aligned audio windows split into `accum_steps` equal parts."""
-  if accum_steps > 1:
-    host = {k: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]) for k, x in host.items()}
-  batch_axis = int(accum_steps > 1)
-
-  def global_shape(x):
-    shape = list(x.shape)
-    shape[batch_axis] *= jax.process_count()
-    return tuple(shape)
-
-  shardings = train_lib.batch_shardings({k: jax.ShapeDtypeStruct(global_shape(x), x.dtype) for k, x in host.items()},
-                                        mesh, accum_steps)
-  return {k: jax.make_array_from_process_local_data(shardings[k], x, global_shape(x)) for k, x in host.items()}
-
-
 def merged_state(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State) -> nnx.State:
   """The whole model's state with trained params in the frozen weights' dtype and LoRA merged away."""
   dtypes = {k: x.dtype for k, x in traverse_util.flatten_dict(nnx.to_pure_dict(frozen)).items()}
   module = nnx.merge(graphdef, params, frozen)
-  for _, node in nnx.iter_graph(module):
-    if isinstance(node, layers.Linear) and node.lora_a is not None:
-      delta = node.lora_scale * jnp.einsum("...ir,...ro->...io", node.lora_a[...], node.lora_b[...])
-      node.kernel[...] = (node.kernel[...].astype(jnp.float32) + delta).astype(node.kernel.dtype)
-      node.lora_a, node.lora_b, node.lora_scale = nnx.data(None), nnx.data(None), None
+  lora.merge_into(module)
   state = nnx.state(module)
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
   dtype = next(iter(dtypes.values()), jnp.float32)  # trained params go back to the model's dtype
@@ -202,18 +173,20 @@ def model_step(workdir: Path) -> int | None:
 
 
 def write_model(workdir: Path, step: int, model: Model, graphdef: nnx.GraphDef, params: nnx.State,
-                frozen: nnx.State, init_from: str, cfg) -> None:
+                frozen: nnx.State, adapter: lora.Spec | None = None) -> None:
   """`workdir/model`: the model at `step` in from_pretrained's layout (LoRA merged), with the step in
-  its `trainer_state.json`; for a LoRA run also `workdir/adapter`, the LoRA alone as a PEFT adapter.
+  its `trainer_state.json` and the tokenizer, generation and processor files of the model it started
+  from; when the run trained a LoRA `adapter`, also `workdir/adapter`, the LoRA alone as a PEFT adapter.
 
   Both replace what a shorter earlier run left there. Each is written beside its place, then swapped
   in by two renames, so an interruption leaves the old folder, or the new one, never a mix.
   """
-  files = weights.tokenizer_dir(weights.resolve(init_from))
+  side_files = weights.tokenizer_dir(model.path)
   primary = jax.process_index() == 0
-  writes = [("model", lambda dst: weights.save_model(dst, model.config, merged_state(graphdef, params, frozen), files))]
-  if cfg.trainable == "lora":
-    writes.append(("adapter", lambda dst: write_peft_adapter(dst, params, cfg)))
+  writes = [("model", lambda dst: weights.save_model(dst, model.config, merged_state(graphdef, params, frozen),
+                                                     side_files))]
+  if adapter is not None:
+    writes.append(("adapter", lambda dst: lora.write_peft(dst, params, adapter)))
   for name, write in writes:
     new, old, dst = workdir / f".{name}.new", workdir / f".{name}.old", workdir / name
     if primary:
@@ -229,28 +202,6 @@ def write_model(workdir: Path, step: int, model: Model, graphdef: nnx.GraphDef, 
       new.rename(dst)
       shutil.rmtree(old, ignore_errors=True)
     weights.sync_processes(f"write_{name}_done")
-
-
-def write_peft_adapter(dst: Path, params: nnx.State, cfg) -> None:
-  """peft's layout: `adapter_config.json` and `adapter_model.safetensors` with
-  `base_model.model.<module-tree path>.lora_{A,B}.weight` (A = lora_a.T, B = lora_b.T)."""
-  # Every process gathers (params may be sharded over processes); process 0 alone writes.
-  flat = traverse_util.flatten_dict(nnx.to_pure_dict(params))
-  flat = {k: np.asarray(x, np.float32) for k, x in multihost_utils.process_allgather(flat, tiled=True).items()}
-  if jax.process_index() != 0:
-    return
-  tensors = {}
-  for path, x in flat.items():
-    which = {"lora_a": "A", "lora_b": "B"}[path[-1]]
-    for layer in range(x.shape[0]) if "layers" in path else [None]:
-      module = names.module_tree_key(names.hf_key((*path[:-1], "kernel"), layer)).removesuffix(".weight")
-      value = x[layer] if layer is not None else x
-      tensors[f"base_model.model.{module}.lora_{which}.weight"] = np.ascontiguousarray(value.T)
-  dst.mkdir(parents=True)
-  save_file(tensors, dst / "adapter_model.safetensors", metadata={"format": "pt"})
-  config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.lora.rank, "lora_alpha": cfg.lora.alpha,
-            "lora_dropout": 0.0, "bias": "none", "target_modules": ".*" + train_lib.LORA_TARGET, "use_rslora": False}
-  (dst / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
 
 def memory_summary(compiled) -> str:

@@ -1,9 +1,10 @@
-"""Training: LoRA, per-stage trainable filters, the loss and one pure, jitted train step.
+"""The train step: per-stage trainable sets, the loss, and one pure, jitted update (`train_run.py`
+has a run's plumbing around it: config, workdir, final model).
 
 Usage (shared/STYLE.md rule 8):
 
-  module = model.module                                  # from af3_jax.from_pretrained
-  add_lora(module, rank=64, alpha=16, key=key)           # stage 3.5 only
+  module = model.module()                                # from af3_jax.from_pretrained
+  lora.add(module, lora.Spec(rank=64, alpha=16), key)    # stage 3.5 only
   graphdef, params, frozen = split(module, "lora")
   optimizer = optim.make_optimizer(lr, total_steps)
   state = init_state(params, optimizer, mesh)
@@ -18,7 +19,6 @@ is supervised. With accum_steps > 1 every array carries a leading micro-batch ax
 from __future__ import annotations
 
 import functools
-import re
 from collections.abc import Callable
 
 import jax
@@ -28,12 +28,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from af3_jax import optim, sharding
-from af3_jax.models import layers
 
 IGNORE = -100  # labels that are not supervised (transformers' ignore_index)
-
-# Every decoder linear, not lm_head (UPSTREAM.md 10: NVIDIA's `find_all_linear_names` on the LLM).
-LORA_TARGET = r"language_model\.layers\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 # The Whisper position table is never trained upstream (`embed_positions.requires_grad_(False)`).
 _POSITIONS = nnx.PathContains("embed_positions")
@@ -50,32 +46,13 @@ TRAINABLE = {
 }
 
 
-def add_lora(module: nnx.Module, rank: int, alpha: float, key: jax.Array,
-             target: str = LORA_TARGET) -> list[str]:
-  """Adds LoRA (`layers.Linear.add_lora`) to every Linear whose dotted path fully matches `target`.
-
-  Stacked layers get stacked LoRA weights. Base weights keep their paths and values (lora_b = 0).
-  Returns the dotted paths adapted; raises if none matched.
-  """
-  pattern = re.compile(target)
-  adapted = []
-  for path, node in nnx.iter_graph(module):
-    name = ".".join(map(str, path))
-    if isinstance(node, layers.Linear) and pattern.fullmatch(name):
-      node.add_lora(rank, alpha, jax.random.fold_in(key, len(adapted)))
-      adapted.append(name)
-  if not adapted:
-    raise ValueError(f"no Linear matches the LoRA target {target!r}")
-  return adapted
-
-
 def split(module: nnx.Module, trainable: str) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
   """(graphdef, trainable params, frozen rest) for a stage's trainable set, a key of `TRAINABLE`."""
   if trainable not in TRAINABLE:
     raise ValueError(f"trainable must be one of {sorted(TRAINABLE)}, got {trainable!r}")
   graphdef, params, frozen = nnx.split(module, TRAINABLE[trainable], ...)
   if not jax.tree.leaves(params):
-    raise ValueError(f"trainable={trainable!r} selects no parameter (LoRA needs add_lora first)")
+    raise ValueError(f"trainable={trainable!r} selects no parameter (LoRA needs lora.add first)")
   return graphdef, params, frozen
 
 
@@ -200,26 +177,12 @@ def state_shardings(state: TrainState, mesh: Mesh) -> TrainState:
                     opt_state=sharding.state_shardings(state.opt_state, mesh), rng=replicated)
 
 
-def batch_shardings(batch: dict[str, jax.Array], mesh: Mesh, accum_steps: int = 1) -> dict[str, NamedSharding]:
-  """Each batch array split over `batch` (data, fsdp) on its first example axis (windows for audio).
-
-  For `jax.make_array_from_process_local_data`; a mesh axis that does not divide a dim is dropped.
-  """
-  lead = (None,) if accum_steps > 1 else ()
-
-  def one(x):
-    axes = (*lead, "batch", *(None,) * (x.ndim - len(lead) - 1))
-    return NamedSharding(mesh, sharding.logical_to_spec(axes, x.shape, dict(mesh.shape)))
-
-  return jax.tree.map(one, batch)
-
-
 def jit_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, state: TrainState,
                    frozen: nnx.State, mesh: Mesh, accum_steps: int = 1) -> Callable:
   """`train_step` jitted once: state and frozen weights on their logical shardings, state donated.
 
   `state` and `frozen` may be abstract; only their shapes and axes are read. Batches keep the
-  shardings they arrive with (`batch_shardings`). Call and `.lower()` it under `jax.set_mesh(mesh)`.
+  shardings they arrive with (`sharding.batch_shardings`). Call and `.lower()` it under `jax.set_mesh(mesh)`.
   """
   state_sharding = state_shardings(state, mesh)
   step = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, accum_steps=accum_steps)

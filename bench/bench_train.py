@@ -25,21 +25,22 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import torch
 import transformers
 from absl import app, flags
 
-from af3_jax import optim, train_lib, trainer
+from af3_jax import lora, optim, train_run, train_step
+from af3_jax.models.whisper import tokens_per_window
 from af3_jax.pretrained import init_random
-from presets import MODELS, TOKENS_PER_WINDOW
+from presets import MODELS
 
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "The model (bench/presets.py).")
 _DECODER_LAYERS = flags.DEFINE_integer("decoder-layers", None, "Truncate the LLM to this many layers.")
 _BATCH = flags.DEFINE_integer("batch", 2, "Rows per step.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Warm steps timed per cell (after one compiling step).")
-_STAGES = flags.DEFINE_multi_enum("stage", list(train_lib.TRAINABLE), list(train_lib.TRAINABLE), "Trainable sets.")
+_STAGES = flags.DEFINE_multi_enum("stage", list(train_step.TRAINABLE), list(train_step.TRAINABLE), "Trainable sets.")
+LORA = lora.Spec(rank=64, alpha=16.0)  # stage 3.5's
 _PEAK = flags.DEFINE_float("peak-tflops", 989.0, "The device's dense bf16 peak, for MFU (H100 SXM: 989).")
 
 
@@ -54,24 +55,24 @@ class Row:
 
 
 def batch(cfg, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-  text = 24
-  ids = rng.integers(0, cfg.audio_token_id, (rows, TOKENS_PER_WINDOW + text)).astype(np.int32)
-  ids[:, 8:8 + TOKENS_PER_WINDOW] = cfg.audio_token_id
-  labels = np.where(ids == cfg.audio_token_id, -100, ids)
+  text, audio, frames = 24, tokens_per_window(cfg.encoder), cfg.encoder.mel_frames
+  ids = rng.integers(0, cfg.audio_token_id, (rows, audio + text)).astype(np.int32)
+  ids[:, 8:8 + audio] = cfg.audio_token_id
+  labels = np.where(ids == cfg.audio_token_id, train_step.IGNORE, ids)
   return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
-          "input_features": rng.standard_normal((rows, 128, 3000)).astype(np.float32),
-          "input_features_mask": np.ones((rows, 3000), np.int32)}
+          "input_features": rng.standard_normal((rows, cfg.encoder.num_mel_bins, frames)).astype(np.float32),
+          "input_features_mask": np.ones((rows, frames), np.int32)}
 
 
 def time_jax(cfg, stage: str, host: dict) -> tuple[float, float, int, int]:
   """(median warm step s, compile s, trainable parameters, all parameters)."""
   model = init_random(cfg, dtype=jnp.bfloat16)
-  run = ml_collections.ConfigDict({"trainable": stage, "lora": {"rank": 64, "alpha": 16.0}, "seed": 0})
-  graphdef, params, frozen = trainer.prepare(model, run)
+  adapter = LORA if stage == "lora" else None
+  graphdef, params, frozen = train_run.prepare(model, stage, adapter)
   optimizer = optim.make_optimizer(1e-5, 1000, clip_norm=1.0)
   with jax.set_mesh(model.mesh):
-    state = train_lib.init_state(params, optimizer, model.mesh)
-    step = train_lib.jit_train_step(graphdef, optimizer, state, frozen, model.mesh)
+    state = train_step.init_state(params, optimizer, model.mesh)
+    step = train_step.jit_train_step(graphdef, optimizer, state, frozen, model.mesh)
     data = jax.device_put(host)
     times = []
     for _ in range(_STEPS.value + 1):
@@ -80,7 +81,7 @@ def time_jax(cfg, stage: str, host: dict) -> tuple[float, float, int, int]:
       jax.block_until_ready(m)
       times.append(time.perf_counter() - start)
   warm = statistics.median(times[1:])
-  return warm, times[0] - warm, trainer.count(params), trainer.count(params) + trainer.count(frozen)
+  return warm, times[0] - warm, train_run.count(params), train_run.count(params) + train_run.count(frozen)
 
 
 def time_torch(cfg, stage: str, host: dict, device: str) -> float:
@@ -91,7 +92,7 @@ def time_torch(cfg, stage: str, host: dict, device: str) -> float:
     import peft
 
     model = peft.get_peft_model(model, peft.LoraConfig(
-        r=64, lora_alpha=16, target_modules=".*" + train_lib.LORA_TARGET))
+        r=LORA.rank, lora_alpha=LORA.alpha, target_modules=".*" + lora.TARGET))
   else:
     prefixes = {"projector": ("model.multi_modal_projector",),
                 "encoder_projector": ("model.multi_modal_projector", "model.audio_tower"), "all": ("",)}[stage]
