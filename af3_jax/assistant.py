@@ -95,7 +95,7 @@ class Assistant:
   def reply_batch(self, encoded: Sequence[Encoded]) -> list[str]:
     """Answers encoded conversations together (not streamed)."""
     new = decode.generate(self.model, self._inputs(encoded), self.max_new_tokens, **self.sampling)
-    pad = decode.settings(self.model.path, **self.sampling)[2]
+    pad = self.model.generation.resolve(**self.sampling).pad_id
     self.stats.new_tokens += int((new != pad).sum())
     return [self._text(row[row != pad]).strip() for row in new]
 

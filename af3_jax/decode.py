@@ -16,15 +16,14 @@ import collections
 import dataclasses
 import functools
 from collections.abc import Iterator
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from af3_jax import weights
-from af3_jax.config import read_json
+from af3_jax.buckets import bucket
+from af3_jax.generation import Sampling
 from af3_jax.models import kv_cache
 from af3_jax.models.af3 import AudioFlamingo3
 from af3_jax.pretrained import Model, check_inputs
@@ -32,52 +31,6 @@ from af3_jax.pretrained import Model, check_inputs
 TRACES: collections.Counter[str] = collections.Counter()  # traces of each jitted function, for recompile tests
 MIN_BUCKET = 64  # the smallest prompt-length and new-token bucket
 AUDIO_INPUTS = ("input_features", "input_features_mask", "audio_embed_mask")
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-  """How the next token is chosen: static under jit. transformers' meanings: repetition_penalty 1.0,
-  top_k 0 and top_p 1.0 are off. (eos and pad ids are data, not settings: changing them never recompiles.)"""
-
-  do_sample: bool = False
-  temperature: float = 1.0
-  top_k: int = 0
-  top_p: float = 1.0
-  repetition_penalty: float = 1.0
-
-  def __post_init__(self):
-    if self.temperature <= 0 or self.top_k < 0 or not 0 <= self.top_p <= 1 or self.repetition_penalty <= 0:
-      raise ValueError(f"invalid sampling settings {self}: need temperature > 0, top_k >= 0, 0 <= top_p <= 1, "
-                       "repetition_penalty > 0")
-
-
-def settings(path: Path | None, *, do_sample=None, temperature=None, top_k=None, top_p=None,
-             repetition_penalty=None, eos_token_id=None, pad_token_id=None) -> tuple[Sampling, tuple[int, ...], int]:
-  """(sampling, eos ids, pad id) from the given values; each one left None comes from
-  `path/generation_config.json`, else from transformers' defaults (greedy; when sampling, temperature 1,
-  top_k 50, top_p 1). eos falls back to the model config's (none: only max_new_tokens stops), pad to
-  eos[0] (as transformers does)."""
-  gen = {}
-  if path is not None and (path / "generation_config.json").is_file():
-    gen = read_json(path / "generation_config.json")
-
-  def pick(name, value, default):
-    return next((v for v in (value, gen.get(name), default) if v is not None), None)
-
-  eos = pick("eos_token_id", eos_token_id, None if path is None else _config_eos(path))
-  eos = tuple(int(e) for e in np.atleast_1d(eos)) if eos is not None else ()
-  pad = int(pick("pad_token_id", pad_token_id, eos[0] if eos else 0))
-  penalty = float(pick("repetition_penalty", repetition_penalty, 1.0))
-  if not pick("do_sample", do_sample, False):  # the warpers are unused: keep them out of the jit key
-    return Sampling(repetition_penalty=penalty), eos, pad
-  return Sampling(True, float(pick("temperature", temperature, 1.0)), int(pick("top_k", top_k, 50)),
-                  float(pick("top_p", top_p, 1.0)), penalty), eos, pad
-
-
-def _config_eos(path: Path):
-  """eos from `config.json`: top level (a plain Qwen2 config) or its `text_config` (transformers' AF3)."""
-  d = read_json(weights.tokenizer_dir(path) / "config.json")
-  return d.get("eos_token_id", (d.get("text_config") or {}).get("eos_token_id"))
 
 
 def process_logits(logits: jax.Array, seen: jax.Array, s: Sampling) -> jax.Array:
@@ -192,11 +145,6 @@ def _step_fn(graphdef, params, state: State, *, s: Sampling) -> State:
   return step(nnx.merge(graphdef, params), state, s)
 
 
-def bucket(n: int, minimum: int = 1) -> int:
-  """The smallest power of two >= max(n, minimum)."""
-  return max(minimum, 1 << (n - 1).bit_length())
-
-
 def _pad_to(x: np.ndarray, shape: tuple[int, ...], value: int = 0) -> np.ndarray:
   """Pads with `value` the leading axis at the end and the second axis at the front (left padding)."""
   widths = [(0, shape[0] - x.shape[0])] + [(shape[1] - x.shape[1], 0)] * (x.ndim > 1) + [(0, 0)] * (x.ndim - 2)
@@ -232,15 +180,16 @@ def generate(model: Model, batch: dict, max_new_tokens: int, do_sample: bool | N
 
   batch: transformers' names, `input_ids` (batch, seq) with `attention_mask` (left padding) and, with
   audio, `input_features`, `input_features_mask` and optionally `audio_embed_mask`. Settings left None
-  come from the checkpoint's `generation_config.json` (see `settings`), as in transformers. One compile
-  per bucket of shapes and per `Sampling`; seed, eos, pad and max_new_tokens within a bucket do not
-  recompile.
+  come from the model's generation defaults (its `generation_config.json`, read at load), as in
+  transformers. One compile per bucket of shapes and per `Sampling`; seed, eos, pad and max_new_tokens
+  within a bucket do not recompile.
   """
-  s, inputs, key, eos, pad, new_len = _setup(
-      model, batch, max_new_tokens, seed, do_sample=do_sample, temperature=temperature, top_k=top_k,
-      top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id, pad_token_id=pad_token_id)
+  r = _request(model, batch, max_new_tokens, seed, do_sample=do_sample, temperature=temperature, top_k=top_k,
+               top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
+               pad_token_id=pad_token_id)
   with jax.set_mesh(model.mesh):
-    tokens, n = _generate_fn(model.graphdef, model.state, inputs, max_new_tokens, key, eos, pad, s=s, new_len=new_len)
+    tokens, n = _generate_fn(model.graphdef, model.state, r.inputs, max_new_tokens, r.key, r.eos, r.pad,
+                             s=r.sampling, new_len=r.new_len)
   return np.asarray(tokens)[:len(batch["input_ids"]), :int(n)]
 
 
@@ -249,25 +198,39 @@ def generate_stream(model: Model, batch: dict, max_new_tokens: int, seed: int = 
 
   Takes `generate`'s arguments and yields, step by step, the columns `generate` returns.
   """
-  s, inputs, key, eos, pad, new_len = _setup(model, batch, max_new_tokens, seed, **kwargs)
+  r = _request(model, batch, max_new_tokens, seed, **kwargs)
   state = None
   for _ in range(max_new_tokens):
     with jax.set_mesh(model.mesh):
       if state is None:
-        state = _prefill_fn(model.graphdef, model.state, inputs, key, eos, pad, s=s, new_len=new_len)
+        state = _prefill_fn(model.graphdef, model.state, r.inputs, r.key, r.eos, r.pad, s=r.sampling,
+                            new_len=r.new_len)
       else:
-        state = _step_fn(model.graphdef, model.state, state, s=s)
+        state = _step_fn(model.graphdef, model.state, state, s=r.sampling)
     token, done = jax.device_get((state.token, state.done))
     yield token[:len(batch["input_ids"])]
     if done.all():
       return
 
 
-def _setup(model: Model, batch: dict, max_new_tokens: int, seed: int, **kwargs):
-  """(sampling, padded inputs, rng key, eos ids, pad id, new-token bucket) for both entry points."""
+@dataclasses.dataclass(frozen=True)
+class _Request:
+  """One call's inputs as the jitted functions take them."""
+
+  sampling: Sampling
+  inputs: dict[str, np.ndarray]  # padded to buckets
+  key: jax.Array
+  eos: np.ndarray  # (E,) int32, -1 past the real ids
+  pad: np.int32
+  new_len: int  # the new-token bucket
+
+
+def _request(model: Model, batch: dict, max_new_tokens: int, seed: int, **kwargs) -> _Request:
+  """Settles both entry points' arguments: the model's generation defaults with `kwargs` on top."""
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-  s, eos, pad = settings(model.path, **kwargs)
-  eos_ids = np.full(bucket(len(eos), 4), -1, np.int32)  # -1 is never a token; the bucket spares recompiles
-  eos_ids[:len(eos)] = eos
-  return s, _pad_batch(model, batch, pad), jax.random.key(seed), eos_ids, np.int32(pad), bucket(max_new_tokens, MIN_BUCKET)
+  settings = model.generation.resolve(**kwargs)
+  eos = np.full(bucket(len(settings.eos_ids), 4), -1, np.int32)  # -1 is never a token; the bucket spares recompiles
+  eos[:len(settings.eos_ids)] = settings.eos_ids
+  return _Request(settings.sampling, _pad_batch(model, batch, settings.pad_id), jax.random.key(seed), eos,
+                  np.int32(settings.pad_id), bucket(max_new_tokens, MIN_BUCKET))

@@ -11,19 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from af3_jax import sharding, weights
-from af3_jax.adapter import merge_adapter
-from af3_jax.config import AF3Config
+from af3_jax import lora, sharding, weights
+from af3_jax.config import AF3Config, read_json
+from af3_jax.generation import GenerationConfig
 from af3_jax.models import layers, whisper
 from af3_jax.models.af3 import AudioFlamingo3, audio_positions
 
 
-def abstract_model(cfg: AF3Config, *, param_dtype, dtype, mesh: jax.sharding.Mesh, rules=sharding.LOGICAL_RULES,
-                   remat: str = "none"):
+def abstract_model(cfg: AF3Config, *, param_dtype, compute_dtype, mesh: jax.sharding.Mesh,
+                   rules=sharding.LOGICAL_RULES, remat: str = "none"):
   """(graphdef, abstract state, shardings) of the model, without allocating any parameter. `remat`
   names the layer stacks' rematerialisation policy (`layers.REMAT_POLICIES`): training memory."""
-  module = nnx.eval_shape(lambda: AudioFlamingo3(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat,
-                                                 rngs=nnx.Rngs(0)))
+  module = nnx.eval_shape(lambda: AudioFlamingo3(cfg, compute_dtype=compute_dtype, param_dtype=param_dtype,
+                                                 remat=remat, rngs=nnx.Rngs(0)))
   graphdef, abstract_state = nnx.split(module)
   return graphdef, abstract_state, sharding.state_shardings(abstract_state, mesh, rules)
 
@@ -34,23 +34,24 @@ def _forward(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Arra
 
 
 class Model:
-  """A loaded AF3: its config, the NNX module split into (graphdef, state), and the mesh it lives on.
+  """A loaded AF3: its config, the NNX module split into (graphdef, state), the mesh it lives on, and
+  its generation defaults (read once at load; `generate`'s arguments override them).
 
   Calling it returns logits `(batch, seq, vocab)` for transformers-shaped inputs, jitted (one compile
   per input shape). Inputs are checked on the host first, so mistakes are clear errors, not garbage.
   """
 
   def __init__(self, config: AF3Config, graphdef: nnx.GraphDef, state: nnx.State, mesh: jax.sharding.Mesh,
-               path: Path | None = None):
+               path: Path | None = None, generation: GenerationConfig = GenerationConfig()):
     self.config = config
     self.graphdef = graphdef
     self.state = state
     self.mesh = mesh
     self.path = path
+    self.generation = generation
 
-  @property
   def module(self) -> AudioFlamingo3:
-    """The NNX module (shares the arrays of `state`)."""
+    """A new NNX module over the arrays of `state` (they are shared, not copied)."""
     return nnx.merge(self.graphdef, self.state)
 
   def __call__(self, *, input_ids, attention_mask=None, input_features=None, input_features_mask=None,
@@ -79,15 +80,15 @@ def check_inputs(cfg: AF3Config, *, input_ids, attention_mask=None, input_featur
     return
   e = cfg.encoder
   windows = np.shape(input_features)[0]
-  frames = 2 * e.max_source_positions
+  frames, tokens = e.mel_frames, whisper.tokens_per_window(e)
   if np.shape(input_features) != (windows, e.num_mel_bins, frames):
     raise ValueError(f"input_features must be (windows, {e.num_mel_bins}, {frames}), got {np.shape(input_features)}")
   if input_features_mask is None or np.shape(input_features_mask) != (windows, frames):
     raise ValueError(f"input_features_mask must be given with shape ({windows}, {frames})")
   if audio_embed_mask is None:
     n_frames = int(np.maximum(whisper.pooled_lengths(np.asarray(input_features_mask).astype(np.int64).sum(-1)), 0).sum())
-  elif np.shape(audio_embed_mask) != (windows, frames // 4):
-    raise ValueError(f"audio_embed_mask must be ({windows}, {frames // 4}), got {np.shape(audio_embed_mask)}")
+  elif np.shape(audio_embed_mask) != (windows, tokens):
+    raise ValueError(f"audio_embed_mask must be ({windows}, {tokens}), got {np.shape(audio_embed_mask)}")
   else:
     n_frames = int(np.asarray(audio_embed_mask).astype(bool).sum())
   mask = None if attention_mask is None else np.asarray(attention_mask)
@@ -101,7 +102,7 @@ def from_pretrained(path_or_hub_id: str | Path, dtype=jnp.bfloat16, mesh: jax.sh
                     compute_dtype=None, adapter: str | Path | None = None, remat: str = "none") -> Model:
   """Loads AF3 from a local folder or hub id: any upstream safetensors layout, or our orbax copy.
 
-  dtype: parameter dtype; compute_dtype: activation dtype (defaults to dtype). With `mesh`, parameters
+  dtype: the parameters' dtype; compute_dtype: activations' (defaults to dtype). With `mesh`, parameters
   are born sharded by the logical rules in `sharding.py`; without, they live on the first device.
   adapter: a PEFT LoRA folder (think mode: the checkpoint's `think/` or `stage35/`), merged on load.
   remat: the layer stacks' rematerialisation policy for training ("none" for inference), by name.
@@ -110,14 +111,30 @@ def from_pretrained(path_or_hub_id: str | Path, dtype=jnp.bfloat16, mesh: jax.sh
     raise ValueError(f"remat must be one of {sorted(layers.REMAT_POLICIES)}, got {remat!r}")
   root = weights.resolve(path_or_hub_id)
   cfg = weights.read_config(root)
-  mesh = mesh if mesh is not None else sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  generation = read_generation_config(root)
+  mesh = mesh if mesh is not None else sharding.single_device_mesh()
+  param_dtype = dtype
   graphdef, abstract_state, shardings = abstract_model(
-      cfg, param_dtype=dtype, dtype=compute_dtype or dtype, mesh=mesh, remat=remat)
+      cfg, param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype, mesh=mesh, remat=remat)
   load = weights.load_orbax if weights.layout(root) == "orbax" else weights.load_safetensors
   state = load(root, abstract_state, shardings)
   if adapter is not None:
-    state = merge_adapter(state, adapter)
-  return Model(cfg, graphdef, state, mesh, root)
+    state = lora.merge_peft(state, adapter)
+  return Model(cfg, graphdef, state, mesh, root, generation)
+
+
+def read_generation_config(root: Path) -> GenerationConfig:
+  """A checkpoint folder's generation defaults: `generation_config.json` (none: transformers' defaults),
+  eos from `config.json` when that file names none (top level for a plain Qwen2 config, `text_config`
+  for transformers' AF3)."""
+  gen_file = root / "generation_config.json"
+  gen = read_json(gen_file) if gen_file.is_file() else {}
+  config = read_json(weights.tokenizer_dir(root) / "config.json")
+  config_eos = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
+  try:
+    return GenerationConfig.from_dict(gen, config_eos)
+  except ValueError as e:
+    raise ValueError(f"{gen_file}: {e}") from None
 
 
 def init_random(cfg: AF3Config, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> Model:
@@ -125,15 +142,15 @@ def init_random(cfg: AF3Config, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh |
 
   The constructor runs inside `jax.jit` with the logical shardings as `out_shardings`, so every
   parameter is born on its devices, sharded; the full model never exists on the host or on one device
-  unsharded. Without `mesh`, everything lives on the first device. The Model's `path` is None, so
-  generation has no eos unless one is passed.
+  unsharded. Without `mesh`, everything lives on the first device. The Model has no path and no
+  generation defaults: generation has no eos unless one is passed.
   """
-  mesh = mesh if mesh is not None else sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  graphdef, _, shardings = abstract_model(cfg, param_dtype=dtype, dtype=dtype, mesh=mesh)
+  mesh = mesh if mesh is not None else sharding.single_device_mesh()
+  graphdef, _, shardings = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh)
 
   @functools.partial(jax.jit, out_shardings=shardings)
   def init_fn() -> nnx.State:
-    return nnx.split(AudioFlamingo3(cfg, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed)))[1]
+    return nnx.split(AudioFlamingo3(cfg, compute_dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed)))[1]
 
   with jax.set_mesh(mesh):
     return Model(cfg, graphdef, init_fn(), mesh)
