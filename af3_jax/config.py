@@ -30,6 +30,11 @@ class EncoderConfig:
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
 
+  @property
+  def mel_frames(self) -> int:
+    """Mel frames of one window: conv2's stride 2 maps them onto the position table (3000 in AF3)."""
+    return 2 * self.max_source_positions
+
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:

@@ -14,7 +14,6 @@ tags repeat the audio); without tags a message's audios go before its text, in o
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,13 +23,14 @@ import numpy as np
 from af3_jax import weights
 from af3_jax.audio import features
 from af3_jax.audio.loading import load_audio
+from af3_jax.data.manifest import SOUND_TAG
 from af3_jax.models.whisper import pooled_lengths
+from af3_jax.train_step import IGNORE  # the label the loss skips
 
 STYLES = ("hf", "nvidia")
 SYSTEM_PROMPT = "You are a helpful assistant."
 THINK_SUFFIX = "\nPlease think and reason about the input audio before you respond."
-IGNORE = -100  # label of unsupervised positions (torch cross-entropy's ignore_index)
-_TAG = re.compile(r"<sound-(\d+)>")
+TOKENS_PER_WINDOW = int(pooled_lengths(features.FRAMES))  # audio tokens of a full window (750)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,14 +109,14 @@ class Processor:
       out["input_features_mask"] = np.concatenate([a.features_mask for a in audios])
       if self.style == "nvidia":
         used = np.concatenate([a.frames for a in audios])
-        out["audio_embed_mask"] = np.arange(features.FRAMES // 4)[None, :] < used[:, None]
+        out["audio_embed_mask"] = np.arange(TOKENS_PER_WINDOW)[None, :] < used[:, None]
     return out
 
   def _render(self, conversation, add_generation_prompt: bool, think: bool):
     """(prompt text with audio tokens expanded, assistant content spans, audios in prompt order)."""
     messages = [_check_message(m, i) for i, m in enumerate(conversation)]
     audio_items = [item for m in messages for item in m["content"] if item["type"] == "audio"]
-    tagged = any(_TAG.search(item["text"]) for m in messages for item in m["content"] if item["type"] == "text")
+    tagged = any(SOUND_TAG.search(item["text"]) for m in messages for item in m["content"] if item["type"] == "text")
     loaded = {}
 
     def audio(k: int) -> _Audio:  # 1-based, loaded once even when a tag repeats
@@ -139,7 +139,7 @@ class Processor:
       if self.style == "nvidia":
         body = body.strip()
       if tagged:
-        pieces = _TAG.split(body)  # text, k, text, k, ..., text
+        pieces = SOUND_TAG.split(body)  # text, k, text, k, ..., text
         order = [audio(int(k)) for k in pieces[1::2]]
         body = "".join(p if i % 2 == 0 else self._placeholder(order[i // 2]) for i, p in enumerate(pieces))
       else:

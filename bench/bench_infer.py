@@ -40,8 +40,9 @@ from absl import app, flags
 
 from af3_jax import decode, sharding
 from af3_jax.config import AF3Config
+from af3_jax.models.whisper import tokens_per_window
 from af3_jax.pretrained import Model, init_random
-from presets import MODELS, TOKENS_PER_WINDOW
+from presets import MODELS
 
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "A preset: the model and the defaults below.")
 _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where both run (auto: gpu if torch sees one).")
@@ -86,9 +87,9 @@ def make_batch(cfg: AF3Config, windows: int, rows: int, seed: int = 0) -> dict[s
   """transformers-named inputs: every row the same length, so nothing is padded."""
   rng = np.random.default_rng(seed)
   text = lambda n: rng.integers(0, cfg.audio_token_id, (rows, n))
-  ids = np.concatenate([text(PROMPT[0]), np.full((rows, windows * TOKENS_PER_WINDOW), cfg.audio_token_id),
+  ids = np.concatenate([text(PROMPT[0]), np.full((rows, windows * tokens_per_window(cfg.encoder)), cfg.audio_token_id),
                         text(PROMPT[1])], axis=1).astype(np.int32)
-  frames = 2 * cfg.encoder.max_source_positions
+  frames = cfg.encoder.mel_frames
   return dict(input_ids=ids, attention_mask=np.ones_like(ids),
               input_features=rng.standard_normal((rows * windows, cfg.encoder.num_mel_bins, frames), np.float32),
               input_features_mask=np.ones((rows * windows, frames), np.int32))
@@ -247,7 +248,7 @@ def main(argv: list[str]) -> int:
     torch.cuda.empty_cache()
 
   start = time.perf_counter()
-  jmodel = init_random(preset.cfg, dtype=jnp.dtype(_DTYPE.value), mesh=sharding.make_mesh((1, 1, 1), [jax_device]))
+  jmodel = init_random(preset.cfg, dtype=jnp.dtype(_DTYPE.value), mesh=sharding.single_device_mesh(jax_device))
   jax.block_until_ready(jmodel.state)
   params = sum(x.size for x in jax.tree.leaves(jmodel.state))
   print(f"JAX model: {params:,} parameters, random init {time.perf_counter() - start:.1f} s", flush=True)

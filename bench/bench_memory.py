@@ -31,9 +31,12 @@ from flax import nnx
 
 import af3_jax
 from af3_jax import decode, sharding
+from af3_jax.buckets import bucket
 from af3_jax.config import AF3Config
+from af3_jax.generation import Sampling
+from af3_jax.models.whisper import tokens_per_window
 from af3_jax.pretrained import abstract_model, init_random
-from presets import MODELS, TOKENS_PER_WINDOW
+from presets import MODELS
 
 _SIZE = flags.DEFINE_enum("size", "test", ["test", "tiny", "full"], "A model preset (test: the tests' tiny model).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Parameter and compute dtype.")
@@ -51,28 +54,28 @@ def nvidia_batch(cfg: AF3Config, minutes: int, seed: int = 0) -> dict[str, np.nd
   rng = np.random.default_rng(seed)
   windows = 2 * minutes
   text = lambda n: rng.integers(NEWLINE + 1, cfg.audio_token_id, n)
-  window = np.concatenate([np.full(TOKENS_PER_WINDOW, cfg.audio_token_id), [NEWLINE]])
+  window = np.concatenate([np.full(tokens_per_window(cfg.encoder), cfg.audio_token_id), [NEWLINE]])
   ids = np.concatenate([text(PROMPT[0]), *[window] * windows, text(PROMPT[1])])
-  length, padded_windows = decode.bucket(len(ids), decode.MIN_BUCKET), decode.bucket(windows)
-  frames = 2 * cfg.encoder.max_source_positions
+  length, padded_windows = bucket(len(ids), decode.MIN_BUCKET), bucket(windows)
+  frames = cfg.encoder.mel_frames
   real = np.arange(padded_windows) < windows
   return dict(
       input_ids=np.pad(ids, (length - len(ids), 0))[None].astype(np.int32),
       attention_mask=(np.arange(length) >= length - len(ids))[None].astype(np.int32),
       input_features=rng.standard_normal((padded_windows, cfg.encoder.num_mel_bins, frames), np.float32),
       input_features_mask=np.repeat(real[:, None], frames, axis=1).astype(np.int32),
-      audio_embed_mask=np.repeat(real[:, None], frames // 4, axis=1))
+      audio_embed_mask=np.repeat(real[:, None], tokens_per_window(cfg.encoder), axis=1))
 
 
 def prefill_temp_bytes(cfg: AF3Config, dtype, batch: dict, new_tokens: int) -> int:
   """Compiled temporaries of `decode.prefill` for `batch`, from abstract weights (nothing allocated)."""
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-  graphdef, abstract, _ = abstract_model(cfg, param_dtype=dtype, dtype=dtype, mesh=mesh)
-  new_len = decode.bucket(new_tokens, decode.MIN_BUCKET)
+  mesh = sharding.single_device_mesh()
+  graphdef, abstract, _ = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh)
+  new_len = bucket(new_tokens, decode.MIN_BUCKET)
   eos = np.full(4, -1, np.int32)
 
   def prefill_fn(state, batch):
-    return decode.prefill(nnx.merge(graphdef, state), batch, new_len, decode.Sampling(), jax.random.key(0), eos,
+    return decode.prefill(nnx.merge(graphdef, state), batch, new_len, Sampling(), jax.random.key(0), eos,
                           np.int32(0))
 
   with jax.set_mesh(mesh):

@@ -2,8 +2,6 @@
 
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 
-TOKENS_PER_WINDOW = 750  # `<sound>` tokens of a full window (3000 mel frames, conv stride 2, pool 2)
-
 MODELS = {
     # The tests' tiny model (tests/conftest.py TINY[0], "gqa"): 4 query heads share 2 kv heads.
     "test": AF3Config(

@@ -117,7 +117,7 @@ def test_decoder_blockwise_equals_one_piece(monkeypatch):
   """The decoder's cached prefill and a decode step give the same hidden states either way."""
   cfg = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
                       intermediate_size=64)
-  decoder = qwen2.Decoder(cfg, dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  decoder = qwen2.Decoder(cfg, compute_dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
   graphdef, state = nnx.split(decoder)
   b, t = 2, 600
   x = jax.random.normal(jax.random.key(1), (b, t + 1, cfg.hidden_size))

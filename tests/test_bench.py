@@ -27,7 +27,7 @@ CFG = AF3Config(encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2,
 def test_init_random_is_born_sharded():
   mesh = sharding.make_mesh((1, 4, 2))
   model = init_random(CFG, mesh=mesh)
-  _, abstract, shardings = abstract_model(CFG, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, mesh=mesh)
+  _, abstract, shardings = abstract_model(CFG, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16, mesh=mesh)
   for x, a, s in zip(jax.tree.leaves(model.state), jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True):
     assert x.shape == a.shape and x.dtype == jnp.bfloat16
     assert x.sharding == s

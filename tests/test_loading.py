@@ -39,7 +39,7 @@ def test_all_layouts_load_identically(ckpt):
 
 def test_loaded_values_are_the_torch_tensors(gqa_ckpt):
   """Spot-check the transforms against the torch state dict itself (linear, conv, norm, embedding)."""
-  model = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32).module
+  model = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32).module()
   sd = {k: v.numpy() for k, v in gqa_ckpt.torch_model.state_dict().items()}
   np.testing.assert_array_equal(model.lm_head.kernel[...], sd["lm_head.weight"].T)
   np.testing.assert_array_equal(model.audio_tower.conv2.kernel[...],

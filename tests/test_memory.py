@@ -23,9 +23,9 @@ _MEASURE = textwrap.dedent("""
                 return int(line.split()[1]) * 1024
 
     root = weights.resolve(sys.argv[1])
-    mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
-    _, abstract, _ = abstract_model(weights.read_config(root), param_dtype=jnp.bfloat16, dtype=jnp.bfloat16,
-                                    mesh=mesh)
+    mesh = sharding.single_device_mesh()
+    _, abstract, _ = abstract_model(weights.read_config(root), param_dtype=jnp.bfloat16,
+                                    compute_dtype=jnp.bfloat16, mesh=mesh)
     size = sum(math.prod(x.shape) * 2 for x in jax.tree.leaves(abstract))
     base, peak, done = anon(), [0], threading.Event()
 

@@ -11,7 +11,7 @@ import soundfile as sf
 from af3_jax import Processor
 from af3_jax.data import pipeline
 from af3_jax.data.manifest import Sample
-from af3_jax.processor import IGNORE
+from af3_jax.train_step import IGNORE
 
 pytest.importorskip("torch")  # the tokenizer fixture is built with transformers
 

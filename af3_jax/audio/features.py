@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import librosa
 import numpy as np
 
+from af3_jax import buckets
+
 SAMPLE_RATE = 16000
 WINDOW_SAMPLES = 480000  # 30 s
 HOP = 160
@@ -78,12 +80,6 @@ def log_mel(windows: jax.Array) -> jax.Array:
   return (log_spec + 4.0) / 4.0
 
 
-def _bucket(n: int) -> int:
-  """Batch size for n windows: a power of two up to 32, then a multiple of 32, so new window counts
-  rarely compile a new program and big batches waste at most 31 windows."""
-  return 1 << max(n - 1, 0).bit_length() if n <= 32 else -(-n // 32) * 32
-
-
 def extract_features(audios: list[np.ndarray],
                      max_windows: int = MAX_WINDOWS) -> tuple[np.ndarray, np.ndarray, list[int]]:
   """Log-mel features of 16 kHz mono float audios, all windows in one batch.
@@ -93,7 +89,7 @@ def extract_features(audios: list[np.ndarray],
   """
   per_audio = [split_windows(audio, max_windows) for audio in audios]
   chunks = [c for cs in per_audio for c in cs]
-  batch = np.zeros((_bucket(len(chunks)), WINDOW_SAMPLES), np.float32)
+  batch = np.zeros((buckets.bucket(len(chunks)), WINDOW_SAMPLES), np.float32)
   for i, c in enumerate(chunks):
     batch[i, :c.size] = c
   features = np.asarray(log_mel(batch)[:len(chunks)])

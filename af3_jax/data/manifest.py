@@ -18,7 +18,8 @@ from typing import Any
 _ROLES = {"human": "user", "gpt": "assistant"}
 # Literals NVIDIA removes from a single-audio question before it prepends the audio windows.
 _LITERALS = ("<speech>", "<sound>", "<en><asr>", "<eng><asr>")
-_TAG = re.compile(r"<sound-(\d+)>")
+# Places the k-th audio of a conversation (1-based), in manifests and in processor messages alike.
+SOUND_TAG = re.compile(r"<sound-(\d+)>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,7 +65,7 @@ def _sample(item: Any, root: Path) -> Sample:
   audio = [{"type": "audio", "path": str(root / s)} for s in sounds]  # absolute paths stay as they are
   if isinstance(sound, list):
     for t in turns:
-      for k in _TAG.findall(t["value"]):
+      for k in SOUND_TAG.findall(t["value"]):
         if not 1 <= int(k) <= len(sounds):
           raise ValueError(f"<sound-{k}> but 'sound' lists {len(sounds)} file(s)")
     messages = [{"role": _ROLES[t["from"]], "content": [{"type": "text", "text": t["value"]}]} for t in turns]

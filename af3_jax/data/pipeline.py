@@ -21,9 +21,8 @@ import numpy as np
 
 from af3_jax.audio import features
 from af3_jax.data.manifest import Sample
-from af3_jax.processor import IGNORE, Processor
-
-_FRAMES_PER_WINDOW = features.FRAMES // 4
+from af3_jax.processor import TOKENS_PER_WINDOW, Processor
+from af3_jax.train_step import IGNORE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +118,7 @@ class Collate:
            "labels": np.full((self.rows, length), IGNORE, np.int32),
            "input_features": np.zeros((windows, features.N_MELS, features.FRAMES), np.float32),
            "input_features_mask": np.zeros((windows, features.FRAMES), np.int32),
-           "audio_embed_mask": np.zeros((windows, _FRAMES_PER_WINDOW), bool),
+           "audio_embed_mask": np.zeros((windows, TOKENS_PER_WINDOW), bool),
            "skipped": np.int32(sum(r["skipped"] for r in records))}
     for row, r in enumerate(records):
       w = row * self.windows_per_row  # row-aligned, so rows (and micro-batches) split with their audio

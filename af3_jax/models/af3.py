@@ -49,11 +49,11 @@ def merge_audio(embeds: jax.Array, is_audio: jax.Array, frames: jax.Array, frame
 
 
 class AudioFlamingo3(nnx.Module):
-  """The full model. Attribute names are HF's, so parameter paths are HF's (see `convert/`)."""
+  """The full model. Attribute names are HF's, so parameter paths are HF's (see `names.py`)."""
 
-  def __init__(self, cfg: AF3Config, *, dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+  def __init__(self, cfg: AF3Config, *, compute_dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
                rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
     self.cfg = cfg
     self.audio_tower = whisper.AudioEncoder(cfg.encoder, remat=remat, **kw)
     self.multi_modal_projector = Projector(cfg.encoder.hidden_size, cfg.decoder.hidden_size,
@@ -93,7 +93,8 @@ class AudioFlamingo3(nnx.Module):
     if position_ids is None:
       position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
     x = self.embed(input_ids, attention_mask, input_features, input_features_mask, audio_embed_mask)
-    return self.language_model(x, position_ids, attention_mask.astype(bool))
+    hidden, _ = self.language_model(x, position_ids, attention_mask.astype(bool))
+    return hidden
 
   def __call__(self, input_ids: jax.Array, **inputs) -> jax.Array:
     """Logits (B, T, V) in the compute dtype; takes `hidden_states`' arguments."""

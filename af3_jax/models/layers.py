@@ -1,6 +1,6 @@
 """Leaf layers. Every parameter of the model is created here, each tagged with logical axis names.
 
-Parameters live in `param_dtype`; `__call__` computes in `dtype`. Norms compute in float32 whatever the
+Parameters live in `param_dtype`; `__call__` computes in `compute_dtype`. Norms compute in float32 whatever the
 compute dtype, as the PyTorch reference does. Weight layouts: Linear `kernel` is (in, out) (the transpose
 of torch's `weight`), Conv1d `kernel` is (k, in, out).
 """
@@ -33,9 +33,9 @@ class Linear(nnx.Module):
   path and value, so checkpoints load unchanged and LoRA weights train as `nnx.LoRAParam`.
   """
 
-  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: Axes, dtype,
+  def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: Axes, compute_dtype,
                param_dtype, rngs: nnx.Rngs):
-    self.dtype = dtype
+    self.compute_dtype = compute_dtype
     self.kernel = param(rngs, _normal, (in_features, out_features), param_dtype, axes)
     self.bias = param(rngs, jax.nn.initializers.zeros, (out_features,), param_dtype, axes[1:]) if use_bias else None
     self.lora_a: nnx.LoRAParam | None = nnx.data(None)
@@ -61,25 +61,25 @@ class Linear(nnx.Module):
     self.lora_scale = alpha / rank
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(self.dtype)
-    y = jnp.dot(x, self.kernel[...].astype(self.dtype))
+    x = x.astype(self.compute_dtype)
+    y = jnp.dot(x, self.kernel[...].astype(self.compute_dtype))
     if self.lora_a is not None:
-      h = jnp.dot(x, self.lora_a[...].astype(self.dtype))
-      y = y + self.lora_scale * jnp.dot(h, self.lora_b[...].astype(self.dtype))
+      h = jnp.dot(x, self.lora_a[...].astype(self.compute_dtype))
+      y = y + self.lora_scale * jnp.dot(h, self.lora_b[...].astype(self.compute_dtype))
     if self.bias is not None:
-      y = y + self.bias[...].astype(self.dtype)
+      y = y + self.bias[...].astype(self.compute_dtype)
     return y
 
 
 class Embed(nnx.Module):
   """`torch.nn.Embedding`: a (num, features) table."""
 
-  def __init__(self, num: int, features: int, *, axes: Axes, dtype, param_dtype, rngs: nnx.Rngs):
-    self.dtype = dtype
+  def __init__(self, num: int, features: int, *, axes: Axes, compute_dtype, param_dtype, rngs: nnx.Rngs):
+    self.compute_dtype = compute_dtype
     self.embedding = param(rngs, _normal, (num, features), param_dtype, axes)
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.compute_dtype)
 
 
 class RMSNorm(nnx.Module):
@@ -115,8 +115,8 @@ class Conv1d(nnx.Module):
   """`torch.nn.Conv1d` with symmetric zero padding, on (batch, length, channels) inputs."""
 
   def __init__(self, in_channels: int, out_channels: int, *, kernel_size: int, stride: int, padding: int,
-               axes: Axes, dtype, param_dtype, rngs: nnx.Rngs):
-    self.dtype = dtype
+               axes: Axes, compute_dtype, param_dtype, rngs: nnx.Rngs):
+    self.compute_dtype = compute_dtype
     self.stride = stride
     self.padding = padding
     self.kernel = param(rngs, _normal, (kernel_size, in_channels, out_channels), param_dtype, (None, *axes))
@@ -124,10 +124,10 @@ class Conv1d(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     y = jax.lax.conv_general_dilated(
-        x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+        x.astype(self.compute_dtype), self.kernel[...].astype(self.compute_dtype),
         window_strides=(self.stride,), padding=[(self.padding, self.padding)],
         dimension_numbers=("NWC", "WIO", "NWC"))
-    return y + self.bias[...].astype(self.dtype)
+    return y + self.bias[...].astype(self.compute_dtype)
 
 
 # Up to this many attention scores (B N T S), 64 MiB in float32, XLA computes them in one piece: the

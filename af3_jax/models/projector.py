@@ -15,9 +15,9 @@ from af3_jax.models import layers
 class Projector(nnx.Module):
   """(..., encoder width) -> (..., decoder width)."""
 
-  def __init__(self, audio_width: int, text_width: int, *, use_bias: bool, dtype, param_dtype,
+  def __init__(self, audio_width: int, text_width: int, *, use_bias: bool, compute_dtype, param_dtype,
                rngs: nnx.Rngs):
-    kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(use_bias=use_bias, compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
     self.linear_1 = layers.Linear(audio_width, text_width, axes=("embed", "mlp"), **kw)
     self.linear_2 = layers.Linear(text_width, text_width, axes=("mlp", "embed"), **kw)
 

@@ -35,8 +35,8 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 class Attention(nnx.Module):
   """`Qwen2Attention`: causal GQA; q/k/v have biases, o_proj has none."""
 
-  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, cfg: DecoderConfig, *, compute_dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
     d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.cfg = cfg
     self.q_proj = layers.Linear(d, n * h, use_bias=True, axes=("embed", "heads"), **kw)
@@ -69,8 +69,8 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   """`Qwen2MLP`: down(silu(gate(x)) * up(x)), no biases."""
 
-  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    kw = dict(use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, cfg: DecoderConfig, *, compute_dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(use_bias=False, compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
     d, f = cfg.hidden_size, cfg.intermediate_size
     self.gate_proj = layers.Linear(d, f, axes=("embed", "mlp"), **kw)
     self.up_proj = layers.Linear(d, f, axes=("embed", "mlp"), **kw)
@@ -83,44 +83,44 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
   """`Qwen2DecoderLayer`: pre-RMSNorm attention and MLP, each with a residual."""
 
-  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, *, compute_dtype, param_dtype, rngs: nnx.Rngs):
     norm = dict(eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
-    self.self_attn = Attention(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.mlp = MLP(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.self_attn = Attention(cfg, compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
+    self.mlp = MLP(cfg, compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
     self.input_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, kv: KV | None = None,
-               end: jax.Array | None = None):
-    """(B, T, D) -> (B, T, D); with a cache `kv` (see `Attention`), also the updated `kv`."""
-    h, new_kv = self.self_attn(self.input_layernorm(x), positions, key_mask, kv, end)
+               end: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
+    """(B, T, D) -> (B, T, D) and the updated cache `kv` (None without one), as `Attention`."""
+    h, kv = self.self_attn(self.input_layernorm(x), positions, key_mask, kv, end)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return x if kv is None else (x, new_kv)
+    return x, kv
 
 
 class Decoder(nnx.Module):
   """`Qwen2Model`: token embeddings, the layer stack and the final norm."""
 
-  def __init__(self, cfg: DecoderConfig, *, dtype, param_dtype, remat: str = "none", rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, *, compute_dtype, param_dtype, remat: str = "none", rngs: nnx.Rngs):
     self.remat = remat
-    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), dtype=dtype,
+    self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), compute_dtype=compute_dtype,
                                      param_dtype=param_dtype, rngs=rngs)
-    self.layers = layers.stack(lambda r: DecoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+    self.layers = layers.stack(lambda r: DecoderLayer(cfg, compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=r),
                                cfg.num_layers, rngs)
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, cache: kv_cache.Cache | None = None):
-    """Input embeddings (B, T, D) -> final hidden states (B, T, D).
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
+               cache: kv_cache.Cache | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
+    """Input embeddings (B, T, D) -> (final hidden states (B, T, D), the updated cache or None).
 
     key_mask (B, T) bool marks real tokens (False: left padding). With a `kv_cache.Cache`, the T tokens
-    are appended to it (the prompt, or one decode step) and attend over everything written before
-    them; the call then returns (hidden states, updated cache).
+    are appended to it (the prompt, or one decode step) and attend over everything written before them.
     """
     if cache is None:
-      step = lambda layer, h, _: (sharding.constrain(layer(h, positions, key_mask), ACTIVATION_AXES), None)
+      step = lambda layer, h, _: (sharding.constrain(layer(h, positions, key_mask)[0], ACTIVATION_AXES), None)
       x, _ = layers.scan(self.layers, step, x, remat=self.remat)
-      return self.norm(x)
+      return self.norm(x), None
     key_mask = kv_cache.write(cache.key_mask, key_mask, cache.end)
 
     def cached_step(layer, h, kv):

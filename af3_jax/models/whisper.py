@@ -27,11 +27,16 @@ def pooled_lengths(mel_lengths: jax.Array) -> jax.Array:
   return (conv_lengths(mel_lengths) - 2) // 2 + 1
 
 
+def tokens_per_window(cfg: EncoderConfig) -> int:
+  """Audio tokens (pooled frames) of a full window: 750 in AF3."""
+  return int(pooled_lengths(cfg.mel_frames))
+
+
 class Attention(nnx.Module):
   """`AudioFlamingo3Attention`: bidirectional, k_proj has no bias."""
 
-  def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    d, kw = cfg.hidden_size, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, cfg: EncoderConfig, *, compute_dtype, param_dtype, rngs: nnx.Rngs):
+    d, kw = cfg.hidden_size, dict(compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_heads = cfg.num_heads
     self.head_dim = cfg.head_dim
     self.q_proj = layers.Linear(d, d, use_bias=True, axes=("embed", "heads"), **kw)
@@ -51,8 +56,8 @@ class Attention(nnx.Module):
 class EncoderLayer(nnx.Module):
   """`AudioFlamingo3EncoderLayer`: pre-LN attention and GELU MLP, each with a residual."""
 
-  def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-    d, kw = cfg.hidden_size, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, cfg: EncoderConfig, *, compute_dtype, param_dtype, rngs: nnx.Rngs):
+    d, kw = cfg.hidden_size, dict(compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
     norm = dict(eps=cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
     self.self_attn = Attention(cfg, **kw)
     self.self_attn_layer_norm = layers.LayerNorm(d, **norm)
@@ -73,15 +78,15 @@ class EncoderLayer(nnx.Module):
 class AudioEncoder(nnx.Module):
   """`AudioFlamingo3Encoder`: (W, M, F) log-mel windows -> (W, P, D) pooled frames."""
 
-  def __init__(self, cfg: EncoderConfig, *, dtype, param_dtype, remat: str = "none", rngs: nnx.Rngs):
-    d, kw = cfg.hidden_size, dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  def __init__(self, cfg: EncoderConfig, *, compute_dtype, param_dtype, remat: str = "none", rngs: nnx.Rngs):
+    d, kw = cfg.hidden_size, dict(compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
     self.remat = remat
     self.conv1 = layers.Conv1d(cfg.num_mel_bins, d, kernel_size=3, stride=1, padding=1,
                                axes=("mel", "embed"), **kw)
     self.conv2 = layers.Conv1d(d, d, kernel_size=3, stride=2, padding=1, axes=("embed", "embed"), **kw)
     # A frozen table in the checkpoint (Whisper's sinusoids); loaded, never regenerated.
     self.embed_positions = layers.Embed(cfg.max_source_positions, d, axes=("audio_len", "embed"), **kw)
-    self.layers = layers.stack(lambda r: EncoderLayer(cfg, dtype=dtype, param_dtype=param_dtype, rngs=r),
+    self.layers = layers.stack(lambda r: EncoderLayer(cfg, compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=r),
                                cfg.num_layers, rngs)
     self.layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
 
