@@ -118,39 +118,43 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
                              peak_flops=cfg.peak_tflops * 1e12 * jax.device_count())
   _Stop.install()
   compiled = {}  # one program per batch shape (length bucket)
-  with tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary) as bar:
-    for step in range(start + 1, total + 1):
-      try:
-        host = next(data)
-      except pipeline.NothingUsable as e:
-        ckpt.close()
-        data.close()  # stops grain's worker processes now, not noisily at interpreter exit
-        raise ValueError(str(e)) from None
-      skipped = trainer.all_hosts_sum(int(host.pop("skipped")))
-      batch = trainer.global_batch(host, mesh, cfg.accum_steps)
-      shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
-      with jax.set_mesh(mesh):
-        if shapes not in compiled:
-          compiled[shapes] = step_fn.lower(state, frozen, batch).compile()
-          print(f"compiled train step for input_ids {batch['input_ids'].shape}: "
-                f"{trainer.memory_summary(compiled[shapes])}")
-        state, m = compiled[shapes](state, frozen, batch)
-      m = jax.device_get(m)
-      if not np.isfinite(m["loss"]):
-        print(f"error: non-finite loss {m['loss']} at step {step}; stopping without saving this state "
-              f"(the last checkpoint is step {ckpt.latest_step()})", file=sys.stderr)
-        ckpt.close()
-        return 1
-      stopping = _Stop.requested or step == total
-      if primary:
-        log.add(step, {**m, "skipped": skipped}, flush=stopping)
-      bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{float(m['lr']):.2e}")
-      bar.update()
-      ckpt.save(step, state, data, force=stopping)
-      if _Stop.requested:
-        print(f"stopped at step {step} by a signal; checkpoint saved, rerun the command to resume", file=sys.stderr)
-        ckpt.close()
-        return 0
+  try:
+    with tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary) as bar:
+      for step in range(start + 1, total + 1):
+        try:
+          host = next(data)
+        except pipeline.NothingUsable as e:
+          ckpt.close()
+          data.close()  # stops grain's worker processes now, not noisily at interpreter exit
+          raise ValueError(str(e)) from None
+        skipped = trainer.all_hosts_sum(int(host.pop("skipped")))
+        batch = trainer.global_batch(host, mesh, cfg.accum_steps)
+        shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
+        with jax.set_mesh(mesh):
+          if shapes not in compiled:
+            compiled[shapes] = step_fn.lower(state, frozen, batch).compile()
+            print(f"compiled train step for input_ids {batch['input_ids'].shape}: "
+                  f"{trainer.memory_summary(compiled[shapes])}")
+          state, m = compiled[shapes](state, frozen, batch)
+        m = jax.device_get(m)
+        if not np.isfinite(m["loss"]):
+          print(f"error: non-finite loss {m['loss']} at step {step}; stopping without saving this state "
+                f"(the last checkpoint is step {ckpt.latest_step()})", file=sys.stderr)
+          ckpt.close()
+          return 1
+        stopping = _Stop.requested or step == total
+        if primary:
+          log.add(step, {**m, "skipped": skipped}, flush=stopping)
+        bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{float(m['lr']):.2e}")
+        bar.update()
+        ckpt.save(step, state, data, force=stopping)
+        if _Stop.requested:
+          print(f"stopped at step {step} by a signal; checkpoint saved, rerun the command to resume", file=sys.stderr)
+          ckpt.close()
+          return 0
+  finally:
+    if primary:
+      log.close()
   ckpt.close()
   if trainer.model_step(workdir) != total:  # a rerun of a finished run finds its model already written
     trainer.write_model(workdir, total, model, graphdef, state.params, frozen, init_from, cfg)
