@@ -11,6 +11,7 @@ One run at a time may use a workdir.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import time
@@ -120,16 +121,15 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
     state = ckpt.restore(start, state, data)
     print(f"resumed from step {start}")
   primary = jax.process_index() == 0  # the one process that writes metrics (all save checkpoints together)
-  if primary:
-    log = metrics.MetricsLog(workdir, n_params=n_train + n_frozen, every=cfg.log_every, after_step=start,
-                             peak_flops=cfg.peak_tflops * 1e12 * jax.device_count())
+  log = metrics.MetricsLog(workdir, n_params=n_train + n_frozen, every=cfg.log_every, after_step=start,
+                           peak_flops=cfg.peak_tflops * 1e12 * jax.device_count()) if primary else None
   _Stop.install()
   compiled = {}  # one program per batch shape (length bucket)
   # Under the guard a host<->device copy that nobody asked for (a stray numpy operand, a Python
   # conversion of a device value) is an error, not a silent sync per step: the batch goes up and the
-  # metrics come down explicitly.
+  # metrics come down explicitly. Leaving the block, however, closes the event file.
   with tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary) as bar, \
-       jax.transfer_guard("disallow"):
+       jax.transfer_guard("disallow"), log or contextlib.nullcontext():
     for step in range(start + 1, total + 1):
       try:
         host = next(data)
@@ -153,7 +153,7 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
         ckpt.close()
         return 1
       stopping = _Stop.requested or step == total
-      if primary:
+      if log:
         log.add(step, {**m, "skipped": skipped}, flush=stopping)
       bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{float(m['lr']):.2e}")
       bar.update()

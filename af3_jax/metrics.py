@@ -1,9 +1,10 @@
 """Training metrics: one JSON object per logged step in `workdir/metrics.jsonl` and the same scalars as
-TensorBoard events in the workdir, with tokens/s and MFU added.
+TensorBoard events in the workdir (written by tensorboardX), with tokens/s and MFU added.
 
 Every `every` steps one record sums up the steps since the last: `tokens` and `skipped` are summed,
 `lr` is the last step's, anything else (loss, grad_norm) is the mean. A resumed run first drops the
-records after the step it resumes from, so `metrics.jsonl` holds each step once.
+records after the step it resumes from, so `metrics.jsonl` holds each step once; its event file starts
+with a purge marker at the next step, so TensorBoard hides the earlier run's events from there on.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ import time
 from pathlib import Path
 
 import numpy as np
+import tensorboardX
 
 from af3_jax import files
-from af3_jax.tensorboard import EventWriter
 
 _SUMMED = ("tokens", "skipped")
 _LAST = ("lr",)
@@ -36,7 +37,12 @@ class MetricsLog:
     self.peak_flops = peak_flops
     self.pending: list[dict] = []
     self._drop_records_after(after_step)
-    self.events = EventWriter(workdir)
+    # TensorBoard hides the earlier run's events from purge_step on (on a fresh start too: a run that crashed
+    # before its first checkpoint). tensorboardX names the file by the second and host alone and truncates
+    # it, so the suffix keeps a quick rerun from overwriting the earlier run's file. flush() in add writes
+    # what the writer's thread has dequeued; flush_secs bounds how long the rest waits.
+    self.events = tensorboardX.SummaryWriter(logdir=str(workdir), purge_step=after_step + 1, flush_secs=1,
+                                             filename_suffix=f".{after_step}")
     self.last = time.perf_counter()
 
   def _drop_records_after(self, step: int) -> None:
@@ -67,8 +73,21 @@ class MetricsLog:
     record = {"step": step, **summary, "tokens_per_s": rate, "mfu": rate * self.flops_per_token / self.peak_flops}
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    self.events.scalars(step, {k: v for k, v in record.items() if k != "step"})
+    for tag, value in record.items():
+      if tag != "step":
+        self.events.add_scalar(tag, value, step)
+    self.events.flush()  # a killed run keeps its events
     return record
+
+  def close(self) -> None:
+    """Writes the remaining events and stops the writer's thread."""
+    self.events.close()
+
+  def __enter__(self) -> MetricsLog:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def _summarize(steps: list[dict]) -> dict:

@@ -1,76 +1,80 @@
-"""TensorBoard event files: CRC-32C against its standard check value, and a written file read back by
-an independent decoder (and by TensorBoard itself where it is installed)."""
+"""MetricsLog's TensorBoard events, read back with tensorboardX's own protobufs: the same scalars as
+metrics.jsonl, on disk before the writer closes, and a resumed run's purge marker."""
 
+import json
 import struct
+import time
 
-import pytest
+import numpy as np
+from tensorboardX.proto import event_pb2
 
-from af3_jax.tensorboard import EventWriter, crc32c
-
-
-def test_crc32c_check_value():
-  assert crc32c(b"123456789") == 0xE3069283  # the CRC-32C (Castagnoli) check value
+from af3_jax.metrics import MetricsLog
 
 
-def _varint(buf, i):
-  n = shift = 0
-  while True:
-    b = buf[i]
-    n |= (b & 0x7F) << shift
-    i, shift = i + 1, shift + 7
-    if b < 0x80:
-      return n, i
-
-
-def _fields(buf):
-  """(field number, value) pairs of a protobuf message, for the wire types events use."""
-  i = 0
-  while i < len(buf):
-    key, i = _varint(buf, i)
-    number, wire = key >> 3, key & 7
-    if wire == 0:
-      value, i = _varint(buf, i)
-    elif wire == 1:
-      value, i = buf[i:i + 8], i + 8
-    elif wire == 5:
-      value, i = buf[i:i + 4], i + 4
-    else:
-      n, i = _varint(buf, i)
-      value, i = buf[i:i + n], i + n
-    yield number, value
-
-
-def _masked(data):
-  crc = crc32c(data)
-  return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+def read_events(path):
+  """The `Event`s of one file of TFRecords (u64 length, its CRC, the bytes, their CRC); a record the
+  writer has not finished yet ends the list."""
+  data, i, events = path.read_bytes(), 0, []
+  while i + 16 <= len(data):
+    (n,) = struct.unpack_from("<Q", data, i)
+    if i + 16 + n > len(data):
+      break
+    events.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
+    i += 16 + n
+  return events
 
 
 def read_scalars(path):
-  data, i, out = path.read_bytes(), 0, []
-  while i < len(data):
-    (n,) = struct.unpack_from("<Q", data, i)
-    assert struct.unpack_from("<I", data, i + 8)[0] == _masked(data[i:i + 8])
-    payload = data[i + 12:i + 12 + n]
-    assert struct.unpack_from("<I", data, i + 12 + n)[0] == _masked(payload)
-    i += 16 + n
-    event = dict(_fields(payload))
-    for number, value in _fields(event.get(5, b"")):
-      fields = dict(_fields(value))
-      out.append((event[2], fields[1].decode(), struct.unpack("<f", fields[2])[0]))
-  return out
+  """(step, tag, value) of every scalar in one event file, in the order written."""
+  return [(e.step, v.tag, v.simple_value) for e in read_events(path) for v in e.summary.value]
 
 
-def test_written_scalars_read_back(tmp_path):
-  writer = EventWriter(tmp_path)
-  writer.scalars(1, {"loss": 2.5, "lr": 1e-3})
-  writer.scalars(2, {"loss": 2.0, "lr": 2e-3})
-  got = read_scalars(writer.path)
-  assert [(s, t) for s, t, _ in got] == [(1, "loss"), (1, "lr"), (2, "loss"), (2, "lr")]
-  assert [v for *_, v in got] == pytest.approx([2.5, 1e-3, 2.0, 2e-3], rel=1e-6)
-  try:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-  except ImportError:  # not a dependency; the decoder above checks the format
-    return
-  acc = EventAccumulator(str(tmp_path))
-  acc.Reload()
-  assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(1, 2.5), (2, 2.0)]
+def markers(path):
+  """(step, file_version or session_log status) of the events that hold no summary."""
+  return [(e.step, e.file_version or e.session_log.status) for e in read_events(path) if not e.HasField("summary")]
+
+
+def log_steps(workdir, steps, *, after_step=0, every=1, scale=1.0):
+  log = MetricsLog(workdir, n_params=1000, peak_flops=1e12, every=every, after_step=after_step)
+  for step in steps:
+    log.add(step, {"loss": scale / step, "grad_norm": 0.1 * step, "lr": 1e-3 * step, "tokens": 100 + step,
+                   "skipped": step % 2}, flush=step == steps[-1])
+  return log
+
+
+def expected_scalars(workdir):
+  """The records in metrics.jsonl as (step, tag, value), the values rounded to the float32 events hold."""
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [(r["step"], k, float(np.float32(v))) for r in records for k, v in r.items() if k != "step"]
+
+
+def test_scalars_are_the_metrics_jsonl_records(tmp_path):
+  log_steps(tmp_path, [1, 2, 3, 4, 5], every=2).close()
+  (path,) = tmp_path.glob("events.out.tfevents.*")
+  assert [s for s, *_ in read_scalars(path)] == [2] * 7 + [4] * 7 + [5] * 7  # loss .. mfu, per record
+  assert read_scalars(path) == expected_scalars(tmp_path)
+  # A fresh run purges from step 1: the events of an earlier attempt that saved no checkpoint.
+  assert markers(path) == [(0, "brain.Event:2"), (1, "brain.Event:2"), (1, event_pb2.SessionLog.START)]
+
+
+def test_events_reach_the_file_before_close(tmp_path):
+  log = log_steps(tmp_path, [1, 2, 3])
+  (path,) = tmp_path.glob("events.out.tfevents.*")
+  deadline = time.time() + 10
+  while time.time() < deadline and len(read_scalars(path)) < 21:
+    time.sleep(0.05)
+  assert read_scalars(path) == expected_scalars(tmp_path)  # what a killed run would leave
+  log.close()
+
+
+def test_a_resumed_run_purges_the_steps_it_replays(tmp_path):
+  log_steps(tmp_path, [1, 2, 3, 4]).close()
+  (first,) = tmp_path.glob("events.out.tfevents.*")
+  log_steps(tmp_path, [3, 4], after_step=2, scale=2.0).close()  # resumed from a checkpoint at step 2
+  (second,) = set(tmp_path.glob("events.out.tfevents.*")) - {first}
+  assert [s for s, *_ in read_scalars(first)] == [1] * 7 + [2] * 7 + [3] * 7 + [4] * 7  # still all there
+  assert markers(second) == [(0, "brain.Event:2"), (3, "brain.Event:2"), (3, event_pb2.SessionLog.START)]
+  # On a SessionLog START TensorBoard drops the events already read at or past its step (tensorboard's
+  # event_accumulator `_CheckForRestartAndMaybePurge`), which leaves each step of metrics.jsonl once.
+  shown = [s for s in read_scalars(first) if s[0] < 3] + read_scalars(second)
+  assert shown == expected_scalars(tmp_path)
