@@ -127,7 +127,7 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
   compiled = {}  # one program per batch shape (length bucket)
   # Under the guard a host<->device copy that nobody asked for (a stray numpy operand, a Python
   # conversion of a device value) is an error, not a silent sync per step: the batch goes up and the
-  # metrics come down explicitly. Leaving the block, however, closes the event file.
+  # metrics come down explicitly. Leaving the block by any path closes the event file.
   with tqdm(total=total, initial=start, desc="train", unit="step", disable=not primary) as bar, \
        jax.transfer_guard("disallow"), log or contextlib.nullcontext():
     for step in range(start + 1, total + 1):
