@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import audio_tokens, random_features, random_text
+from conftest import assert_close, audio_tokens, random_features, random_text
 from flax import nnx, traverse_util
 
 import af3_jax
@@ -46,8 +46,7 @@ def test_sharded_forward_equals_unsharded(ckpt):
   sharded = af3_jax.from_pretrained(ckpt.hf, dtype=jnp.float32, mesh=mesh_222())
   assert len(sharded.state["lm_head"]["kernel"][...].sharding.device_set) == 8
   assert_specs_divide(jax.tree.map(lambda x: x.sharding, sharded.state), sharded.state)
-  a, b = np.asarray(single(**batch)), np.asarray(sharded(**batch))
-  assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+  assert_close(sharded(**batch), single(**batch), rtol=1e-5)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import soundfile as sf
 
 import af3_jax
 from af3_jax import optim, train_lib, trainer
+from conftest import assert_close
 from flax import nnx
 from configs import tiny
 
@@ -95,7 +96,7 @@ def test_loss_falls_and_the_export_loads_in_transformers(run_setup, tmp_path):
   with torch.no_grad():
     expected = ref(input_ids=torch.tensor(ids)).logits.numpy()
   got = np.asarray(ours(input_ids=ids))
-  assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+  assert_close(got, expected)
 
 
 def stop_and_resume(run_setup, tmp_path, save_every: int, stop, while_running=lambda: None):
@@ -281,7 +282,7 @@ def test_lora_run_exports_a_peft_adapter(run_setup, gqa_ckpt, tmp_path):
     expected = peft.PeftModel.from_pretrained(base, out).eval()(input_ids=torch.tensor(ids)).logits.numpy()
   assert np.abs(expected - before).max() > 1e-3 * np.abs(before).max()  # training moved the adapter
   got = np.asarray(af3_jax.from_pretrained(tmp_path / "run" / "model", dtype=jnp.float32)(input_ids=ids))
-  assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+  assert_close(got, expected)
 
 
 def test_two_processes_match_one(run_setup, tmp_path):
