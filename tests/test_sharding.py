@@ -102,10 +102,7 @@ def test_full_size_train_step_lowers_on_a_222_mesh(full_abstract, trainable):
   module = nnx.merge(graphdef, placed)
   graphdef, params, frozen = train_lib.split(module, trainable)
   optimizer = optim.make_optimizer(1e-5, 100)
-  abstract_state = jax.eval_shape(
-      lambda p: train_lib.TrainState(step=jnp.int32(0), params=jax.tree.map(lambda x: x.astype(jnp.float32), p),
-                                     opt_state=optimizer.init(jax.tree.map(lambda x: x.astype(jnp.float32), p)),
-                                     rng=jax.random.PRNGKey(0)), params)
+  abstract_state = jax.eval_shape(lambda p: train_lib.init_state(p, optimizer, mesh), params)
   rows, length = 4, 1024
   batch = {"input_ids": jax.ShapeDtypeStruct((rows, length), jnp.int32),
            "attention_mask": jax.ShapeDtypeStruct((rows, length), jnp.int32),
