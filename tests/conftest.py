@@ -19,8 +19,11 @@ import dataclasses  # noqa: E402
 import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+import af3_jax  # noqa: E402
 
 try:  # the PyTorch reference; tests that need it skip without it
   import torch
@@ -192,6 +195,30 @@ def tester_ckpt(tmp_path_factory) -> Checkpoint:
   root = tmp_path_factory.mktemp(tester.name)
   model.save_pretrained(root / "hf")
   return Checkpoint(tester, model, root / "hf", root / "tree", root / "nvidia")
+
+
+@pytest.fixture(scope="module")
+def loaded(ckpt) -> af3_jax.Model:
+  """Our float32 copy of each tiny checkpoint."""
+  return af3_jax.from_pretrained(ckpt.hf, dtype=jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def gqa_loaded(gqa_ckpt) -> af3_jax.Model:
+  """Our float32 copy of the single `gqa_ckpt`."""
+  return af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
+
+
+RTOL = 1e-4  # float32 parity bound, relative to the reference's largest magnitude
+
+
+def assert_close(ours, ref, rtol: float = RTOL, scale: float | None = None) -> None:
+  """max |ours - ref| <= rtol * scale, the scale being max |ref| unless given; shapes must be equal."""
+  ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
+  assert ours.shape == ref.shape, (ours.shape, ref.shape)
+  scale = np.abs(ref).max() if scale is None else scale
+  err = np.abs(ours - ref).max()
+  assert err <= rtol * scale, f"max |diff| {err:.3g} > {rtol} * {scale:.3g}"
 
 
 def audio_tokens(mel_frames: int) -> int:

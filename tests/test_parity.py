@@ -8,27 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import audio_tokens, left_pad, random_features, random_prompts, random_text
+from conftest import assert_close, audio_tokens, left_pad, random_features, random_prompts, random_text
 from flax import nnx
 
 import af3_jax
 
 torch = pytest.importorskip("torch")
-
-RTOL = 1e-4  # relative to the reference's largest magnitude
-
-
-def assert_close(ours, ref, rtol=RTOL):
-  ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
-  assert ours.shape == ref.shape
-  scale = np.abs(ref).max()
-  err = np.abs(ours - ref).max()
-  assert err <= rtol * scale, f"max |diff| {err:.3g} > {rtol} * max |ref| {scale:.3g}"
-
-
-@pytest.fixture(scope="module")
-def loaded(ckpt):
-  return af3_jax.from_pretrained(ckpt.hf, dtype=jnp.float32)
 
 
 def torch_logits(model, ids, mask, feats=None, feats_mask=None):

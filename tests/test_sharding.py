@@ -1,12 +1,14 @@
 """Sharding on 8 fake CPU devices, and the full-size AF3 checked abstractly with jax.eval_shape."""
 
 import math
+import re
+from collections import Counter
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import audio_tokens, random_features, random_text
+from conftest import assert_close, audio_tokens, random_features, random_text
 from flax import nnx, traverse_util
 
 import af3_jax
@@ -33,6 +35,13 @@ def assert_specs_divide(shardings_tree, abstract_tree):
   assert sharded > 0  # the rules did shard something
 
 
+def sdy_sharding(spec: P, rank: int) -> str:
+  """`spec` as Shardy prints an argument's sharding, one set of mesh axes per dim: `[{"data", "fsdp"}, {}]`."""
+  dims = tuple(spec) + (None,) * (rank - len(spec))
+  axes = lambda d: (d,) if isinstance(d, str) else (d or ())
+  return "[" + ", ".join("{" + ", ".join(f'"{a}"' for a in axes(d)) + "}" for d in dims) + "]"
+
+
 def test_sharded_forward_equals_unsharded(ckpt):
   rng = np.random.default_rng(0)
   tiny = ckpt.tiny
@@ -46,8 +55,7 @@ def test_sharded_forward_equals_unsharded(ckpt):
   sharded = af3_jax.from_pretrained(ckpt.hf, dtype=jnp.float32, mesh=mesh_222())
   assert len(sharded.state["lm_head"]["kernel"][...].sharding.device_set) == 8
   assert_specs_divide(jax.tree.map(lambda x: x.sharding, sharded.state), sharded.state)
-  a, b = np.asarray(single(**batch)), np.asarray(sharded(**batch))
-  assert np.abs(a - b).max() <= 1e-5 * np.abs(a).max()
+  assert_close(sharded(**batch), single(**batch), rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +111,7 @@ def test_full_size_train_step_lowers_on_a_222_mesh(full_abstract, trainable):
   module = nnx.merge(graphdef, placed)
   graphdef, params, frozen = train_lib.split(module, trainable)
   optimizer = optim.make_optimizer(1e-5, 100)
-  abstract_state = jax.eval_shape(
-      lambda p: train_lib.TrainState(step=jnp.int32(0), params=jax.tree.map(lambda x: x.astype(jnp.float32), p),
-                                     opt_state=optimizer.init(jax.tree.map(lambda x: x.astype(jnp.float32), p)),
-                                     rng=jax.random.PRNGKey(0)), params)
+  abstract_state = jax.eval_shape(lambda p: train_lib.init_state(p, optimizer, mesh), params)
   rows, length = 4, 1024
   batch = {"input_ids": jax.ShapeDtypeStruct((rows, length), jnp.int32),
            "attention_mask": jax.ShapeDtypeStruct((rows, length), jnp.int32),
@@ -124,4 +129,15 @@ def test_full_size_train_step_lowers_on_a_222_mesh(full_abstract, trainable):
   assert len(outs) == len(ins) > 0
   assert all(o.sharding == i for o, i in zip(outs, ins)), "the train step re-lays out its state"
   assert any(i.spec != P() for i in ins)  # the rules did shard the trainable weights
-  assert "stablehlo" in lowered.as_text()[:2000] or "func.func" in lowered.as_text()[:2000]
+  # The program handed to XLA declares the mesh, and its arguments carry the shardings asked for: state,
+  # frozen weights and batch. Only sharded ones are counted: lowering drops unused (replicated scalar) inputs.
+  hlo = lowered.as_text()
+  assert 'sdy.mesh @mesh = <["data"=2, "fsdp"=2, "tensor"=2]>' in hlo
+  args = hlo[hlo.index("func.func public @main("):].split(") -> (")[0]
+  carried = Counter(re.findall(r"#sdy\.sharding<@mesh, (\[[^>]*\])>", args))
+  asked = jax.tree.leaves((train_lib.state_shardings(abstract_state, mesh), sharding.state_shardings(frozen, mesh),
+                           batch_sharding))
+  avals = jax.tree.leaves((abstract_state, frozen, batch))
+  expected = Counter(sdy_sharding(s.spec, len(a.shape)) for s, a in zip(asked, avals, strict=True))
+  sharded_only = lambda counts: {k: n for k, n in counts.items() if '"' in k}  # names a mesh axis
+  assert sharded_only(carried) == sharded_only(expected)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import audio_tokens, random_features, random_text
+from conftest import RTOL, assert_close, audio_tokens, random_features, random_text
 from flax import nnx, traverse_util
 
 import af3_jax
@@ -20,21 +20,11 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-RTOL = 1e-4
 RANK, ALPHA = 4, 16  # scale 4: a wrong scale cannot hide
 PEFT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 # k_proj biases shift every score of a query equally, so softmax makes their gradient exactly zero in
 # theory; both sides return rounding noise there, which is compared on the scale of the largest gradient.
 ZERO_GRAD = "self_attn.k_proj.bias"
-
-
-def assert_close(ours, ref, rtol=RTOL, scale=None):
-  ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
-  assert ours.shape == ref.shape
-  scale = np.abs(ref).max() if scale is None else scale
-  err = np.abs(ours - ref).max()
-  assert err <= rtol * scale, f"max |diff| {err:.3g} > {rtol} * {scale:.3g}"
-  return err / scale
 
 
 def make_batch(tiny, seed=0):
@@ -79,11 +69,6 @@ def batch(gqa_ckpt):
 
 
 @pytest.fixture(scope="module")
-def loaded(gqa_ckpt):
-  return af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
-
-
-@pytest.fixture(scope="module")
 def torch_full(gqa_ckpt, batch):
   """transformers' (loss, gradients by parameter name) for full fine-tuning on `batch`."""
   return torch_loss_and_grads(copy.deepcopy(gqa_ckpt.torch_model), batch)
@@ -95,9 +80,9 @@ def torch_lora(peft_model, batch):
   return torch_loss_and_grads(peft_model, batch)
 
 
-def test_full_finetune_loss_and_grads(loaded, batch, torch_full):
+def test_full_finetune_loss_and_grads(gqa_loaded, batch, torch_full):
   ref_loss, ref_grads = torch_full
-  loss, grads = ours_loss_and_grads(loaded.module, "all", batch)
+  loss, grads = ours_loss_and_grads(gqa_loaded.module, "all", batch)
   assert abs(loss - ref_loss) <= RTOL * abs(ref_loss)
   biggest = max(np.abs(g).max() for g in ref_grads.values())
   seen = set()
@@ -142,10 +127,10 @@ def lora_module(loaded, peft_model):
   return module
 
 
-def test_lora_loss_and_grads(loaded, peft_model, batch, torch_lora):
+def test_lora_loss_and_grads(gqa_loaded, peft_model, batch, torch_lora):
   ref_loss, ref_grads = torch_lora
   assert all("lora_" in n for n in ref_grads)
-  loss, grads = ours_loss_and_grads(lora_module(loaded, peft_model), "lora", batch)
+  loss, grads = ours_loss_and_grads(lora_module(gqa_loaded, peft_model), "lora", batch)
   assert abs(loss - ref_loss) <= RTOL * abs(ref_loss)
   assert len(grads) == 14
   for path, g in grads.items():
@@ -153,17 +138,17 @@ def test_lora_loss_and_grads(loaded, peft_model, batch, torch_lora):
       assert_close(g[i], ref_grads[peft_key(path, i)].T)
 
 
-def test_add_lora_keeps_the_base(loaded):
+def test_add_lora_keeps_the_base(gqa_loaded):
   """Base paths and values stay, lora_b starts at zero (the output is unchanged), axes follow the kernel."""
-  module = loaded.module
+  module = gqa_loaded.module
   train_lib.add_lora(module, RANK, ALPHA, jax.random.PRNGKey(0))
   params = flat(nnx.state(module))
-  base = flat(loaded.state)
+  base = flat(gqa_loaded.state)
   assert {k for k in params if k[-1] not in ("lora_a", "lora_b")} == set(base)
   for k, v in base.items():
     np.testing.assert_array_equal(params[k], v)
   mlp = module.language_model.layers.mlp
-  dec = loaded.config.decoder
+  dec = gqa_loaded.config.decoder
   assert mlp.down_proj.lora_a.shape == (dec.num_layers, dec.intermediate_size, RANK)
   assert mlp.down_proj.lora_b.shape == (dec.num_layers, RANK, dec.hidden_size)
   assert not np.asarray(mlp.down_proj.lora_b[...]).any() and mlp.down_proj.lora_scale == ALPHA / RANK
@@ -172,7 +157,7 @@ def test_add_lora_keeps_the_base(loaded):
   assert module.lm_head.lora_a is None
 
 
-def test_trainable_sets_match_torch(gqa_ckpt, loaded, peft_model):
+def test_trainable_sets_match_torch(gqa_ckpt, gqa_loaded, peft_model):
   """Parameter counts per stage filter equal the torch modules upstream trains in that stage."""
   torch_params = {n: p.numel() for n, p in gqa_ckpt.torch_model.named_parameters() if p.requires_grad}
   expect = {
@@ -182,12 +167,12 @@ def test_trainable_sets_match_torch(gqa_ckpt, loaded, peft_model):
   }
   size = lambda state: sum(x.size for x in jax.tree.leaves(state))
   for trainable, count in expect.items():
-    _, params, frozen = train_lib.split(loaded.module, trainable)
+    _, params, frozen = train_lib.split(gqa_loaded.module, trainable)
     assert size(params) == count, trainable
     assert size(params) + size(frozen) == sum(p.numel() for p in gqa_ckpt.torch_model.parameters())
   with pytest.raises(ValueError, match="add_lora first"):
-    train_lib.split(loaded.module, "lora")
-  _, params, _ = train_lib.split(lora_module(loaded, peft_model), "lora")
+    train_lib.split(gqa_loaded.module, "lora")
+  _, params, _ = train_lib.split(lora_module(gqa_loaded, peft_model), "lora")
   assert size(params) == peft_model.get_nb_trainable_parameters()[0]
 
 
@@ -203,9 +188,9 @@ def test_schedule_matches_hf():
     hf.step()
 
 
-def test_adamw_updates_match_torch(loaded):
+def test_adamw_updates_match_torch(gqa_loaded):
   """Three updates (lr 0 at step 0 in warmup, then peak, then cosine) with clipping at 1.0."""
-  _, params, _ = train_lib.split(loaded.module, "projector")
+  _, params, _ = train_lib.split(gqa_loaded.module, "projector")
   total, lr = 10, 1e-2
   tx = optim.make_optimizer(lr, total, warmup_ratio=0.1, clip_norm=1.0)
   rng = np.random.default_rng(0)
@@ -251,10 +236,10 @@ def run_steps(module, trainable, batches, mesh, accum_steps, total=10):
   return state, metrics
 
 
-def test_gradient_accumulation_equals_one_big_batch(gqa_ckpt, loaded, batch, torch_full):
+def test_gradient_accumulation_equals_one_big_batch(gqa_ckpt, gqa_loaded, batch, torch_full):
   """Two micro-batches of one row each (6 and 10 label tokens) make the update transformers makes from
   the whole batch: its token-mean loss and gradients, clipped to norm 1, then one AdamW step."""
-  state, [m] = run_steps(loaded.module, "projector", [split_micro(batch)], loaded.mesh, accum_steps=2)
+  state, [m] = run_steps(gqa_loaded.module, "projector", [split_micro(batch)], gqa_loaded.mesh, accum_steps=2)
   ref_loss, ref_grads = torch_full
   lr = 1e-3  # run_steps' peak rate; no warmup, so the first update uses it
   torch_model = copy.deepcopy(gqa_ckpt.torch_model)
