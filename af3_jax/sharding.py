@@ -120,4 +120,7 @@ def global_batch(host: dict[str, np.ndarray], mesh: Mesh, accum_steps: int) -> d
 
   shardings = batch_shardings({k: jax.ShapeDtypeStruct(global_shape(x), x.dtype) for k, x in host.items()},
                               mesh, accum_steps)
-  return {k: jax.make_array_from_process_local_data(shardings[k], x, global_shape(x)) for k, x in host.items()}
+  # The one place a training batch goes up: allowed here even under the loop's transfer guard
+  # (with several processes, make_array_from_process_local_data copies by an implicit device_put).
+  with jax.transfer_guard_host_to_device("allow"):
+    return {k: jax.make_array_from_process_local_data(shardings[k], x, global_shape(x)) for k, x in host.items()}

@@ -130,7 +130,7 @@ def main(argv: list[str]) -> None:
     cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, num_layers=_DECODER_LAYERS.value))
   device = "cuda" if torch.cuda.is_available() else "cpu"
   host = batch(cfg, _BATCH.value, np.random.default_rng(0))
-  tokens = int((host["labels"] != -100).sum())
+  tokens = int((host["labels"] != train_step.IGNORE).sum())
   rows, n_params = [], 0
   for stage in _STAGES.value:
     print(f"{stage}: torch ...", flush=True)

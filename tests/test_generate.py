@@ -7,6 +7,8 @@ reference meets part way, so stopping and the padding after eos are compared too
 that few shapes need compiling (prompts of one bucket share a program).
 """
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,9 @@ from flax import nnx
 
 import af3_jax
 from af3_jax import decode
+from af3_jax.generation import Sampling, Settings
 from af3_jax.models import kv_cache
+from af3_jax.pretrained import read_generation_config
 
 torch = pytest.importorskip("torch")
 
@@ -170,7 +174,7 @@ def test_processed_scores_match_transformers(kw):
   rng = np.random.default_rng(14)
   logits = (3 * rng.standard_normal((3, 50))).astype(np.float32)
   ids = rng.integers(0, 50, (3, 12))
-  s = decode.Sampling(**kw)
+  s = Sampling(**kw)
   processors = transformers.LogitsProcessorList()
   if s.repetition_penalty != 1.0:
     processors.append(transformers.RepetitionPenaltyLogitsProcessor(s.repetition_penalty))
@@ -191,14 +195,32 @@ def test_processed_scores_match_transformers(kw):
 
 def test_settings_come_from_the_checkpoint(tmp_path):
   (tmp_path / "config.json").write_text('{"text_config": {"eos_token_id": 7}}')
-  assert decode.settings(tmp_path) == (decode.Sampling(), (7,), 7)
+  assert read_generation_config(tmp_path).resolve() == Settings(Sampling(), (7,), 7)
   (tmp_path / "generation_config.json").write_text(
       '{"do_sample": true, "temperature": 0.7, "top_p": 0.8, "repetition_penalty": 1.05, '
       '"eos_token_id": [5, 6], "pad_token_id": 4}')
-  s, eos, pad = decode.settings(tmp_path)
-  assert s == decode.Sampling(True, 0.7, 50, 0.8, 1.05) and eos == (5, 6) and pad == 4
-  s, eos, pad = decode.settings(tmp_path, do_sample=False, eos_token_id=9, pad_token_id=1)
-  assert s == decode.Sampling(repetition_penalty=1.05) and eos == (9,) and pad == 1
+  defaults = read_generation_config(tmp_path)
+  assert defaults.resolve() == Settings(Sampling(True, 0.7, 50, 0.8, 1.05), (5, 6), 4)
+  assert (defaults.resolve(do_sample=False, eos_token_id=9, pad_token_id=1)
+          == Settings(Sampling(repetition_penalty=1.05), (9,), 1))
+  (tmp_path / "generation_config.json").write_text('{"top_k": "many"}')
+  with pytest.raises(ValueError, match="generation_config.json: a generation setting is not a number"):
+    read_generation_config(tmp_path)
+
+
+def test_generation_reads_no_files(gqa_ckpt, tmp_path):
+  """The checkpoint's generation defaults are read at load: generating after its files are gone gives
+  the same tokens, stopped at its eos and padded with its pad."""
+  batch, _ = text(np.random.default_rng(14), gqa_ckpt.tiny)
+  plain = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
+  eos = int(af3_jax.generate(plain, batch, MAX_NEW)[1, 3])
+  expected = af3_jax.generate(plain, batch, MAX_NEW, eos_token_id=eos, pad_token_id=PAD)
+  folder = shutil.copytree(gqa_ckpt.hf, tmp_path / "ckpt")
+  (folder / "generation_config.json").write_text(f'{{"eos_token_id": {eos}, "pad_token_id": {PAD}}}')
+  model = af3_jax.from_pretrained(folder, dtype=jnp.float32)
+  assert model.generation.resolve() == Settings(Sampling(), (eos,), PAD)
+  shutil.rmtree(folder)
+  np.testing.assert_array_equal(af3_jax.generate(model, batch, MAX_NEW), expected)
 
 
 def test_bad_batches_are_errors(gqa_ckpt):

@@ -12,10 +12,9 @@ from conftest import assert_close, audio_tokens, random_features, random_text
 from flax import nnx, traverse_util
 
 import af3_jax
-from af3_jax import sharding
+from af3_jax import names, sharding
 from jax.sharding import PartitionSpec as P
 from af3_jax.pretrained import abstract_model
-from convert import names
 
 
 def mesh_222():
@@ -61,7 +60,7 @@ def test_sharded_forward_equals_unsharded(ckpt):
 @pytest.fixture(scope="module")
 def full_abstract():
   cfg = af3_jax.AF3Config()
-  return abstract_model(cfg, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16, mesh=mesh_222())
+  return abstract_model(cfg, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16, mesh=mesh_222())
 
 
 def test_full_config_parameter_count(full_abstract):
@@ -94,7 +93,7 @@ def test_full_config_matches_upstream_shapes(full_abstract):
   for key, tensor in ref.state_dict().items():
     path, layer, transform = names.param_path(names.canonical(key, names.HF_PREFIXES))
     shape = ours[path].shape[1:] if layer is not None else ours[path].shape
-    assert names.to_ours(np.empty(tuple(tensor.shape), np.int8), transform).shape == shape, key
+    assert names.torch_to_ours(np.empty(tuple(tensor.shape), np.int8), transform).shape == shape, key
     seen.add(path)
   assert seen == set(ours)
 
@@ -103,29 +102,29 @@ def test_full_config_matches_upstream_shapes(full_abstract):
 def test_full_size_train_step_lowers_on_a_222_mesh(full_abstract, trainable):
   """The 8B training step (bf16 compute, float32 trainable copies, AdamW, remat) lowers with explicit
   shardings on 8 fake devices: shapes only, no memory."""
-  from af3_jax import optim, train_lib
+  from af3_jax import optim, train_step
 
   graphdef, state, shardings = full_abstract
   mesh = mesh_222()
   placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
   module = nnx.merge(graphdef, placed)
-  graphdef, params, frozen = train_lib.split(module, trainable)
+  graphdef, params, frozen = train_step.split(module, trainable)
   optimizer = optim.make_optimizer(1e-5, 100)
-  abstract_state = jax.eval_shape(lambda p: train_lib.init_state(p, optimizer, mesh), params)
+  abstract_state = jax.eval_shape(lambda p: train_step.init_state(p, optimizer, mesh), params)
   rows, length = 4, 1024
   batch = {"input_ids": jax.ShapeDtypeStruct((rows, length), jnp.int32),
            "attention_mask": jax.ShapeDtypeStruct((rows, length), jnp.int32),
            "labels": jax.ShapeDtypeStruct((rows, length), jnp.int32),
            "input_features": jax.ShapeDtypeStruct((rows, 128, 3000), jnp.float32),
            "input_features_mask": jax.ShapeDtypeStruct((rows, 3000), jnp.int32)}
-  batch_sharding = train_lib.batch_shardings(batch, mesh)
+  batch_sharding = sharding.batch_shardings(batch, mesh)
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding[k]) for k, v in batch.items()}
   with jax.set_mesh(mesh):
-    step = train_lib.jit_train_step(graphdef, optimizer, abstract_state, frozen, mesh)
+    step = train_step.jit_train_step(graphdef, optimizer, abstract_state, frozen, mesh)
     lowered = step.lower(abstract_state, frozen, batch)
   # The donated state comes back with the shardings it went in with (no silent re-layout).
   outs = jax.tree.leaves(lowered.out_info[0].params)
-  ins = jax.tree.leaves(train_lib.state_shardings(abstract_state, mesh).params)
+  ins = jax.tree.leaves(train_step.state_shardings(abstract_state, mesh).params)
   assert len(outs) == len(ins) > 0
   assert all(o.sharding == i for o, i in zip(outs, ins)), "the train step re-lays out its state"
   assert any(i.spec != P() for i in ins)  # the rules did shard the trainable weights
@@ -135,7 +134,7 @@ def test_full_size_train_step_lowers_on_a_222_mesh(full_abstract, trainable):
   assert 'sdy.mesh @mesh = <["data"=2, "fsdp"=2, "tensor"=2]>' in hlo
   args = hlo[hlo.index("func.func public @main("):].split(") -> (")[0]
   carried = Counter(re.findall(r"#sdy\.sharding<@mesh, (\[[^>]*\])>", args))
-  asked = jax.tree.leaves((train_lib.state_shardings(abstract_state, mesh), sharding.state_shardings(frozen, mesh),
+  asked = jax.tree.leaves((train_step.state_shardings(abstract_state, mesh), sharding.state_shardings(frozen, mesh),
                            batch_sharding))
   avals = jax.tree.leaves((abstract_state, frozen, batch))
   expected = Counter(sdy_sharding(s.spec, len(a.shape)) for s, a in zip(asked, avals, strict=True))

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import pytest
 
 import af3_jax
-from af3_jax import optim, train_lib, trainer
+from af3_jax import lora, optim, train_run, train_step
 from configs import tiny
 
 
@@ -17,7 +17,7 @@ def test_the_stage_configs_remat_reaches_the_compiled_step(gqa_ckpt):
   from af3_jax import sharding
   from configs import stage5
 
-  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  mesh = sharding.single_device_mesh()
   temporaries = {}
   for remat in (stage5.get_config().remat, "none"):
     cfg = stage5.get_config()
@@ -42,7 +42,8 @@ def test_the_stage_configs_remat_reaches_the_compiled_step(gqa_ckpt):
 def test_each_stage_compiles_with_its_trainable_set(gqa_ckpt, stage, expected):
   cfg = tiny.get_config(stage)
   model = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
-  graphdef, params, frozen = trainer.prepare(model, cfg)
+  adapter = lora.Spec(cfg.lora.rank, cfg.lora.alpha) if cfg.trainable == "lora" else None
+  graphdef, params, frozen = train_run.prepare(model, cfg.trainable, adapter, cfg.seed)
   assert set(params) == expected
   if stage == "4":
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -50,8 +51,8 @@ def test_each_stage_compiles_with_its_trainable_set(gqa_ckpt, stage, expected):
   mesh = model.mesh
   optimizer = optim.make_optimizer(1e-3, 10)
   with jax.set_mesh(mesh):
-    state = train_lib.init_state(params, optimizer, mesh)
-    step_fn = train_lib.jit_train_step(graphdef, optimizer, state, frozen, mesh)
+    state = train_step.init_state(params, optimizer, mesh)
+    step_fn = train_step.jit_train_step(graphdef, optimizer, state, frozen, mesh)
     batch = {"input_ids": jnp.zeros((1, 16), jnp.int32), "attention_mask": jnp.ones((1, 16), jnp.int32),
              "labels": jnp.ones((1, 16), jnp.int32)}
     memory = step_fn.lower(state, frozen, batch).compile().memory_analysis()

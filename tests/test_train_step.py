@@ -13,8 +13,7 @@ from conftest import RTOL, assert_close, audio_tokens, random_features, random_t
 from flax import nnx, traverse_util
 
 import af3_jax
-from af3_jax import optim, sharding, train_lib
-from convert import names
+from af3_jax import lora, names, optim, sharding, train_step
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -37,7 +36,7 @@ def make_batch(tiny, seed=0):
   width = max(map(len, rows)) + 2
   ids = np.stack([np.pad(r, (0, width - len(r))) for r in rows])
   mask = np.stack([np.pad(np.ones_like(r), (0, width - len(r))) for r in rows])
-  labels = np.full_like(ids, train_lib.IGNORE)
+  labels = np.full_like(ids, train_step.IGNORE)
   for i, (r, a) in enumerate(zip(rows, answers)):
     labels[i, len(r) - a:len(r)] = r[-a:]
   return dict(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask, labels=labels)
@@ -57,8 +56,8 @@ def flat(state):
 
 
 def ours_loss_and_grads(module, trainable, batch):
-  graphdef, params, frozen = train_lib.split(module, trainable)
-  fn = jax.jit(jax.value_and_grad(train_lib.loss_fn), static_argnums=3)
+  graphdef, params, frozen = train_step.split(module, trainable)
+  fn = jax.jit(jax.value_and_grad(train_step.loss_fn), static_argnums=3)
   loss, grads = fn(params, frozen, batch, graphdef)
   return float(loss), flat(grads)
 
@@ -82,14 +81,14 @@ def torch_lora(peft_model, batch):
 
 def test_full_finetune_loss_and_grads(gqa_loaded, batch, torch_full):
   ref_loss, ref_grads = torch_full
-  loss, grads = ours_loss_and_grads(gqa_loaded.module, "all", batch)
+  loss, grads = ours_loss_and_grads(gqa_loaded.module(), "all", batch)
   assert abs(loss - ref_loss) <= RTOL * abs(ref_loss)
   biggest = max(np.abs(g).max() for g in ref_grads.values())
   seen = set()
   for name, g in ref_grads.items():
     path, layer, transform = names.param_path(names.canonical(name, names.HF_PREFIXES))
     ours = grads[path] if layer is None else grads[path][layer]
-    assert_close(ours, names.to_ours(g, transform), scale=biggest if ZERO_GRAD in name else None)
+    assert_close(ours, names.torch_to_ours(g, transform), scale=biggest if ZERO_GRAD in name else None)
     seen.add(path)
   assert seen == set(grads)  # every trainable parameter (embed_positions is frozen on both sides)
 
@@ -115,15 +114,15 @@ def peft_key(path, layer):
 
 def lora_module(loaded, peft_model):
   """Our module with LoRA added and peft's weights copied in (a = A.T, b = B.T, stacked on layers)."""
-  module = loaded.module
-  adapted = train_lib.add_lora(module, RANK, ALPHA, jax.random.PRNGKey(0))
+  module = loaded.module()
+  adapted = lora.add(module, lora.Spec(RANK, ALPHA), jax.random.PRNGKey(0))
   assert len(adapted) == 7  # stacked: one Linear per projection
   weights = {n: p.detach().numpy() for n, p in peft_model.named_parameters()}
-  lora = nnx.state(module, nnx.LoRAParam)
+  lora_state = nnx.state(module, nnx.LoRAParam)
   values = {path: np.stack([weights[peft_key(path, i)].T for i in range(loaded.config.decoder.num_layers)])
-            for path in flat(lora)}
-  nnx.replace_by_pure_dict(lora, traverse_util.unflatten_dict(values))
-  nnx.update(module, lora)
+            for path in flat(lora_state)}
+  nnx.replace_by_pure_dict(lora_state, traverse_util.unflatten_dict(values))
+  nnx.update(module, lora_state)
   return module
 
 
@@ -140,8 +139,8 @@ def test_lora_loss_and_grads(gqa_loaded, peft_model, batch, torch_lora):
 
 def test_add_lora_keeps_the_base(gqa_loaded):
   """Base paths and values stay, lora_b starts at zero (the output is unchanged), axes follow the kernel."""
-  module = gqa_loaded.module
-  train_lib.add_lora(module, RANK, ALPHA, jax.random.PRNGKey(0))
+  module = gqa_loaded.module()
+  lora.add(module, lora.Spec(RANK, ALPHA), jax.random.PRNGKey(0))
   params = flat(nnx.state(module))
   base = flat(gqa_loaded.state)
   assert {k for k in params if k[-1] not in ("lora_a", "lora_b")} == set(base)
@@ -167,12 +166,12 @@ def test_trainable_sets_match_torch(gqa_ckpt, gqa_loaded, peft_model):
   }
   size = lambda state: sum(x.size for x in jax.tree.leaves(state))
   for trainable, count in expect.items():
-    _, params, frozen = train_lib.split(gqa_loaded.module, trainable)
+    _, params, frozen = train_step.split(gqa_loaded.module(), trainable)
     assert size(params) == count, trainable
     assert size(params) + size(frozen) == sum(p.numel() for p in gqa_ckpt.torch_model.parameters())
-  with pytest.raises(ValueError, match="add_lora first"):
-    train_lib.split(gqa_loaded.module, "lora")
-  _, params, _ = train_lib.split(lora_module(gqa_loaded, peft_model), "lora")
+  with pytest.raises(ValueError, match="lora.add first"):
+    train_step.split(gqa_loaded.module(), "lora")
+  _, params, _ = train_step.split(lora_module(gqa_loaded, peft_model), "lora")
   assert size(params) == peft_model.get_nb_trainable_parameters()[0]
 
 
@@ -190,7 +189,7 @@ def test_schedule_matches_hf():
 
 def test_adamw_updates_match_torch(gqa_loaded):
   """Three updates (lr 0 at step 0 in warmup, then peak, then cosine) with clipping at 1.0."""
-  _, params, _ = train_lib.split(gqa_loaded.module, "projector")
+  _, params, _ = train_step.split(gqa_loaded.module(), "projector")
   total, lr = 10, 1e-2
   tx = optim.make_optimizer(lr, total, warmup_ratio=0.1, clip_norm=1.0)
   rng = np.random.default_rng(0)
@@ -223,14 +222,14 @@ def split_micro(batch):
 
 
 def run_steps(module, trainable, batches, mesh, accum_steps, total=10):
-  graphdef, params, frozen = train_lib.split(module, trainable)
+  graphdef, params, frozen = train_step.split(module, trainable)
   tx = optim.make_optimizer(1e-3, total, warmup_ratio=0.0, clip_norm=1.0)
-  state = train_lib.init_state(params, tx, mesh)
-  step_fn = train_lib.jit_train_step(graphdef, tx, state, frozen, mesh, accum_steps=accum_steps)
+  state = train_step.init_state(params, tx, mesh)
+  step_fn = train_step.jit_train_step(graphdef, tx, state, frozen, mesh, accum_steps=accum_steps)
   metrics = []
   with jax.set_mesh(mesh):
     for b in batches:
-      b = jax.device_put(b, train_lib.batch_shardings(b, mesh, accum_steps))
+      b = jax.device_put(b, sharding.batch_shardings(b, mesh, accum_steps))
       state, m = step_fn(state, frozen, b)
       metrics.append(jax.device_get(m))
   return state, metrics
@@ -239,7 +238,7 @@ def run_steps(module, trainable, batches, mesh, accum_steps, total=10):
 def test_gradient_accumulation_equals_one_big_batch(gqa_ckpt, gqa_loaded, batch, torch_full):
   """Two micro-batches of one row each (6 and 10 label tokens) make the update transformers makes from
   the whole batch: its token-mean loss and gradients, clipped to norm 1, then one AdamW step."""
-  state, [m] = run_steps(gqa_loaded.module, "projector", [split_micro(batch)], gqa_loaded.mesh, accum_steps=2)
+  state, [m] = run_steps(gqa_loaded.module(), "projector", [split_micro(batch)], gqa_loaded.mesh, accum_steps=2)
   ref_loss, ref_grads = torch_full
   lr = 1e-3  # run_steps' peak rate; no warmup, so the first update uses it
   torch_model = copy.deepcopy(gqa_ckpt.torch_model)
@@ -255,7 +254,7 @@ def test_gradient_accumulation_equals_one_big_batch(gqa_ckpt, gqa_loaded, batch,
   params = flat(state.params)
   for n, p in torch_params.items():
     path, _, transform = names.param_path(names.canonical(n, names.HF_PREFIXES))
-    assert_close(params[path], names.to_ours(p.detach().numpy(), transform))
+    assert_close(params[path], names.torch_to_ours(p.detach().numpy(), transform))
 
 
 def test_sharded_lora_step_matches_peft(gqa_ckpt, peft_model, batch, torch_lora):
@@ -287,8 +286,8 @@ def test_chunked_cross_entropy_equals_the_full_one():
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.where(valid, y, 0)[..., None], -1)[..., 0]
     return jnp.sum(jnp.where(valid, nll, 0.0))
 
-  chunked = lambda hidden, kernel: train_lib.cross_entropy(hidden, lambda h: h @ kernel, labels, chunk=3)[0]
+  chunked = lambda hidden, kernel: train_step.cross_entropy(hidden, lambda h: h @ kernel, labels, chunk=3)[0]
   np.testing.assert_allclose(chunked(hidden, kernel), full(hidden, kernel), rtol=1e-6)
   for g, r in zip(jax.grad(chunked, (0, 1))(hidden, kernel), jax.grad(full, (0, 1))(hidden, kernel)):
     np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
-  assert int(train_lib.cross_entropy(hidden, lambda h: h @ kernel, labels, chunk=3)[1]) == int((labels[:, 1:] != -100).sum())
+  assert int(train_step.cross_entropy(hidden, lambda h: h @ kernel, labels, chunk=3)[1]) == int((labels[:, 1:] != -100).sum())
