@@ -22,6 +22,9 @@ from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the final model go here.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Plan memory only: compile the stage's train step for "
+                                  "every length bucket from init_from's config.json (no weights, no data), print "
+                                  "the per-device plan and write workdir/memory.json.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -36,9 +39,13 @@ class _Stop:
       signal.signal(sig, lambda *_: setattr(cls, "requested", True))
 
 
-def run(cfg, workdir: Path) -> int:
+def run(cfg, workdir: Path, compile_only: bool = False) -> int:
   from af3_jax import train_run
 
+  if compile_only:
+    train_run.check_config(cfg, needs_data=False)
+    train_run.check_workdir(workdir)
+    return _plan(cfg, workdir, train_run.resolve_init(cfg.init_from))
   # Everything that can be checked without the model first: loading the 8B model takes minutes.
   train_run.check_config(cfg)
   samples = train_run.read_samples(cfg.data.train)
@@ -56,24 +63,76 @@ def _adapter(cfg):
   return lora.Spec(cfg.lora.rank, cfg.lora.alpha) if cfg.trainable == "lora" else None
 
 
-def build(cfg, init_from: str, mesh, total_steps: int):
-  """(model, graphdef, frozen weights, step-0 train state, jitted train step) as `cfg` says: its
-  trainable set, remat policy, dtypes, optimizer and accumulation."""
-  import jax
+def load(cfg, init_from: str, mesh):
+  """The model to train, as `cfg` says: frozen weights stay in the compute dtype (the trainable ones get
+  param_dtype copies in `build`), with its remat policy."""
   import numpy as np
 
   import af3_jax
+
+  return af3_jax.from_pretrained(init_from, dtype=np.dtype(cfg.compute_dtype), mesh=mesh, remat=cfg.remat)
+
+
+def build(cfg, model, mesh, total_steps: int, abstract: bool = False):
+  """(graphdef, frozen weights, step-0 train state, jitted train step) as `cfg` says: its trainable set,
+  dtypes, optimizer and accumulation. `abstract`: the model's state holds shapes only, and so does the
+  train state (for compiling ahead of time)."""
+  import jax
+  import numpy as np
+
   from af3_jax import optim, train_run, train_step
 
-  # Frozen weights stay in the compute dtype; the trainable ones get param_dtype copies (init_state).
-  model = af3_jax.from_pretrained(init_from, dtype=np.dtype(cfg.compute_dtype), mesh=mesh, remat=cfg.remat)
   graphdef, trainable, frozen = train_run.prepare(model, cfg.trainable, _adapter(cfg), cfg.seed)
   optimizer = optim.make_optimizer(cfg.optim.lr, total_steps, warmup_ratio=cfg.optim.warmup_ratio,
                                    weight_decay=cfg.optim.weight_decay, clip_norm=cfg.optim.clip_norm or None)
+  init = lambda p: train_step.init_state(p, optimizer, mesh, cfg.seed, dtype=np.dtype(cfg.param_dtype))
   with jax.set_mesh(mesh):
-    state = train_step.init_state(trainable, optimizer, mesh, cfg.seed, dtype=np.dtype(cfg.param_dtype))
+    state = jax.eval_shape(init, trainable) if abstract else init(trainable)
     step_fn = train_step.jit_train_step(graphdef, optimizer, state, frozen, mesh, accum_steps=cfg.accum_steps)
-  return model, graphdef, frozen, state, step_fn
+  return graphdef, frozen, state, step_fn
+
+
+def _plan(cfg, workdir: Path, init_from: str) -> int:
+  """--compile_only: the stage's train step compiled for each length bucket at the stage's global batch
+  (rows x accumulation, max_windows audio windows per row) on the devices present and the config's
+  mesh, from `init_from`'s config alone; prints the per-device plan and writes `workdir/memory.json`."""
+  import json
+
+  import jax
+  import numpy as np
+
+  from af3_jax import files, sharding, weights
+  from af3_jax.data import pipeline
+  from af3_jax.pretrained import Model, abstract_model
+
+  mesh = sharding.make_mesh(sharding.resolve_shape(cfg.mesh, jax.device_count()))
+  model_cfg = weights.read_config(Path(init_from))
+  dtype = np.dtype(cfg.compute_dtype)
+  graphdef, abstract, _ = abstract_model(model_cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh,
+                                         remat=cfg.remat)
+  _, frozen, state, step_fn = build(cfg, Model(model_cfg, graphdef, abstract, mesh), mesh, total_steps=1000,
+                                    abstract=True)
+  rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] * cfg.accum_steps
+  print(f"mesh {dict(mesh.shape)}; {rows} rows a step ({cfg.per_device_batch} per device x {cfg.accum_steps} "
+        f"accumulated), {cfg.data.max_windows} window(s) a row; per device:")
+  plan = []
+  for length in pipeline.length_buckets(cfg.data.length_buckets, cfg.data.max_length):
+    shapes = {k: jax.ShapeDtypeStruct(sharding.micro_batched(shape, cfg.accum_steps), dtype)
+              for k, (shape, dtype) in pipeline.batch_shapes(rows, cfg.data.max_windows, length).items()}
+    shardings = sharding.batch_shardings(shapes, mesh, cfg.accum_steps)
+    batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[k]) for k, x in shapes.items()}
+    with jax.set_mesh(mesh):
+      m = step_fn.lower(state, frozen, batch).compile().memory_analysis()
+    # XLA's own account of the peak: live arguments and outputs (donated ones counted once) plus temporaries.
+    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+    plan.append({"length": length, "arguments_gib": m.argument_size_in_bytes / 2**30,
+                 "temporaries_gib": m.temp_size_in_bytes / 2**30, "peak_gib": peak / 2**30})
+    print(f"  length {length:>6}: arguments {plan[-1]['arguments_gib']:8.2f} GiB, temporaries "
+          f"{plan[-1]['temporaries_gib']:8.2f} GiB, peak {plan[-1]['peak_gib']:8.2f} GiB")
+  workdir.mkdir(parents=True, exist_ok=True)
+  files.write_text_atomic(workdir / "memory.json", json.dumps(plan, indent=2) + "\n")
+  print(f"wrote {workdir / 'memory.json'}")
+  return 0
 
 
 def _train(cfg, workdir: Path, samples, init_from: str) -> int:
@@ -106,7 +165,8 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
     print(f"warning: resuming step {start} with settings that differ from the run that saved it: "
           f"{'; '.join(changed)}", file=sys.stderr)
 
-  model, graphdef, frozen, state, step_fn = build(cfg, init_from, mesh, total)
+  model = load(cfg, init_from, mesh)
+  graphdef, frozen, state, step_fn = build(cfg, model, mesh, total)
   n_train, n_frozen = train_run.count(state.params), train_run.count(frozen)
   print(f"parameters: {n_train:,} trainable, {n_frozen:,} frozen ({cfg.trainable}); remat {cfg.remat}")
   processor = af3_jax.Processor.from_pretrained(init_from, style=cfg.data.style,
@@ -187,7 +247,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   started = time.perf_counter()
   try:
-    code = run(_CONFIG.value, Path(_WORKDIR.value))
+    code = run(_CONFIG.value, Path(_WORKDIR.value), _COMPILE_ONLY.value)
   except ValueError as e:
     sys.exit(f"error: {e}")
   print(f"{time.perf_counter() - started:.1f} s", file=sys.stderr)

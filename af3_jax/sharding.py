@@ -105,12 +105,16 @@ def batch_shardings(batch: dict[str, jax.Array], mesh: Mesh, accum_steps: int = 
   return jax.tree.map(one, batch)
 
 
+def micro_batched(shape: tuple[int, ...], accum_steps: int) -> tuple[int, ...]:
+  """A batch array's shape with a leading micro-batch axis when accum_steps > 1 (rows split evenly)."""
+  return (accum_steps, shape[0] // accum_steps, *shape[1:]) if accum_steps > 1 else tuple(shape)
+
+
 def global_batch(host: dict[str, np.ndarray], mesh: Mesh, accum_steps: int) -> dict[str, jax.Array]:
   """This host's rows -> global arrays split over the batch axes (an explicit host-to-device transfer).
   With accumulation, a leading micro-batch axis: rows and their row-aligned audio windows split into
   `accum_steps` equal parts."""
-  if accum_steps > 1:
-    host = {k: x.reshape(accum_steps, x.shape[0] // accum_steps, *x.shape[1:]) for k, x in host.items()}
+  host = {k: x.reshape(micro_batched(x.shape, accum_steps)) for k, x in host.items()}
   batch_axis = int(accum_steps > 1)
 
   def global_shape(x):

@@ -36,12 +36,13 @@ def initialize_distributed() -> None:
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
 
 
-def check_config(cfg) -> None:
-  """Raises ValueError naming the first setting that cannot work, before anything is loaded."""
+def check_config(cfg, needs_data: bool = True) -> None:
+  """Raises ValueError naming the first setting that cannot work, before anything is loaded
+  (`needs_data` False: a memory plan, which reads no manifest)."""
   floats = ("float32", "bfloat16", "float16")
   checks = [
       (bool(cfg.init_from), "--config.init_from is required: a checkpoint or the previous stage's workdir"),
-      (bool(cfg.data.train), "--config.data.train is required: comma-separated JSON manifests"),
+      (bool(cfg.data.train) or not needs_data, "--config.data.train is required: comma-separated JSON manifests"),
       (cfg.trainable in train_step.TRAINABLE, f"trainable must be one of {sorted(train_step.TRAINABLE)}"),
       (cfg.remat in layers.REMAT_POLICIES, f"remat must be one of {sorted(layers.REMAT_POLICIES)}"),
       (cfg.param_dtype in floats and cfg.compute_dtype in floats, f"param_dtype and compute_dtype are one of {floats}"),

@@ -1,6 +1,8 @@
 """The stage configs' train steps, lowered and compiled in this process on the tiny checkpoint: stage
 5's remat shrinks the compiled step, and each stage compiles with its trainable set."""
 
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -22,7 +24,7 @@ def test_the_stage_configs_remat_reaches_the_compiled_step(gqa_ckpt):
   for remat in (stage5.get_config().remat, "none"):
     cfg = stage5.get_config()
     cfg.remat, cfg.accum_steps = remat, 1
-    _, _, frozen, state, step_fn = train_py.build(cfg, str(gqa_ckpt.hf), mesh, total_steps=10)
+    _, frozen, state, step_fn = train_py.build(cfg, train_py.load(cfg, str(gqa_ckpt.hf), mesh), mesh, total_steps=10)
     t = 1024
     batch = {"input_ids": jnp.zeros((2, t), jnp.int32), "attention_mask": jnp.ones((2, t), jnp.int32),
              "labels": jnp.ones((2, t), jnp.int32)}
@@ -60,3 +62,39 @@ def test_each_stage_compiles_with_its_trainable_set(gqa_ckpt, stage, expected):
   # updated in place, and nothing beyond the state is (the frozen weights are only read).
   weights = sum(x.nbytes for x in jax.tree.leaves(state.params))
   assert 3 * weights <= memory.alias_size_in_bytes <= sum(x.nbytes for x in jax.tree.leaves(state))
+
+
+def test_compile_only_plans_memory_from_the_config_alone(gqa_ckpt, tmp_path):
+  """`train.py --compile_only` reads only config.json, compiles every length bucket on the 8 devices and
+  writes memory.json; its plan is the one XLA makes for the same step with the real weights."""
+  import json
+  import shutil
+  import subprocess
+  import sys
+
+  import train as train_py
+  from af3_jax import sharding
+  from af3_jax.data import pipeline
+
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  shutil.copy(gqa_ckpt.hf / "config.json", bare)
+  run = subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py:5", f"--config.init_from={bare}",
+                        f"--workdir={tmp_path / 'w'}", "--compile_only"], capture_output=True, text=True,
+                       cwd=Path(train_py.__file__).parent)
+  assert run.returncode == 0, run.stderr[-3000:]
+  plan = json.loads((tmp_path / "w" / "memory.json").read_text())
+  assert [p["length"] for p in plan] == [256, 512, 1024] and "peak" in run.stdout
+  assert all(p["peak_gib"] >= p["arguments_gib"] > 0 and p["temporaries_gib"] > 0 for p in plan)
+  assert plan[0]["temporaries_gib"] < plan[-1]["temporaries_gib"]
+
+  cfg = tiny.get_config("5")  # the same step from the loaded checkpoint, at the first bucket
+  mesh = sharding.make_mesh(sharding.resolve_shape(cfg.mesh, jax.device_count()))
+  _, frozen, state, step_fn = train_py.build(cfg, train_py.load(cfg, str(gqa_ckpt.hf), mesh), mesh, total_steps=1000)
+  rows = cfg.per_device_batch * jax.device_count()
+  batch = {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in pipeline.batch_shapes(rows, 1, 256).items()}
+  with jax.set_mesh(mesh):
+    batch = jax.device_put(batch, sharding.batch_shardings(batch, mesh))
+    memory = step_fn.lower(state, frozen, batch).compile().memory_analysis()
+  assert plan[0]["temporaries_gib"] == memory.temp_size_in_bytes / 2**30
+  assert plan[0]["arguments_gib"] == memory.argument_size_in_bytes / 2**30

@@ -112,14 +112,10 @@ class Collate:
   def __call__(self, records: Sequence[dict]) -> dict[str, np.ndarray]:
     longest = max(len(r["ids"]) for r in records)
     length = next(b for b in self.buckets if b >= longest)
-    windows = self.rows * self.windows_per_row
-    out = {"input_ids": np.full((self.rows, length), self.pad_id, np.int32),
-           "attention_mask": np.zeros((self.rows, length), np.int32),
-           "labels": np.full((self.rows, length), IGNORE, np.int32),
-           "input_features": np.zeros((windows, features.N_MELS, features.FRAMES), np.float32),
-           "input_features_mask": np.zeros((windows, features.FRAMES), np.int32),
-           "audio_embed_mask": np.zeros((windows, TOKENS_PER_WINDOW), bool),
-           "skipped": np.int32(sum(r["skipped"] for r in records))}
+    fill = {"input_ids": self.pad_id, "labels": IGNORE}
+    out = {k: np.full(shape, fill.get(k, 0), dtype)
+           for k, (shape, dtype) in batch_shapes(self.rows, self.windows_per_row, length).items()}
+    out["skipped"] = np.int32(sum(r["skipped"] for r in records))
     for row, r in enumerate(records):
       w = row * self.windows_per_row  # row-aligned, so rows (and micro-batches) split with their audio
       ids = r["ids"]
@@ -137,6 +133,17 @@ class Collate:
         budget -= used
         w += 1
     return out
+
+
+def batch_shapes(rows: int, windows_per_row: int, length: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """The model inputs of a batch of `rows` rows padded to `length`: name -> (shape, dtype)."""
+  windows = rows * windows_per_row
+  return {"input_ids": ((rows, length), np.dtype(np.int32)),
+          "attention_mask": ((rows, length), np.dtype(np.int32)),
+          "labels": ((rows, length), np.dtype(np.int32)),
+          "input_features": ((windows, features.N_MELS, features.FRAMES), np.dtype(np.float32)),
+          "input_features_mask": ((windows, features.FRAMES), np.dtype(np.int32)),
+          "audio_embed_mask": ((windows, TOKENS_PER_WINDOW), np.dtype(bool))}
 
 
 def length_buckets(buckets: Sequence[int], max_length: int) -> tuple[int, ...]:

@@ -8,7 +8,6 @@ of torch's `weight`), Conv1d `kernel` is (k, in, out).
 from __future__ import annotations
 
 import functools
-import sys
 from collections.abc import Callable, Sequence
 
 import jax
@@ -192,9 +191,11 @@ def _blockwise(q, k, v, *, scale, key_mask, kv_lengths, causal, q_offset) -> jax
   from absl import flags
 
   # tokamax 0.0.12 parses sys.argv with absl on first use and fails on the host program's own arguments
-  # (pytest's, a script's); parsing only the flags absl knows is its later fix (openxla/tokamax#957).
+  # (pytest's, a script's; openxla/tokamax#957). Where absl has not parsed them (no app.run), its flags
+  # keep their defaults: parsing here would also run the validators of flags the host defined (train.py's
+  # required ones, once imported).
   if not flags.FLAGS.is_parsed():
-    flags.FLAGS(sys.argv, known_only=True)
+    flags.FLAGS.mark_as_parsed()
 
   b, t, n, h = q.shape
   kh = k.shape[2]
