@@ -92,6 +92,15 @@ def build(cfg, model, mesh, total_steps: int, abstract: bool = False):
   return graphdef, frozen, state, step_fn
 
 
+def _mesh(cfg):
+  """The config's (data, fsdp, tensor) mesh over every device present."""
+  import jax
+
+  from af3_jax import sharding
+
+  return sharding.make_mesh(sharding.resolve_shape(cfg.mesh, jax.device_count()))
+
+
 def _plan(cfg, workdir: Path, init_from: str) -> int:
   """--compile_only: the stage's train step compiled for each length bucket at the stage's global batch
   (rows x accumulation, max_windows audio windows per row) on the devices present and the config's
@@ -101,14 +110,14 @@ def _plan(cfg, workdir: Path, init_from: str) -> int:
   import jax
   import numpy as np
 
-  from af3_jax import files, sharding, weights
+  from af3_jax import files, sharding, train_run, weights
   from af3_jax.data import pipeline
   from af3_jax.pretrained import Model, abstract_model
 
-  mesh = sharding.make_mesh(sharding.resolve_shape(cfg.mesh, jax.device_count()))
+  mesh = _mesh(cfg)
   model_cfg = weights.read_config(Path(init_from))
-  dtype = np.dtype(cfg.compute_dtype)
-  graphdef, abstract, _ = abstract_model(model_cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh,
+  compute = np.dtype(cfg.compute_dtype)  # as `load` keeps the weights
+  graphdef, abstract, _ = abstract_model(model_cfg, param_dtype=compute, compute_dtype=compute, mesh=mesh,
                                          remat=cfg.remat)
   _, frozen, state, step_fn = build(cfg, Model(model_cfg, graphdef, abstract, mesh), mesh, total_steps=1000,
                                     abstract=True)
@@ -122,13 +131,11 @@ def _plan(cfg, workdir: Path, init_from: str) -> int:
     shardings = sharding.batch_shardings(shapes, mesh, cfg.accum_steps)
     batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[k]) for k, x in shapes.items()}
     with jax.set_mesh(mesh):
-      m = step_fn.lower(state, frozen, batch).compile().memory_analysis()
-    # XLA's own account of the peak: live arguments and outputs (donated ones counted once) plus temporaries.
-    peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
-    plan.append({"length": length, "arguments_gib": m.argument_size_in_bytes / 2**30,
-                 "temporaries_gib": m.temp_size_in_bytes / 2**30, "peak_gib": peak / 2**30})
-    print(f"  length {length:>6}: arguments {plan[-1]['arguments_gib']:8.2f} GiB, temporaries "
-          f"{plan[-1]['temporaries_gib']:8.2f} GiB, peak {plan[-1]['peak_gib']:8.2f} GiB")
+      memory = train_run.memory_plan(step_fn.lower(state, frozen, batch).compile())
+    if memory is None:
+      raise ValueError(f"the {jax.default_backend()} backend reports no memory plan")
+    plan.append({"length": length, **memory})
+    print(f"  length {length:>6}: {train_run.memory_summary(memory)}")
   workdir.mkdir(parents=True, exist_ok=True)
   files.write_text_atomic(workdir / "memory.json", json.dumps(plan, indent=2) + "\n")
   print(f"wrote {workdir / 'memory.json'}")
@@ -145,7 +152,7 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
   from af3_jax.data import pipeline
 
   print(cfg)
-  mesh = sharding.make_mesh(sharding.resolve_shape(cfg.mesh, jax.device_count()))
+  mesh = _mesh(cfg)
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
   rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
   per_epoch = pipeline.steps_per_epoch(len(samples), rows * cfg.accum_steps, jax.process_count())
@@ -204,7 +211,7 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
         if shapes not in compiled:
           compiled[shapes] = step_fn.lower(state, frozen, batch).compile()
           print(f"compiled train step for input_ids {batch['input_ids'].shape}: "
-                f"{train_run.memory_summary(compiled[shapes])}")
+                f"{train_run.memory_summary(train_run.memory_plan(compiled[shapes]))}")
         state, m = compiled[shapes](state, frozen, batch)
       m = jax.device_get(m)
       if not np.isfinite(m["loss"]):

@@ -205,11 +205,20 @@ def write_model(workdir: Path, step: int, model: Model, graphdef: nnx.GraphDef, 
     weights.sync_processes(f"write_{name}_done")
 
 
-def memory_summary(compiled) -> str:
-  """A compiled step's memory per device, as XLA planned it (some backends do not report it)."""
+def memory_plan(compiled) -> dict[str, float] | None:
+  """A compiled step's memory per device in GiB, as XLA planned it (None where the backend does not
+  say): arguments, temporaries and the peak (arguments + outputs - donated buffers + temporaries)."""
   m = compiled.memory_analysis()
   if m is None:
+    return None
+  peak = m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes + m.temp_size_in_bytes
+  return {"arguments_gib": m.argument_size_in_bytes / 2**30, "temporaries_gib": m.temp_size_in_bytes / 2**30,
+          "peak_gib": peak / 2**30}
+
+
+def memory_summary(plan: dict[str, float] | None) -> str:
+  """`memory_plan`'s figures as one line."""
+  if plan is None:
     return "memory analysis not available on this backend"
-  gib = lambda n: f"{n / 2**30:.2f} GiB"
-  return (f"arguments {gib(m.argument_size_in_bytes)}, outputs {gib(m.output_size_in_bytes)}, "
-          f"temporaries {gib(m.temp_size_in_bytes)} per device")
+  return (f"arguments {plan['arguments_gib']:.2f} GiB, temporaries {plan['temporaries_gib']:.2f} GiB, "
+          f"peak {plan['peak_gib']:.2f} GiB per device")

@@ -98,3 +98,22 @@ def test_compile_only_plans_memory_from_the_config_alone(gqa_ckpt, tmp_path):
     memory = step_fn.lower(state, frozen, batch).compile().memory_analysis()
   assert plan[0]["temporaries_gib"] == memory.temp_size_in_bytes / 2**30
   assert plan[0]["arguments_gib"] == memory.argument_size_in_bytes / 2**30
+
+
+def test_stage5_at_full_size_plans_under_72_gib(tmp_path):
+  """The released AF3's config alone, stage 5 at its upstream batch (2 rows x 8192 tokens x 20 windows per
+  device, 8 accumulated) on the 8 fake devices: the compiled step fits an 80 GB card with room to spare."""
+  import json
+  import subprocess
+  import sys
+
+  import train as train_py
+  from af3_jax.config import AF3Config
+
+  (tmp_path / "config.json").write_text(json.dumps(AF3Config().to_hf_dict()))
+  run = subprocess.run([sys.executable, "train.py", "--config=configs/stage5.py", f"--config.init_from={tmp_path}",
+                        "--config.data.length_buckets=(8192,)", f"--workdir={tmp_path / 'w'}", "--compile_only"],
+                       capture_output=True, text=True, cwd=Path(train_py.__file__).parent)
+  assert run.returncode == 0, run.stderr[-3000:]
+  [plan] = json.loads((tmp_path / "w" / "memory.json").read_text())
+  assert plan["length"] == 8192 and plan["peak_gib"] <= 72, plan
