@@ -8,8 +8,11 @@ For each stage's trainable set (projector, encoder_projector, all, lora), one op
 batch (rows of one 30 s window, its 750 `<sound>` tokens and a text prompt, every text token a label):
 forward, backward and AdamW, bf16 compute with float32 trainable weights on our side, and on torch's a
 bf16 model whose trainable parameters are float32 (the same split). Step time is the median of warm
-steps; JAX's compile time is reported apart. MFU = 6 x parameters x tokens / time / --peak-tflops.
-The full 8B model with AdamW does not fit one card, hence `--decoder-layers`.
+steps; JAX's compile time is reported apart. Tokens/s counts real tokens (the bench pads nothing); MFU
+is the model's FLOPs for the batch (`af3_jax.flops`: matmuls, causal attention pairs and the encoder's
+windows, x3 for training) / time / --peak-tflops. Memory: XLA's plan for the compiled step (per device)
+beside torch's peak allocation on CUDA. The full 8B model with AdamW does not fit one card, hence
+`--decoder-layers`; `train.py --compile_only` plans the full model on a mesh.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ import torch
 import transformers
 from absl import app, flags
 
-from af3_jax import lora, optim, train_run, train_step
+from af3_jax import flops, lora, optim, train_run, train_step
 from af3_jax.models.whisper import tokens_per_window
 from af3_jax.pretrained import init_random
 from presets import MODELS
@@ -51,7 +54,8 @@ class Row:
   jax_s: float
   torch_s: float
   compile_s: float
-  tokens: int
+  jax_gib: float | None
+  torch_gib: float | None
 
 
 def batch(cfg, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -64,27 +68,30 @@ def batch(cfg, rows: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
           "input_features_mask": np.ones((rows, frames), np.int32)}
 
 
-def time_jax(cfg, stage: str, host: dict) -> tuple[float, float, int, int]:
-  """(median warm step s, compile s, trainable parameters, all parameters)."""
+def time_jax(cfg, stage: str, host: dict) -> tuple[float, float, float | None, int]:
+  """(median warm step s, compile s, planned peak GiB per device, trainable parameters)."""
   model = init_random(cfg, dtype=jnp.bfloat16)
   adapter = LORA if stage == "lora" else None
   graphdef, params, frozen = train_run.prepare(model, stage, adapter)
   optimizer = optim.make_optimizer(1e-5, 1000, clip_norm=1.0)
   with jax.set_mesh(model.mesh):
     state = train_step.init_state(params, optimizer, model.mesh)
-    step = train_step.jit_train_step(graphdef, optimizer, state, frozen, model.mesh)
     data = jax.device_put(host)
+    start = time.perf_counter()
+    step = train_step.jit_train_step(graphdef, optimizer, state, frozen, model.mesh).lower(state, frozen, data).compile()
+    compile_s = time.perf_counter() - start
     times = []
-    for _ in range(_STEPS.value + 1):
+    for _ in range(_STEPS.value + 1):  # the first call still pays for allocation and transfers
       start = time.perf_counter()
       state, m = step(state, frozen, data)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - start)
-  warm = statistics.median(times[1:])
-  return warm, times[0] - warm, train_run.count(params), train_run.count(params) + train_run.count(frozen)
+  plan = train_run.memory_plan(step)
+  return statistics.median(times[1:]), compile_s, plan and plan["peak_gib"], train_run.count(params)
 
 
-def time_torch(cfg, stage: str, host: dict, device: str) -> float:
+def time_torch(cfg, stage: str, host: dict, device: str) -> tuple[float, float | None]:
+  """(median warm step s, peak GiB allocated on CUDA, None on a CPU)."""
   config = transformers.AudioFlamingo3Config(**cfg.to_hf_dict())
   with torch.device(device):
     model = transformers.AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
@@ -105,6 +112,8 @@ def time_torch(cfg, stage: str, host: dict, device: str) -> float:
   inputs = {k: torch.tensor(v, device=device) for k, v in host.items()}
   inputs["input_features"] = inputs["input_features"].to(torch.bfloat16)
   inputs["labels"] = inputs["labels"].long()  # torch's cross-entropy takes int64 targets
+  if device == "cuda":
+    torch.cuda.reset_peak_memory_stats()
   times = []
   for _ in range(_STEPS.value + 1):
     start = time.perf_counter()
@@ -117,10 +126,11 @@ def time_torch(cfg, stage: str, host: dict, device: str) -> float:
     if device == "cuda":
       torch.cuda.synchronize()
     times.append(time.perf_counter() - start)
+  peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None
   del model, opt
   if device == "cuda":
     torch.cuda.empty_cache()
-  return statistics.median(times[1:])
+  return statistics.median(times[1:]), peak
 
 
 def main(argv: list[str]) -> None:
@@ -130,26 +140,29 @@ def main(argv: list[str]) -> None:
     cfg = dataclasses.replace(cfg, decoder=dataclasses.replace(cfg.decoder, num_layers=_DECODER_LAYERS.value))
   device = "cuda" if torch.cuda.is_available() else "cpu"
   host = batch(cfg, _BATCH.value, np.random.default_rng(0))
-  tokens = int((host["labels"] != train_step.IGNORE).sum())
-  rows, n_params = [], 0
+  rows, length = host["input_ids"].shape
+  tokens = rows * length  # every token is real: the bench pads nothing
+  step_flops = flops.train_flops(cfg, tokens=tokens, attention_pairs=rows * length * (length + 1) // 2, windows=rows)
+  results = []
   for stage in _STAGES.value:
     print(f"{stage}: torch ...", flush=True)
-    torch_s = time_torch(cfg, stage, host, device)
+    torch_s, torch_gib = time_torch(cfg, stage, host, device)
     print(f"{stage}: jax ...", flush=True)
-    jax_s, compile_s, trainable, n_params = time_jax(cfg, stage, host)
-    rows.append(Row(stage, trainable, jax_s, torch_s, compile_s, int(host["input_ids"].size)))
-  flops = 6.0 * n_params
+    jax_s, compile_s, jax_gib, trainable = time_jax(cfg, stage, host)
+    results.append(Row(stage, trainable, jax_s, torch_s, compile_s, jax_gib, torch_gib))
   peak = _PEAK.value * 1e12
-  print(f"\n{_SIZE.value} AF3 ({n_params:,} parameters, {cfg.decoder.num_layers} decoder layers), batch "
-        f"{_BATCH.value} x {host['input_ids'].shape[1]} tokens ({tokens} labels), bf16 | JAX {jax.__version__} "
-        f"on {jax.devices()[0].platform} | torch {torch.__version__} on {device} | "
+  gib = lambda x: "-" if x is None else f"{x:.2f}"
+  print(f"\n{_SIZE.value} AF3 ({cfg.decoder.num_layers} decoder layers), batch {rows} x {length} tokens "
+        f"({int((host['labels'] != train_step.IGNORE).sum())} labels), {step_flops / 1e12:.2f} TFLOP a step, bf16 | "
+        f"JAX {jax.__version__} on {jax.devices()[0].platform} | torch {torch.__version__} on {device} | "
         f"{datetime.datetime.now().isoformat(timespec='minutes')}\n")
-  print("| stage | trainable | JAX step s | torch step s | JAX tokens/s | torch tokens/s | JAX MFU | torch MFU | JAX compile s |")
-  print("|---|---|---|---|---|---|---|---|---|")
-  for r in rows:
-    jt, tt = r.tokens / r.jax_s, r.tokens / r.torch_s
-    print(f"| {r.stage} | {r.params:,} | {r.jax_s:.3f} | {r.torch_s:.3f} | {jt:.0f} | {tt:.0f} | "
-          f"{jt * flops / peak:.1%} | {tt * flops / peak:.1%} | {r.compile_s:.1f} |")
+  print("| stage | trainable | JAX step s | torch step s | JAX tokens/s | torch tokens/s | JAX MFU | torch MFU "
+        "| JAX plan GiB | torch peak GiB | JAX compile s |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|")
+  for r in results:
+    print(f"| {r.stage} | {r.params:,} | {r.jax_s:.3f} | {r.torch_s:.3f} | {tokens / r.jax_s:.0f} | "
+          f"{tokens / r.torch_s:.0f} | {step_flops / r.jax_s / peak:.1%} | {step_flops / r.torch_s / peak:.1%} | "
+          f"{gib(r.jax_gib)} | {gib(r.torch_gib)} | {r.compile_s:.1f} |")
 
 
 if __name__ == "__main__":
