@@ -10,6 +10,7 @@ import grain
 import numpy as np
 import pytest
 import soundfile as sf
+from absl import flags
 
 from af3_jax import Processor
 from af3_jax.data import pipeline
@@ -164,18 +165,32 @@ def test_packed_skips_are_counted(processor, clips):
   assert packed > 8 and sum(int(b["skipped"]) for b in out) == before
 
 
+def assert_same_batch(have, want):
+  assert have.keys() == want.keys()
+  for k in want:
+    np.testing.assert_array_equal(have[k], want[k], err_msg=k)
+
+
 def test_packed_batches_resume_with_the_next_unseen_one(processor, clips):
+  """From a saved state, and after `peek`, which leaves the iterator where it was."""
   kw = dict(rows=2, windows_per_row=3, buckets=(64, 128, 256), max_length=256, packing=True, seed=0, epochs=None,
             workers=0, source="m.json")
   it = pipeline.train_batches(mixed(clips), processor, **kw)
   next(it)
   state = it.get_state()
   peeked = pipeline.peek(it)
-  expected = [next(it) for _ in range(3)]
+  expected = [next(it) for _ in range(2)]
   resumed = pipeline.train_batches(mixed(clips), processor, **kw)
   resumed.set_state(state)
-  got = [next(resumed) for _ in expected]
-  for have, want in zip([peeked, *got], [expected[0], *expected]):  # peek left the iterator where it was
-    assert have.keys() == want.keys()
-    for k in want:
-      np.testing.assert_array_equal(have[k], want[k], err_msg=k)
+  for have, want in zip([peeked, *(next(resumed) for _ in expected)], [expected[0], *expected]):
+    assert_same_batch(have, want)
+
+
+def test_peek_with_worker_processes(processor, clips):
+  """train.py peeks at the first batch with grain's worker processes decoding (data.workers)."""
+  if not flags.FLAGS.is_parsed():  # grain's workers read absl flags, which train.py parses (app.run)
+    flags.FLAGS.mark_as_parsed()
+  it = pipeline.train_batches(mixed(clips), processor, rows=2, windows_per_row=3, buckets=(256,), max_length=256,
+                              packing=True, seed=0, epochs=None, workers=1, source="m.json")
+  assert_same_batch(pipeline.peek(it), next(it))
+  it.close()
