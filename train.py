@@ -122,12 +122,14 @@ def _plan(cfg, workdir: Path, init_from: str) -> int:
   _, frozen, state, step_fn = build(cfg, Model(model_cfg, graphdef, abstract, mesh), mesh, total_steps=1000,
                                     abstract=True)
   rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] * cfg.accum_steps
-  print(f"mesh {dict(mesh.shape)}; {rows} rows a step ({cfg.per_device_batch} per device x {cfg.accum_steps} "
-        f"accumulated), {cfg.data.max_windows} window(s) a row; per device:")
+  print(f"mesh {dict(mesh.shape)}; {rows} {'packed ' if cfg.data.packing else ''}rows a step "
+        f"({cfg.per_device_batch} per device x {cfg.accum_steps} accumulated), {cfg.data.max_windows} window(s) "
+        "a row; per device:")
   plan = []
   for length in pipeline.length_buckets(cfg.data.length_buckets, cfg.data.max_length):
+    template = pipeline.batch_shapes(rows, cfg.data.max_windows, length, packed=cfg.data.packing)
     shapes = {k: jax.ShapeDtypeStruct(sharding.micro_batched(shape, cfg.accum_steps), dtype)
-              for k, (shape, dtype) in pipeline.batch_shapes(rows, cfg.data.max_windows, length).items()}
+              for k, (shape, dtype) in template.items()}
     shardings = sharding.batch_shardings(shapes, mesh, cfg.accum_steps)
     batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[k]) for k, x in shapes.items()}
     with jax.set_mesh(mesh):
@@ -142,12 +144,45 @@ def _plan(cfg, workdir: Path, init_from: str) -> int:
   return 0
 
 
+def _data(cfg, samples, init_from: str, rows: int):
+  """(this host's batches of `rows` rows, the run's total steps): total_steps, or epochs x the steps an
+  epoch takes, counting the samples of the first step (read ahead, then replayed). Packed rows hold as
+  many samples as fit, so there it is an estimate; it prints the first step's share of real tokens."""
+  import jax
+
+  import af3_jax
+  from af3_jax import train_run
+  from af3_jax.data import pipeline
+
+  processor = af3_jax.Processor.from_pretrained(init_from, style=cfg.data.style, max_windows=cfg.data.max_windows)
+  data = pipeline.train_batches(
+      samples, processor, rows=rows, windows_per_row=cfg.data.max_windows, buckets=cfg.data.length_buckets,
+      max_length=cfg.data.max_length, packing=cfg.data.packing, seed=cfg.data.seed, epochs=None,
+      workers=cfg.data.workers, source=cfg.data.train, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  try:
+    first = pipeline.peek(data)
+  except pipeline.NothingUsable:
+    data.close()  # stops grain's worker processes now, not noisily at interpreter exit
+    raise
+  per_step = train_run.all_hosts_sum(pipeline.samples_in(first))
+  real = train_run.all_hosts_sum(int(first["attention_mask"].sum()))
+  slots = train_run.all_hosts_sum(first["attention_mask"].size)
+  per_epoch = len(samples) // per_step
+  print(f"first step: {per_step} sample(s) ({'packed' if cfg.data.packing else 'one a row'}), real tokens in "
+        f"{real / slots:.1%} of its {slots:,} token slots; {per_epoch} steps an epoch")
+  total = cfg.total_steps or cfg.epochs * per_epoch
+  if total < 1:
+    data.close()
+    raise ValueError(f"{len(samples)} samples make no full step of {per_step}; set total_steps to repeat them")
+  return data, total
+
+
 def _train(cfg, workdir: Path, samples, init_from: str) -> int:
   import jax
   import numpy as np
   from tqdm import tqdm
 
-  import af3_jax
   from af3_jax import checkpoint, metrics, sharding, train_run
   from af3_jax.data import pipeline
 
@@ -155,16 +190,13 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
   mesh = _mesh(cfg)
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
   rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
-  per_epoch = pipeline.steps_per_epoch(len(samples), rows * cfg.accum_steps, jax.process_count())
-  total = cfg.total_steps or cfg.epochs * per_epoch
-  if total < 1:
-    raise ValueError(f"{len(samples)} samples make no full step of {rows * cfg.accum_steps} rows per host; "
-                     "set total_steps to repeat them")
+  data, total = _data(cfg, samples, init_from, rows * cfg.accum_steps)
 
   ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, save_every=cfg.save_every)
   start = ckpt.latest_step() or 0
   if start > total:
     ckpt.close()
+    data.close()
     raise ValueError(f"{workdir}: its checkpoints reach step {start}, past total_steps={total}; "
                      "raise total_steps or choose another --workdir")
   changed = train_run.record_settings(workdir, cfg)
@@ -176,14 +208,6 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
   graphdef, frozen, state, step_fn = build(cfg, model, mesh, total)
   n_train, n_frozen = train_run.count(state.params), train_run.count(frozen)
   print(f"parameters: {n_train:,} trainable, {n_frozen:,} frozen ({cfg.trainable}); remat {cfg.remat}")
-  processor = af3_jax.Processor.from_pretrained(init_from, style=cfg.data.style,
-                                                max_windows=cfg.data.max_windows)
-  data = pipeline.train_batches(
-      samples, processor, rows=rows * cfg.accum_steps, windows_per_row=cfg.data.max_windows,
-      buckets=cfg.data.length_buckets, max_length=cfg.data.max_length, seed=cfg.data.seed, epochs=None,
-      workers=cfg.data.workers, source=cfg.data.train, process_index=jax.process_index(),
-      process_count=jax.process_count())
-
   if start:
     state = ckpt.restore(start, state, data)
     print(f"resumed from step {start}")

@@ -1,10 +1,13 @@
 """Training metrics: one JSON object per logged step in `workdir/metrics.jsonl` and the same scalars as
-TensorBoard events in the workdir (written by tensorboardX), with tokens/s and MFU added.
+TensorBoard events in the workdir (written by tensorboardX), with tokens/s, MFU and packing efficiency
+added.
 
-Every `every` steps one record sums up the steps since the last: `tokens` and `skipped` are summed,
-`lr` is the last step's, anything else (loss, grad_norm) is the mean. A resumed run first drops the
-records after the step it resumes from, so `metrics.jsonl` holds each step once; its event file starts
-with a purge marker at the next step, so TensorBoard hides the earlier run's events from there on.
+Every `every` steps one record sums up the steps since the last: token counts and `skipped` are summed,
+`lr` is the last step's, anything else (loss, grad_norm) is the mean. `packing_efficiency` is the
+share of token slots that held real tokens, padding being the rest (`real_tokens / token_slots`). A
+resumed run first drops the records after the step it resumes from, so `metrics.jsonl` holds each step
+once; its event file starts with a purge marker at the next step, so TensorBoard hides the earlier
+run's events from there on.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import tensorboardX
 
 from af3_jax import files
 
-_SUMMED = ("tokens", "skipped")
+_SUMMED = ("tokens", "real_tokens", "token_slots", "skipped")
 _LAST = ("lr",)
 
 
@@ -71,6 +74,8 @@ class MetricsLog:
     rate = summary.get("tokens", 0.0) / max(now - self.last, 1e-9)
     self.last = now
     record = {"step": step, **summary, "tokens_per_s": rate, "mfu": rate * self.flops_per_token / self.peak_flops}
+    if summary.get("token_slots"):
+      record["packing_efficiency"] = summary["real_tokens"] / summary["token_slots"]
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for tag, value in record.items():

@@ -1,5 +1,6 @@
 """MetricsLog's TensorBoard events, read back with tensorboardX's own protobufs: the same scalars as
-metrics.jsonl, on disk before the writer closes, and a resumed run's purge marker."""
+metrics.jsonl, on disk before the writer closes, and a resumed run's purge marker; its packing
+efficiency."""
 
 import json
 import struct
@@ -78,3 +79,11 @@ def test_a_resumed_run_purges_the_steps_it_replays(tmp_path):
   # event_accumulator `_CheckForRestartAndMaybePurge`), which leaves each step of metrics.jsonl once.
   shown = [s for s in read_scalars(first) if s[0] < 3] + read_scalars(second)
   assert shown == expected_scalars(tmp_path)
+
+
+def test_packing_efficiency_is_real_tokens_over_token_slots(tmp_path):
+  """Over a record's steps: their real tokens over their slots, not the mean of each step's share."""
+  with MetricsLog(tmp_path, n_params=1000, peak_flops=1e12, every=2) as log:
+    log.add(1, {"loss": 1.0, "tokens": 10, "real_tokens": 100, "token_slots": 1000})
+    record = log.add(2, {"loss": 1.0, "tokens": 10, "real_tokens": 900, "token_slots": 3000})
+  assert (record["real_tokens"], record["token_slots"], record["packing_efficiency"]) == (1000, 4000, 0.25)

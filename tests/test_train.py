@@ -76,13 +76,14 @@ def test_loss_falls_and_the_export_loads_in_transformers(run_setup, tmp_path):
   assert sorted(by_step) == list(range(1, 17))
   first, last = np.mean([by_step[s] for s in range(1, 5)]), np.mean([by_step[s] for s in range(13, 17)])
   assert last < 0.7 * first, (first, last)
-  assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped"} <= set(records[0])
+  assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped", "packing_efficiency"} <= set(records[0])
+  assert all(0 < r["packing_efficiency"] <= 1 for r in records)
   from test_tensorboard import read_scalars
 
   (events,) = (tmp_path / "run").glob("events.out.tfevents.*")
   logged = {s: v for s, tag, v in read_scalars(events) if tag == "loss"}
   assert logged == pytest.approx(by_step, rel=1e-6)  # the same losses as metrics.jsonl
-  assert "trainable" in out and "compiled train step" in out
+  assert "trainable" in out and "compiled train step" in out and "first step: 1 sample(s) (packed)" in out
 
   export = tmp_path / "hf"
   run = subprocess.run([sys.executable, "-m", "convert.to_hf", f"--workdir={tmp_path / 'run'}", f"--out={export}",
@@ -100,11 +101,12 @@ def test_loss_falls_and_the_export_loads_in_transformers(run_setup, tmp_path):
 def stop_and_resume(run_setup, tmp_path, save_every: int, stop, while_running=lambda: None):
   """Runs 6 steps straight, and again stopped by `stop(proc)` after 3 logged steps (having called
   `while_running()` then) and then rerun; returns (the stopped process's stderr, its return code,
-  straight losses, resumed losses). The resumed run's metrics.jsonl holds each step once."""
+  straight losses, resumed losses). The resumed run's metrics.jsonl holds each step once. Rows take
+  three windows, so each packs three samples."""
   model, manifest, _ = run_setup
-  args = ("--config.total_steps=6", f"--config.save_every={save_every}")
-  code, _, err = train(tmp_path / "straight", model, manifest, *args)
-  assert code == 0, err[-2000:]
+  args = ("--config.total_steps=6", f"--config.save_every={save_every}", "--config.data.max_windows=3")
+  code, out, err = train(tmp_path / "straight", model, manifest, *args)
+  assert code == 0 and "first step: 3 sample(s) (packed)" in out, err[-2000:]
   proc = train(tmp_path / "cut", model, manifest, *args, wait=False)
   metrics = tmp_path / "cut" / "metrics.jsonl"
   deadline = time.time() + 300
@@ -237,7 +239,9 @@ def test_lora_run_exports_a_peft_adapter(run_setup, gqa_ckpt, tmp_path):
 
 def test_two_processes_match_one(run_setup, tmp_path):
   """train.py as 2 processes (one CPU device each, gloo) gives the per-step losses of 1 process with 2
-  devices; only process 0 writes metrics, and both processes write the final model together."""
+  devices; only process 0 writes metrics, and both processes write the final model together. Packed
+  rows of one window hold one of these samples each (all have audio), so both runs' steps hold the
+  same samples: packing more would fill each host's rows from its own share."""
   portpicker = pytest.importorskip("portpicker")
   model, manifest, _ = run_setup
   args = ("--config.total_steps=3", "--config.save_every=100")

@@ -45,12 +45,13 @@ class Attention(nnx.Module):
     self.o_proj = layers.Linear(n * h, d, use_bias=False, axes=("heads", "embed"), **kw)
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, kv: KV | None = None,
-               end: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
+               end: jax.Array | None = None, segment_ids: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
     """x (B, T, D); positions (B, T) int; key_mask (B, S) bool: the keys that are real tokens.
 
     Without `kv` the keys are the T tokens themselves (S = T). With `kv` = (k, v), this layer's cache
     (B, S, K, H) each, the new keys and values are written at slots end..end+T-1 first and the queries
-    attend over all S slots. Causal either way. Returns the output (B, T, D) and the updated `kv`.
+    attend over all S slots. Causal either way. `segment_ids` (B, T) int (no cache): a token attends
+    only within its own segment, a sample of a packed row. Returns the output (B, T, D) and the updated `kv`.
     """
     b, t, _ = x.shape
     cfg = self.cfg
@@ -62,7 +63,7 @@ class Attention(nnx.Module):
       kv = (k, v)
     # With a cache, new token i sits at slot end + i; the slots after it are empty or in its future.
     o = layers.attention(q, k, v, scale=cfg.head_dim**-0.5, key_mask=key_mask, causal=True,
-                         q_offset=None if kv is None else end)
+                         q_offset=None if kv is None else end, segment_ids=segment_ids)
     return self.o_proj(o.reshape(b, t, -1)), kv
 
 
@@ -91,9 +92,9 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, kv: KV | None = None,
-               end: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
+               end: jax.Array | None = None, segment_ids: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
     """(B, T, D) -> (B, T, D) and the updated cache `kv` (None without one), as `Attention`."""
-    h, kv = self.self_attn(self.input_layernorm(x), positions, key_mask, kv, end)
+    h, kv = self.self_attn(self.input_layernorm(x), positions, key_mask, kv, end, segment_ids)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, kv
@@ -111,14 +112,17 @@ class Decoder(nnx.Module):
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
-               cache: kv_cache.Cache | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
+               cache: kv_cache.Cache | None = None,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
     """Input embeddings (B, T, D) -> (final hidden states (B, T, D), the updated cache or None).
 
-    key_mask (B, T) bool marks real tokens (False: left padding). With a `kv_cache.Cache`, the T tokens
+    key_mask (B, T) bool marks real tokens (False: padding). With a `kv_cache.Cache`, the T tokens
     are appended to it (the prompt, or one decode step) and attend over everything written before them.
+    Without one, `segment_ids` (B, T) int (0 on padding) keeps the samples of packed rows apart.
     """
     if cache is None:
-      step = lambda layer, h, _: (sharding.constrain(layer(h, positions, key_mask)[0], ACTIVATION_AXES), None)
+      step = lambda layer, h, _: (sharding.constrain(layer(h, positions, key_mask, segment_ids=segment_ids)[0],
+                                                     ACTIVATION_AXES), None)
       x, _ = layers.scan(self.layers, step, x, remat=self.remat)
       return self.norm(x), None
     key_mask = kv_cache.write(cache.key_mask, key_mask, cache.end)
