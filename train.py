@@ -212,7 +212,7 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
     state = ckpt.restore(start, state, data)
     print(f"resumed from step {start}")
   primary = jax.process_index() == 0  # the one process that writes metrics (all save checkpoints together)
-  log = metrics.MetricsLog(workdir, n_params=n_train + n_frozen, every=cfg.log_every, after_step=start,
+  log = metrics.MetricsLog(workdir, model=model.config, every=cfg.log_every, after_step=start,
                            peak_flops=cfg.peak_tflops * 1e12 * jax.device_count()) if primary else None
   _Stop.install()
   compiled = {}  # one program per batch shape (length bucket)

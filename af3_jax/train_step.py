@@ -28,7 +28,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from af3_jax import optim, sharding
+from af3_jax import flops, optim, sharding
 
 IGNORE = -100  # labels that are not supervised (transformers' ignore_index)
 
@@ -132,8 +132,8 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
 
   `optimizer` comes from `optim.make_optimizer` (the lr metric reads its state). metrics, all scalars:
   loss (window token mean, float32), grad_norm (before clipping, as HF logs it), lr (of this update),
-  tokens (label count, int32), real_tokens (input tokens that are not padding, int32) and token_slots
-  (input positions, padding included). A non-finite loss or grad_norm shows in the metrics, and the
+  label_tokens (label count, int32), and the window's `flops.batch_counts` (real tokens, token slots,
+  attention pairs, audio windows: what MFU and packing efficiency need). A non-finite loss or grad_norm shows in the metrics, and the
   update is applied anyway: the caller checks `jnp.isfinite(metrics["loss"])` and stops or restores.
   """
   micro = batch if accum_steps > 1 else jax.tree.map(lambda x: x[None], batch)
@@ -153,11 +153,8 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  slots = jnp.int32(micro["input_ids"].size)
-  mask = micro.get("attention_mask")  # absent: every token is real, as the model reads it
-  real = slots if mask is None else jnp.count_nonzero(mask).astype(jnp.int32)
-  metrics = dict(loss=total / denom, grad_norm=optax.tree.norm(grads), tokens=count,
-                 lr=optim.learning_rate(opt_state), real_tokens=real, token_slots=slots)
+  metrics = dict(loss=total / denom, grad_norm=optax.tree.norm(grads), label_tokens=count,
+                 lr=optim.learning_rate(opt_state), **flops.batch_counts(micro))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

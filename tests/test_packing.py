@@ -108,8 +108,11 @@ def test_the_window_token_mean_is_that_of_the_samples_padded(gqa_loaded, records
     with jax.set_mesh(mesh):
       _, metrics[name] = jax.device_get(step_fn(state, frozen, micro))
   packed_m, padded_m = metrics["packed"], metrics["padded"]
-  assert int(packed_m["tokens"]) == int(padded_m["tokens"]) == sum((r["labels"][1:] != IGNORE).sum() for r in records)
+  assert int(packed_m["label_tokens"]) == int(padded_m["label_tokens"]) == sum((r["labels"][1:] != IGNORE).sum() for r in records)
   assert int(packed_m["real_tokens"]) == int(padded_m["real_tokens"]) == sum(len(r["ids"]) for r in records)
   assert int(packed_m["token_slots"]) == 2 * LENGTH and int(padded_m["token_slots"]) == 4 * LENGTH
+  # Each sample attends causally within itself only, packed or not: n (n + 1) / 2 pairs for n tokens.
+  pairs = sum(len(r["ids"]) * (len(r["ids"]) + 1) // 2 for r in records)
+  assert int(packed_m["attention_pairs"]) == int(padded_m["attention_pairs"]) == pairs
   assert abs(packed_m["loss"] - padded_m["loss"]) <= RTOL * padded_m["loss"]
   assert abs(packed_m["grad_norm"] - padded_m["grad_norm"]) <= RTOL * padded_m["grad_norm"]
