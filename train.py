@@ -3,9 +3,10 @@
   python train.py --config=configs/stage5.py --workdir=runs/stage5 --config.init_from=CKPT \
       --config.data.train=a.json,b.json [--config.total_steps=N] [--config.save_every=N]
 
-Rerunning the same command resumes from the latest checkpoint in `workdir`; SIGTERM or SIGINT saves
-and exits 0. When the run completes, `workdir/model` holds the last step's model (LoRA merged) in the
-layout `from_pretrained` reads, so the next stage can start from `--config.init_from=runs/stage5`.
+Rerunning the same command resumes from the latest checkpoint in `workdir`; SIGTERM or SIGINT (to any
+one process of a multi-process run) saves and exits 0. When the run completes, `workdir/model` holds
+the last step's model (LoRA merged) in the layout `from_pretrained` reads, so the next stage can start
+from `--config.init_from=runs/stage5`.
 One run at a time may use a workdir.
 """
 
@@ -29,14 +30,34 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _Stop:
-  """Turns SIGTERM/SIGINT into a request the loop honours after the current step."""
+  """SIGTERM or SIGINT to any process of the run: every process saves the same step and exits 0.
+
+  One process: a handler notes the signal and the loop stops after the current step. Several: the
+  preemption notifier that `jax.distributed.initialize` starts owns SIGTERM (a Python handler would
+  replace its own, and the notice would stay in this process); it tells every process, and JAX's
+  preemption sync point is then reached at the same step in all of them, the first step that each
+  can still reach, wherever each one was when the signal came. SIGINT is handed on to it as SIGTERM.
+  """
 
   requested = False
 
   @classmethod
   def install(cls) -> None:
+    import jax
+
+    if jax.process_count() > 1:
+      signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))
+      return
     for sig in (signal.SIGTERM, signal.SIGINT):
       signal.signal(sig, lambda *_: setattr(cls, "requested", True))
+
+  @classmethod
+  def after(cls, step: int) -> bool:
+    """Whether to save `step` and stop. Every process calls it once per step, in order: the
+    preemption service picks the step from the last ones each process passed here."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.reached_preemption_sync_point(step) or cls.requested
 
 
 def run(cfg, workdir: Path, compile_only: bool = False) -> int:
@@ -167,6 +188,9 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
     ckpt.close()
     raise ValueError(f"{workdir}: its checkpoints reach step {start}, past total_steps={total}; "
                      "raise total_steps or choose another --workdir")
+  # From here the preemption service counts this run's steps from `start`: a notice while the model
+  # loads then names step start + 1 (by default it would name step 1, which a resumed run never passes).
+  _Stop.after(start)
   changed = train_run.record_settings(workdir, cfg)
   if start and changed:
     print(f"warning: resuming step {start} with settings that differ from the run that saved it: "
@@ -219,13 +243,14 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
               f"(the last checkpoint is step {ckpt.latest_step()})", file=sys.stderr)
         ckpt.close()
         return 1
-      stopping = _Stop.requested or step == total
+      stop = _Stop.after(step)
+      stopping = stop or step == total
       if log:
         log.add(step, {**m, "skipped": skipped}, flush=stopping)
       bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{float(m['lr']):.2e}")
       bar.update()
       ckpt.save(step, state, data, force=stopping)
-      if _Stop.requested:
+      if stop:
         print(f"stopped at step {step} by a signal; checkpoint saved, rerun the command to resume", file=sys.stderr)
         ckpt.close()
         return 0

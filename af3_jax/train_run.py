@@ -32,6 +32,8 @@ def initialize_distributed() -> None:
   if n > 1:
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts need it to talk
+    # On by default: its notifier takes SIGTERM in any process to every process (train.py's stop).
+    jax.config.update("jax_enable_preemption_service", True)
     jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"], num_processes=n,
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
 

@@ -1,6 +1,6 @@
 """train.py end to end on a tiny checkpoint (CPU, float32): the loss falls on a small manifest, a run
-stopped by SIGTERM resumes to the same per-step losses, a corrupt file is skipped, and the export loads
-in transformers (or peft) with our logits."""
+stopped by SIGTERM (one process, or one of two) resumes to the same per-step losses, a corrupt file is
+skipped, and the export loads in transformers (or peft) with our logits."""
 
 import json
 import os
@@ -18,7 +18,7 @@ import pytest
 import soundfile as sf
 
 import af3_jax
-from conftest import assert_close
+from conftest import assert_close, finish, start_processes
 from flax import nnx
 
 torch = pytest.importorskip("torch")
@@ -235,26 +235,21 @@ def test_lora_run_exports_a_peft_adapter(run_setup, gqa_ckpt, tmp_path):
   assert_close(got, expected)
 
 
+def train_args(workdir, model, manifest, *extra) -> list[str]:
+  return ["train.py", "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.init_from={model}",
+          f"--config.data.train={manifest}", *extra]
+
+
 def test_two_processes_match_one(run_setup, tmp_path):
   """train.py as 2 processes (one CPU device each, gloo) gives the per-step losses of 1 process with 2
   devices; only process 0 writes metrics, and both processes write the final model together."""
-  portpicker = pytest.importorskip("portpicker")
   model, manifest, _ = run_setup
   args = ("--config.total_steps=3", "--config.save_every=100")
-  cmd = lambda workdir: [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-                         f"--config.init_from={model}", f"--config.data.train={manifest}", *args]
-  one = subprocess.Popen(cmd(tmp_path / "one"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  one = subprocess.Popen([sys.executable, *train_args(tmp_path / "one", model, manifest, *args)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-  port = portpicker.pick_unused_port()
-  procs = [subprocess.Popen(cmd(tmp_path / "two"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-                                 "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-  try:
-    results = [p.communicate(timeout=240) for p in (one, *procs)]
-  finally:
-    for p in (one, *procs):
-      p.kill()
-  for p, (_, err) in zip((one, *procs), results):
+  procs = [one, *start_processes(train_args(tmp_path / "two", model, manifest, *args), ROOT)]
+  for p, (_, err) in zip(procs, finish(procs, timeout=240)):
     assert p.returncode == 0, err[-2000:]
   single, _ = losses(tmp_path / "one")
   multi, _ = losses(tmp_path / "two")
@@ -293,3 +288,39 @@ def test_a_non_finite_loss_stops_without_saving_it(run_setup, tmp_path):
   saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
   assert saved and max(saved) < bad_step
   assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_one_step_and_resumes(run_setup, tmp_path):
+  """2 processes, SIGTERM to process 1 alone after 2 logged steps: both save the same step and exit 0;
+  the rerun of both ends with the per-step losses of an uninterrupted 2-process run. About 3 minutes
+  on 2 cores: three 2-process runs."""
+  model, manifest, _ = run_setup
+  # Steps enough that the stop (the preemption notice takes a second or two to reach every process)
+  # comes before the end; checkpoints only when stopping.
+  args = ("--config.total_steps=12", "--config.save_every=100")
+  straight = start_processes(train_args(tmp_path / "straight", model, manifest, *args), ROOT)
+  for p, (_, err) in zip(straight, finish(straight, timeout=400)):
+    assert p.returncode == 0, err[-2000:]
+
+  cut = start_processes(train_args(tmp_path / "cut", model, manifest, *args), ROOT)
+  metrics = tmp_path / "cut" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+    time.sleep(0.05)
+  cut[1].send_signal(signal.SIGTERM)
+  outs = finish(cut, timeout=300)
+  stopped = [[line for line in err.splitlines() if line.startswith("stopped at step")] for _, err in outs]
+  assert [p.returncode for p in cut] == [0, 0], [err[-2000:] for _, err in outs]
+  assert len(stopped[0]) == 1 and stopped[0] == stopped[1], stopped  # the same step in both
+  step = int(stopped[0][0].split()[3])
+  assert 2 <= step < 12 and max(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir()) == step
+
+  again = start_processes(train_args(tmp_path / "cut", model, manifest, *args), ROOT)
+  outs = finish(again, timeout=400)
+  assert [p.returncode for p in again] == [0, 0], [err[-2000:] for _, err in outs]
+  assert f"resumed from step {step}" in outs[0][0] and f"resumed from step {step}" in outs[1][0]
+  by_step, records = losses(tmp_path / "cut")
+  assert [r["step"] for r in records] == list(range(1, 13))
+  expected = losses(tmp_path / "straight")[0]
+  np.testing.assert_allclose([by_step[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)], rtol=1e-6)
