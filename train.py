@@ -6,7 +6,7 @@
 Rerunning the same command resumes from the latest checkpoint in `workdir`; SIGTERM or SIGINT (to any
 one process of a multi-process run) saves and exits 0. When the run completes, `workdir/model` holds
 the last step's model (LoRA merged) in the layout `from_pretrained` reads, so the next stage can start
-from `--config.init_from=runs/stage5`.
+from `--config.init_from=runs/stage5` (before it completes, that takes its latest saved step).
 One run at a time may use a workdir.
 """
 
@@ -57,7 +57,7 @@ class _Stop:
     preemption service picks the step from the last ones each process passed here."""
     from jax.experimental import multihost_utils
 
-    return multihost_utils.reached_preemption_sync_point(step) or cls.requested
+    return multihost_utils.reached_preemption_sync_point(step) or cls.requested  # the call first: never skipped
 
 
 def run(cfg, workdir: Path, compile_only: bool = False) -> int:
@@ -71,27 +71,21 @@ def run(cfg, workdir: Path, compile_only: bool = False) -> int:
   train_run.check_config(cfg)
   samples = train_run.read_samples(cfg.data.train)
   train_run.check_workdir(workdir)
-  init_from = train_run.resolve_init(cfg.init_from)
+  init_from = train_run.start_checkpoint(workdir, cfg.init_from)
   train_run.initialize_distributed()
   with train_run.WorkdirLock(workdir):
     return _train(cfg, workdir, samples, init_from)
 
 
-def _adapter(cfg):
-  """The LoRA a stage trains (its "lora" trainable set), or None."""
-  from af3_jax import lora
-
-  return lora.Spec(cfg.lora.rank, cfg.lora.alpha) if cfg.trainable == "lora" else None
-
-
 def load(cfg, init_from: str, mesh):
-  """The model to train, as `cfg` says: frozen weights stay in the compute dtype (the trainable ones get
-  param_dtype copies in `build`), with its remat policy."""
+  """The model to train from `init_from` (a checkpoint `train_run.resolve_init` names), as `cfg` says:
+  frozen weights stay in the compute dtype (the trainable ones get param_dtype copies in `build`),
+  with its remat policy."""
   import numpy as np
 
-  import af3_jax
+  from af3_jax import train_run
 
-  return af3_jax.from_pretrained(init_from, dtype=np.dtype(cfg.compute_dtype), mesh=mesh, remat=cfg.remat)
+  return train_run.load_model(init_from, dtype=np.dtype(cfg.compute_dtype), mesh=mesh, remat=cfg.remat)
 
 
 def build(cfg, model, mesh, total_steps: int, abstract: bool = False):
@@ -103,7 +97,7 @@ def build(cfg, model, mesh, total_steps: int, abstract: bool = False):
 
   from af3_jax import optim, train_run, train_step
 
-  graphdef, trainable, frozen = train_run.prepare(model, cfg.trainable, _adapter(cfg), cfg.seed)
+  graphdef, trainable, frozen = train_run.prepare(model, cfg.trainable, train_run.lora_spec(cfg), cfg.seed)
   optimizer = optim.make_optimizer(cfg.optim.lr, total_steps, warmup_ratio=cfg.optim.warmup_ratio,
                                    weight_decay=cfg.optim.weight_decay, clip_norm=cfg.optim.clip_norm or None)
   init = lambda p: train_step.init_state(p, optimizer, mesh, cfg.seed, dtype=np.dtype(cfg.param_dtype))
@@ -136,7 +130,7 @@ def _plan(cfg, workdir: Path, init_from: str) -> int:
   from af3_jax.pretrained import Model, abstract_model
 
   mesh = _mesh(cfg)
-  model_cfg = weights.read_config(Path(init_from))
+  model_cfg = weights.read_config(train_run.base_checkpoint(init_from))
   compute = np.dtype(cfg.compute_dtype)  # as `load` keeps the weights
   graphdef, abstract, _ = abstract_model(model_cfg, param_dtype=compute, compute_dtype=compute, mesh=mesh,
                                          remat=cfg.remat)
@@ -182,7 +176,7 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
     raise ValueError(f"{len(samples)} samples make no full step of {rows * cfg.accum_steps} rows per host; "
                      "set total_steps to repeat them")
 
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, save_every=cfg.save_every)
+  ckpt = checkpoint.Checkpointer(workdir / train_run.CHECKPOINTS, keep=cfg.keep_checkpoints, save_every=cfg.save_every)
   start = ckpt.latest_step() or 0
   if start > total:
     ckpt.close()
@@ -191,7 +185,7 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
   # From here the preemption service counts this run's steps from `start`: a notice while the model
   # loads then names step start + 1 (by default it would name step 1, which a resumed run never passes).
   _Stop.after(start)
-  changed = train_run.record_settings(workdir, cfg)
+  changed = train_run.record_settings(workdir, cfg, init_from)
   if start and changed:
     print(f"warning: resuming step {start} with settings that differ from the run that saved it: "
           f"{'; '.join(changed)}", file=sys.stderr)
@@ -200,7 +194,7 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
   graphdef, frozen, state, step_fn = build(cfg, model, mesh, total)
   n_train, n_frozen = train_run.count(state.params), train_run.count(frozen)
   print(f"parameters: {n_train:,} trainable, {n_frozen:,} frozen ({cfg.trainable}); remat {cfg.remat}")
-  processor = af3_jax.Processor.from_pretrained(init_from, style=cfg.data.style,
+  processor = af3_jax.Processor.from_pretrained(model.path, style=cfg.data.style,
                                                 max_windows=cfg.data.max_windows)
   data = pipeline.train_batches(
       samples, processor, rows=rows * cfg.accum_steps, windows_per_row=cfg.data.max_windows,
@@ -256,7 +250,7 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
         return 0
   ckpt.close()
   if train_run.model_step(workdir) != total:  # a rerun of a finished run finds its model already written
-    train_run.write_model(workdir, total, model, graphdef, state.params, frozen, _adapter(cfg))
+    train_run.write_model(workdir, total, model, graphdef, state.params, frozen, train_run.lora_spec(cfg))
   print(f"done: {total} steps; the trained model is in {workdir / 'model'}")
   return 0
 
