@@ -32,24 +32,32 @@ flags.mark_flags_as_required(["config", "workdir"])
 class _Stop:
   """SIGTERM or SIGINT to any process of the run: every process saves the same step and exits 0.
 
-  One process: a handler notes the signal and the loop stops after the current step. Several: the
-  preemption notifier that `jax.distributed.initialize` starts owns SIGTERM (a Python handler would
-  replace its own, and the notice would stay in this process); it tells every process, and JAX's
-  preemption sync point is then reached at the same step in all of them, the first step that each
-  can still reach, wherever each one was when the signal came. SIGINT is handed on to it as SIGTERM.
+  One process: from its first step, a handler notes the signal and the loop stops after the current
+  step. Several: from `join`, the preemption notifier that `jax.distributed.initialize` starts owns
+  SIGTERM (a Python handler would replace its own, and the notice would stay in this process); it
+  tells every process, and JAX's preemption sync point is then reached at the same step in all of
+  them, the first step that each can still reach, wherever each one was when the signal came.
   """
 
   requested = False
 
   @classmethod
+  def join(cls, start: int) -> None:
+    """Right after `jax.distributed.initialize`: SIGINT is handed on to the notifier as SIGTERM, and
+    the preemption service learns the step training resumes from (it counts the steps passed to
+    `after` from 0, so a notice while the model loads would name step 1, which a resumed run never
+    passes)."""
+    signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))
+    cls.after(start)
+
+  @classmethod
   def install(cls) -> None:
+    """Before the first step of a single-process run (a multi-process run has joined)."""
     import jax
 
-    if jax.process_count() > 1:
-      signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))
-      return
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, lambda *_: setattr(cls, "requested", True))
+    if jax.process_count() == 1:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(cls, "requested", True))
 
   @classmethod
   def after(cls, step: int) -> bool:
@@ -61,7 +69,7 @@ class _Stop:
 
 
 def run(cfg, workdir: Path, compile_only: bool = False) -> int:
-  from af3_jax import train_run
+  from af3_jax import checkpoint, train_run
 
   if compile_only:
     train_run.check_config(cfg, needs_data=False)
@@ -72,9 +80,12 @@ def run(cfg, workdir: Path, compile_only: bool = False) -> int:
   samples = train_run.read_samples(cfg.data.train)
   train_run.check_workdir(workdir)
   init_from = train_run.start_checkpoint(workdir, cfg.init_from)
-  train_run.initialize_distributed()
+  # The step training resumes from, read before joining so that `join` tells it at once.
+  start = max(checkpoint.saved_steps(workdir / train_run.CHECKPOINTS), default=0)
+  if train_run.initialize_distributed():
+    _Stop.join(start)
   with train_run.WorkdirLock(workdir):
-    return _train(cfg, workdir, samples, init_from)
+    return _train(cfg, workdir, samples, init_from, start)
 
 
 def load(cfg, init_from: str, mesh):
@@ -157,7 +168,7 @@ def _plan(cfg, workdir: Path, init_from: str) -> int:
   return 0
 
 
-def _train(cfg, workdir: Path, samples, init_from: str) -> int:
+def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
   import jax
   import numpy as np
   from tqdm import tqdm
@@ -177,14 +188,10 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
                      "set total_steps to repeat them")
 
   ckpt = checkpoint.Checkpointer(workdir / train_run.CHECKPOINTS, keep=cfg.keep_checkpoints, save_every=cfg.save_every)
-  start = ckpt.latest_step() or 0
   if start > total:
     ckpt.close()
     raise ValueError(f"{workdir}: its checkpoints reach step {start}, past total_steps={total}; "
                      "raise total_steps or choose another --workdir")
-  # From here the preemption service counts this run's steps from `start`: a notice while the model
-  # loads then names step start + 1 (by default it would name step 1, which a resumed run never passes).
-  _Stop.after(start)
   changed = train_run.record_settings(workdir, cfg, init_from)
   if start and changed:
     print(f"warning: resuming step {start} with settings that differ from the run that saved it: "

@@ -30,9 +30,10 @@ CHECKPOINTS = "checkpoints"  # in a workdir: one folder per saved step (`checkpo
 SETTINGS = "train_config.json"  # in a workdir: the run's settings (`record_settings`)
 
 
-def initialize_distributed() -> None:
+def initialize_distributed() -> bool:
   """Joins a multi-process run described by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID (set them in every process); does nothing for a single process. Must run first."""
+  JAX_PROCESS_ID (set them in every process), and says whether it did (not for a single process).
+  Must run first."""
   n = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
   if n > 1:
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
@@ -41,6 +42,7 @@ def initialize_distributed() -> None:
     jax.config.update("jax_enable_preemption_service", True)
     jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"], num_processes=n,
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
+  return n > 1
 
 
 def check_config(cfg, needs_data: bool = True) -> None:

@@ -10,19 +10,21 @@ from conftest import finish, start_processes
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Steps in lockstep, as train steps are (a collective each); process 1 takes twice as long, so the
-# signal finds the processes at different points of a step.
+# A run resumed at step 5: it joins, loads for a while, then steps in lockstep as train steps do (a
+# collective each), process 1 taking twice as long, so a signal finds the processes at different points.
 _LOOP = """
-import sys, time
+import time
 from af3_jax import train_run
-train_run.initialize_distributed()
+assert train_run.initialize_distributed()
 import jax
 from jax.experimental import multihost_utils
 import train
 
+train._Stop.join(5)
+print("joined", flush=True)
+time.sleep(3)
 train._Stop.install()
-train._Stop.after(0)
-for step in range(1, 10_000):
+for step in range(6, 10_000):
   multihost_utils.sync_global_devices(f"step {step}")
   time.sleep(0.05 * (1 + jax.process_index()))
   print(step, flush=True)
@@ -32,17 +34,21 @@ for step in range(1, 10_000):
 """
 
 
-@pytest.mark.parametrize("sig, target", [(signal.SIGTERM, 1), (signal.SIGINT, 0)])
-def test_a_signal_to_one_process_stops_every_process_after_the_same_step(sig, target):
+@pytest.mark.parametrize("sig, target, when", [(signal.SIGTERM, 1, "6"), (signal.SIGINT, 0, "joined")])
+def test_a_signal_to_one_process_stops_every_process_after_the_same_step(sig, target, when):
+  """Sent once both processes print `when`: amid the steps, or before the first one (then both stop
+  after that first step, 6, not at the step 1 the preemption service would count from by itself)."""
   procs = start_processes(["-c", _LOOP], ROOT)
-  for p in procs:  # both are stepping (gloo writes to stdout too)
-    while (line := p.stdout.readline()) and line.strip() != "1":
+  for p in procs:  # gloo writes to stdout too
+    while (line := p.stdout.readline()) and line.strip() != when:
       pass
   procs[target].send_signal(sig)
   outs = finish(procs, timeout=120)  # unstopped, the loop would run for over 15 minutes
   assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
   last = [out.strip().splitlines()[-1] for out, _ in outs]
   assert last[0].startswith("stopped after step ") and last[0] == last[1], last
+  if when == "joined":
+    assert last[0] == "stopped after step 6"
 
 
 def test_all_hosts_sum_adds_every_process():
