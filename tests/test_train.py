@@ -145,6 +145,7 @@ def test_a_corrupt_file_is_skipped_and_counted(run_setup, tmp_path):
     ("negative total_steps", "total_steps must be >= 0"),
     ("missing config file", "cannot load the --config file"),
     ("no checkpoint in init_from", "no-model: not an AF3 checkpoint"),
+    ("init_from a workdir with no step saved", "no-model: no step saved yet"),
 ])
 def test_bad_input_is_one_line_before_the_model_loads(run_setup, tmp_path, case, expected):
   """Each fails in one line with exit 1, and before the model loads: init_from is a folder with a
@@ -167,6 +168,8 @@ def test_bad_input_is_one_line_before_the_model_loads(run_setup, tmp_path, case,
     extra = ["--config.total_steps=-1"]
   elif case == "missing config file":
     config = "configs/nope.py"
+  elif case == "init_from a workdir with no step saved":
+    (tmp_path / "no-model" / "checkpoints").mkdir()
   else:
     (tmp_path / "no-model" / "config.json").unlink()
   code, _, err = train(workdir, tmp_path / "no-model", manifest, *extra, config=config)
