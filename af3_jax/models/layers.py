@@ -142,7 +142,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, key_mas
   """Softmax attention over (B, T, N, H) queries and (B, S, K, H) keys/values (K divides N: GQA).
 
   Keys a query may see: those with `key_mask` (B, S) bool True, below `kv_lengths` (B,) and, if
-  `causal`, at or before the query's own slot, q_offset + i for query i (q_offset () int, default 0).
+  `causal`, at or before the query's own slot, q_offset + i for query i (q_offset int, () or (B,) for
+  rows that each start elsewhere; default 0).
   Backends: cuDNN flash attention on GPU for 16-bit inputs (it rejects float32); XLA in one piece
   when there are at most `DENSE_MAX_SCORES` scores; otherwise blockwise (`_blockwise`), so no (T, S)
   array is ever built for a long prompt.
@@ -172,8 +173,8 @@ def _mask(start, t: int, s: int, key_mask, kv_lengths, causal: bool, q_offset) -
   if kv_lengths is not None:
     parts.append((jnp.arange(s) < kv_lengths[:, None])[:, None, None, :])
   if causal:
-    slots = start + jnp.arange(t) + (0 if q_offset is None else q_offset)
-    parts.append((jnp.arange(s) <= slots[:, None])[None, None])
+    slots = start + jnp.arange(t) + (0 if q_offset is None else q_offset[..., None])  # (t,) or (B, t)
+    parts.append((jnp.arange(s) <= slots[..., None]).reshape(-1, 1, t, s))
   return functools.reduce(jnp.logical_and, parts) if parts else None
 
 
