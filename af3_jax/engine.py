@@ -103,10 +103,11 @@ class _Job:
 class Handle:
   """A submitted request. Its tokens arrive on `queue` as they are chosen, then None once it is done
   (`finish_reason` and `result()` are set by then); `listener`, if given, gets the same items, called
-  from the engine's thread (it must not block). Iterating a handle yields its tokens (one consumer)."""
+  from the engine's thread (or from `cancel`'s caller, for a request still waiting), so it must not
+  block. Iterating a handle yields its tokens (one consumer)."""
 
   def __init__(self, job: _Job, listener: Callable[[int | None], None] | None = None):
-    self.job = job
+    self._job = job
     self.queue: queue.Queue[int | None] = queue.Queue()
     self.slot: int | None = None  # while it decodes
     self.cancelled = False
@@ -118,6 +119,11 @@ class Handle:
   def __iter__(self) -> Iterator[int]:
     while (token := self.queue.get()) is not None:
       yield token
+
+  @property
+  def prompt_tokens(self) -> int:
+    """The prompt's tokens, its audio tokens included."""
+    return self._job.length
 
   @property
   def done(self) -> bool:
@@ -146,7 +152,7 @@ class Handle:
     self._put(token)
 
   def _finish(self, reason: str, error: BaseException | None = None) -> None:
-    self._result = Completion(tuple(self._tokens), reason, self.job.length, None if error is None else repr(error))
+    self._result = Completion(tuple(self._tokens), reason, self._job.length, None if error is None else repr(error))
     self._done.set()
     self._put(None)
 
@@ -356,22 +362,22 @@ class Engine:
     """Prefills a waiting request into a free slot and hands out its first token."""
     slot = self._free.popleft()
     try:
-      prefix = self._prefill(handle.job)
+      prefix = self._prefill(handle._job)
       self.insert(prefix, slot)
     except Exception as e:  # this request cannot run (too big for the device, say); the others go on
       self._free.appendleft(slot)
       handle._finish("error", e)
       return
-    handle.job.inputs, handle.slot = None, slot  # the audio is in the cache now
+    handle._job.inputs, handle.slot = None, slot  # the audio is in the cache now
     self._running[slot] = handle
     self._emit(slot, int(np.asarray(prefix.token)[0]))
 
   def _emit(self, slot: int, token: int) -> None:
     handle = self._running[slot]
     handle._push(token)
-    if token in handle.job.eos:
+    if token in handle._job.eos:
       self._release(slot, "stop")
-    elif len(handle._tokens) >= handle.job.max_new_tokens:
+    elif len(handle._tokens) >= handle._job.max_new_tokens:
       self._release(slot, "length")
 
   def _release(self, slot: int, reason: str, error: BaseException | None = None) -> None:
