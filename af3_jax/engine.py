@@ -331,8 +331,10 @@ class Engine:
 
   def _prefill(self, job: _Job) -> Prefix:
     with jax.set_mesh(self.model.mesh):
-      return slots.prefill_fn(self.model.graphdef, self.model.state, job.inputs, np.int32(job.length),
-                              np.int32(job.cache_len), job.rows, job.key)
+      prefix, logits = slots.prefill_fn(self.model.graphdef, self.model.state, job.inputs, np.int32(job.length),
+                                        np.int32(job.cache_len), job.rows, job.key)
+      token, seen = slots.choose_fn(logits, prefix.seen, prefix.rows, prefix.key)
+    return prefix.replace(token=token, seen=seen)
 
   def _reserve(self, need: int) -> None:
     """Makes the cache at least `need` slots long (a bucket, at most max_len)."""

@@ -1,7 +1,8 @@
 """The engine's decode state: one KV cache of B slots (rows) shared by requests of their own lengths,
 and the pure jitted functions over it (`engine.Engine` drives them; JetStream's `engine_api.py` names
-them): `prefill_fn` runs one request's audio encoder and prompt into a cache of its own and chooses its
-first token, `insert_fn` copies that into a slot, `generate_fn` decodes one token for every slot.
+them): `prefill_fn` runs one request's audio encoder and prompt into a cache of its own, `choose_fn`
+picks its first token, `insert_fn` copies that into a slot, `generate_fn` decodes one token for every
+slot.
 
 A slot is a cache row with its own end: the prompt fills slots 0..n-1 (right padded to its bucket, so a
 token's slot is its position) and each new token goes after it. Each row's decoding settings are data
@@ -107,8 +108,10 @@ class Slots:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def prefill_fn(graphdef, params, inputs: dict[str, jax.Array], length: jax.Array, need: jax.Array, rows: Rows,
-               key: jax.Array) -> Prefix:
-  """inputs: input_ids and attention_mask (1, T), right padded, and optionally the audio (W windows)."""
+               key: jax.Array) -> tuple[Prefix, jax.Array]:
+  """inputs: input_ids and attention_mask (1, T), right padded, and optionally the audio (W windows).
+  -> the prefix, its token not chosen yet, and the last prompt token's logits (1, V). `choose_fn` chooses:
+  the sampler compiled once, not into every prompt and audio bucket's program."""
   TRACES["prefill"] += 1
   model = nnx.merge(graphdef, params)
   ids, mask = inputs["input_ids"], inputs["attention_mask"]
@@ -118,9 +121,18 @@ def prefill_fn(graphdef, params, inputs: dict[str, jax.Array], length: jax.Array
   logits = model.lm_head(jax.lax.dynamic_index_in_dim(h, length - 1, axis=1, keepdims=False))
   # Padding points at an extra column that is dropped, as in `decode.prefill`.
   seen = jnp.zeros((1, vocab + 1), bool).at[0, jnp.where(mask[0], ids[0], vocab)].set(True)[:, :vocab]
+  prefix = Prefix(k=cache.k, v=cache.v, length=length, need=need, token=jnp.zeros((1,), jnp.int32), seen=seen,
+                  rows=rows, key=key)
+  return prefix, logits
+
+
+@jax.jit
+def choose_fn(logits: jax.Array, seen: jax.Array, rows: Rows, key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A prefix's first token (1,) from its logits (1, V), and its `seen` with the token marked. Only (1, V)
+  shapes: one program for every prompt bucket."""
+  TRACES["choose"] += 1
   token = _choose(logits, seen, rows, key, jnp.zeros((1,), jnp.int32))
-  return Prefix(k=cache.k, v=cache.v, length=length, need=need, token=token, seen=seen.at[0, token[0]].set(True),
-                rows=rows, key=key)
+  return token, seen.at[0, token[0]].set(True)
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))

@@ -162,6 +162,18 @@ def test_a_started_engine_serves_threads_and_drains_on_stop(gqa_loaded, mix):
     engine.submit(requests[0])
 
 
+def test_map_answers_in_order_in_the_callers_thread(gqa_loaded, mix):
+  """Without `start`, `map` steps the engine itself; an item the engine refuses comes back in its place."""
+  requests, expected = mix
+  items = [5, 2, None, 3, 1, 4]
+  to_request = lambda i: Request({"input_ids": np.zeros(300, int)}, 1) if i is None else requests[i]
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
+  answers = list(engine.map(items, to_request))
+  assert [item for item, _ in answers] == items
+  assert isinstance(answers[2][1], ValueError) and "max_len" in str(answers[2][1])
+  assert [list(c.tokens) for i, c in answers if i is not None] == [expected[i] for i in items if i is not None]
+
+
 def test_bad_requests_and_a_full_queue_are_refused(gqa_ckpt, gqa_loaded):
   rng, tiny = np.random.default_rng(3), gqa_ckpt.tiny
   engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN, max_queue=2)
