@@ -1,18 +1,13 @@
-"""Continuous batching: requests come and go while up to `max_slots` of them decode together, sharing
-one KV cache (`slots.py`).
+"""Continuous batching: requests come and go while up to `max_slots` of them decode together in one
+shared KV cache (`slots.py`), each getting the tokens `decode.generate` would give it alone.
 
 `Engine` follows JetStream's engine API (`engine_api.py`): `prefill` runs one request's audio encoder
 and prompt and chooses its first token, `insert` puts it into a free slot, `generate` decodes one token
-for every slot at once. `step` is one turn of the loop over them (JetStream's orchestrator): it frees
-cancelled requests' slots, prefills waiting requests into free slots (the free-slot queue), decodes,
-and frees each slot whose request is done (an eos id, or max_new_tokens) at once. Each request gets the
-tokens `decode.generate` would give it alone, greedy or seeded sampling, whatever shares the batch.
-
-Shapes: the prompt is padded to a power-of-two bucket (at least `decode.MIN_BUCKET`), audio windows
-too, the slots are fixed, and the cache grows by buckets (at least `MIN_CACHE`) up to `max_len` as
-requests need. `warmup`
-takes the cache to `max_len` and compiles the buckets it is given, so a warm engine compiles nothing
-while it serves.
+for every slot. `step` is one turn of the loop over them (JetStream's orchestrator): it frees cancelled
+requests' slots, prefills waiting requests into free slots (a free-slot queue), decodes, and frees each
+slot whose request is done (an eos id, or max_new_tokens) at once. Prompts and audio windows are padded
+to power-of-two buckets, slots are fixed, and the cache grows by buckets (at least `MIN_CACHE`) up to
+`max_len`; `warmup` compiles ahead, so that a warm engine compiles nothing while it serves.
 
 Driving it: `submit(request)` from any thread returns a `Handle` whose `queue` receives each token id as
 it is chosen, then None (ValueError for a request that cannot run, `QueueFull` when `max_queue`
@@ -20,7 +15,7 @@ requests already wait); `cancel(handle)` frees its slot; `start()` runs `step` i
 until `stop(drain=True)`. An asyncio server passes `listener=lambda item: loop.call_soon_threadsafe(
 q.put_nowait, item)` to get the same items on its own queue. `map(items, to_request)` answers many
 items in order (infer.py --batch, evaluation). Stop strings are the caller's: it watches the text and
-cancels; the eos ids stop in the engine.
+cancels.
 """
 
 from __future__ import annotations
@@ -167,6 +162,8 @@ class Engine:
   """
 
   def __init__(self, model: Model, *, max_slots: int = 8, max_len: int | None = None, max_queue: int = 64):
+    if max_slots < 1 or max_queue < 0 or (max_len is not None and max_len < 2):
+      raise ValueError(f"need max_slots >= 1, max_queue >= 0 and max_len >= 2; got {max_slots}, {max_queue}, {max_len}")
     context = model.config.decoder.max_position_embeddings
     self.model = model
     self.max_slots = max_slots
@@ -208,9 +205,10 @@ class Engine:
     return np.asarray(self._slots.token)
 
   def warmup(self, prompt_lengths: Iterable[int] = (), audio_windows: Iterable[int] = (0,)) -> None:
-    """Compiles ahead of requests: grows the cache to `max_len`, then runs `prefill` and `insert` once
-    for each bucket of `prompt_lengths` with each bucket of `audio_windows` (0: no audio) into a free
-    slot, and `generate` once. Afterwards requests within those buckets compile nothing."""
+    """Compiles ahead of requests (call it before serving): grows the cache to `max_len`, then runs
+    `prefill` and `insert` once for each bucket of `prompt_lengths` with each bucket of `audio_windows`
+    (0: no audio) into a free slot, and `generate` once. Afterwards requests within those buckets
+    compile nothing."""
     self._reserve(self.max_len)
     cfg = self.model.config
     filler = (cfg.audio_token_id + 1) % cfg.decoder.vocab_size  # any id but audio: no frames to match
