@@ -3,9 +3,10 @@
   python train.py --config=configs/stage5.py --workdir=runs/stage5 --config.init_from=CKPT \
       --config.data.train=a.json,b.json [--config.total_steps=N] [--config.save_every=N]
 
-Rerunning the same command resumes from the latest checkpoint in `workdir`; SIGTERM or SIGINT saves
-and exits 0. When the run completes, `workdir/model` holds the last step's model (LoRA merged) in the
-layout `from_pretrained` reads, so the next stage can start from `--config.init_from=runs/stage5`.
+Rerunning the same command resumes from the latest checkpoint in `workdir`; SIGTERM or SIGINT (to any
+one process of a multi-process run) saves and exits 0. When the run completes, `workdir/model` holds
+the last step's model (LoRA merged) in the layout `from_pretrained` reads, so the next stage can start
+from `--config.init_from=runs/stage5` (before it completes, that takes its latest saved step).
 One run at a time may use a workdir.
 """
 
@@ -29,18 +30,46 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 
 class _Stop:
-  """Turns SIGTERM/SIGINT into a request the loop honours after the current step."""
+  """SIGTERM or SIGINT to any process of the run: every process saves the same step and exits 0.
+
+  One process: from its first step, a handler notes the signal and the loop stops after the current
+  step. Several: from `join`, the preemption notifier that `jax.distributed.initialize` starts owns
+  SIGTERM (a Python handler would replace its own, and the notice would stay in this process); it
+  tells every process, and JAX's preemption sync point is then reached at the same step in all of
+  them, the first step that each can still reach, wherever each one was when the signal came.
+  """
 
   requested = False
 
   @classmethod
+  def join(cls, start: int) -> None:
+    """Right after `jax.distributed.initialize`: SIGINT is handed on to the notifier as SIGTERM, and
+    the preemption service learns the step training resumes from (it counts the steps passed to
+    `after` from 0, so a notice while the model loads would name step 1, which a resumed run never
+    passes)."""
+    signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))
+    cls.after(start)
+
+  @classmethod
   def install(cls) -> None:
-    for sig in (signal.SIGTERM, signal.SIGINT):
-      signal.signal(sig, lambda *_: setattr(cls, "requested", True))
+    """Before the first step of a single-process run (a multi-process run has joined)."""
+    import jax
+
+    if jax.process_count() == 1:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: setattr(cls, "requested", True))
+
+  @classmethod
+  def after(cls, step: int) -> bool:
+    """Whether to save `step` and stop. Every process calls it once per step, in order: the
+    preemption service picks the step from the last ones each process passed here."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.reached_preemption_sync_point(step) or cls.requested  # the call first: never skipped
 
 
 def run(cfg, workdir: Path, compile_only: bool = False) -> int:
-  from af3_jax import train_run
+  from af3_jax import checkpoint, train_run
 
   if compile_only:
     train_run.check_config(cfg, needs_data=False)
@@ -50,27 +79,24 @@ def run(cfg, workdir: Path, compile_only: bool = False) -> int:
   train_run.check_config(cfg)
   samples = train_run.read_samples(cfg.data.train)
   train_run.check_workdir(workdir)
-  init_from = train_run.resolve_init(cfg.init_from)
-  train_run.initialize_distributed()
+  init_from = train_run.start_checkpoint(workdir, cfg.init_from)
+  # The step training resumes from, read before joining so that `join` tells it at once.
+  start = max(checkpoint.saved_steps(workdir / train_run.CHECKPOINTS), default=0)
+  if train_run.initialize_distributed():
+    _Stop.join(start)
   with train_run.WorkdirLock(workdir):
-    return _train(cfg, workdir, samples, init_from)
-
-
-def _adapter(cfg):
-  """The LoRA a stage trains (its "lora" trainable set), or None."""
-  from af3_jax import lora
-
-  return lora.Spec(cfg.lora.rank, cfg.lora.alpha) if cfg.trainable == "lora" else None
+    return _train(cfg, workdir, samples, init_from, start)
 
 
 def load(cfg, init_from: str, mesh):
-  """The model to train, as `cfg` says: frozen weights stay in the compute dtype (the trainable ones get
-  param_dtype copies in `build`), with its remat policy."""
+  """The model to train from `init_from` (a checkpoint `train_run.resolve_init` names), as `cfg` says:
+  frozen weights stay in the compute dtype (the trainable ones get param_dtype copies in `build`),
+  with its remat policy."""
   import numpy as np
 
-  import af3_jax
+  from af3_jax import train_run
 
-  return af3_jax.from_pretrained(init_from, dtype=np.dtype(cfg.compute_dtype), mesh=mesh, remat=cfg.remat)
+  return train_run.load_model(init_from, dtype=np.dtype(cfg.compute_dtype), mesh=mesh, remat=cfg.remat)
 
 
 def build(cfg, model, mesh, total_steps: int, abstract: bool = False):
@@ -82,7 +108,7 @@ def build(cfg, model, mesh, total_steps: int, abstract: bool = False):
 
   from af3_jax import optim, train_run, train_step
 
-  graphdef, trainable, frozen = train_run.prepare(model, cfg.trainable, _adapter(cfg), cfg.seed)
+  graphdef, trainable, frozen = train_run.prepare(model, cfg.trainable, train_run.lora_spec(cfg), cfg.seed)
   optimizer = optim.make_optimizer(cfg.optim.lr, total_steps, warmup_ratio=cfg.optim.warmup_ratio,
                                    weight_decay=cfg.optim.weight_decay, clip_norm=cfg.optim.clip_norm or None)
   init = lambda p: train_step.init_state(p, optimizer, mesh, cfg.seed, dtype=np.dtype(cfg.param_dtype))
@@ -115,19 +141,21 @@ def _plan(cfg, workdir: Path, init_from: str) -> int:
   from af3_jax.pretrained import Model, abstract_model
 
   mesh = _mesh(cfg)
-  model_cfg = weights.read_config(Path(init_from))
+  model_cfg = weights.read_config(train_run.base_checkpoint(init_from))
   compute = np.dtype(cfg.compute_dtype)  # as `load` keeps the weights
   graphdef, abstract, _ = abstract_model(model_cfg, param_dtype=compute, compute_dtype=compute, mesh=mesh,
                                          remat=cfg.remat)
   _, frozen, state, step_fn = build(cfg, Model(model_cfg, graphdef, abstract, mesh), mesh, total_steps=1000,
                                     abstract=True)
   rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] * cfg.accum_steps
-  print(f"mesh {dict(mesh.shape)}; {rows} rows a step ({cfg.per_device_batch} per device x {cfg.accum_steps} "
-        f"accumulated), {cfg.data.max_windows} window(s) a row; per device:")
+  print(f"mesh {dict(mesh.shape)}; {rows} {'packed ' if cfg.data.packing else ''}rows a step "
+        f"({cfg.per_device_batch} per device x {cfg.accum_steps} accumulated), {cfg.data.max_windows} window(s) "
+        "a row; per device:")
   plan = []
   for length in pipeline.length_buckets(cfg.data.length_buckets, cfg.data.max_length):
+    template = pipeline.batch_shapes(rows, cfg.data.max_windows, length, packed=cfg.data.packing)
     shapes = {k: jax.ShapeDtypeStruct(sharding.micro_batched(shape, cfg.accum_steps), dtype)
-              for k, (shape, dtype) in pipeline.batch_shapes(rows, cfg.data.max_windows, length).items()}
+              for k, (shape, dtype) in template.items()}
     shardings = sharding.batch_shardings(shapes, mesh, cfg.accum_steps)
     batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[k]) for k, x in shapes.items()}
     with jax.set_mesh(mesh):
@@ -142,12 +170,46 @@ def _plan(cfg, workdir: Path, init_from: str) -> int:
   return 0
 
 
-def _train(cfg, workdir: Path, samples, init_from: str) -> int:
+def _data(cfg, samples, init_from: str, rows: int):
+  """(this host's batches of `rows` rows, the run's total steps): total_steps, or epochs x the steps an
+  epoch takes, counting the samples of the first step (read ahead, then replayed). Packed rows hold as
+  many samples as fit, so there it is an estimate; it prints the first step's share of real tokens."""
+  import jax
+
+  import af3_jax
+  from af3_jax import train_run
+  from af3_jax.data import pipeline
+
+  processor = af3_jax.Processor.from_pretrained(train_run.base_checkpoint(init_from), style=cfg.data.style,
+                                                max_windows=cfg.data.max_windows)
+  data = pipeline.train_batches(
+      samples, processor, rows=rows, windows_per_row=cfg.data.max_windows, buckets=cfg.data.length_buckets,
+      max_length=cfg.data.max_length, packing=cfg.data.packing, seed=cfg.data.seed, epochs=None,
+      workers=cfg.data.workers, source=cfg.data.train, process_index=jax.process_index(),
+      process_count=jax.process_count())
+  try:
+    first = pipeline.peek(data)
+  except pipeline.NothingUsable:
+    data.close()  # stops grain's worker processes now, not noisily at interpreter exit
+    raise
+  per_step = train_run.all_hosts_sum(pipeline.samples_in(first))
+  real = train_run.all_hosts_sum(int(first["attention_mask"].sum()))
+  slots = train_run.all_hosts_sum(first["attention_mask"].size)
+  per_epoch = len(samples) // per_step
+  print(f"first step: {per_step} sample(s) ({'packed' if cfg.data.packing else 'one a row'}), real tokens in "
+        f"{real / slots:.1%} of its {slots:,} token slots; {per_epoch} steps an epoch")
+  total = cfg.total_steps or cfg.epochs * per_epoch
+  if total < 1:
+    data.close()
+    raise ValueError(f"{len(samples)} samples make no full step of {per_step}; set total_steps to repeat them")
+  return data, total
+
+
+def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
   import jax
   import numpy as np
   from tqdm import tqdm
 
-  import af3_jax
   from af3_jax import checkpoint, metrics, sharding, train_run
   from af3_jax.data import pipeline
 
@@ -155,19 +217,15 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
   mesh = _mesh(cfg)
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
   rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
-  per_epoch = pipeline.steps_per_epoch(len(samples), rows * cfg.accum_steps, jax.process_count())
-  total = cfg.total_steps or cfg.epochs * per_epoch
-  if total < 1:
-    raise ValueError(f"{len(samples)} samples make no full step of {rows * cfg.accum_steps} rows per host; "
-                     "set total_steps to repeat them")
+  data, total = _data(cfg, samples, init_from, rows * cfg.accum_steps)
 
-  ckpt = checkpoint.Checkpointer(workdir / "checkpoints", keep=cfg.keep_checkpoints, save_every=cfg.save_every)
-  start = ckpt.latest_step() or 0
+  ckpt = checkpoint.Checkpointer(workdir / train_run.CHECKPOINTS, keep=cfg.keep_checkpoints, save_every=cfg.save_every)
   if start > total:
     ckpt.close()
+    data.close()
     raise ValueError(f"{workdir}: its checkpoints reach step {start}, past total_steps={total}; "
                      "raise total_steps or choose another --workdir")
-  changed = train_run.record_settings(workdir, cfg)
+  changed = train_run.record_settings(workdir, cfg, init_from)
   if start and changed:
     print(f"warning: resuming step {start} with settings that differ from the run that saved it: "
           f"{'; '.join(changed)}", file=sys.stderr)
@@ -176,19 +234,11 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
   graphdef, frozen, state, step_fn = build(cfg, model, mesh, total)
   n_train, n_frozen = train_run.count(state.params), train_run.count(frozen)
   print(f"parameters: {n_train:,} trainable, {n_frozen:,} frozen ({cfg.trainable}); remat {cfg.remat}")
-  processor = af3_jax.Processor.from_pretrained(init_from, style=cfg.data.style,
-                                                max_windows=cfg.data.max_windows)
-  data = pipeline.train_batches(
-      samples, processor, rows=rows * cfg.accum_steps, windows_per_row=cfg.data.max_windows,
-      buckets=cfg.data.length_buckets, max_length=cfg.data.max_length, seed=cfg.data.seed, epochs=None,
-      workers=cfg.data.workers, source=cfg.data.train, process_index=jax.process_index(),
-      process_count=jax.process_count())
-
   if start:
     state = ckpt.restore(start, state, data)
     print(f"resumed from step {start}")
   primary = jax.process_index() == 0  # the one process that writes metrics (all save checkpoints together)
-  log = metrics.MetricsLog(workdir, n_params=n_train + n_frozen, every=cfg.log_every, after_step=start,
+  log = metrics.MetricsLog(workdir, model=model.config, every=cfg.log_every, after_step=start,
                            peak_flops=cfg.peak_tflops * 1e12 * jax.device_count()) if primary else None
   _Stop.install()
   compiled = {}  # one program per batch shape (length bucket)
@@ -219,19 +269,20 @@ def _train(cfg, workdir: Path, samples, init_from: str) -> int:
               f"(the last checkpoint is step {ckpt.latest_step()})", file=sys.stderr)
         ckpt.close()
         return 1
-      stopping = _Stop.requested or step == total
+      stop = _Stop.after(step)
+      stopping = stop or step == total
       if log:
         log.add(step, {**m, "skipped": skipped}, flush=stopping)
       bar.set_postfix(loss=f"{float(m['loss']):.4f}", lr=f"{float(m['lr']):.2e}")
       bar.update()
       ckpt.save(step, state, data, force=stopping)
-      if _Stop.requested:
+      if stop:
         print(f"stopped at step {step} by a signal; checkpoint saved, rerun the command to resume", file=sys.stderr)
         ckpt.close()
         return 0
   ckpt.close()
   if train_run.model_step(workdir) != total:  # a rerun of a finished run finds its model already written
-    train_run.write_model(workdir, total, model, graphdef, state.params, frozen, _adapter(cfg))
+    train_run.write_model(workdir, total, model, graphdef, state.params, frozen, train_run.lora_spec(cfg))
   print(f"done: {total} steps; the trained model is in {workdir / 'model'}")
   return 0
 

@@ -2,6 +2,8 @@
 
 Saves are asynchronous and atomic (orbax writes a temporary folder and renames it when complete), so a
 crash during a save never spoils the latest complete checkpoint; only the last `keep` are kept.
+`saved_steps` and `restore_params` read a run's checkpoints without a manager (an export, or a run
+starting from another's step), so reading never changes the folder.
 """
 
 from __future__ import annotations
@@ -38,3 +40,20 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def saved_steps(directory: Path) -> list[int]:
+  """The steps with a complete checkpoint in `directory`, ascending (none: []). Reads file names only,
+  so it may run before `jax.distributed.initialize`."""
+  return sorted(ocp.utils.checkpoint_steps(directory.absolute()))
+
+
+def restore_params(step_dir: Path, abstract_params):
+  """The trainable params of the train state saved in `step_dir` (`<directory>/<step>`), in the dtypes
+  and shardings of `abstract_params` (a tree of jax.ShapeDtypeStruct); the optimizer state and the
+  data position are not read."""
+  target = {"params": abstract_params}
+  args = ocp.args.PyTreeRestore(item=target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+                                partial_restore=True)
+  with ocp.PyTreeCheckpointer() as ckptr:
+    return ckptr.restore((step_dir / "state").absolute(), args=args)["params"]

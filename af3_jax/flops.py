@@ -14,6 +14,9 @@ encoder over its `max_source_positions` positions, as upstream does.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
+
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 
 TRAIN_FACTOR = 3  # forward + backward (2x)
@@ -52,3 +55,21 @@ def forward_flops(cfg: AF3Config, *, tokens: int, attention_pairs: int, windows:
 def train_flops(cfg: AF3Config, *, tokens: int, attention_pairs: int, windows: int) -> int:
   """One training step (forward and backward) over that batch."""
   return TRAIN_FACTOR * forward_flops(cfg, tokens=tokens, attention_pairs=attention_pairs, windows=windows)
+
+
+def batch_counts(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+  """What a training batch holds, as scalars: `real_tokens` (not padding), `token_slots` (all
+  positions), `attention_pairs` (the causal (query, key) pairs of the real tokens, within each packed
+  sample) and `audio_windows` (windows holding any audio). Any leading axes (micro-batches) are summed."""
+  ids = batch["input_ids"]
+  mask = batch.get("attention_mask")
+  real = jnp.ones(ids.shape, jnp.int32) if mask is None else (mask != 0).astype(jnp.int32)
+  # A token at position p (counted from its own sample's start) attends p + 1 keys.
+  positions = batch.get("position_ids")
+  if positions is None:
+    positions = jnp.cumsum(real, axis=-1) - 1
+  windows = batch.get("input_features_mask")
+  # Pairs in float32: a stage 5 step's 128 rows of 8192 tokens attend 4.3e9, past int32.
+  return {"real_tokens": real.sum(), "token_slots": jnp.int32(ids.size),
+          "attention_pairs": ((positions + 1) * real).astype(jnp.float32).sum(),
+          "audio_windows": jnp.int32(0) if windows is None else (windows != 0).any(-1).sum().astype(jnp.int32)}

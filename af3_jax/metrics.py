@@ -1,10 +1,16 @@
 """Training metrics: one JSON object per logged step in `workdir/metrics.jsonl` and the same scalars as
-TensorBoard events in the workdir (written by tensorboardX), with tokens/s and MFU added.
+TensorBoard events in the workdir (written by tensorboardX), with tokens/s, MFU and packing efficiency
+added.
 
-Every `every` steps one record sums up the steps since the last: `tokens` and `skipped` are summed,
-`lr` is the last step's, anything else (loss, grad_norm) is the mean. A resumed run first drops the
-records after the step it resumes from, so `metrics.jsonl` holds each step once; its event file starts
-with a purge marker at the next step, so TensorBoard hides the earlier run's events from there on.
+Every `every` steps one record sums up the steps since the last: the counts (`train_step`'s
+`label_tokens` and `flops.batch_counts`) and `skipped` are summed, `lr` is the last step's, anything
+else (loss, grad_norm) is the mean. `tokens_per_s` counts real tokens (padding excluded); `mfu` is the
+model's FLOPs for those batches (`flops.train_flops`: matmuls, the causal attention pairs, the audio
+windows) over the time since the last record and the devices' peak. `packing_efficiency` is the share
+of token slots that held real tokens, padding being the rest (`real_tokens / token_slots`). A
+resumed run first drops the records after the step it resumes from, so `metrics.jsonl` holds each step
+once; its event file starts with a purge marker at the next step, so TensorBoard hides the earlier
+run's events from there on.
 """
 
 from __future__ import annotations
@@ -16,24 +22,20 @@ from pathlib import Path
 import numpy as np
 import tensorboardX
 
-from af3_jax import files
+from af3_jax import files, flops
+from af3_jax.config import AF3Config
 
-_SUMMED = ("tokens", "skipped")
+_SUMMED = ("label_tokens", "real_tokens", "token_slots", "attention_pairs", "audio_windows", "skipped")
 _LAST = ("lr",)
-
-
-def train_flops_per_token(n_params: int) -> float:
-  """~6 N: forward (2 N) and backward (4 N) matmul flops per token, the usual dense estimate."""
-  return 6.0 * n_params
 
 
 class MetricsLog:
   """Appends metrics; tokens/s and MFU are measured between consecutive records."""
 
-  def __init__(self, workdir: Path, *, n_params: int, peak_flops: float, every: int = 1, after_step: int = 0):
+  def __init__(self, workdir: Path, *, model: AF3Config, peak_flops: float, every: int = 1, after_step: int = 0):
     self.path = workdir / "metrics.jsonl"
     self.every = every
-    self.flops_per_token = train_flops_per_token(n_params)
+    self.model = model
     self.peak_flops = peak_flops
     self.pending: list[dict] = []
     self._drop_records_after(after_step)
@@ -68,9 +70,14 @@ class MetricsLog:
     summary = _summarize(self.pending)
     self.pending = []
     now = time.perf_counter()
-    rate = summary.get("tokens", 0.0) / max(now - self.last, 1e-9)
+    seconds = max(now - self.last, 1e-9)
     self.last = now
-    record = {"step": step, **summary, "tokens_per_s": rate, "mfu": rate * self.flops_per_token / self.peak_flops}
+    work = flops.train_flops(self.model, tokens=summary.get("real_tokens", 0.0),
+                             attention_pairs=summary.get("attention_pairs", 0.0), windows=summary.get("audio_windows", 0.0))
+    record = {"step": step, **summary, "tokens_per_s": summary.get("real_tokens", 0.0) / seconds,
+              "mfu": work / seconds / self.peak_flops}
+    if summary.get("token_slots"):
+      record["packing_efficiency"] = summary["real_tokens"] / summary["token_slots"]
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
     for tag, value in record.items():

@@ -1,6 +1,7 @@
 """A training run's plumbing around `train_step`: processes, the run's settings and data checked
 before anything heavy, the workdir's lock and its record of the run's settings, the model's trainable
-split for a stage, and the finished model written out."""
+split for a stage, the finished model written out, and the model at any saved step read back (an
+export, or a run that starts from another's step)."""
 
 from __future__ import annotations
 
@@ -10,30 +11,38 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 
-from af3_jax import files, lora, train_step, weights
+from af3_jax import checkpoint, files, lora, train_step, weights
 from af3_jax.data.manifest import Sample, read_manifest
 from af3_jax.models import layers
-from af3_jax.pretrained import Model
+from af3_jax.pretrained import Model, from_pretrained
 
 TRAINER_STATE = "trainer_state.json"  # in a run's model/: the step it holds
+CHECKPOINTS = "checkpoints"  # in a workdir: one folder per saved step (`checkpoint.Checkpointer`)
+SETTINGS = "train_config.json"  # in a workdir: the run's settings (`record_settings`)
 
 
-def initialize_distributed() -> None:
+def initialize_distributed() -> bool:
   """Joins a multi-process run described by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID (set them in every process); does nothing for a single process. Must run first."""
+  JAX_PROCESS_ID (set them in every process), and says whether it did (not for a single process).
+  Must run first."""
   n = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
   if n > 1:
     if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
       jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts need it to talk
+    # On by default: its notifier takes SIGTERM in any process to every process (train.py's stop).
+    jax.config.update("jax_enable_preemption_service", True)
     jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"], num_processes=n,
                                process_id=int(os.environ["JAX_PROCESS_ID"]))
+  return n > 1
 
 
 def check_config(cfg, needs_data: bool = True) -> None:
@@ -105,11 +114,12 @@ class WorkdirLock:
     self.file.close()  # closing releases the lock
 
 
-def record_settings(workdir: Path, cfg) -> list[str]:
-  """Writes the run's settings to `workdir/train_config.json` (process 0) and returns those that
-  differ from the settings recorded by the run before, as "name: old -> new" (a resumed run's warning)."""
-  path = workdir / "train_config.json"
-  settings = json.loads(cfg.to_json())
+def record_settings(workdir: Path, cfg, init_checkpoint: str) -> list[str]:
+  """Writes the run's settings to `workdir/train_config.json` (process 0), with `init_checkpoint`, the
+  checkpoint its `init_from` named (`start_checkpoint`), and returns those that differ from the
+  settings recorded by the run before, as "name: old -> new" (a resumed run's warning)."""
+  path = workdir / SETTINGS
+  settings = {**json.loads(cfg.to_json()), "init_checkpoint": init_checkpoint}
   new = traverse_util.flatten_dict(settings, sep=".")
   old = traverse_util.flatten_dict(json.loads(path.read_text()), sep=".") if path.is_file() else new
   changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
@@ -119,18 +129,128 @@ def record_settings(workdir: Path, cfg) -> list[str]:
   return changed
 
 
+def read_settings(workdir: Path) -> ml_collections.ConfigDict:
+  """The settings `record_settings` wrote in a training workdir."""
+  path = workdir / SETTINGS
+  if not path.is_file():
+    raise ValueError(f"{workdir}: no {SETTINGS}; not a train.py workdir")
+  return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def start_checkpoint(workdir: Path, init_from: str) -> str:
+  """The checkpoint a run in `workdir` starts from: the one it recorded when it first started with this
+  same `init_from`, else `resolve_init(init_from)`. A workdir named as init_from may save later steps
+  while this run is stopped; resumed, it keeps the weights it started from."""
+  path = workdir / SETTINGS
+  recorded = json.loads(path.read_text()) if path.is_file() else {}
+  if recorded.get("init_from") == init_from and recorded.get("init_checkpoint"):
+    return resolve_init(recorded["init_checkpoint"])
+  return resolve_init(init_from)
+
+
 def resolve_init(init_from: str) -> str:
-  """The checkpoint folder to start from: a previous stage's workdir means its finished `model/`;
-  anything else is what from_pretrained reads (a folder, or a hub id fetched here). Raises when it is
-  no checkpoint, before any weight is read."""
+  """The checkpoint to start from, as an absolute path: for a training workdir, its latest model
+  (`saved_model`: the finished `model/`, or the last step an unfinished run saved); for a step's folder
+  `W/checkpoints/<step>`, that step; anything else is what from_pretrained reads (a folder, or a hub
+  id fetched here). Raises when it is no checkpoint, before any weight is read."""
   path = Path(init_from)
-  if (path / "checkpoints").is_dir():
-    if not (path / "model").is_dir():
-      raise ValueError(f"{path}: a training workdir with no finished model/ yet; finish that run first")
-    path = path / "model"
+  if (found := step_of(path)) or (path / CHECKPOINTS).is_dir():
+    path = saved_model(*found) if found else saved_model(path)
+    if step_of(path):
+      return str(path.absolute())
   root = weights.resolve(path)
   weights.layout(root)
-  return str(root)
+  return str(root.absolute())
+
+
+def step_of(source: str | Path) -> tuple[Path, int] | None:
+  """(workdir, step) when `source` is a training step's checkpoint folder `workdir/checkpoints/<step>`;
+  None for any other checkpoint."""
+  path = Path(source)
+  return (path.parent.parent, int(path.name)) if path.parent.name == CHECKPOINTS and path.name.isdigit() else None
+
+
+def saved_model(workdir: Path, step: int | None = None) -> Path:
+  """Where training workdir `workdir` keeps its model at `step` (None: the latest step saved):
+  `workdir/model` when the finished run wrote it at that step, else that step's checkpoint folder
+  (`load_model` reads both). Raises naming the steps there are."""
+  finished = model_step(workdir)
+  saved = checkpoint.saved_steps(workdir / CHECKPOINTS)
+  steps = sorted(set(saved) | ({finished} - {None}))
+  step = steps[-1] if step is None and steps else step
+  if step is not None and step == finished:
+    return workdir / "model"
+  if step in saved:
+    return workdir / CHECKPOINTS / str(step)
+  there = f"saved steps: {', '.join(map(str, steps))}" if steps else "no step saved yet"
+  raise ValueError(f"{workdir}: " + (f"no saved step {step}; {there}" if step is not None else there))
+
+
+class SavedStep(NamedTuple):
+  """A training step read back: the model its run started from, the run's trainable split over it
+  with the step's trainable params, and the run's LoRA shape (None: no LoRA)."""
+
+  base: Model
+  graphdef: nnx.GraphDef
+  params: nnx.State
+  frozen: nnx.State
+  adapter: lora.Spec | None
+
+
+def load_step(workdir: Path, step: int, *, dtype, mesh: jax.sharding.Mesh | None = None,
+              remat: str = "none") -> SavedStep:
+  """Training workdir `workdir` at its saved `step`: its recorded settings split the model of its
+  init checkpoint (loaded in `dtype`) as the run did, and the step's checkpoint fills the trainable
+  part (the params alone: no optimizer state, no data position)."""
+  run = read_settings(workdir)
+  base = load_model(_started_from(run), dtype=dtype, mesh=mesh, remat=remat)
+  spec = lora_spec(run)
+  graphdef, params, frozen = prepare(base, run.trainable, spec, run.seed)
+  trained = np.dtype(run.param_dtype)  # what `train_step.init_state` trained them in
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, trained, sharding=x.sharding), params)
+  params = checkpoint.restore_params(workdir / CHECKPOINTS / str(step), abstract)
+  return SavedStep(base, graphdef, params, frozen, spec)
+
+
+def load_model(source: str | Path, *, dtype, mesh: jax.sharding.Mesh | None = None, remat: str = "none") -> Model:
+  """The model at `source`, a checkpoint as `resolve_init` or `saved_model` name it: a folder through
+  `from_pretrained`; a training step built in memory, its trained params merged (LoRA too) into the
+  frozen weights of its run's init checkpoint (`merged_state`, as `write_model` saves them), whose
+  tokenizer and processor files its `path` names."""
+  found = step_of(source)
+  if found is None:
+    return from_pretrained(source, dtype=dtype, mesh=mesh, remat=remat)
+  saved = load_step(*found, dtype=dtype, mesh=mesh, remat=remat)
+  b = saved.base
+  return Model(b.config, b.graphdef, merged_state(saved.graphdef, saved.params, saved.frozen), b.mesh, b.path,
+               b.generation)
+
+
+def saved_dtype(source: str | Path) -> np.dtype:
+  """The dtype a run's model at `source` (`saved_model`) is kept in: its orbax `model/`'s, or for a
+  step the run's compute_dtype (its frozen weights', which `write_model` would keep)."""
+  found = step_of(source)
+  return np.dtype(read_settings(found[0]).compute_dtype) if found else weights.orbax_dtype(Path(source))
+
+
+def base_checkpoint(source: str | Path) -> Path:
+  """The checkpoint folder whose config.json and tokenizer `source` uses: itself, or for a training
+  step that of its run's init checkpoint."""
+  found = step_of(source)
+  if found is None:
+    return Path(source)
+  return base_checkpoint(_started_from(read_settings(found[0])))
+
+
+def _started_from(run: ml_collections.ConfigDict) -> str:
+  """The checkpoint a run's recorded settings say it started from."""
+  # Runs recorded before init_checkpoint existed name only the init_from they were given.
+  return resolve_init(run.get("init_checkpoint") or run.init_from)
+
+
+def lora_spec(cfg) -> lora.Spec | None:
+  """The LoRA a stage trains (its "lora" trainable set), or None."""
+  return lora.Spec(cfg.lora.rank, cfg.lora.alpha) if cfg.trainable == "lora" else None
 
 
 def prepare(model: Model, trainable: str, adapter: lora.Spec | None = None,

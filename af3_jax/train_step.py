@@ -14,6 +14,7 @@ Usage (shared/STYLE.md rule 8):
 
 Batches are dicts of `AudioFlamingo3.__call__`'s inputs plus `labels` (B, T) int, -100 where nothing
 is supervised. With accum_steps > 1 every array carries a leading micro-batch axis of that length.
+Packed batches (several samples a row) add `segment_ids` and `position_ids` (`data.pipeline.pack`).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from af3_jax import optim, sharding
+from af3_jax import flops, optim, sharding
 
 IGNORE = -100  # labels that are not supervised (transformers' ignore_index)
 
@@ -79,9 +80,10 @@ def cross_entropy(hidden: jax.Array, lm_head: Callable, labels: jax.Array,
   """(sum of token losses, number of label tokens) of `lm_head(hidden)`, transformers' `ForCausalLMLoss`.
 
   hidden (B, T, D); labels (B, T) int. Position t predicts labels[t + 1]; -100 is skipped; logits are
-  upcast to float32 as upstream. The head and the loss run over `chunk` positions at a time under
-  `jax.checkpoint`, so neither pass holds the whole (B, T, V) logits (an 8k-token row of AF3's
-  151,672-word vocabulary is 5 GB in float32); backward recomputes each chunk's logits.
+  upcast to float32 as upstream. In packed rows the pipeline ignores each sample's first label, so no
+  position predicts a token of the next sample. The head and the loss run over `chunk` positions at a
+  time under `jax.checkpoint`, so neither pass holds the whole (B, T, V) logits (an 8k-token row of
+  AF3's 151,672-word vocabulary is 5 GB in float32); backward recomputes each chunk's logits.
   """
   b, t, d = hidden.shape
   n = -(-t // chunk)
@@ -130,8 +132,9 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
 
   `optimizer` comes from `optim.make_optimizer` (the lr metric reads its state). metrics, all scalars:
   loss (window token mean, float32), grad_norm (before clipping, as HF logs it), lr (of this update),
-  tokens (label count, int32). A non-finite loss or grad_norm shows in the metrics, and the update is
-  applied anyway: the caller checks `jnp.isfinite(metrics["loss"])` and stops or restores.
+  label_tokens (label count, int32), and the window's `flops.batch_counts` (real tokens, token slots,
+  attention pairs, audio windows: what MFU and packing efficiency need). A non-finite loss or grad_norm shows in the metrics, and the
+  update is applied anyway: the caller checks `jnp.isfinite(metrics["loss"])` and stops or restores.
   """
   micro = batch if accum_steps > 1 else jax.tree.map(lambda x: x[None], batch)
   leading = {x.shape[0] for x in jax.tree.leaves(micro)}
@@ -150,8 +153,8 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
   grads = jax.tree.map(lambda g: g / denom, grads)
   updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = dict(loss=total / denom, grad_norm=optax.tree.norm(grads), tokens=count,
-                 lr=optim.learning_rate(opt_state))
+  metrics = dict(loss=total / denom, grad_norm=optax.tree.norm(grads), label_tokens=count,
+                 lr=optim.learning_rate(opt_state), **flops.batch_counts(micro))
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 

@@ -141,8 +141,10 @@ def main(argv: list[str]) -> None:
   device = "cuda" if torch.cuda.is_available() else "cpu"
   host = batch(cfg, _BATCH.value, np.random.default_rng(0))
   rows, length = host["input_ids"].shape
-  tokens = rows * length  # every token is real: the bench pads nothing
-  step_flops = flops.train_flops(cfg, tokens=tokens, attention_pairs=rows * length * (length + 1) // 2, windows=rows)
+  counts = {k: float(v) for k, v in flops.batch_counts(host).items()}
+  tokens = counts["real_tokens"]
+  step_flops = flops.train_flops(cfg, tokens=tokens, attention_pairs=counts["attention_pairs"],
+                                 windows=counts["audio_windows"])
   results = []
   for stage in _STAGES.value:
     print(f"{stage}: torch ...", flush=True)

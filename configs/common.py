@@ -19,6 +19,13 @@ def base() -> ml_collections.ConfigDict:
   c.data.max_windows = 1  # 30 s windows per audio (upstream `audio_frames`): 1, 1, 5, 20, 20
   c.data.max_length = 8192  # tokens after audio expansion (upstream model_max_length)
   c.data.length_buckets = (512, 1024, 2048, 4096, 8192)  # padded lengths: few shapes, few compiles
+  # Each row holds as many samples as fit in max_length tokens and max_windows windows (grain best-fit
+  # packing), each attending only to itself, positions from 0, its first label ignored: NVIDIA packs
+  # too (its rows are a micro-batch's samples). Chat and QA samples are short, so padding otherwise
+  # takes most of a step. With one window a row (stages 1, 2) a row holds one sample with audio at most.
+  # Packed, a step holds more samples than rows: epochs are counted from the samples of the first step
+  # (an estimate), and which samples share a step depends on the number of hosts.
+  c.data.packing = True
   c.data.workers = 2  # grain worker processes decoding audio; 0 decodes in the training process
   c.data.seed = 0
 

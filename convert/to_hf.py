@@ -1,13 +1,17 @@
-"""Exports a training run to transformers' layout, or its LoRA as a PEFT adapter.
+"""Exports a training run at any saved step to transformers' layout, or its LoRA as a PEFT adapter.
 
-  python -m convert.to_hf --workdir runs/stage5 --out af3-stage5-hf [--dtype=bfloat16|float32|float16]
-  python -m convert.to_hf --workdir runs/stage4 --out think-adapter --adapter-only
+  python -m convert.to_hf --workdir runs/stage5 --out af3-stage5-hf [--step=N] [--dtype=bfloat16|float32|float16]
+  python -m convert.to_hf --workdir runs/stage4 --out think-adapter --adapter-only [--step=N]
 
-The full export is `model.safetensors` (shards of at most 5 GB plus an index), `config.json`, and the
-tokenizer, generation and processor files the run started from; LoRA is merged. Tensors keep the dtype
-the run saved its model in (float32 stays float32) unless `--dtype` chooses another; config.json's
-"dtype" names it. It loads with `AudioFlamingo3ForConditionalGeneration.from_pretrained(OUT)`. The output
-is written to a temporary sibling folder and renamed when complete; an existing OUT is never touched.
+`--step` defaults to the latest step saved: the finished run's `model/`, or the last checkpoint of a
+run still under way or stopped. A checkpoint holds only what its stage trains; the rest comes from the
+checkpoint the run started from (recorded in its `train_config.json`). The full export is
+`model.safetensors` (shards of at most 5 GB plus an index), `config.json`, and the tokenizer,
+generation and processor files the run started from; LoRA is merged. Tensors keep the dtype the run
+keeps its model in (its compute_dtype; float32 stays float32) unless `--dtype` chooses another;
+config.json's "dtype" names it. It loads with `AudioFlamingo3ForConditionalGeneration.from_pretrained(OUT)`.
+The workdir is only read. The output is written to a temporary sibling folder and renamed when
+complete; an existing OUT is never touched.
 """
 
 from __future__ import annotations
@@ -25,8 +29,7 @@ from absl import app, flags, logging
 from flax import nnx, traverse_util
 from safetensors.numpy import save_file
 
-import af3_jax
-from af3_jax import names, weights
+from af3_jax import lora, names, train_run, weights
 
 SHARD_BYTES = 5 * 2**30
 
@@ -62,28 +65,48 @@ def write_safetensors(state: nnx.State, dst: Path) -> None:
   (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def export(workdir: Path, out: Path, *, dtype, adapter_only: bool) -> None:
-  """Writes the run's model (tensors in `dtype`, None: as saved) or its LoRA adapter to `out`."""
+def write_adapter(workdir: Path, source: Path, dst: Path) -> None:
+  """The LoRA of the run's model at `source` (`train_run.saved_model`) as a PEFT adapter folder."""
+  found = train_run.step_of(source)
+  if found is None:  # the finished model/: its adapter/ was written beside it
+    if not (workdir / "adapter").is_dir():
+      raise ValueError(f"{workdir}: has no adapter/ (only a LoRA run writes one)")
+    shutil.copytree(workdir / "adapter", dst)
+    return
+  saved = train_run.load_step(*found, dtype=train_run.saved_dtype(source))
+  if saved.adapter is None:
+    raise ValueError(f"{workdir}: not a LoRA run (it trains {train_run.read_settings(workdir).trainable!r})")
+  lora.write_peft(dst, saved.params, saved.adapter)
+
+
+def write_hf_model(source: Path, dst: Path, dtype) -> None:
+  """The run's model at `source` (`train_run.saved_model`) in transformers' layout, tensors in `dtype`
+  (None: as the run keeps them)."""
+  dtype = train_run.saved_dtype(source) if dtype is None else jnp.dtype(dtype)
+  model = train_run.load_model(source, dtype=dtype)
+  dst.mkdir()
+  write_safetensors(model.state, dst)
+  config = {**model.config.to_hf_dict(), "dtype": dtype.name}
+  (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+  weights.copy_side_files(weights.tokenizer_dir(model.path), dst)
+
+
+def export(workdir: Path, out: Path, *, step: int | None, dtype, adapter_only: bool) -> None:
+  """Writes the run's model at `step` (None: the latest saved; tensors in `dtype`, None: as the run
+  keeps them) or its LoRA adapter to `out`."""
   if out.exists():
     raise ValueError(f"{out}: already exists; choose a new output folder")
-  source = workdir / ("adapter" if adapter_only else "model")
-  if not source.is_dir():
-    what = "a LoRA run's adapter/" if adapter_only else "a finished model/"
-    raise ValueError(f"{workdir}: has no {what} (train until the run completes first)")
+  if not workdir.is_dir():
+    raise ValueError(f"{workdir}: no such workdir")
+  source = train_run.saved_model(workdir, step)
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
-    tmp = Path(tmp)
-    tmp.chmod(0o755)
+    dst = Path(tmp) / out.name
     if adapter_only:
-      shutil.copytree(source, tmp, dirs_exist_ok=True)
+      write_adapter(workdir, source, dst)
     else:
-      dtype = weights.orbax_dtype(source) if dtype is None else jnp.dtype(dtype)
-      model = af3_jax.from_pretrained(source, dtype=dtype)
-      write_safetensors(model.state, tmp)
-      config = {**model.config.to_hf_dict(), "dtype": dtype.name}
-      (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-      weights.copy_side_files(weights.tokenizer_dir(source), tmp)
-    tmp.rename(out)
+      write_hf_model(source, dst, dtype)
+    dst.rename(out)
 
 
 def main(argv: list[str]) -> None:
@@ -92,7 +115,7 @@ def main(argv: list[str]) -> None:
   logging.set_verbosity(logging.WARNING)
   f = flags.FLAGS
   try:
-    export(Path(f.workdir), Path(f.out), dtype=f.dtype, adapter_only=f["adapter-only"].value)
+    export(Path(f.workdir), Path(f.out), step=f.step, dtype=f.dtype, adapter_only=f["adapter-only"].value)
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
@@ -103,6 +126,7 @@ if __name__ == "__main__":
   # Defined here, not at import: tests import `convert` beside infer.py and train.py.
   flags.DEFINE_string("workdir", None, "A train.py workdir.", required=True)
   flags.DEFINE_string("out", None, "The folder to write.", required=True)
+  flags.DEFINE_integer("step", None, "The saved step to export (default: the latest).")
   flags.DEFINE_enum("dtype", None, ["bfloat16", "float32", "float16"],
                     "Tensor dtype to store (default: the dtype the run saved its model in).")
   flags.DEFINE_bool("adapter-only", False, "Write the run's LoRA as a PEFT adapter instead.")

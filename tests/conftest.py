@@ -17,6 +17,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
@@ -207,6 +210,27 @@ def loaded(ckpt) -> af3_jax.Model:
 def gqa_loaded(gqa_ckpt) -> af3_jax.Model:
   """Our float32 copy of the single `gqa_ckpt`."""
   return af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
+
+
+def start_processes(args: list[str], cwd: Path, n: int = 2) -> list[subprocess.Popen]:
+  """`python *args` as the `n` processes of one jax.distributed run on this machine, one CPU device
+  each (the variables `train_run.initialize_distributed` reads), with stdout and stderr piped."""
+  portpicker = pytest.importorskip("portpicker")
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": str(n),
+         "JAX_COORDINATOR_ADDRESS": f"localhost:{portpicker.pick_unused_port()}"}
+  return [subprocess.Popen([sys.executable, *args], cwd=cwd, env={**env, "JAX_PROCESS_ID": str(i)},
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
+  """Each process's (stdout, stderr) once all have ended; any still running after `timeout` seconds
+  is killed and raises, so a hang fails the test instead of blocking the suite."""
+  deadline = time.time() + timeout
+  try:
+    return [p.communicate(timeout=max(deadline - time.time(), 1)) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
 
 
 RTOL = 1e-4  # float32 parity bound, relative to the reference's largest magnitude

@@ -1,5 +1,6 @@
 """`layers.attention`: the blockwise path equals XLA's one-piece attention, picks itself by size, and
 keeps compiled temporaries linear in the prompt at the full decoder's head shape (shared/STYLE.md 21, 23).
+Segments of packed rows never see each other, on either path.
 """
 
 import jax
@@ -17,11 +18,23 @@ CASES = {
     "cache": dict(shape=(2, 700, 1900, 4, 2, 16), causal=True, offset=1100, pads=(5, 300)),
     "mqa_part_block": dict(shape=(1, 1030, 1030, 3, 1, 24), causal=True, offset=None, pads=(0,)),
     "encoder": dict(shape=(3, 1500, 1500, 3, 3, 24), causal=False, offset=None, lengths=(1500, 480, 1)),
+    # Packed rows: 3 samples then right padding, and 1 sample filling its row; a block boundary (512)
+    # falls inside a sample.
+    "packed": dict(shape=(2, 1100, 1100, 4, 2, 16), causal=True, offset=None, segments=((400, 500, 150), (1100,))),
 }
 
 
-def reference_mask(b, t, s, *, causal, offset, pads=None, lengths=None) -> np.ndarray:
-  """(B, 1, T, S) bool built directly: left padding, written cache slots, causality, key lengths."""
+def segment_ids(b, t, lengths) -> np.ndarray:
+  """(B, T) int: row i holds samples of `lengths[i]` tokens, numbered from 1, then padding (0)."""
+  ids = np.zeros((b, t), np.int32)
+  for i, row in enumerate(lengths):
+    ids[i, :sum(row)] = np.repeat(np.arange(1, len(row) + 1), row)
+  return ids
+
+
+def reference_mask(b, t, s, *, causal, offset, pads=None, lengths=None, segments=None) -> np.ndarray:
+  """(B, 1, T, S) bool built directly: left padding, written cache slots, causality, key lengths,
+  packed samples (each sees only itself; padding sees nothing)."""
   key = np.ones((b, s), bool)
   if pads is not None:
     key &= np.arange(s)[None] >= np.array(pads)[:, None]
@@ -32,6 +45,9 @@ def reference_mask(b, t, s, *, causal, offset, pads=None, lengths=None) -> np.nd
   mask = np.broadcast_to(key[:, None, None, :], (b, 1, t, s))
   if causal:
     mask = mask & (np.arange(s)[None, :] <= (offset or 0) + np.arange(t)[:, None])
+  if segments is not None:
+    ids = segment_ids(b, t, segments)
+    mask = mask & (ids[:, None, :, None] == ids[:, None, None, :]) & (ids[:, None, :, None] > 0)
   return mask
 
 
@@ -44,10 +60,13 @@ def test_blockwise_equals_xla(name, monkeypatch):
   q, key, value = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
                    for shape in [(b, t, n, h), (b, s, k, h), (b, s, k, h)])
   mask = reference_mask(b, t, s, causal=case["causal"], offset=case["offset"], pads=case.get("pads"),
-                        lengths=case.get("lengths"))
+                        lengths=case.get("lengths"), segments=case.get("segments"))
   kw = dict(scale=h**-0.5, causal=case["causal"])
   if "lengths" in case:
     kw["kv_lengths"] = jnp.array(case["lengths"])
+  elif "segments" in case:
+    kw["segment_ids"] = jnp.asarray(segment_ids(b, t, case["segments"]))
+    kw["key_mask"] = kw["segment_ids"] > 0
   else:
     kw["key_mask"] = jnp.asarray(mask[:, 0, -1])  # the last query sees every key a row has
   if case["offset"] is not None:
@@ -137,3 +156,34 @@ def test_decoder_blockwise_equals_one_piece(monkeypatch):
     blockwise = jax.jit(lambda state: hidden(state))(state)  # a new function: traced afresh
   real = np.asarray(key_mask)
   np.testing.assert_allclose(np.asarray(blockwise)[real], np.asarray(one_piece)[real], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", ["one_piece", "blockwise"])
+def test_a_packed_sample_never_sees_another(path, monkeypatch):
+  """The decoder over a packed row (samples of 400, 500 and 150 tokens, then padding): new embeddings
+  for the second sample leave the others' hidden states bit-identical, and the last one's equal its
+  own alone (positions from 0). Padding sees no key: its outputs, read by nothing, are only finite."""
+  cfg = DecoderConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
+                      intermediate_size=64)
+  decoder = qwen2.Decoder(cfg, compute_dtype=jnp.float32, param_dtype=jnp.float32, rngs=nnx.Rngs(0))
+  graphdef, state = nnx.split(decoder)
+  ids = segment_ids(1, 1100, [(400, 500, 150)])
+  positions = np.concatenate([np.arange(n) for n in (400, 500, 150, 50)])[None]
+  x = jax.random.normal(jax.random.key(1), (1, 1100, cfg.hidden_size))
+  other = x.at[:, 400:900].set(jax.random.normal(jax.random.key(2), (1, 500, cfg.hidden_size)))
+  if path == "blockwise":
+    monkeypatch.setattr(layers, "DENSE_MAX_SCORES", 0)
+
+  @jax.jit
+  def hidden(x, positions, segments):
+    return nnx.merge(graphdef, state)(x, positions, segments > 0, segment_ids=segments)[0]
+
+  with jax.default_matmul_precision("highest"):
+    packed = np.asarray(hidden(x, positions, ids))
+    changed = np.asarray(hidden(other, positions, ids))
+    alone = np.asarray(hidden(x[:, 900:1050], positions[:, 900:1050], ids[:, 900:1050]))
+  assert np.isfinite(packed).all()  # padding sees no key, and stays finite
+  kept = (ids[0] != 2) & (ids[0] > 0)
+  np.testing.assert_array_equal(changed[0, kept], packed[0, kept])
+  assert not np.allclose(changed[0, 400:900], packed[0, 400:900])
+  np.testing.assert_allclose(packed[0, 900:1050], alone[0], rtol=0, atol=1e-5)

@@ -92,7 +92,8 @@ def test_compile_only_plans_memory_from_the_config_alone(gqa_ckpt, tmp_path):
   mesh = sharding.make_mesh(sharding.resolve_shape(cfg.mesh, jax.device_count()))
   _, frozen, state, step_fn = train_py.build(cfg, train_py.load(cfg, str(gqa_ckpt.hf), mesh), mesh, total_steps=1000)
   rows = cfg.per_device_batch * jax.device_count()
-  batch = {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in pipeline.batch_shapes(rows, 1, 256).items()}
+  template = pipeline.batch_shapes(rows, cfg.data.max_windows, 256, packed=cfg.data.packing)
+  batch = {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in template.items()}
   with jax.set_mesh(mesh):
     batch = jax.device_put(batch, sharding.batch_shardings(batch, mesh))
     memory = step_fn.lower(state, frozen, batch).compile().memory_analysis()

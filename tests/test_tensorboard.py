@@ -1,5 +1,6 @@
 """MetricsLog's TensorBoard events, read back with tensorboardX's own protobufs: the same scalars as
-metrics.jsonl, on disk before the writer closes, and a resumed run's purge marker."""
+metrics.jsonl, on disk before the writer closes, and a resumed run's purge marker; its packing
+efficiency."""
 
 import json
 import struct
@@ -8,6 +9,8 @@ import time
 import numpy as np
 from tensorboardX.proto import event_pb2
 
+from af3_jax import flops
+from af3_jax.config import AF3Config
 from af3_jax.metrics import MetricsLog
 
 
@@ -35,9 +38,9 @@ def markers(path):
 
 
 def log_steps(workdir, steps, *, after_step=0, every=1, scale=1.0):
-  log = MetricsLog(workdir, n_params=1000, peak_flops=1e12, every=every, after_step=after_step)
+  log = MetricsLog(workdir, model=AF3Config(), peak_flops=1e12, every=every, after_step=after_step)
   for step in steps:
-    log.add(step, {"loss": scale / step, "grad_norm": 0.1 * step, "lr": 1e-3 * step, "tokens": 100 + step,
+    log.add(step, {"loss": scale / step, "grad_norm": 0.1 * step, "lr": 1e-3 * step, "label_tokens": 100 + step,
                    "skipped": step % 2}, flush=step == steps[-1])
   return log
 
@@ -78,3 +81,24 @@ def test_a_resumed_run_purges_the_steps_it_replays(tmp_path):
   # event_accumulator `_CheckForRestartAndMaybePurge`), which leaves each step of metrics.jsonl once.
   shown = [s for s in read_scalars(first) if s[0] < 3] + read_scalars(second)
   assert shown == expected_scalars(tmp_path)
+
+
+def test_packing_efficiency_is_real_tokens_over_token_slots(tmp_path):
+  """Over a record's steps: their real tokens over their slots, not the mean of each step's share."""
+  with MetricsLog(tmp_path, model=AF3Config(), peak_flops=1e12, every=2) as log:
+    log.add(1, {"loss": 1.0, "label_tokens": 10, "real_tokens": 100, "token_slots": 1000})
+    record = log.add(2, {"loss": 1.0, "label_tokens": 10, "real_tokens": 900, "token_slots": 3000})
+  assert (record["real_tokens"], record["token_slots"], record["packing_efficiency"]) == (1000, 4000, 0.25)
+
+
+def test_mfu_counts_the_models_flops_for_the_real_tokens(tmp_path):
+  """tokens/s counts real tokens, and MFU over tokens/s is the FLOPs per real token of those batches
+  (attention pairs and audio windows included) over the peak, whatever the time between records."""
+  counts = {"real_tokens": 3000, "token_slots": 8192, "attention_pairs": 2.0e6, "audio_windows": 4}
+  with MetricsLog(tmp_path, model=AF3Config(), peak_flops=1e15, every=2) as log:
+    log.add(1, {"loss": 1.0, **counts})
+    time.sleep(0.01)
+    record = log.add(2, {"loss": 1.0, **counts})
+  work = flops.train_flops(AF3Config(), tokens=6000, attention_pairs=4.0e6, windows=8)
+  per_token = work / 6000 / 1e15
+  assert abs(record["mfu"] / record["tokens_per_s"] - per_token) <= 1e-9 * per_token

@@ -1,6 +1,7 @@
 """train.py end to end on a tiny checkpoint (CPU, float32): the loss falls on a small manifest, a run
-stopped by SIGTERM resumes to the same per-step losses, a corrupt file is skipped, and the export loads
-in transformers (or peft) with our logits."""
+stopped by SIGTERM (one process, or one of two) resumes to the same per-step losses, a corrupt file is
+skipped, and the export of the finished model or of any saved step loads in transformers (or peft)
+with our logits."""
 
 import json
 import os
@@ -18,7 +19,7 @@ import pytest
 import soundfile as sf
 
 import af3_jax
-from conftest import assert_close
+from conftest import assert_close, finish, start_processes
 from flax import nnx
 
 torch = pytest.importorskip("torch")
@@ -76,13 +77,14 @@ def test_loss_falls_and_the_export_loads_in_transformers(run_setup, tmp_path):
   assert sorted(by_step) == list(range(1, 17))
   first, last = np.mean([by_step[s] for s in range(1, 5)]), np.mean([by_step[s] for s in range(13, 17)])
   assert last < 0.7 * first, (first, last)
-  assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped"} <= set(records[0])
+  assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped", "packing_efficiency"} <= set(records[0])
+  assert all(0 < r["packing_efficiency"] <= 1 for r in records)
   from test_tensorboard import read_scalars
 
   (events,) = (tmp_path / "run").glob("events.out.tfevents.*")
   logged = {s: v for s, tag, v in read_scalars(events) if tag == "loss"}
   assert logged == pytest.approx(by_step, rel=1e-6)  # the same losses as metrics.jsonl
-  assert "trainable" in out and "compiled train step" in out
+  assert "trainable" in out and "compiled train step" in out and "first step: 1 sample(s) (packed)" in out
 
   export = tmp_path / "hf"
   run = subprocess.run([sys.executable, "-m", "convert.to_hf", f"--workdir={tmp_path / 'run'}", f"--out={export}",
@@ -100,11 +102,12 @@ def test_loss_falls_and_the_export_loads_in_transformers(run_setup, tmp_path):
 def stop_and_resume(run_setup, tmp_path, save_every: int, stop, while_running=lambda: None):
   """Runs 6 steps straight, and again stopped by `stop(proc)` after 3 logged steps (having called
   `while_running()` then) and then rerun; returns (the stopped process's stderr, its return code,
-  straight losses, resumed losses). The resumed run's metrics.jsonl holds each step once."""
+  straight losses, resumed losses). The resumed run's metrics.jsonl holds each step once. Rows take
+  three windows, so each packs three samples."""
   model, manifest, _ = run_setup
-  args = ("--config.total_steps=6", f"--config.save_every={save_every}")
-  code, _, err = train(tmp_path / "straight", model, manifest, *args)
-  assert code == 0, err[-2000:]
+  args = ("--config.total_steps=6", f"--config.save_every={save_every}", "--config.data.max_windows=3")
+  code, out, err = train(tmp_path / "straight", model, manifest, *args)
+  assert code == 0 and "first step: 3 sample(s) (packed)" in out, err[-2000:]
   proc = train(tmp_path / "cut", model, manifest, *args, wait=False)
   metrics = tmp_path / "cut" / "metrics.jsonl"
   deadline = time.time() + 300
@@ -144,6 +147,7 @@ def test_a_corrupt_file_is_skipped_and_counted(run_setup, tmp_path):
     ("negative total_steps", "total_steps must be >= 0"),
     ("missing config file", "cannot load the --config file"),
     ("no checkpoint in init_from", "no-model: not an AF3 checkpoint"),
+    ("init_from a workdir with no step saved", "no-model: no step saved yet"),
 ])
 def test_bad_input_is_one_line_before_the_model_loads(run_setup, tmp_path, case, expected):
   """Each fails in one line with exit 1, and before the model loads: init_from is a folder with a
@@ -166,6 +170,8 @@ def test_bad_input_is_one_line_before_the_model_loads(run_setup, tmp_path, case,
     extra = ["--config.total_steps=-1"]
   elif case == "missing config file":
     config = "configs/nope.py"
+  elif case == "init_from a workdir with no step saved":
+    (tmp_path / "no-model" / "checkpoints").mkdir()
   else:
     (tmp_path / "no-model" / "config.json").unlink()
   code, _, err = train(workdir, tmp_path / "no-model", manifest, *extra, config=config)
@@ -214,47 +220,144 @@ def test_a_longer_rerun_writes_the_last_steps_model_and_warns_of_changes(run_set
   assert moved  # steps 4 and 5 changed the model
 
 
-def test_lora_run_exports_a_peft_adapter(run_setup, gqa_ckpt, tmp_path):
-  """Stage 4's LoRA on the tiny model: peft applies the exported adapter to the base torch model and
-  gives the logits of our merged model."""
-  peft = pytest.importorskip("peft")
+@pytest.fixture(scope="module")
+def lora_run(run_setup, tmp_path_factory):
+  """A finished 3-step run of stage 4's LoRA that saved every step: checkpoints 1, 2 and 3, and
+  model/ and adapter/ at step 3."""
   model, manifest, _ = run_setup
-  code, _, err = train(tmp_path / "run", model, manifest, "--config.total_steps=3", config="configs/tiny.py:4")
+  workdir = tmp_path_factory.mktemp("lora") / "run"
+  code, _, err = train(workdir, model, manifest, "--config.total_steps=3", "--config.save_every=1",
+                       config="configs/tiny.py:4")
   assert code == 0, err[-2000:]
-  out = tmp_path / "adapter"
-  run = subprocess.run([sys.executable, "-m", "convert.to_hf", f"--workdir={tmp_path / 'run'}", f"--out={out}",
-                        "--adapter-only"], cwd=ROOT, env=ENV, capture_output=True, text=True)
-  assert run.returncode == 0, run.stderr[-2000:]
-  base = transformers.AudioFlamingo3ForConditionalGeneration.from_pretrained(gqa_ckpt.hf).eval()
-  ids = np.random.default_rng(2).integers(0, 290, (1, 12))
+  return workdir
+
+
+def peft_logits(base_dir, adapter_dir, ids) -> tuple[np.ndarray, np.ndarray]:
+  """transformers' logits for `ids` without and with peft's adapter from `adapter_dir`."""
+  peft = pytest.importorskip("peft")
+  base = transformers.AudioFlamingo3ForConditionalGeneration.from_pretrained(base_dir).eval()
   with torch.no_grad():
     before = base(input_ids=torch.tensor(ids)).logits.numpy()
-    expected = peft.PeftModel.from_pretrained(base, out).eval()(input_ids=torch.tensor(ids)).logits.numpy()
+    return before, peft.PeftModel.from_pretrained(base, adapter_dir).eval()(input_ids=torch.tensor(ids)).logits.numpy()
+
+
+def test_lora_run_exports_a_peft_adapter(gqa_ckpt, lora_run, tmp_path):
+  """Stage 4's LoRA on the tiny model: peft applies the exported adapter to the base torch model and
+  gives the logits of our merged model."""
+  from test_export import to_hf
+
+  out = to_hf(lora_run, tmp_path / "adapter", "--adapter-only")
+  ids = np.random.default_rng(2).integers(0, 290, (1, 12))
+  before, expected = peft_logits(gqa_ckpt.hf, out, ids)
   assert np.abs(expected - before).max() > 1e-3 * np.abs(before).max()  # training moved the adapter
-  got = np.asarray(af3_jax.from_pretrained(tmp_path / "run" / "model", dtype=jnp.float32)(input_ids=ids))
+  got = np.asarray(af3_jax.from_pretrained(lora_run / "model", dtype=jnp.float32)(input_ids=ids))
   assert_close(got, expected)
+
+
+def saved_params(workdir, step) -> dict:
+  """The trainable params a run's checkpoint holds at `step`, read with orbax alone, as a pure dict."""
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckptr:
+    saved = ckptr.restore((workdir / "checkpoints" / str(step) / "state").absolute())["params"]
+  unwrap = lambda tree: tree["value"] if set(tree) == {"value"} else {k: unwrap(v) for k, v in tree.items()}
+  return unwrap(saved)  # orbax keeps nnx.State's leaf level
+
+
+def files_of(folder) -> dict:
+  """Size and modification time of every file and folder under `folder`."""
+  return {p.relative_to(folder): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
+
+
+def test_export_of_a_saved_step_is_our_model_at_that_step(run_setup, gqa_ckpt, lora_run, tmp_path):
+  """--step 2 of the LoRA run, which is not its finished model: the export's logits in transformers,
+  and peft's over the base with the --adapter-only export, equal our model from the run's init_from
+  with LoRA added and step 2's LoRA weights put in (applied unmerged). The workdir is only read."""
+  from test_export import to_hf
+
+  from af3_jax import lora
+  from configs import tiny
+
+  before = files_of(lora_run)
+  hf = to_hf(lora_run, tmp_path / "hf", "--step=2", "--dtype=float32")
+  adapter = to_hf(lora_run, tmp_path / "adapter", "--step=2", "--adapter-only")
+  assert files_of(lora_run) == before
+
+  cfg = tiny.get_config("4")
+  base = af3_jax.from_pretrained(run_setup[0], dtype=jnp.float32)
+  module = base.module()
+  lora.add(module, lora.Spec(cfg.lora.rank, cfg.lora.alpha), jax.random.key(1))
+  graphdef, adapted, rest = nnx.split(module, nnx.LoRAParam, ...)
+  nnx.replace_by_pure_dict(adapted, saved_params(lora_run, 2))
+  ours = af3_jax.Model(base.config, graphdef, nnx.merge_state(adapted, rest), base.mesh)
+  ids = np.random.default_rng(3).integers(0, 290, (1, 12))
+  expected = np.asarray(ours(input_ids=ids))
+
+  exported = transformers.AudioFlamingo3ForConditionalGeneration.from_pretrained(hf).eval()
+  with torch.no_grad():
+    assert_close(exported(input_ids=torch.tensor(ids)).logits.numpy(), expected)
+  untrained, with_adapter = peft_logits(gqa_ckpt.hf, adapter, ids)
+  assert_close(with_adapter, expected)
+  final = np.asarray(af3_jax.from_pretrained(lora_run / "model", dtype=jnp.float32)(input_ids=ids))
+  for other in (untrained, final):  # step 2 is neither where the run started nor where it ended
+    assert np.abs(other - expected).max() > 1e-3 * np.abs(expected).max()
+
+
+def test_export_of_a_step_not_saved_is_one_line_naming_the_saved_ones(lora_run, tmp_path):
+  run = subprocess.run([sys.executable, "-m", "convert.to_hf", f"--workdir={lora_run}", f"--out={tmp_path / 'hf'}",
+                        "--step=7"], cwd=ROOT, env=ENV, capture_output=True, text=True)
+  assert run.returncode == 1, run.stderr[-2000:]
+  assert run.stderr.strip() == f"error: {lora_run}: no saved step 7; saved steps: 1, 2, 3"
+  assert not list(tmp_path.iterdir())  # nothing written, not even a temporary folder
+
+
+def test_init_from_an_unfinished_workdir_starts_from_its_latest_step(run_setup, lora_run, tmp_path):
+  """The LoRA run as if stopped after step 2 (checkpoints 1 and 2, no model/ yet) is the init_from of
+  a projector stage: that stage's frozen decoder kernels are the init checkpoint's plus step 2's LoRA
+  (scale * a @ b, read from the checkpoint with orbax alone), and it records the step it started from."""
+  from configs import tiny
+
+  model, manifest, _ = run_setup
+  unfinished = tmp_path / "unfinished"
+  shutil.copytree(lora_run, unfinished)
+  for name in ("model", "adapter", "checkpoints/3"):
+    shutil.rmtree(unfinished / name)
+  code, _, err = train(tmp_path / "next", unfinished, manifest, "--config.total_steps=1", config="configs/tiny.py:1")
+  assert code == 0, err[-2000:]
+  settings = json.loads((tmp_path / "next" / "train_config.json").read_text())
+  assert settings["init_checkpoint"] == str(unfinished / "checkpoints" / "2")
+
+  cfg = tiny.get_config("4")
+  scale = cfg.lora.alpha / cfg.lora.rank
+  start = af3_jax.from_pretrained(model, dtype=jnp.float32).state["language_model"]["layers"]["self_attn"]["q_proj"]
+  trained = af3_jax.from_pretrained(tmp_path / "next" / "model", dtype=jnp.float32).state
+  got = np.asarray(trained["language_model"]["layers"]["self_attn"]["q_proj"]["kernel"][...])
+  for step in (2, 1):
+    q = saved_params(lora_run, step)["language_model"]["layers"]["self_attn"]["q_proj"]
+    merged = np.asarray(start["kernel"][...]) + scale * np.einsum("lir,lro->lio", q["lora_a"], q["lora_b"])
+    if step == 2:
+      np.testing.assert_allclose(got, merged, rtol=1e-5, atol=1e-6)
+    else:  # an earlier step would be told apart
+      assert np.abs(got - merged).max() > 1e-4 * np.abs(got).max()
+
+
+def train_args(workdir, model, manifest, *extra) -> list[str]:
+  return ["train.py", "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.init_from={model}",
+          f"--config.data.train={manifest}", *extra]
 
 
 def test_two_processes_match_one(run_setup, tmp_path):
   """train.py as 2 processes (one CPU device each, gloo) gives the per-step losses of 1 process with 2
-  devices; only process 0 writes metrics, and both processes write the final model together."""
-  portpicker = pytest.importorskip("portpicker")
+  devices; only process 0 writes metrics, and both processes write the final model together. Packed
+  rows of one window hold one of these samples each (all have audio), so both runs' steps hold the
+  same samples: packing more would fill each host's rows from its own share."""
   model, manifest, _ = run_setup
   args = ("--config.total_steps=3", "--config.save_every=100")
-  cmd = lambda workdir: [sys.executable, "train.py", "--config=configs/tiny.py", f"--workdir={workdir}",
-                         f"--config.init_from={model}", f"--config.data.train={manifest}", *args]
-  one = subprocess.Popen(cmd(tmp_path / "one"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+  one = subprocess.Popen([sys.executable, *train_args(tmp_path / "one", model, manifest, *args)], cwd=ROOT,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-  port = portpicker.pick_unused_port()
-  procs = [subprocess.Popen(cmd(tmp_path / "two"), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**ENV, "JAX_COORDINATOR_ADDRESS": f"localhost:{port}", "JAX_NUM_PROCESSES": "2",
-                                 "JAX_PROCESS_ID": str(i)}) for i in range(2)]
-  try:
-    results = [p.communicate(timeout=240) for p in (one, *procs)]
-  finally:
-    for p in (one, *procs):
-      p.kill()
-  for p, (_, err) in zip((one, *procs), results):
+  procs = [one, *start_processes(train_args(tmp_path / "two", model, manifest, *args), ROOT)]
+  for p, (_, err) in zip(procs, finish(procs, timeout=240)):
     assert p.returncode == 0, err[-2000:]
   single, _ = losses(tmp_path / "one")
   multi, _ = losses(tmp_path / "two")
@@ -293,3 +396,39 @@ def test_a_non_finite_loss_stops_without_saving_it(run_setup, tmp_path):
   saved = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit())
   assert saved and max(saved) < bad_step
   assert not (tmp_path / "run" / "model").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_of_two_processes_saves_one_step_and_resumes(run_setup, tmp_path):
+  """2 processes, SIGTERM to process 1 alone after 2 logged steps: both save the same step and exit 0;
+  the rerun of both ends with the per-step losses of an uninterrupted 2-process run. About 3 minutes
+  on 2 cores: three 2-process runs."""
+  model, manifest, _ = run_setup
+  # Steps enough that the stop (the preemption notice takes a second or two to reach every process)
+  # comes before the end; checkpoints only when stopping.
+  args = ("--config.total_steps=12", "--config.save_every=100")
+  straight = start_processes(train_args(tmp_path / "straight", model, manifest, *args), ROOT)
+  for p, (_, err) in zip(straight, finish(straight, timeout=400)):
+    assert p.returncode == 0, err[-2000:]
+
+  cut = start_processes(train_args(tmp_path / "cut", model, manifest, *args), ROOT)
+  metrics = tmp_path / "cut" / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+    time.sleep(0.05)
+  cut[1].send_signal(signal.SIGTERM)
+  outs = finish(cut, timeout=300)
+  stopped = [[line for line in err.splitlines() if line.startswith("stopped at step")] for _, err in outs]
+  assert [p.returncode for p in cut] == [0, 0], [err[-2000:] for _, err in outs]
+  assert len(stopped[0]) == 1 and stopped[0] == stopped[1], stopped  # the same step in both
+  step = int(stopped[0][0].split()[3])
+  assert 2 <= step < 12 and max(int(p.name) for p in (tmp_path / "cut" / "checkpoints").iterdir()) == step
+
+  again = start_processes(train_args(tmp_path / "cut", model, manifest, *args), ROOT)
+  outs = finish(again, timeout=400)
+  assert [p.returncode for p in again] == [0, 0], [err[-2000:] for _, err in outs]
+  assert f"resumed from step {step}" in outs[0][0] and f"resumed from step {step}" in outs[1][0]
+  by_step, records = losses(tmp_path / "cut")
+  assert [r["step"] for r in records] == list(range(1, 13))
+  expected = losses(tmp_path / "straight")[0]
+  np.testing.assert_allclose([by_step[s] for s in range(1, 13)], [expected[s] for s in range(1, 13)], rtol=1e-6)

@@ -247,7 +247,7 @@ def test_gradient_accumulation_equals_one_big_batch(gqa_ckpt, gqa_loaded, batch,
     p.grad = torch.tensor(ref_grads[n])
   ref_norm = float(torch.nn.utils.clip_grad_norm_(torch_params.values(), 1.0))
   torch.optim.AdamW(torch_params.values(), lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0).step()
-  assert int(m["tokens"]) == 16 and int(state.step) == 1
+  assert int(m["label_tokens"]) == 16 and int(state.step) == 1
   assert abs(m["loss"] - ref_loss) <= RTOL * ref_loss
   assert abs(m["grad_norm"] - ref_norm) <= RTOL * ref_norm and ref_norm > 1.0  # clipping is active
   assert m["lr"] == pytest.approx(lr)

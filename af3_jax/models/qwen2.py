@@ -44,13 +44,15 @@ class Attention(nnx.Module):
     self.o_proj = layers.Linear(n * h, d, use_bias=False, axes=("heads", "embed"), **kw)
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, cache: kv_cache.Cache | None = None,
-               layer: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
+               layer: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
     """x (B, T, D); positions (B, T) int; key_mask (B, S) bool: the keys that are real tokens.
 
     Without a cache the keys are the T tokens themselves (S = T). With `cache` (stacked over layers,
     S slots) this is layer `layer`: its new keys and values are written at slots end..end+T-1 of its
-    rows first and the queries attend over all S slots. Causal either way. Returns the output (B, T, D)
-    and the updated cache.
+    rows first and the queries attend over all S slots. Causal either way. `segment_ids` (B, T) int
+    (no cache): a token attends only within its own segment, a sample of a packed row. Returns the
+    output (B, T, D) and the updated cache.
     """
     b, t, _ = x.shape
     cfg = self.cfg
@@ -62,7 +64,7 @@ class Attention(nnx.Module):
       k, v = cache.k[layer], cache.v[layer]
     # With a cache, new token i sits at slot end + i; the slots after it are empty or in its future.
     o = layers.attention(q, k, v, scale=cfg.head_dim**-0.5, key_mask=key_mask, causal=True,
-                         q_offset=None if cache is None else cache.end)
+                         q_offset=None if cache is None else cache.end, segment_ids=segment_ids)
     return self.o_proj(o.reshape(b, t, -1)), cache
 
 
@@ -91,9 +93,10 @@ class DecoderLayer(nnx.Module):
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, cache: kv_cache.Cache | None = None,
-               layer: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
+               layer: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
     """(B, T, D) -> (B, T, D) and the updated cache (None without one), as `Attention`."""
-    h, cache = self.self_attn(self.input_layernorm(x), positions, key_mask, cache, layer)
+    h, cache = self.self_attn(self.input_layernorm(x), positions, key_mask, cache, layer, segment_ids)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, cache
@@ -111,15 +114,18 @@ class Decoder(nnx.Module):
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
-               cache: kv_cache.Cache | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
+               cache: kv_cache.Cache | None = None,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
     """Input embeddings (B, T, D) -> (final hidden states (B, T, D), the updated cache or None).
 
     key_mask (B, T) bool marks real tokens (False: padding). With a `kv_cache.Cache`, the T tokens are
     appended to it at its `end` (one for all rows, or each row's own) and attend over everything written
-    before them: the prompt, or one decode step.
+    before them: the prompt, or one decode step. Without one, `segment_ids` (B, T) int (0 on padding)
+    keeps the samples of packed rows apart.
     """
     if cache is None:
-      step = lambda layer, h, _: (sharding.constrain(layer(h, positions, key_mask)[0], ACTIVATION_AXES), None)
+      step = lambda layer, h, _: (sharding.constrain(layer(h, positions, key_mask, segment_ids=segment_ids)[0],
+                                                     ACTIVATION_AXES), None)
       x, _ = layers.scan(self.layers, step, x, remat=self.remat)
       return self.norm(x), None
     cache = cache.replace(key_mask=kv_cache.write(cache.key_mask, key_mask, cache.end))
