@@ -33,7 +33,8 @@ _STYLE = flags.DEFINE_enum("style", "hf", ["hf", "nvidia"], "Prompt style (see R
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive multi-turn chat on stdin.")
 _BATCH = flags.DEFINE_string("batch", None, "An upstream-format JSON manifest to answer.")
 _OUT = flags.DEFINE_string("out", None, "With --batch: the JSONL results file, one line per id (done ids skipped).")
-_BATCH_SIZE = flags.DEFINE_integer("batch-size", 8, "With --batch: items per generate call.", lower_bound=1)
+_BATCH_SIZE = flags.DEFINE_integer("batch-size", 8, "With --batch: items decoded together (the engine's slots; an "
+                                   "item takes a free slot as soon as one finishes).", lower_bound=1)
 # transformers refuses a temperature of 0 too (TemperatureLogitsWarper): the logits would be divided by it.
 flags.register_validator("temperature", lambda t: t is None or t > 0, "must be a positive number")
 

@@ -1,4 +1,4 @@
-"""What `infer.py` runs: one answer streamed, an interactive chat, and a manifest in batches.
+"""What `infer.py` runs: one answer streamed, an interactive chat, and a manifest on the engine.
 
 `Assistant` holds a loaded model, its processor and the decoding settings, and keeps the figures the
 CLI reports at the end (time to first token, tokens/s, audio seconds).
@@ -6,10 +6,11 @@ CLI reports at the end (time to first token, tokens/s, audio seconds).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from af3_jax import decode, files
 from af3_jax.audio import features
 from af3_jax.data.manifest import Sample
+from af3_jax.engine import Completion, Engine, Request
 from af3_jax.pretrained import Model
 from af3_jax.processor import Encoded, Processor
 
@@ -92,12 +94,22 @@ class Assistant:
     # in a cut-off character that the stream holds back.
     return self._text(tokens).strip()
 
-  def reply_batch(self, encoded: Sequence[Encoded]) -> list[str]:
-    """Answers encoded conversations together (not streamed)."""
-    new = decode.generate(self.model, self._inputs(encoded), self.max_new_tokens, **self.sampling)
-    pad = self.model.generation.resolve(**self.sampling).pad_id
-    self.stats.new_tokens += int((new != pad).sum())
-    return [self._text(row[row != pad]).strip() for row in new]
+  def answers(self, conversations: Iterable[list[dict]], slots: int) -> Iterator[str | ValueError]:
+    """Answers conversations on a continuous-batching engine of `slots` slots, yielding each answer in
+    order, or the ValueError of one that cannot be answered (a bad audio file, too long a prompt). The
+    engine decodes in its own thread while this one prepares the next conversations."""
+    with Engine(self.model, max_slots=slots) as engine:
+      for _, outcome in engine.map(conversations, self._request):
+        if isinstance(outcome, Completion) and outcome.error is not None:
+          outcome = ValueError(f"generation failed: {outcome.error}")
+        if isinstance(outcome, ValueError):
+          yield outcome
+          continue
+        self.stats.new_tokens += outcome.completion_tokens
+        yield self._text(outcome.tokens).strip()
+
+  def _request(self, conversation: list[dict]) -> Request:
+    return Request(self._inputs([self.encode(conversation)]), self.max_new_tokens, **self.sampling)
 
 
 def batch_items(samples: Sequence[Sample], manifest: str | Path) -> list[Sample]:
@@ -168,26 +180,10 @@ def compact_results(path: Path) -> set[str]:
   return answered
 
 
-def _answer_chunk(assistant: Assistant, chunk: Sequence[Sample], out: IO[str]) -> int:
-  """Answers samples together, writing one {"id", "output"} or {"id", "error"} line each; returns the
-  failures (an item whose audio or prompt is bad: the others are still answered)."""
-  good, encoded = [], []
-  for sample in chunk:
-    try:
-      encoded.append(assistant.encode(sample.conversation))
-      good.append(sample)
-    except ValueError as e:
-      out.write(json.dumps({"id": sample.id, "error": str(e)}) + "\n")
-  if good:
-    for sample, answer in zip(good, assistant.reply_batch(encoded), strict=True):
-      out.write(json.dumps({"id": sample.id, "output": answer}) + "\n")
-  out.flush()
-  return len(chunk) - len(good)
-
-
 def run_batch(assistant: Assistant, items: Sequence[Sample], out_path: Path, batch_size: int) -> int:
   """Answers the prompts in `items` (see `batch_items`) not yet answered in `out_path`, `batch_size` at
-  a time, appending a line per item as its chunk finishes; returns the failures.
+  a time on the engine, appending a {"id", "output"} line per item, or {"id", "error"} for an item whose
+  audio or prompt is bad (the others are still answered), in their order; returns the failures.
 
   However the run ends (Ctrl-C included), `out_path` is then compacted (`compact_results`): one valid
   JSONL line per id, so a failed item retried on every rerun still has one line."""
@@ -195,11 +191,14 @@ def run_batch(assistant: Assistant, items: Sequence[Sample], out_path: Path, bat
   todo = [s for s in items if s.id not in done]
   failures = 0
   try:
-    with open(out_path, "a") as out, tqdm(total=len(todo), desc="items", unit="item") as bar:
-      for start in range(0, len(todo), batch_size):
-        chunk = todo[start:start + batch_size]
-        failures += _answer_chunk(assistant, chunk, out)
-        bar.update(len(chunk))
+    with (open(out_path, "a") as out, tqdm(total=len(todo), desc="items", unit="item") as bar,
+          contextlib.closing(assistant.answers((s.conversation for s in todo), batch_size)) as answers):
+      for sample, answer in zip(todo, answers, strict=True):
+        failures += isinstance(answer, ValueError)
+        key = "error" if isinstance(answer, ValueError) else "output"
+        out.write(json.dumps({"id": sample.id, key: str(answer)}) + "\n")
+        out.flush()
+        bar.update()
   finally:
     compact_results(out_path)
   return failures

@@ -36,9 +36,8 @@ AUDIO_INPUTS = ("input_features", "input_features_mask", "audio_embed_mask")
 def process_logits(logits: jax.Array, seen: jax.Array, s: Sampling) -> jax.Array:
   """(B, V) float32 logits -> the scores transformers' processors give; seen (B, V) bool marks the
   tokens in the prompt (padding excluded) and the output so far."""
-  if s.repetition_penalty != 1.0:  # RepetitionPenaltyLogitsProcessor
-    penalized = jnp.where(logits < 0, logits * s.repetition_penalty, logits / s.repetition_penalty)
-    logits = jnp.where(seen, penalized, logits)
+  if s.repetition_penalty != 1.0:
+    logits = penalize(logits, seen, s.repetition_penalty)
   if not s.do_sample:
     return logits
   if s.temperature != 1.0:  # TemperatureLogitsWarper
@@ -46,15 +45,25 @@ def process_logits(logits: jax.Array, seen: jax.Array, s: Sampling) -> jax.Array
   if s.top_k:  # TopKLogitsWarper: ties with the k-th score stay
     kth = jax.lax.top_k(logits, min(s.top_k, logits.shape[-1]))[0][:, -1:]
     logits = jnp.where(logits < kth, -jnp.inf, logits)
-  if s.top_p < 1.0:  # TopPLogitsWarper: drop the low tail holding at most 1 - top_p, keep the top token
-    ascending = jnp.sort(logits, axis=-1)
-    drop = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1) <= 1 - s.top_p
-    drop = drop.at[:, -1].set(False)
-    # `drop` is a prefix of the ascending order, so a threshold finds it without a scatter (an exact tie
-    # straddling the cut is kept whole, where torch's sort order would split it).
-    cutoff = jnp.take_along_axis(ascending, drop.sum(-1, keepdims=True), axis=-1)
-    logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+  if s.top_p < 1.0:
+    logits = jnp.where(logits < nucleus_cutoff(jnp.sort(logits, axis=-1), 1 - s.top_p), -jnp.inf, logits)
   return logits
+
+
+def penalize(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
+  """RepetitionPenaltyLogitsProcessor on (B, V) logits; `penalty` a number or (B, 1) (1 changes nothing)."""
+  return jnp.where(seen, jnp.where(logits < 0, logits * penalty, logits / penalty), logits)
+
+
+def nucleus_cutoff(ascending: jax.Array, tail) -> jax.Array:
+  """TopPLogitsWarper's threshold (B, 1) from each row's scores sorted ascending (B, V): scores below it
+  are dropped, the low tail holding at most `tail` = 1 - top_p of the mass (a number or (B, 1)); the top
+  one stays."""
+  drop = jnp.cumsum(jax.nn.softmax(ascending, axis=-1), axis=-1) <= tail
+  drop = drop.at[:, -1].set(False)
+  # `drop` is a prefix of the ascending order, so a threshold finds it without a scatter (an exact tie
+  # straddling the cut is kept whole, where torch's sort order would split it).
+  return jnp.take_along_axis(ascending, drop.sum(-1, keepdims=True), axis=-1)
 
 
 @struct.dataclass

@@ -32,7 +32,7 @@ def run_cli(args, stdin="", capsys=None, monkeypatch=None):
 
 class StandIn:
   """Answers like an Assistant without a model: "ok: <question>"; a question holding "bad" fails as a bad
-  audio file does, and the `interrupt_at`-th generate call (0-based) raises KeyboardInterrupt."""
+  audio file does, and asking the `interrupt_at`-th question (0-based) raises KeyboardInterrupt."""
 
   def __init__(self, interrupt_at=None):
     self.stats = assistant.Stats()
@@ -45,15 +45,21 @@ class StandIn:
       raise ValueError(f"{question}: not a readable audio file")
     return question
 
-  def reply_batch(self, questions):
-    if len(self.asked) == self.interrupt_at:
-      raise KeyboardInterrupt
-    self.asked.append(list(questions))
-    self.stats.requests += len(questions)
-    return [f"ok: {q}" for q in questions]
+  def answers(self, conversations, slots):
+    for conversation in conversations:
+      try:
+        question = self.encode(conversation)
+      except ValueError as e:
+        yield e
+        continue
+      if len(self.asked) == self.interrupt_at:
+        raise KeyboardInterrupt
+      self.asked.append(question)
+      self.stats.requests += 1
+      yield f"ok: {question}"
 
   def reply(self, conversation, out):
-    (answer,) = self.reply_batch([self.encode(conversation)])
+    (answer,) = self.answers([conversation], 1)
     out.write(answer)
     return answer
 
@@ -126,7 +132,7 @@ def test_rerun_keeps_one_line_per_id_and_mends_a_half_written_line(tmp_path, cap
     monkeypatch.setattr(infer, "_load", lambda bot=bot: bot)
     code, _, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
     assert code == 1 and "1 item(s) failed" in err
-    assert bot.asked == ([["A?"], ["C?"]] if run == 0 else [])  # "b" fails before the model is asked
+    assert bot.asked == (["A?", "C?"] if run == 0 else [])  # "b" fails before the model is asked
     assert sorted(records(out), key=lambda r: r["id"]) == [
         {"id": "a", "output": "ok: A?"}, {"id": "b", "error": "bad B?: not a readable audio file"},
         {"id": "c", "output": "ok: C?"}, {"id": "gone", "error": "kept too"}, {"id": "other", "output": "kept"}]
@@ -137,7 +143,7 @@ def test_rerun_keeps_one_line_per_id_and_mends_a_half_written_line(tmp_path, cap
 def test_interrupted_batch_keeps_a_valid_results_file(tmp_path, capsys, monkeypatch):
   manifest = write_manifest(tmp_path / "m.json", [item(str(i), f"Q{i}?") for i in range(5)])
   out = tmp_path / "r.jsonl"
-  monkeypatch.setattr(infer, "_load", lambda: StandIn(interrupt_at=1))
+  monkeypatch.setattr(infer, "_load", lambda: StandIn(interrupt_at=2))
   code, _, err = run_cli(["--batch", str(manifest), "--out", str(out), "--batch-size", "2"], capsys=capsys,
                          monkeypatch=monkeypatch)
   assert code == infer.INTERRUPTED and err.splitlines()[-1].startswith("interrupted; 2 request(s) in")
@@ -164,7 +170,7 @@ def test_chat_commands():
   bot, out, err = StandIn(), io.StringIO(), io.StringIO()
   script = "/help\n/audio\n/audio   \n/reset now\n/exitnow\nHi\n/exit\nignored\n"
   assistant.run_chat(bot, io.StringIO(script), out, err)
-  assert bot.asked == [["Hi"]] and out.getvalue() == "ok: Hi\n"
+  assert bot.asked == ["Hi"] and out.getvalue() == "ok: Hi\n"
   assert err.getvalue().splitlines() == [
       "error: unknown command /help; the commands are /audio PATH, /reset, /exit",
       "error: usage: /audio PATH", "error: usage: /audio PATH", "error: usage: /reset",

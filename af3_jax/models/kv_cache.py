@@ -1,8 +1,11 @@
 """The decoder's key/value cache: an explicit pytree passed into `qwen2.Decoder` and returned updated.
 
-Modules hold no decode state (gemma's `Attention` takes and returns its cache the same way). Every row
-of the batch writes the same slots: prompts are left padded to one length, so slot `end` is the next
-token of every row, and `key_mask` remembers which slots hold padding.
+Modules hold no decode state (gemma's `Attention` takes and returns its cache the same way). The stacked
+k and v ride through the layer scan as its carry, and each layer writes only its new tokens into them,
+so a decode step updates the cache in place instead of rebuilding it. `end` says where new tokens go:
+one slot for every row (`generate`: prompts left padded to one length) or each row its own (the
+continuous-batching engine: each slot holds a request of its own length); `key_mask` remembers which
+slots hold real tokens.
 Shape letters: L layers, B batch, S cache slots, T new tokens, K kv heads, H head dim.
 """
 
@@ -21,7 +24,8 @@ AXES = ("layers", "batch", "cache_len", "kv_heads", "head_dim")
 @struct.dataclass
 class Cache:
   """k, v (L, B, S, K, H) in the compute dtype; key_mask (B, S) bool, True where a slot holds a real
-  token (False: left padding, or not written yet); end () int32, the number of slots written."""
+  token (False: padding, or not written yet); end int32, the slot of the next token: () shared by every
+  row, or (B,) per row."""
 
   k: jax.Array
   v: jax.Array
@@ -29,14 +33,22 @@ class Cache:
   end: jax.Array
 
 
-def init(cfg: DecoderConfig, batch: int, max_len: int, dtype) -> Cache:
-  """An empty cache of `max_len` slots for `batch` rows."""
+def init(cfg: DecoderConfig, batch: int, max_len: int, dtype, *, per_row: bool = False) -> Cache:
+  """An empty cache of `max_len` slots for `batch` rows; `per_row`: each row has its own `end`."""
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   zeros = lambda: sharding.constrain(jnp.zeros(shape, dtype), AXES)
-  return Cache(k=zeros(), v=zeros(), key_mask=jnp.zeros((batch, max_len), bool), end=jnp.zeros((), jnp.int32))
+  end = jnp.zeros((batch,) if per_row else (), jnp.int32)
+  return Cache(k=zeros(), v=zeros(), key_mask=jnp.zeros((batch, max_len), bool), end=end)
 
 
-def write(slots: jax.Array, new: jax.Array, end: jax.Array) -> jax.Array:
-  """Puts `new` (B, T, ...) into `slots` (B, S, ...) at slots end..end+T-1."""
-  return jax.lax.dynamic_update_slice_in_dim(slots, new.astype(slots.dtype), end, axis=1)
-
+def write(slots: jax.Array, new: jax.Array, end: jax.Array, layer: jax.Array | None = None) -> jax.Array:
+  """Puts `new` (B, T, ...) into `slots` (B, S, ...) at slots end..end+T-1 (`end` () or (B,)); with
+  `layer`, into that layer of stacked `slots` (L, B, S, ...). Only the new slots are touched."""
+  lead = () if layer is None else (layer,)
+  new = new.astype(slots.dtype)
+  if end.ndim == 0:
+    start = (*lead, 0, end) + (0,) * (new.ndim - 2)
+    return jax.lax.dynamic_update_slice(slots, new.reshape((1,) * len(lead) + new.shape), start)
+  # A scatter; a row whose end has run past S (a free engine slot) writes nothing.
+  rows = jnp.arange(new.shape[0])[:, None]
+  return slots.at[(*lead, rows, end[:, None] + jnp.arange(new.shape[1]))].set(new, mode="drop")

@@ -143,9 +143,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, key_mas
   """Softmax attention over (B, T, N, H) queries and (B, S, K, H) keys/values (K divides N: GQA).
 
   Keys a query may see: those with `key_mask` (B, S) bool True, below `kv_lengths` (B,), if
-  `causal` at or before the query's own slot, q_offset + i for query i (q_offset () int, default 0),
-  and, given `segment_ids` (B, T) int for queries and keys alike (no cache: T == S), those of the
-  query's own segment (packed rows hold several samples).
+  `causal` at or before the query's own slot, q_offset + i for query i (q_offset int, () or (B,) for
+  rows that each start elsewhere; default 0), and, given `segment_ids` (B, T) int for queries and
+  keys alike (no cache: T == S), those of the query's own segment (packed rows hold several samples).
   Backends: cuDNN flash attention on GPU for 16-bit inputs (it rejects float32); XLA in one piece
   when there are at most `DENSE_MAX_SCORES` scores; otherwise blockwise (`_blockwise`), so no (T, S)
   array is ever built for a long prompt.
@@ -186,8 +186,8 @@ class _Mask:
     if self.kv_lengths is not None:
       parts.append((jnp.arange(s) < self.kv_lengths[:, None])[:, None, None, :])
     if self.causal:
-      slots = start + jnp.arange(t) + (0 if self.q_offset is None else self.q_offset)
-      parts.append((jnp.arange(s) <= slots[:, None])[None, None])
+      slots = start + jnp.arange(t) + (0 if self.q_offset is None else self.q_offset[..., None])  # (t,) or (B, t)
+      parts.append((jnp.arange(s) <= slots[..., None]).reshape(-1, 1, t, s))
     if self.segment_ids is not None:
       queries = jax.lax.dynamic_slice_in_dim(self.segment_ids, start, t, axis=1)
       parts.append(queries[:, None, :, None] == self.segment_ids[:, None, None, :])

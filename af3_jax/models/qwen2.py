@@ -15,7 +15,6 @@ from af3_jax import sharding
 from af3_jax.models import kv_cache, layers
 
 ACTIVATION_AXES = ("batch", "length", None)
-KV = tuple[jax.Array, jax.Array]  # one layer's cached keys and values, (B, S, K, H) each
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -44,27 +43,29 @@ class Attention(nnx.Module):
     self.v_proj = layers.Linear(d, k * h, use_bias=True, axes=("embed", "kv_heads"), **kw)
     self.o_proj = layers.Linear(n * h, d, use_bias=False, axes=("heads", "embed"), **kw)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, kv: KV | None = None,
-               end: jax.Array | None = None, segment_ids: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, cache: kv_cache.Cache | None = None,
+               layer: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
     """x (B, T, D); positions (B, T) int; key_mask (B, S) bool: the keys that are real tokens.
 
-    Without `kv` the keys are the T tokens themselves (S = T). With `kv` = (k, v), this layer's cache
-    (B, S, K, H) each, the new keys and values are written at slots end..end+T-1 first and the queries
-    attend over all S slots. Causal either way. `segment_ids` (B, T) int (no cache): a token attends
-    only within its own segment, a sample of a packed row. Returns the output (B, T, D) and the updated `kv`.
+    Without a cache the keys are the T tokens themselves (S = T). With `cache` (stacked over layers,
+    S slots) this is layer `layer`: its new keys and values are written at slots end..end+T-1 of its
+    rows first and the queries attend over all S slots. Causal either way. `segment_ids` (B, T) int
+    (no cache): a token attends only within its own segment, a sample of a packed row. Returns the
+    output (B, T, D) and the updated cache.
     """
     b, t, _ = x.shape
     cfg = self.cfg
     q = rope(self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
     k = rope(self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
     v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-    if kv is not None:
-      k, v = kv_cache.write(kv[0], k, end), kv_cache.write(kv[1], v, end)
-      kv = (k, v)
+    if cache is not None:
+      cache = cache.replace(k=kv_cache.write(cache.k, k, cache.end, layer), v=kv_cache.write(cache.v, v, cache.end, layer))
+      k, v = cache.k[layer], cache.v[layer]
     # With a cache, new token i sits at slot end + i; the slots after it are empty or in its future.
     o = layers.attention(q, k, v, scale=cfg.head_dim**-0.5, key_mask=key_mask, causal=True,
-                         q_offset=None if kv is None else end, segment_ids=segment_ids)
-    return self.o_proj(o.reshape(b, t, -1)), kv
+                         q_offset=None if cache is None else cache.end, segment_ids=segment_ids)
+    return self.o_proj(o.reshape(b, t, -1)), cache
 
 
 class MLP(nnx.Module):
@@ -91,13 +92,14 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, kv: KV | None = None,
-               end: jax.Array | None = None, segment_ids: jax.Array | None = None) -> tuple[jax.Array, KV | None]:
-    """(B, T, D) -> (B, T, D) and the updated cache `kv` (None without one), as `Attention`."""
-    h, kv = self.self_attn(self.input_layernorm(x), positions, key_mask, kv, end, segment_ids)
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, cache: kv_cache.Cache | None = None,
+               layer: jax.Array | None = None,
+               segment_ids: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
+    """(B, T, D) -> (B, T, D) and the updated cache (None without one), as `Attention`."""
+    h, cache = self.self_attn(self.input_layernorm(x), positions, key_mask, cache, layer, segment_ids)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
-    return x, kv
+    return x, cache
 
 
 class Decoder(nnx.Module):
@@ -116,22 +118,27 @@ class Decoder(nnx.Module):
                segment_ids: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
     """Input embeddings (B, T, D) -> (final hidden states (B, T, D), the updated cache or None).
 
-    key_mask (B, T) bool marks real tokens (False: padding). With a `kv_cache.Cache`, the T tokens
-    are appended to it (the prompt, or one decode step) and attend over everything written before them.
-    Without one, `segment_ids` (B, T) int (0 on padding) keeps the samples of packed rows apart.
+    key_mask (B, T) bool marks real tokens (False: padding). With a `kv_cache.Cache`, the T tokens are
+    appended to it at its `end` (one for all rows, or each row's own) and attend over everything written
+    before them: the prompt, or one decode step. Without one, `segment_ids` (B, T) int (0 on padding)
+    keeps the samples of packed rows apart.
     """
     if cache is None:
       step = lambda layer, h, _: (sharding.constrain(layer(h, positions, key_mask, segment_ids=segment_ids)[0],
                                                      ACTIVATION_AXES), None)
       x, _ = layers.scan(self.layers, step, x, remat=self.remat)
       return self.norm(x), None
-    key_mask = kv_cache.write(cache.key_mask, key_mask, cache.end)
+    cache = cache.replace(key_mask=kv_cache.write(cache.key_mask, key_mask, cache.end))
 
-    def cached_step(layer, h, kv):
-      h, kv = layer(h, positions, key_mask, kv, cache.end)
-      return sharding.constrain(h, ACTIVATION_AXES), kv
+    # The cache is the scan's carry, not its per-layer input and output: each layer writes only its
+    # new slots (in place), where per-layer outputs would copy the whole cache at every step.
+    def cached_step(layer, carry, index):
+      h, cache = carry
+      h, cache = layer(h, positions, cache.key_mask, cache, index)
+      return (sharding.constrain(h, ACTIVATION_AXES), cache), None
 
-    x, (k, v) = layers.scan(self.layers, cached_step, x, (cache.k, cache.v), remat=self.remat)
-    cache = kv_cache.Cache(k=sharding.constrain(k, kv_cache.AXES), v=sharding.constrain(v, kv_cache.AXES),
-                           key_mask=key_mask, end=cache.end + x.shape[1])
+    (x, cache), _ = layers.scan(self.layers, cached_step, (x, cache), jnp.arange(cache.k.shape[0]),
+                                remat=self.remat)
+    cache = cache.replace(k=sharding.constrain(cache.k, kv_cache.AXES), v=sharding.constrain(cache.v, kv_cache.AXES),
+                          end=cache.end + x.shape[1])
     return self.norm(x), cache

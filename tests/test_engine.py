@@ -1,0 +1,205 @@
+"""The continuous-batching engine against `af3_jax.generate` on the tiny checkpoint (float32).
+
+Requests arrive staggered (some while others decode), with audio and without, of different lengths and
+settings; each one's tokens must equal `generate` on it alone, computed independently, token for token
+(greedy and seeded sampling alike). The audio requests add repetition_penalty=2, which keeps these random
+models from repeating one token (see test_generate.py). Engines share shapes (3 slots, max_len 256) so
+that the tests share compiled programs.
+"""
+
+import threading
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import audio_tokens, random_features, random_text
+
+import af3_jax
+from af3_jax import engine as engine_module
+from af3_jax import slots
+from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.engine import Engine, QueueFull, Request
+from af3_jax.pretrained import init_random
+
+SLOTS, MAX_LEN = 3, 256
+SAMPLED = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9)
+
+
+def text_request(rng, tiny, n, max_new=16, **kw):
+  return Request({"input_ids": random_text(rng, tiny, n)}, max_new, **kw)
+
+
+def audio_request(rng, tiny, frames, max_new=16, **kw):
+  """One window of `frames` mel frames between a few text tokens, repetition_penalty 2."""
+  feats, mask = random_features(rng, [frames])
+  ids = np.concatenate([random_text(rng, tiny, 4), np.full(audio_tokens(frames), tiny.audio_token_id),
+                        random_text(rng, tiny, 3)])
+  return Request({"input_ids": ids, "input_features": feats, "input_features_mask": mask}, max_new,
+                 repetition_penalty=2.0, **kw)
+
+
+def alone(model, r: Request) -> list[int]:
+  """`generate` on the request by itself: its tokens up to its eos or max_new_tokens."""
+  batch = {k: (v[None] if k == "input_ids" else v) for k, v in r.inputs.items()}
+  settings = dict(do_sample=r.do_sample, temperature=r.temperature, top_k=r.top_k, top_p=r.top_p,
+                  repetition_penalty=r.repetition_penalty, eos_token_id=r.eos_token_id)
+  return af3_jax.generate(model, batch, r.max_new_tokens, seed=r.seed, **settings)[0].tolist()
+
+
+def run(engine, handles):
+  while not all(h.done for h in handles):
+    engine.step()
+  return [h.result() for h in handles]
+
+
+@pytest.fixture(scope="module")
+def mix(gqa_ckpt, gqa_loaded):
+  """Six requests of different kinds, and each one's tokens from `generate` alone. The first stops at
+  an eos its reference meets part way; the sampled one is seeded."""
+  rng, tiny = np.random.default_rng(0), gqa_ckpt.tiny
+  requests = [text_request(rng, tiny, 9), audio_request(rng, tiny, 700), text_request(rng, tiny, 40, max_new=10),
+              audio_request(rng, tiny, 900), text_request(rng, tiny, 30, seed=7, **SAMPLED),
+              text_request(rng, tiny, 20, max_new=5)]
+  free = alone(gqa_loaded, requests[0])
+  assert len(set(free)) > 2, f"degenerate reference path {free}"
+  requests[0] = Request(requests[0].inputs, 16, eos_token_id=free[5])
+  return requests, [alone(gqa_loaded, r) for r in requests]
+
+
+def test_staggered_requests_get_their_tokens_alone(gqa_loaded, mix, monkeypatch):
+  requests, expected = mix
+  assert len(expected[0]) == 6 and len(expected[2]) == 10
+  monkeypatch.setattr(engine_module, "MIN_CACHE", 64)  # the first request's cache, which the audio one outgrows
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
+  handles = [engine.submit(requests[0])]
+  engine.step()
+  engine.step()
+  handles.append(engine.submit(requests[1]))  # audio, while the first decodes; the cache grows
+  engine.step()
+  assert engine.cache_len == MAX_LEN
+  handles += [engine.submit(r) for r in requests[2:]]  # more than the slots: some wait for a free one
+  done = run(engine, handles)
+  for i, (completion, tokens) in enumerate(zip(done, expected)):
+    assert list(completion.tokens) == tokens, f"request {i}"
+  assert [c.finish_reason for c in done] == ["stop"] + ["length"] * 5
+  prompts = [len(r.inputs["input_ids"]) for r in requests]
+  assert [(c.prompt_tokens, c.completion_tokens) for c in done] == [(n, len(t)) for n, t in zip(prompts, expected)]
+  assert prompts[1] == 7 + audio_tokens(700)  # audio tokens count as prompt tokens
+
+
+
+def test_cancel_frees_the_slot_for_the_next_request(gqa_ckpt, gqa_loaded):
+  rng, tiny = np.random.default_rng(1), gqa_ckpt.tiny
+  requests = [text_request(rng, tiny, 9 + i, max_new=40) for i in range(SLOTS)]
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
+  busy = [engine.submit(r) for r in requests]
+  waiting = engine.submit(text_request(rng, tiny, 5))
+  engine.cancel(waiting)  # never admitted: ends at once
+  assert waiting.result(timeout=0).finish_reason == "cancelled" and waiting.result().tokens == ()
+  engine.step()
+  engine.step()
+  slot = busy[1].slot
+  engine.cancel(busy[1])
+  late = text_request(rng, tiny, 12)
+  handle = engine.submit(late)
+  engine.step()  # the cancelled request's slot is free before the late one is admitted
+  assert busy[1].done and busy[1].slot is None and handle.slot == slot
+  cancelled = busy[1].result()
+  assert cancelled.finish_reason == "cancelled" and len(cancelled.tokens) == 3  # the prefill's, two decoded
+  done = run(engine, busy + [handle])
+  assert list(cancelled.tokens) == alone(gqa_loaded, requests[1])[:3]
+  assert list(done[-1].tokens) == alone(gqa_loaded, late)
+  assert [len(c.tokens) for c in done[::2]] == [40, 40]
+
+
+def test_nothing_recompiles_once_warm():
+  """A model of its own, so that only this test's `warmup` compiles its programs, whatever ran before:
+  after warming prompt bucket 256 with and without one audio window, requests of mixed lengths,
+  settings, seeds and eos ids, some arriving while others decode, compile nothing."""
+  cfg = AF3Config(encoder=EncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
+                  decoder=DecoderConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
+                                        head_dim=16, intermediate_size=64),
+                  audio_token_id=127)
+  tiny = SimpleNamespace(audio_token_id=cfg.audio_token_id)
+  engine = Engine(init_random(cfg, dtype=jnp.float32), max_slots=SLOTS, max_len=MAX_LEN)
+  engine.warmup(prompt_lengths=[200], audio_windows=[0, 1])
+  traces = dict(slots.TRACES)
+  rng = np.random.default_rng(2)
+  first = [audio_request(rng, tiny, 700, max_new=8), text_request(rng, tiny, 240, max_new=6, seed=3, **SAMPLED),
+           text_request(rng, tiny, 150, max_new=5, eos_token_id=[5, 6, 7, 8, 9], repetition_penalty=1.3)]
+  later = [audio_request(rng, tiny, 900, max_new=4, seed=4, do_sample=True), text_request(rng, tiny, 130, max_new=3)]
+  handles = [engine.submit(r) for r in first]
+  engine.step()
+  handles += [engine.submit(r) for r in later]
+  done = run(engine, handles)
+  assert dict(slots.TRACES) == traces
+  assert all(c.finish_reason in ("stop", "length") and c.tokens for c in done)
+
+
+def test_a_started_engine_serves_threads_and_drains_on_stop(gqa_loaded, mix):
+  """submit from several threads at once; each request's listener sees what its queue sees; stop(drain=True)
+  returns once every submitted request is done, and later submits are refused."""
+  requests, expected = mix
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
+  engine.start()
+  heard = [[] for _ in requests]
+  handles = [None] * len(requests)
+
+  def client(i):
+    handles[i] = engine.submit(requests[i], listener=heard[i].append)
+
+  threads = [threading.Thread(target=client, args=(i,)) for i in reversed(range(len(requests)))]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  engine.stop(drain=True)
+  for i, handle in enumerate(handles):
+    assert handle.done and list(handle) == expected[i] == heard[i][:-1] and heard[i][-1] is None
+  with pytest.raises(RuntimeError, match="stopping"):
+    engine.submit(requests[0])
+
+
+def test_map_answers_in_order_in_the_callers_thread(gqa_loaded, mix):
+  """Without `start`, `map` steps the engine itself; an item the engine refuses comes back in its place."""
+  requests, expected = mix
+  items = [5, 2, None, 3, 1, 4]
+  to_request = lambda i: Request({"input_ids": np.zeros(300, int)}, 1) if i is None else requests[i]
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
+  answers = list(engine.map(items, to_request))
+  assert [item for item, _ in answers] == items
+  assert isinstance(answers[2][1], ValueError) and "max_len" in str(answers[2][1])
+  assert [list(c.tokens) for i, c in answers if i is not None] == [expected[i] for i in items if i is not None]
+
+
+def test_bad_requests_and_a_full_queue_are_refused(gqa_ckpt, gqa_loaded):
+  rng, tiny = np.random.default_rng(3), gqa_ckpt.tiny
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN, max_queue=2)
+  with pytest.raises(ValueError, match="the prompt has 250 tokens; with 16 new tokens that is more than the "
+                                       "engine's max_len of 256"):
+    engine.submit(text_request(rng, tiny, 250))
+  audio = audio_request(rng, tiny, 700)
+  with pytest.raises(ValueError, match="<sound> tokens"):
+    engine.submit(Request({**audio.inputs, "input_ids": np.delete(audio.inputs["input_ids"], 4)}, 4))  # one <sound> short
+  with pytest.raises(ValueError, match="one row"):
+    engine.submit(Request({"input_ids": np.ones((2, 5), int)}, 4))
+  with pytest.raises(ValueError, match="invalid sampling settings"):
+    engine.submit(text_request(rng, tiny, 5, do_sample=True, temperature=0.0))
+  engine.submit(text_request(rng, tiny, 5))
+  engine.submit(text_request(rng, tiny, 5))
+  with pytest.raises(QueueFull):
+    engine.submit(text_request(rng, tiny, 5))
+
+
+def test_the_decode_step_writes_the_cache_in_place(gqa_loaded):
+  """The step's temporaries stay under the size of the cache, which it updates where it lies (the
+  carried cache); rebuilding it per layer, as scan outputs do, needs at least a whole copy."""
+  engine = Engine(gqa_loaded, max_slots=SLOTS)
+  length = 8192
+  state = jax.eval_shape(lambda: slots.empty_fn(gqa_loaded.config, batch=SLOTS, length=length, dtype=engine._dtype))
+  with jax.set_mesh(gqa_loaded.mesh):
+    compiled = slots.generate_fn.lower(gqa_loaded.graphdef, gqa_loaded.state, state).compile()
+  cache = state.cache.k.size * state.cache.k.dtype.itemsize * 2
+  assert compiled.memory_analysis().temp_size_in_bytes < cache
