@@ -123,7 +123,7 @@ def batch_items(samples: Sequence[Sample], manifest: str | Path) -> list[Sample]
 _RECORD_START = '{"id": '  # how every line run_batch writes begins (json.dumps of {"id", ...})
 
 
-def _results(path: Path, text: str) -> list[tuple[str, bool, str]]:
+def parse_results(path: Path, text: str) -> list[tuple[str, bool, str]]:
   """(id, answered, line) for each record of a results file's `text`, in file order.
 
   A last line that a crash cut short (no newline, not JSON, begun as run_batch begins its lines) is
@@ -158,7 +158,7 @@ def compact_results(path: Path) -> set[str]:
     text = path.read_text()
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not a results file ({e})") from None
-  records = _results(path, text)
+  records = parse_results(path, text)
   answered = {id_ for id_, ok, _ in records if ok}
   newest_error = {id_: n for n, (id_, ok, _) in enumerate(records) if not ok}
   kept = "".join(line + "\n" for n, (id_, ok, line) in enumerate(records)
@@ -168,21 +168,20 @@ def compact_results(path: Path) -> set[str]:
   return answered
 
 
-def _answer_chunk(assistant: Assistant, chunk: Sequence[Sample], out: IO[str]) -> int:
-  """Answers samples together, writing one {"id", "output"} or {"id", "error"} line each; returns the
-  failures (an item whose audio or prompt is bad: the others are still answered)."""
-  good, encoded = [], []
+def answer_chunk(assistant: Assistant, chunk: Sequence[Sample]) -> list[dict[str, str]]:
+  """Answers samples together: one {"id", "output"} or {"id", "error"} record each, errors first (an
+  item whose audio or prompt is bad fails alone: the others are still answered)."""
+  good, encoded, records = [], [], []
   for sample in chunk:
     try:
       encoded.append(assistant.encode(sample.conversation))
       good.append(sample)
     except ValueError as e:
-      out.write(json.dumps({"id": sample.id, "error": str(e)}) + "\n")
+      records.append({"id": sample.id, "error": str(e)})
   if good:
-    for sample, answer in zip(good, assistant.reply_batch(encoded), strict=True):
-      out.write(json.dumps({"id": sample.id, "output": answer}) + "\n")
-  out.flush()
-  return len(chunk) - len(good)
+    records += [{"id": sample.id, "output": answer}
+                for sample, answer in zip(good, assistant.reply_batch(encoded), strict=True)]
+  return records
 
 
 def run_batch(assistant: Assistant, items: Sequence[Sample], out_path: Path, batch_size: int) -> int:
@@ -198,7 +197,10 @@ def run_batch(assistant: Assistant, items: Sequence[Sample], out_path: Path, bat
     with open(out_path, "a") as out, tqdm(total=len(todo), desc="items", unit="item") as bar:
       for start in range(0, len(todo), batch_size):
         chunk = todo[start:start + batch_size]
-        failures += _answer_chunk(assistant, chunk, out)
+        records = answer_chunk(assistant, chunk)
+        out.write("".join(json.dumps(r) + "\n" for r in records))
+        out.flush()
+        failures += sum("error" in r for r in records)
         bar.update(len(chunk))
   finally:
     compact_results(out_path)
