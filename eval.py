@@ -85,14 +85,17 @@ def _settings() -> dict:
 def _load_assistant():
   """The model and processor as an Assistant that decodes greedily with no repetition penalty (NVIDIA's
   eval decodes greedily; transformers' generation_config.json would sample with a penalty of 1.05)."""
+  import jax
   import jax.numpy as jnp
 
   import af3_jax
-  from af3_jax import assistant, weights
+  from af3_jax import assistant, sharding, weights
 
   root = weights.resolve(_MODEL.value)
   adapter = weights.think_adapter(root) if _THINK.value else None
-  model = af3_jax.from_pretrained(root, dtype=jnp.dtype(_DTYPE.value), adapter=adapter)
+  # Each process answers on its own first device (jax.devices()[0] is process 0's in a multi-process run).
+  model = af3_jax.from_pretrained(root, dtype=jnp.dtype(_DTYPE.value), adapter=adapter,
+                                  mesh=sharding.single_device_mesh(jax.local_devices()[0]))
   return assistant.Assistant(model, af3_jax.Processor.from_pretrained(root, style=_STYLE.value),
                              max_new_tokens=_MAX_NEW.value, think=_THINK.value, do_sample=False,
                              repetition_penalty=1.0)

@@ -3,6 +3,7 @@ here): scores and files, a rerun that writes nothing, a killed run resumed, a mi
 --rescore, the other tasks, and bad input as one line."""
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -119,6 +120,29 @@ def test_a_killed_run_resumes_to_the_predictions_of_an_uninterrupted_one(model_d
   assert (out / "predictions.json").read_bytes() == straight[1]["predictions.json"][0]
   summary = json.loads((out / "summary.json").read_text())
   assert summary["throughput"]["items"] == 6 - sum('"output"' in line for line in before)  # this session's
+
+
+def test_two_processes_split_the_items_and_write_the_files_of_one(model_dir, mmau, straight, tmp_path):
+  """eval.py as 2 processes (one CPU device each, gloo): the predictions of one process."""
+  portpicker = pytest.importorskip("portpicker")
+  out = tmp_path / "run"
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_COORDINATOR_ADDRESS": f"localhost:{portpicker.pick_unused_port()}",
+         "JAX_NUM_PROCESSES": "2"}
+  procs = [subprocess.Popen([sys.executable, "eval.py", *mmau_args(model_dir, mmau[0], out, "--batch-size", "1")],
+                            cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]
+  try:
+    results = [p.communicate(timeout=300) for p in procs]
+  finally:
+    for p in procs:
+      p.kill()
+  for p, (_, err) in zip(procs, results):
+    assert p.returncode == 0, err[-2000:]
+  assert "mmau: accuracy" in results[0][0] and "mmau:" not in results[1][0]  # process 0 alone reports
+  assert (out / "predictions.json").read_bytes() == straight[1]["predictions.json"][0]
+  assert sorted(p.name for p in out.glob("answers.*.jsonl")) == ["answers.0.jsonl", "answers.1.jsonl"]
+  speed = json.loads((out / "summary.json").read_text())["throughput"]
+  assert speed["processes"] == 2 and speed["items"] == 6
 
 
 def test_rescore_recomputes_an_edited_file_and_keeps_the_run(straight, tmp_path, capsys):
