@@ -122,6 +122,7 @@ def test_a_killed_run_resumes_to_the_predictions_of_an_uninterrupted_one(model_d
   assert summary["throughput"]["items"] == 6 - sum('"output"' in line for line in before)  # this session's
 
 
+@pytest.mark.slow  # about 25 s; test_eval_run.py checks the split and the merge in one process
 def test_two_processes_split_the_items_and_write_the_files_of_one(model_dir, mmau, straight, tmp_path):
   """eval.py as 2 processes (one CPU device each, gloo): the predictions of one process."""
   portpicker = pytest.importorskip("portpicker")

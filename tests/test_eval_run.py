@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+import eval as eval_cli
 from af3_jax.evaluation import journal, runner, tasks
 
 MMAU_ITEM = {  # the first item of MMAU's mmau-test-mini.json, as published
@@ -39,6 +40,10 @@ def test_mmau_prompt_is_nvidias_and_audio_comes_from_the_root(tmp_path):
       {"type": "audio", "path": str(tmp_path / ".." / "test-mini-audios/clip0.wav")},
       {"type": "text", "text": "Based on the given audio, identify the source of the speaking voice. Choose the "
                                "correct option from the following options:\n(A) Man\n(B) Woman\n(C) Child\n(D) Robot"}]}]
+
+
+def test_eval_py_names_every_task_before_jax_loads():
+  assert eval_cli.TASKS == list(tasks.TASKS)
 
 
 def test_templates_fill_question_options_and_choices(tmp_path):

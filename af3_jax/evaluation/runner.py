@@ -85,7 +85,7 @@ def audio_seconds(paths: Iterable[str]) -> float:
   for p in paths:
     try:
       total += min(sf.info(p).duration, MAX_AUDIO_S)
-    except (OSError, RuntimeError):  # libsndfile reports missing and unreadable files as either
+    except sf.SoundFileError:  # missing or unreadable
       continue
   return total
 
@@ -146,8 +146,8 @@ class Run:
       if changed:
         raise ValueError(f"{out}: holds answers made with other settings ({'; '.join(changed)}); "
                          "use another --out, or the same settings to resume")
-    elif process == 0:
-      out.mkdir(exist_ok=True)
+    out.mkdir(exist_ok=True)  # by every process: any may append to its journal before process 0 gets here
+    if process == 0 and not (out / SETTINGS).exists():
       files.write_text_atomic(out / SETTINGS, _dump(fixed))
 
   def _todo(self, items: Sequence[tasks.Item], retry_errors: bool) -> list[tasks.Item]:

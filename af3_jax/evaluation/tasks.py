@@ -87,9 +87,7 @@ class Item:
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
   task: Task
-  path: Path
   items: list[Item]
-  template: str | None
 
   def predictions(self, answers: dict[str, dict]) -> list[dict]:
     """predictions.json's items: each record with its answer (or its error) from `answers`, which maps
@@ -220,7 +218,7 @@ def load(task_name: str, data: str | Path, audio_root: str | Path | None = None,
     check_template(task, template)
   records = read_records(path)[:limit]
   if task.template is None:
-    return Benchmark(task, path, _manifest_items(path, records, root), None)
+    return Benchmark(task, _manifest_items(path, records, root))
   check_records(task, records, path)
   samples, audio = [], []
   for index, record in enumerate(records):
@@ -228,4 +226,4 @@ def load(task_name: str, data: str | Path, audio_root: str | Path | None = None,
     content = [{"type": "audio", "path": audio[-1]}, {"type": "text", "text": _prompt(task, template, record)}]
     samples.append(Sample(str(record.get("id", index)), [{"role": "user", "content": content}]))
   prompts = batch_items(samples, path)
-  return Benchmark(task, path, [Item(r, p, (a,)) for r, p, a in zip(records, prompts, audio)], template)
+  return Benchmark(task, [Item(r, p, (a,)) for r, p, a in zip(records, prompts, audio)])
