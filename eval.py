@@ -73,12 +73,13 @@ def _settings() -> dict:
   from af3_jax.evaluation import tasks
 
   data = Path(_DATA.value).resolve()
+  model = Path(_MODEL.value)
   template = _TEMPLATE.value.replace("\\n", "\n") if _TEMPLATE.value is not None else tasks.TASKS[_TASK.value].template
   return {"task": _TASK.value, "data": str(data),
           "audio_root": str(Path(_AUDIO_ROOT.value).resolve() if _AUDIO_ROOT.value else data.parent),
-          "model": str(Path(_MODEL.value).resolve()) if Path(_MODEL.value).exists() else _MODEL.value, "prompt_template": template, "style": _STYLE.value, "dtype": _DTYPE.value,
-          "think": _THINK.value, "decoding": {"greedy": True, "repetition_penalty": 1.0,
-                                              "max_new_tokens": _MAX_NEW.value},
+          "model": str(model.resolve()) if model.exists() else _MODEL.value, "prompt_template": template,
+          "style": _STYLE.value, "dtype": _DTYPE.value, "think": _THINK.value,
+          "decoding": {"greedy": True, "repetition_penalty": 1.0, "max_new_tokens": _MAX_NEW.value},
           "limit": _LIMIT.value, "batch_size": _BATCH_SIZE.value}
 
 

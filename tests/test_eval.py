@@ -168,15 +168,18 @@ def test_asr_aqa_and_manifest_runs(model_dir, mmau, tmp_path, capsys):
            "manifest": [{"id": "m", "sound": "clip3.wav", "conversations": [
                {"from": "human", "value": "<sound>\nWhat is it?"}, {"from": "gpt", "value": "Noise."}]}]}
   scores = {"asr": "wer", "aqa": "accuracy", "manifest": "exact_match"}
+  templates = {"aqa": ["--prompt-template", r"Q: {question}\nA:"]}  # as typed in a shell: backslash, n
   for task, records in files.items():
     data = tmp_path / f"{task}.json"
     data.write_text(json.dumps(records))
     out = tmp_path / task
     code, _, err = run_eval(["--task", task, "--data", str(data), "--audio-root", str(clips), "--model",
-                             str(model_dir), "--out", str(out), *FAST], capsys)
+                             str(model_dir), "--out", str(out), *FAST, *templates.get(task, [])], capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == task and scores[task] in summary and summary["answered"] == len(records)
+  aqa = json.loads((tmp_path / "aqa" / "summary.json").read_text())
+  assert aqa["settings"]["prompt_template"] == "Q: {question}\nA:"
   assert summary["n"] == 1 and json.loads((tmp_path / "manifest" / "predictions.json").read_text())[0]["reference"] == \
       "Noise."
 
