@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 from absl import app, flags
+
+import cli
 
 if TYPE_CHECKING:  # imported for real only after the flags pass: jax takes seconds to load
   from af3_jax.assistant import Assistant
@@ -38,23 +40,9 @@ _BATCH_SIZE = flags.DEFINE_integer("batch-size", 8, "With --batch: items decoded
 # transformers refuses a temperature of 0 too (TemperatureLogitsWarper): the logits would be divided by it.
 flags.register_validator("temperature", lambda t: t is None or t > 0, "must be a positive number")
 
-INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C (128 + SIGINT)
-
-
-def _fail(message: object) -> NoReturn:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(1)
-
 
 def _parse_flags(argv: list[str]) -> list[str]:
-  """absl's parsing, with a bad flag value or a stray argument as one `error:` line and exit 1."""
-  try:
-    rest = flags.FLAGS(argv)
-  except flags.Error as e:
-    _fail(e)
-  if len(rest) > 1:
-    _fail(f"unexpected arguments: {' '.join(rest[1:])}")
-  return rest
+  return cli.parse_flags(flags.FLAGS, argv)
 
 
 def _check_flags() -> None:
@@ -76,13 +64,6 @@ def _check_flags() -> None:
     raise ValueError(f"{out}: --out is the manifest itself; write the results to another file")
 
 
-def _adapter(root: Path) -> Path:
-  for name in ("think", "stage35"):
-    if (root / name / "adapter_config.json").is_file():
-      return root / name
-  raise ValueError(f"{root}: --think needs a think/ or stage35/ adapter folder beside the weights")
-
-
 def _load() -> Assistant:
   """The model and processor, with the decoding flags, as an Assistant."""
   import jax.numpy as jnp
@@ -91,7 +72,7 @@ def _load() -> Assistant:
   from af3_jax import assistant, weights
 
   root = weights.resolve(_MODEL.value)
-  adapter = _adapter(root) if _THINK.value else None
+  adapter = weights.think_adapter(root) if _THINK.value else None
   model = af3_jax.from_pretrained(root, dtype=jnp.dtype(_DTYPE.value), adapter=adapter)
   sampling = {"temperature": _TEMPERATURE.value, "top_p": _TOP_P.value}
   if _GREEDY.value:
@@ -135,21 +116,14 @@ def run() -> int:
     failures = _answer(bot, items)
   except KeyboardInterrupt:
     print(f"\ninterrupted; {bot.stats.summary()}", file=sys.stderr)
-    return INTERRUPTED
+    return cli.INTERRUPTED
   print(bot.stats.summary(), file=sys.stderr)
   return 1 if failures else 0
 
 
 def main(argv: list[str]) -> None:
   del argv  # _parse_flags refused anything beyond the program name
-  try:
-    code = run()
-  except (ValueError, OSError) as e:  # bad input, or a file that cannot be read or written
-    _fail(e)
-  except KeyboardInterrupt:  # while jax or the model loads: there is nothing to summarise yet
-    print("\ninterrupted", file=sys.stderr)
-    code = INTERRUPTED
-  sys.exit(code)
+  cli.exit_with(run)
 
 
 if __name__ == "__main__":

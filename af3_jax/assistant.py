@@ -135,7 +135,7 @@ def batch_items(samples: Sequence[Sample], manifest: str | Path) -> list[Sample]
 _RECORD_START = '{"id": '  # how every line run_batch writes begins (json.dumps of {"id", ...})
 
 
-def _results(path: Path, text: str) -> list[tuple[str, bool, str]]:
+def parse_results(path: Path, text: str) -> list[tuple[str, bool, str]]:
   """(id, answered, line) for each record of a results file's `text`, in file order.
 
   A last line that a crash cut short (no newline, not JSON, begun as run_batch begins its lines) is
@@ -170,7 +170,7 @@ def compact_results(path: Path) -> set[str]:
     text = path.read_text()
   except UnicodeDecodeError as e:
     raise ValueError(f"{path}: not a results file ({e})") from None
-  records = _results(path, text)
+  records = parse_results(path, text)
   answered = {id_ for id_, ok, _ in records if ok}
   newest_error = {id_: n for n, (id_, ok, _) in enumerate(records) if not ok}
   kept = "".join(line + "\n" for n, (id_, ok, line) in enumerate(records)

@@ -52,6 +52,14 @@ def resolve(path_or_hub_id: str | Path) -> Path:
                      f"fetch it with `hf download {hub_id}` where there is network, then pass the folder") from None
 
 
+def think_adapter(root: Path) -> Path:
+  """The checkpoint's think-mode LoRA folder: think/ (transformers' release) or stage35/ (NVIDIA's)."""
+  for name in ("think", "stage35"):
+    if (root / name / "adapter_config.json").is_file():
+      return root / name
+  raise ValueError(f"{root}: --think needs a think/ or stage35/ adapter folder beside the weights")
+
+
 def layout(root: Path) -> str:
   """'orbax' (ours), 'nvidia' (llm/ + sound_tower/ + sound_mm_projector/) or 'hf' (one folder).
 

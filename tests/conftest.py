@@ -17,6 +17,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 import dataclasses  # noqa: E402
 import json  # noqa: E402
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
@@ -305,6 +306,16 @@ def tokenizer_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("tokenizer")
   fast.save_pretrained(path)
   assert fast.convert_tokens_to_ids("<sound>") == TINY[0].audio_token_id
+  return path
+
+
+@pytest.fixture(scope="session")
+def model_dir(gqa_ckpt, tokenizer_dir, tmp_path_factory):
+  """The tiny checkpoint with the test tokenizer beside it, as a released folder has."""
+  path = tmp_path_factory.mktemp("cli") / "model"
+  shutil.copytree(gqa_ckpt.hf, path)
+  for f in tokenizer_dir.iterdir():
+    shutil.copy(f, path)
   return path
 
 

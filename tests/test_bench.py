@@ -1,9 +1,10 @@
-"""`init_random` (random weights born sharded), and `bench/bench_infer.py` and `bench/bench_train.py`
-end to end at tiny size.
+"""`init_random` (random weights born sharded), and `bench/bench_infer.py`, `bench/bench_train.py` and
+`bench/bench_eval.py` end to end at tiny size.
 
 No timings are checked: the bench only has to run and print its table.
 """
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,15 @@ def test_train_bench_runs_at_tiny_size():
   assert run.returncode == 0, run.stderr[-3000:]
   lines = run.stdout.strip().splitlines()
   assert lines[-3].startswith("| stage | trainable |") and lines[-1].startswith("| projector | ")
+
+
+def test_eval_bench_runs_at_tiny_size():
+  # 2 one-second items, 2 new tokens: both passes and their table, nothing timed.
+  args = ["--items", "2", "--new-tokens", "2", "--batch-size", "2", "--seconds", "1", "--seconds", "1"]
+  # PYTHONPATH: this checkout's af3_jax, whichever one pip installed.
+  run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_eval.py"), *args], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = run.stdout.strip().splitlines()
+  assert lines[-5].startswith("| loop | items |") and lines[-3].startswith("| one at a time | 2 | ")
+  assert lines[-2].startswith("| batches of 2 | 2 | ") and lines[-1].startswith("batches of 2: ")

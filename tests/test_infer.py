@@ -20,16 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model_dir(gqa_ckpt, tokenizer_dir, tmp_path_factory):
-  """The tiny checkpoint with the test tokenizer beside it, as a released folder has."""
-  path = tmp_path_factory.mktemp("cli") / "model"
-  shutil.copytree(gqa_ckpt.hf, path)
-  for f in tokenizer_dir.iterdir():
-    shutil.copy(f, path)
-  return path
-
-
-@pytest.fixture(scope="module")
 def clips(tmp_path_factory):
   folder = tmp_path_factory.mktemp("clips")
   rng = np.random.default_rng(0)

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from absl import flags
 
+import cli
 import infer
 from af3_jax import assistant
 
@@ -146,7 +147,7 @@ def test_interrupted_batch_keeps_a_valid_results_file(tmp_path, capsys, monkeypa
   monkeypatch.setattr(infer, "_load", lambda: StandIn(interrupt_at=2))
   code, _, err = run_cli(["--batch", str(manifest), "--out", str(out), "--batch-size", "2"], capsys=capsys,
                          monkeypatch=monkeypatch)
-  assert code == infer.INTERRUPTED and err.splitlines()[-1].startswith("interrupted; 2 request(s) in")
+  assert code == cli.INTERRUPTED and err.splitlines()[-1].startswith("interrupted; 2 request(s) in")
   assert records(out) == [{"id": "0", "output": "ok: Q0?"}, {"id": "1", "output": "ok: Q1?"}]
 
 
@@ -184,5 +185,5 @@ def test_ctrl_c_ends_a_chat_with_the_summary(capsys, monkeypatch):
 
   monkeypatch.setattr(infer, "_load", StandIn)
   code, out, err = run_cli(["--chat", *NO_MODEL], typed(), capsys=capsys, monkeypatch=monkeypatch)
-  assert (code, out) == (infer.INTERRUPTED, "ok: Hi\n")
+  assert (code, out) == (cli.INTERRUPTED, "ok: Hi\n")
   assert err.startswith("\ninterrupted; 1 request(s) in") and len(err.splitlines()) == 2

@@ -4,7 +4,7 @@ A manifest is a list of `{"id", "sound": path | [paths] (absent for text only), 
 [{"from": "human" | "gpt", "value": str}, ...]}` (shared/UPSTREAM.md section 10). As in NVIDIA's
 dataset, a single `sound` path (and text only) keeps the first exchange only and drops `<sound>`-like
 literals from the question, while a `sound` list keeps every turn and places audio with `<sound-k>`
-tags. Relative sound paths are taken from the manifest's folder.
+tags. Relative sound paths are taken from the manifest's folder (or a root given to `read_manifest`).
 """
 
 from __future__ import annotations
@@ -28,9 +28,11 @@ class Sample:
   conversation: list[dict[str, Any]]  # HF-style messages, as `Processor.apply_chat_template` takes
 
 
-def read_manifest(path: str | Path) -> list[Sample]:
-  """Every item of a manifest; a malformed one raises ValueError naming the file and the item."""
+def read_manifest(path: str | Path, root: str | Path | None = None) -> list[Sample]:
+  """Every item of a manifest, relative sound paths taken from `root` (default: the manifest's folder);
+  a malformed item raises ValueError naming the file and the item."""
   path = Path(path)
+  root = path.parent if root is None else Path(root)
   try:
     items = json.loads(path.read_text())
   except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -40,7 +42,7 @@ def read_manifest(path: str | Path) -> list[Sample]:
   samples = []
   for index, item in enumerate(items):
     try:
-      samples.append(_sample(item, path.parent))
+      samples.append(_sample(item, root))
     except ValueError as e:
       name = f" (id {item['id']!r})" if isinstance(item, dict) and "id" in item else ""
       raise ValueError(f"{path}: item {index}{name}: {e}") from None

@@ -1,0 +1,42 @@
+"""What the command-line programs share (infer.py, eval.py): bad input as one `error:` line and exit
+1, Ctrl-C as exit 130. Importing it loads no jax: they check their flags before jax loads."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import NoReturn
+
+from absl import flags
+
+INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C (128 + SIGINT)
+
+
+def fail(message: object) -> NoReturn:
+  print(f"error: {message}", file=sys.stderr)
+  sys.exit(1)
+
+
+def parse_flags(values: flags.FlagValues, argv: list[str]) -> list[str]:
+  """absl's parsing of `values`, with a bad flag value or a stray argument as one `error:` line and exit 1."""
+  try:
+    rest = values(argv)
+  except flags.Error as e:
+    fail(e)
+  if len(rest) > 1:
+    fail(f"unexpected arguments: {' '.join(rest[1:])}")
+  return rest
+
+
+def exit_with(run: Callable[[], int]) -> NoReturn:
+  """Exits with `run`'s status; a ValueError or OSError (bad input, a file that cannot be read or
+  written) is one `error:` line and exit 1; Ctrl-C that `run` leaves (while jax or the model loads,
+  when there is nothing to keep yet) is exit 130."""
+  try:
+    code = run()
+  except (ValueError, OSError) as e:
+    fail(e)
+  except KeyboardInterrupt:
+    print("\ninterrupted", file=sys.stderr)
+    code = INTERRUPTED
+  sys.exit(code)

@@ -1,0 +1,159 @@
+"""Score Audio Flamingo 3 on a benchmark by the benchmark's own rules, with its settings and throughput.
+
+  python eval.py --task mmau --data mmau-test-mini.json --model PATH_OR_HUB_ID --out runs/mmau
+  python eval.py --rescore runs/mmau        # summary.json again from an edited predictions.json
+
+Tasks: mmau, mmar, asr, aqa, manifest (af3_jax/evaluation/tasks.py). OUT gets predictions.json (the
+benchmark's items with the answers where its official scorer reads them) and summary.json. A rerun
+resumes by item id. Several processes (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, as
+for train.py, with OUT on a filesystem they share) split the items; process 0 writes the files.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from absl import flags
+
+import cli
+
+# Flags of their own, not absl's global set: infer.py defines the same names, and tests load both.
+FLAGS = flags.FlagValues()
+TASKS = ["mmau", "mmar", "asr", "aqa", "manifest"]  # af3_jax.evaluation.tasks.TASKS, named before jax loads
+_TASK = flags.DEFINE_enum("task", None, TASKS, "The benchmark's format and scorer.", flag_values=FLAGS)
+_DATA = flags.DEFINE_string("data", None, "The benchmark file: JSON, or JSON lines (.jsonl).", flag_values=FLAGS)
+_AUDIO_ROOT = flags.DEFINE_string("audio-root", None, "Where the items' audio paths start (default: the data "
+                                  "file's folder).", flag_values=FLAGS)
+_MODEL = flags.DEFINE_string("model", "nvidia/audio-flamingo-3-hf", "Checkpoint folder or hub id.", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "The run's folder: predictions.json, summary.json and its progress.",
+                           flag_values=FLAGS)
+_THINK = flags.DEFINE_bool("think", False, "Think mode: the checkpoint's think/ (or stage35/) adapter and the "
+                           "think suffix on every prompt.", flag_values=FLAGS)
+_LIMIT = flags.DEFINE_integer("limit", None, "Only the first N items.", lower_bound=1, flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer("batch-size", 8, "Requests decoded together (the engine's slots).", lower_bound=1, flag_values=FLAGS)
+_MAX_NEW = flags.DEFINE_integer("max-new-tokens", 128, "At most this many new tokens per answer (NVIDIA's eval "
+                                "scripts: 128).", lower_bound=1, flag_values=FLAGS)
+_TEMPLATE = flags.DEFINE_string("prompt-template", None, "The prompt, with {question}, {options} ('(A) ...' "
+                                "lines) and {choices} (plain lines) as the task allows; \\n is a newline "
+                                "(default: the task's).", flag_values=FLAGS)
+_STYLE = flags.DEFINE_enum("style", "nvidia", ["hf", "nvidia"], "Prompt style (see README); nvidia is how "
+                           "the paper's numbers were made.", flag_values=FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.",
+                           flag_values=FLAGS)
+_RETRY = flags.DEFINE_bool("retry-errors", False, "Answer again the items that failed (a missing audio "
+                           "file since put back).", flag_values=FLAGS)
+_RESCORE = flags.DEFINE_string("rescore", None, "Recompute OUT/summary.json from OUT/predictions.json; "
+                               "takes only --task besides.", flag_values=FLAGS)
+
+def _parse_flags(argv: list[str]) -> None:
+  """The flags (bad ones: one `error:` line and exit 1); --help prints them."""
+  if any(a in ("-h", "--help") for a in argv[1:]):
+    print(f"{__doc__}\n{FLAGS.get_help()}")
+    sys.exit(0)
+  cli.parse_flags(FLAGS, argv)
+
+
+def _check_flags() -> None:
+  """Refuses what cannot work, before jax or the model loads."""
+  if _RESCORE.value is not None:
+    given = [f"--{name}" for name in FLAGS if FLAGS[name].present and name not in ("rescore", "task")]
+    if given:
+      raise ValueError(f"--rescore takes only --task besides; drop {', '.join(sorted(given))}")
+    return
+  missing = [f"--{f.name}" for f in (_TASK, _DATA, _OUT) if f.value is None]
+  if missing:
+    raise ValueError(f"give {' and '.join(missing)} (or --rescore OUT)")
+  if not Path(_DATA.value).is_file():
+    raise ValueError(f"{_DATA.value}: no such data file")
+
+
+def _settings() -> dict:
+  """What the answers depend on (recorded in run.json and summary.json), and what paces the run."""
+  from af3_jax.evaluation import tasks
+
+  data = Path(_DATA.value).resolve()
+  model = Path(_MODEL.value)
+  template = _TEMPLATE.value.replace("\\n", "\n") if _TEMPLATE.value is not None else tasks.TASKS[_TASK.value].template
+  return {"task": _TASK.value, "data": str(data),
+          "audio_root": str(Path(_AUDIO_ROOT.value).resolve() if _AUDIO_ROOT.value else data.parent),
+          "model": str(model.resolve()) if model.exists() else _MODEL.value, "prompt_template": template,
+          "style": _STYLE.value, "dtype": _DTYPE.value, "think": _THINK.value,
+          "decoding": {"greedy": True, "repetition_penalty": 1.0, "max_new_tokens": _MAX_NEW.value},
+          "limit": _LIMIT.value, "batch_size": _BATCH_SIZE.value}
+
+
+def _load_assistant():
+  """The model and processor as an Assistant that decodes greedily with no repetition penalty (NVIDIA's
+  eval decodes greedily; transformers' generation_config.json would sample with a penalty of 1.05)."""
+  import jax
+  import jax.numpy as jnp
+
+  import af3_jax
+  from af3_jax import assistant, sharding, weights
+
+  root = weights.resolve(_MODEL.value)
+  adapter = weights.think_adapter(root) if _THINK.value else None
+  # Each process answers on its own first device (jax.devices()[0] is process 0's in a multi-process run).
+  model = af3_jax.from_pretrained(root, dtype=jnp.dtype(_DTYPE.value), adapter=adapter,
+                                  mesh=sharding.single_device_mesh(jax.local_devices()[0]))
+  return assistant.Assistant(model, af3_jax.Processor.from_pretrained(root, style=_STYLE.value),
+                             max_new_tokens=_MAX_NEW.value, think=_THINK.value, do_sample=False,
+                             repetition_penalty=1.0)
+
+
+def _report(summary: dict, out: Path) -> str:
+  """The summary in one line."""
+  score = next((f"{k} {summary[k]:.2f}%" for k in ("accuracy", "wer", "exact_match") if summary.get(k) is not None),
+               "no score")
+  speed = summary.get("throughput") or {}
+  pace = f"; {speed['items_per_s']:.2f} items/s, RTFx {speed['rtfx']:.1f}" if speed.get("items_per_s") else ""
+  return (f"{summary['task']}: {score} over {summary['n']} scored of {summary['items']} items "
+          f"({summary['errors']} errors){pace} -> {out / 'summary.json'}")
+
+
+def run() -> int:
+  """Evaluates, or rescores, as the flags say; returns the exit status."""
+  _check_flags()
+  from af3_jax.evaluation import runner
+
+  if _RESCORE.value is not None:
+    out = Path(_RESCORE.value)
+    print(_report(runner.rescore(out, _TASK.value), out))
+    return 0
+  import jax
+
+  from af3_jax import train_run
+  from af3_jax.evaluation import tasks
+
+  settings = _settings()
+  train_run.initialize_distributed()
+  process, count = jax.process_index(), jax.process_count()
+  benchmark = tasks.load(_TASK.value, _DATA.value, settings["audio_root"], settings["prompt_template"], _LIMIT.value)
+  out = Path(_OUT.value)
+  run_dir = runner.Run(out, benchmark, settings, process)
+  if run_dir.finished(_RETRY.value):
+    print(f"{out}: every item is answered and its files are written; nothing to do", file=sys.stderr)
+    return 0
+  todo = run_dir.todo(process, count, _RETRY.value)
+  session = runner.Throughput()
+  if todo:
+    bot = _load_assistant()
+    try:
+      session = run_dir.answer(todo, lambda prompts: runner.answer(bot, prompts, _BATCH_SIZE.value), process)
+    except KeyboardInterrupt:
+      print(f"\ninterrupted; answers so far are kept in {out}: rerun the same command to resume", file=sys.stderr)
+      return cli.INTERRUPTED
+  sessions = runner.gather(session)
+  if process == 0:
+    print(_report(run_dir.write(sessions), out))
+  return 0
+
+
+def main(argv: list[str]) -> None:
+  _parse_flags(argv)
+  cli.exit_with(run)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
