@@ -171,7 +171,7 @@ def _plan(cfg, workdir: Path, init_from: str) -> int:
 
 
 def _data(cfg, samples, init_from: str, rows: int):
-  """(this host's batches of `rows` rows, the run's total steps): total_steps, or epochs x the steps an
+  """(this host's batches of `rows` rows, the run's total steps, the pad id): total_steps, or epochs x the steps an
   epoch takes, counting the samples of the first step (read ahead, then replayed). Packed rows hold as
   many samples as fit, so there it is an estimate; it prints the first step's share of real tokens."""
   import jax
@@ -202,7 +202,7 @@ def _data(cfg, samples, init_from: str, rows: int):
   if total < 1:
     data.close()
     raise ValueError(f"{len(samples)} samples make no full step of {per_step}; set total_steps to repeat them")
-  return data, total
+  return data, total, processor.tokenizer.pad_token_id or 0
 
 
 def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
@@ -217,7 +217,7 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
   mesh = _mesh(cfg)
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
   rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
-  data, total = _data(cfg, samples, init_from, rows * cfg.accum_steps)
+  data, total, pad_id = _data(cfg, samples, init_from, rows * cfg.accum_steps)
 
   ckpt = checkpoint.Checkpointer(workdir / train_run.CHECKPOINTS, keep=cfg.keep_checkpoints, save_every=cfg.save_every)
   if start > total:
@@ -255,6 +255,8 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
         data.close()  # stops grain's worker processes now, not noisily at interpreter exit
         raise ValueError(str(e)) from None
       skipped = train_run.all_hosts_sum(int(host.pop("skipped")))
+      # Each host chose its length bucket from its own rows: all take the longest.
+      host = pipeline.pad_length(host, train_run.all_hosts_max(host["input_ids"].shape[1]), pad_id)
       batch = sharding.global_batch(host, mesh, cfg.accum_steps)
       shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
       with jax.set_mesh(mesh):

@@ -274,6 +274,13 @@ def all_hosts_sum(n: int) -> int:
   return int(multihost_utils.process_allgather(np.int32(n)).sum())
 
 
+def all_hosts_max(n: int) -> int:
+  """The largest `n` of every process (a per-host size, like a batch's length bucket)."""
+  if jax.process_count() == 1:
+    return n
+  return int(multihost_utils.process_allgather(np.int32(n)).max())
+
+
 def merged_state(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State) -> nnx.State:
   """The whole model's state with trained params in the frozen weights' dtype and LoRA merged away."""
   dtypes = {k: x.dtype for k, x in traverse_util.flatten_dict(nnx.to_pure_dict(frozen)).items()}

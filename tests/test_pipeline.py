@@ -194,3 +194,14 @@ def test_peek_with_worker_processes(processor, clips):
                               packing=True, seed=0, epochs=None, workers=1, source="m.json")
   assert_same_batch(pipeline.peek(it), next(it))
   it.close()
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_a_batch_padded_to_another_hosts_bucket_is_collated_at_that_bucket(processor, clips, packing):
+  """What train.py does when another host chose a longer bucket: the batch equals the one collated at
+  that length in the first place."""
+  kw = dict(packing=packing, windows_per_row=3 if packing else 1, rows=1, max_length=2048)
+  (short,) = batches(mixed(clips), processor, 1, buckets=(1024,), **kw)
+  (long,) = batches(mixed(clips), processor, 1, buckets=(2048,), **kw)
+  assert short["input_ids"].shape[1] < long["input_ids"].shape[1] == 2048
+  assert_same_batch(pipeline.pad_length(short, 2048, processor.tokenizer.pad_token_id or 0), long)

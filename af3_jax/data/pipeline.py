@@ -158,7 +158,7 @@ class Collate:
       records = [_packed_row(r) for r in records]
     longest = max(len(r["ids"]) for r in records)
     length = next(b for b in self.buckets if b >= longest)
-    fill = {"input_ids": self.pad_id, "labels": IGNORE}
+    fill = _fill(self.pad_id)
     shapes = batch_shapes(self.rows, self.windows_per_row, length, packed=self.packed)
     out = {k: np.full(shape, fill.get(k, 0), dtype) for k, (shape, dtype) in shapes.items()}
     out["skipped"] = np.int32(sum(r["skipped"] for r in records))
@@ -175,6 +175,22 @@ class Collate:
       out["input_features_mask"][w:w + n_windows] = r["features_mask"]
       out["audio_embed_mask"][w:w + n_windows] = np.arange(TOKENS_PER_WINDOW) < r["frames"][:, None]
     return out
+
+
+def _fill(pad_id: int) -> dict[str, int]:
+  """What padding holds, by input (0 where not named)."""
+  return {"input_ids": pad_id, "labels": IGNORE}
+
+
+TOKEN_INPUTS = ("input_ids", "attention_mask", "labels", "segment_ids", "position_ids")  # (rows, length)
+
+
+def pad_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
+  """`batch` with its token inputs right-padded to `length`, as `Collate` pads them. Hosts of a
+  multi-process run pick their length bucket each from their own samples; the global batch needs one."""
+  fill = _fill(pad_id)
+  return {k: np.pad(v, ((0, 0), (0, length - v.shape[1])), constant_values=fill.get(k, 0)) if k in TOKEN_INPUTS else v
+          for k, v in batch.items()}
 
 
 def batch_shapes(rows: int, windows_per_row: int, length: int, *,
