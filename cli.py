@@ -1,4 +1,4 @@
-"""What the command-line programs share (infer.py, eval.py): bad input as one `error:` line and exit
+"""What the command-line programs share (infer.py, eval.py, train.py): bad input as one `error:` line and exit
 1, Ctrl-C as exit 130. Importing it loads no jax: they check their flags before jax loads."""
 
 from __future__ import annotations
@@ -13,7 +13,10 @@ INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C (128 + S
 
 
 def fail(message: object) -> NoReturn:
-  print(f"error: {message}", file=sys.stderr)
+  # One write, newline included: print() and SystemExit write the newline apart, and a thread still
+  # logging (grain's readers after a data error) could land between them, gluing its line to ours.
+  sys.stderr.write(f"error: {message}\n")
+  sys.stderr.flush()
   sys.exit(1)
 
 

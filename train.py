@@ -21,6 +21,8 @@ from pathlib import Path
 from absl import app, flags
 from ml_collections import config_flags
 
+import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the final model go here.")
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Plan memory only: compile the stage's train step for "
@@ -299,7 +301,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
     problem = f"no such config field in the --config overrides: {e.args[0] if e.args else e}"
   except OSError as e:  # ml_collections: the --config file cannot be loaded
     problem = f"cannot load the --config file: {e}"
-  sys.exit(f"error: {' '.join(str(problem).split())}")
+  cli.fail(' '.join(str(problem).split()))
 
 
 def main(argv: list[str]) -> None:
@@ -309,7 +311,7 @@ def main(argv: list[str]) -> None:
   try:
     code = run(_CONFIG.value, Path(_WORKDIR.value), _COMPILE_ONLY.value)
   except ValueError as e:
-    sys.exit(f"error: {e}")
+    cli.fail(e)
   print(f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
   sys.exit(code)
 
