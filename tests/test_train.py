@@ -353,10 +353,11 @@ def test_two_processes_match_one(run_setup, tmp_path):
   same samples: packing more would fill each host's rows from its own share."""
   model, manifest, _ = run_setup
   args = ("--config.total_steps=3", "--config.save_every=100")
+  two = start_processes(train_args(tmp_path / "two", model, manifest, *args), ROOT)  # first: it may skip
   one = subprocess.Popen([sys.executable, *train_args(tmp_path / "one", model, manifest, *args)], cwd=ROOT,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env={**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
-  procs = [one, *start_processes(train_args(tmp_path / "two", model, manifest, *args), ROOT)]
+  procs = [one, *two]
   for p, (_, err) in zip(procs, finish(procs, timeout=240)):
     assert p.returncode == 0, err[-2000:]
   single, _ = losses(tmp_path / "one")
