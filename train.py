@@ -194,9 +194,8 @@ def _data(cfg, samples, init_from: str, rows: int):
   except pipeline.NothingUsable:
     data.close()  # stops grain's worker processes now, not noisily at interpreter exit
     raise
-  per_step = train_run.all_hosts_sum(pipeline.samples_in(first))
-  real = train_run.all_hosts_sum(int(first["attention_mask"].sum()))
-  slots = train_run.all_hosts_sum(first["attention_mask"].size)
+  per_step, real, slots = train_run.all_hosts(pipeline.samples_in(first), int(first["attention_mask"].sum()),
+                                              first["attention_mask"].size).sum(axis=0).tolist()
   per_epoch = len(samples) // per_step
   print(f"first step: {per_step} sample(s) ({'packed' if cfg.data.packing else 'one a row'}), real tokens in "
         f"{real / slots:.1%} of its {slots:,} token slots; {per_epoch} steps an epoch")
@@ -256,9 +255,10 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
         ckpt.close()
         data.close()  # stops grain's worker processes now, not noisily at interpreter exit
         raise ValueError(str(e)) from None
-      skipped = train_run.all_hosts_sum(int(host.pop("skipped")))
       # Each host chose its length bucket from its own rows: all take the longest.
-      host = pipeline.pad_length(host, train_run.all_hosts_max(host["input_ids"].shape[1]), pad_id)
+      hosts = train_run.all_hosts(int(host.pop("skipped")), host["input_ids"].shape[1])
+      skipped, length = int(hosts[:, 0].sum()), int(hosts[:, 1].max())
+      host = pipeline.pad_length(host, length, pad_id)
       batch = sharding.global_batch(host, mesh, cfg.accum_steps)
       shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
       with jax.set_mesh(mesh):

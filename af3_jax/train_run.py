@@ -267,18 +267,18 @@ def count(state: nnx.State) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
 
 
+def all_hosts(*values: int) -> np.ndarray:
+  """Every process's `values` (per-host counts and sizes), one row per process: one collective for
+  all of them, so a step pays one host sync however many it gathers."""
+  mine = np.asarray([values], np.int32)
+  if jax.process_count() == 1:
+    return mine
+  return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(values))
+
+
 def all_hosts_sum(n: int) -> int:
   """The sum of `n` over every process (a per-host count, like skipped samples)."""
-  if jax.process_count() == 1:
-    return n
-  return int(multihost_utils.process_allgather(np.int32(n)).sum())
-
-
-def all_hosts_max(n: int) -> int:
-  """The largest `n` of every process (a per-host size, like a batch's length bucket)."""
-  if jax.process_count() == 1:
-    return n
-  return int(multihost_utils.process_allgather(np.int32(n)).max())
+  return int(all_hosts(n).sum())
 
 
 def merged_state(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State) -> nnx.State:

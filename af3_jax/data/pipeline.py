@@ -188,6 +188,8 @@ TOKEN_INPUTS = ("input_ids", "attention_mask", "labels", "segment_ids", "positio
 def pad_length(batch: dict[str, np.ndarray], length: int, pad_id: int) -> dict[str, np.ndarray]:
   """`batch` with its token inputs right-padded to `length`, as `Collate` pads them. Hosts of a
   multi-process run pick their length bucket each from their own samples; the global batch needs one."""
+  if batch["input_ids"].shape[1] == length:  # one host, or the longest: nothing to copy
+    return batch
   fill = _fill(pad_id)
   return {k: np.pad(v, ((0, 0), (0, length - v.shape[1])), constant_values=fill.get(k, 0)) if k in TOKEN_INPUTS else v
           for k, v in batch.items()}
