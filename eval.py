@@ -41,6 +41,9 @@ _STYLE = flags.DEFINE_enum("style", "nvidia", ["hf", "nvidia"], "Prompt style (s
                            "the paper's numbers were made.", flag_values=FLAGS)
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.",
                            flag_values=FLAGS)
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],  # af3_jax.quantization.MODES, before jax loads
+                              "int8: the decoder's linears as int8 weights (half their memory; see README).",
+                              flag_values=FLAGS)
 _RETRY = flags.DEFINE_bool("retry-errors", False, "Answer again the items that failed (a missing audio "
                            "file since put back).", flag_values=FLAGS)
 _RESCORE = flags.DEFINE_string("rescore", None, "Recompute OUT/summary.json from OUT/predictions.json; "
@@ -75,12 +78,14 @@ def _settings() -> dict:
   data = Path(_DATA.value).resolve()
   model = Path(_MODEL.value)
   template = _TEMPLATE.value.replace("\\n", "\n") if _TEMPLATE.value is not None else tasks.TASKS[_TASK.value].template
+  # Recorded only when on, so that runs made before --quantize existed still resume.
+  quantize = {"quantize": _QUANTIZE.value} if _QUANTIZE.value != "none" else {}
   return {"task": _TASK.value, "data": str(data),
           "audio_root": str(Path(_AUDIO_ROOT.value).resolve() if _AUDIO_ROOT.value else data.parent),
           "model": str(model.resolve()) if model.exists() else _MODEL.value, "prompt_template": template,
           "style": _STYLE.value, "dtype": _DTYPE.value, "think": _THINK.value,
           "decoding": {"greedy": True, "repetition_penalty": 1.0, "max_new_tokens": _MAX_NEW.value},
-          "limit": _LIMIT.value, "batch_size": _BATCH_SIZE.value}
+          "limit": _LIMIT.value, "batch_size": _BATCH_SIZE.value, **quantize}
 
 
 def _load_assistant():
@@ -95,7 +100,7 @@ def _load_assistant():
   root = weights.resolve(_MODEL.value)
   adapter = weights.think_adapter(root) if _THINK.value else None
   # Each process answers on its own first device (jax.devices()[0] is process 0's in a multi-process run).
-  model = af3_jax.from_pretrained(root, dtype=jnp.dtype(_DTYPE.value), adapter=adapter,
+  model = af3_jax.from_pretrained(root, dtype=jnp.dtype(_DTYPE.value), adapter=adapter, quantize=_QUANTIZE.value,
                                   mesh=sharding.single_device_mesh(jax.local_devices()[0]))
   return assistant.Assistant(model, af3_jax.Processor.from_pretrained(root, style=_STYLE.value),
                              max_new_tokens=_MAX_NEW.value, think=_THINK.value, do_sample=False,

@@ -38,6 +38,10 @@ NVIDIA_PREFIXES = {
                            ("layers.2.", "multi_modal_projector.linear_2.")),
 }
 
+# The per-output-channel scale beside an int8 kernel (`layers.Linear.quantize_int8`): made when the
+# kernel is quantised at load, so no checkpoint holds it.
+INT8_SCALE = "kernel_scale"
+
 _NORMS = re.compile(r"(norm|layernorm|layer_norm)$")
 _EMBEDDINGS = ("embed_tokens", "embed_positions")
 _CONVS = ("conv1", "conv2")

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from af3_jax import lora, sharding, weights
+from af3_jax import lora, quantization, sharding, weights
 from af3_jax.config import AF3Config, read_json
 from af3_jax.generation import GenerationConfig
 from af3_jax.models import layers, whisper
@@ -19,13 +19,19 @@ from af3_jax.models.af3 import AudioFlamingo3, audio_positions
 
 
 def abstract_model(cfg: AF3Config, *, param_dtype, compute_dtype, mesh: jax.sharding.Mesh,
-                   rules=sharding.LOGICAL_RULES, remat: str = "none"):
+                   rules=sharding.LOGICAL_RULES, remat: str = "none", quantize: str | None = None):
   """(graphdef, abstract state, shardings) of the model, without allocating any parameter. `remat`
-  names the layer stacks' rematerialisation policy (`layers.REMAT_POLICIES`): training memory."""
-  module = nnx.eval_shape(lambda: AudioFlamingo3(cfg, compute_dtype=compute_dtype, param_dtype=param_dtype,
-                                                 remat=remat, rngs=nnx.Rngs(0)))
+  names the layer stacks' rematerialisation policy (`layers.REMAT_POLICIES`): training memory.
+  quantize: "int8" gives the decoder's linears int8 kernels and their scales (`quantization`)."""
+  module = nnx.eval_shape(lambda: _build(cfg, param_dtype, compute_dtype, remat, quantize, seed=0))
   graphdef, abstract_state = nnx.split(module)
   return graphdef, abstract_state, sharding.state_shardings(abstract_state, mesh, rules)
+
+
+def _build(cfg: AF3Config, param_dtype, compute_dtype, remat: str, quantize: str | None, seed: int) -> AudioFlamingo3:
+  module = AudioFlamingo3(cfg, compute_dtype=compute_dtype, param_dtype=param_dtype, remat=remat,
+                          rngs=nnx.Rngs(seed))
+  return quantization.quantize_module(module) if quantization.mode(quantize) else module
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -99,27 +105,42 @@ def check_inputs(cfg: AF3Config, *, input_ids, attention_mask=None, input_featur
 
 
 def from_pretrained(path_or_hub_id: str | Path, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, *,
-                    compute_dtype=None, adapter: str | Path | None = None, remat: str = "none") -> Model:
+                    compute_dtype=None, adapter: str | Path | None = None, remat: str = "none",
+                    quantize: str | None = None) -> Model:
   """Loads AF3 from a local folder or hub id: any upstream safetensors layout, or our orbax copy.
 
   dtype: the parameters' dtype; compute_dtype: activations' (defaults to dtype). With `mesh`, parameters
   are born sharded by the logical rules in `sharding.py`; without, they live on the first device.
   adapter: a PEFT LoRA folder (think mode: the checkpoint's `think/` or `stage35/`), merged on load.
   remat: the layer stacks' rematerialisation policy for training ("none" for inference), by name.
+  quantize: None or "none" (keep `dtype`), or "int8": the decoder's linears become int8 weights with a
+  scale per output channel, for decoding (`quantization`); not for training.
   """
   if remat not in layers.REMAT_POLICIES:
     raise ValueError(f"remat must be one of {sorted(layers.REMAT_POLICIES)}, got {remat!r}")
+  quantize = quantization.mode(quantize)
+  if quantize and remat != "none":
+    raise ValueError(f"quantize={quantize!r} is for decoding; training (remat={remat!r}) needs the float weights")
   root = weights.resolve(path_or_hub_id)
   cfg = weights.read_config(root)
   generation = read_generation_config(root)
   mesh = mesh if mesh is not None else sharding.single_device_mesh()
-  param_dtype = dtype
-  graphdef, abstract_state, shardings = abstract_model(
-      cfg, param_dtype=param_dtype, compute_dtype=compute_dtype or param_dtype, mesh=mesh, remat=remat)
+  kw = dict(param_dtype=dtype, compute_dtype=compute_dtype or dtype, mesh=mesh, remat=remat)
+  graphdef, abstract_state, shardings = abstract_model(cfg, **kw, quantize=quantize)
   load = weights.load_orbax if weights.layout(root) == "orbax" else weights.load_safetensors
-  state = load(root, abstract_state, shardings)
+  # Safetensors are quantised on the host as they stream in, so the float weights never reach the device.
+  # An orbax copy restores whole, and an adapter merges into float weights: those load the float model
+  # onto the device first and quantise it there.
+  streamed = not quantize or (load is weights.load_safetensors and adapter is None)
+  if streamed:
+    state = load(root, abstract_state, shardings)
+  else:
+    _, float_state, float_shardings = abstract_model(cfg, **kw)
+    state = load(root, float_state, float_shardings)
   if adapter is not None:
     state = lora.merge_peft(state, adapter)
+  if not streamed:
+    state = quantization.quantize_state(state, abstract_state, shardings)
   return Model(cfg, graphdef, state, mesh, root, generation)
 
 
@@ -137,8 +158,10 @@ def read_generation_config(root: Path) -> GenerationConfig:
     raise ValueError(f"{gen_file}: {e}") from None
 
 
-def init_random(cfg: AF3Config, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, seed: int = 0) -> Model:
-  """A Model with random weights (our layers' init, in `dtype` for parameters and compute), for benchmarks.
+def init_random(cfg: AF3Config, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
+                quantize: str | None = None) -> Model:
+  """A Model with random weights (our layers' init, in `dtype` for parameters and compute), for benchmarks;
+  `quantize` as in `from_pretrained`.
 
   The constructor runs inside `jax.jit` with the logical shardings as `out_shardings`, so every
   parameter is born on its devices, sharded; the full model never exists on the host or on one device
@@ -146,11 +169,11 @@ def init_random(cfg: AF3Config, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh |
   generation defaults: generation has no eos unless one is passed.
   """
   mesh = mesh if mesh is not None else sharding.single_device_mesh()
-  graphdef, _, shardings = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh)
+  graphdef, _, shardings = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh, quantize=quantize)
 
   @functools.partial(jax.jit, out_shardings=shardings)
   def init_fn() -> nnx.State:
-    return nnx.split(AudioFlamingo3(cfg, compute_dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(seed)))[1]
+    return nnx.split(_build(cfg, dtype, dtype, "none", quantize, seed))[1]
 
   with jax.set_mesh(mesh):
     return Model(cfg, graphdef, init_fn(), mesh)

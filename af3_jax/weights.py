@@ -19,6 +19,7 @@ from flax import nnx, traverse_util
 
 from af3_jax import names
 from af3_jax.config import AF3Config, decoder_config, encoder_config, parse_json, read_json
+from af3_jax.models import layers
 from af3_jax.safetensors_file import SafetensorsFile
 
 ORBAX_PARAMS = "params"  # our converted checkpoints: config.json + orbax tree in this subfolder
@@ -166,8 +167,10 @@ def _plan(sources: dict[str, tuple[Path, str]], files: dict[Path, SafetensorsFil
     plan.setdefault(path, {})[layer] = canon
   missing = []
   for path, var in abstract.items():
-    layers = plan.get(path, {})
-    missing += [names.hf_key(path, i) for i in names.layers_of(path, var.shape) if i not in layers]
+    if path[-1] == names.INT8_SCALE:
+      continue
+    have = plan.get(path, {})
+    missing += [names.hf_key(path, i) for i in names.layers_of(path, var.shape) if i not in have]
   problems = [(f"missing keys: {', '.join(sorted(missing))}", missing),
               (f"unexpected keys: {', '.join(sorted(unexpected))}", unexpected),
               (f"shape mismatches: {'; '.join(bad_shapes)}", bad_shapes)]
@@ -177,22 +180,40 @@ def _plan(sources: dict[str, tuple[Path, str]], files: dict[Path, SafetensorsFil
 
 
 def load_safetensors(root: Path, abstract_state: nnx.State, shardings: nnx.State) -> nnx.State:
-  """Streams an upstream checkpoint into `abstract_state`'s dtypes and `shardings`."""
+  """Streams an upstream checkpoint into `abstract_state`'s dtypes and `shardings`.
+
+  An int8 kernel with a `names.INT8_SCALE` beside it (a quantised model) is quantised here on the host,
+  layer by layer as it streams in, so neither host nor device ever holds its float form whole.
+  """
   sources = tensor_sources(root)
   files = {f: SafetensorsFile(f) for f in {f for f, _ in sources.values()}}
   abstract = traverse_util.flatten_dict(nnx.to_pure_dict(abstract_state))
   target = traverse_util.flatten_dict(nnx.to_pure_dict(shardings))
   loaded = {}
-  for path, by_layer in _plan(sources, files, abstract).items():
-    spec = abstract[path]
-    buffer = np.empty(spec.shape, spec.dtype)  # the one host copy of this parameter
-    for layer, canon in by_layer.items():
-      file, key = sources[canon]
-      # Casting assignment from the memory map: no intermediate copy in the source dtype.
-      buffer[() if layer is None else layer] = names.torch_to_ours(files[file].get(key), names.param_path(canon)[2])
-    loaded[path] = jax.make_array_from_callback(spec.shape, target[path], lambda idx, b=buffer: b[idx])
+
+  def put(path, buffer):
+    loaded[path] = jax.make_array_from_callback(buffer.shape, target[path], lambda idx: buffer[idx])
     # Transfers are asynchronous and keep their host buffer alive; waiting bounds the peak to one buffer.
     loaded[path].block_until_ready()
+
+  for path, by_layer in _plan(sources, files, abstract).items():
+    spec = abstract[path]
+    scale_path = (*path[:-1], names.INT8_SCALE)
+    buffer = np.empty(spec.shape, spec.dtype)  # the one host copy of this parameter
+    quantized = path[-1] == "kernel" and scale_path in abstract
+    scales = np.empty(abstract[scale_path].shape, np.float32) if quantized else None
+    for layer, canon in by_layer.items():
+      file, key = sources[canon]
+      at = () if layer is None else layer
+      # Casting assignment from the memory map: no intermediate copy in the source dtype.
+      tensor = names.torch_to_ours(files[file].get(key), names.param_path(canon)[2])
+      if scales is None:
+        buffer[at] = tensor
+      else:
+        buffer[at], scales[at] = layers.int8_per_channel(tensor)
+    put(path, buffer)
+    if scales is not None:
+      put(scale_path, scales)
   nnx.replace_by_pure_dict(abstract_state, traverse_util.unflatten_dict(loaded))
   return abstract_state
 

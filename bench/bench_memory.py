@@ -1,16 +1,19 @@
 """Host memory of long-audio generation: peak RSS of one `af3_jax.generate` call per audio length.
 
   python bench/bench_memory.py                       # the tiny test model, 5 and 10 minutes of audio
-  python bench/bench_memory.py --size full --aot     # compiled temporaries only, at the released AF3 size
+  python bench/bench_memory.py --size full --aot     # compiled memory only, at the released AF3 size
+  python bench/bench_memory.py --size full --aot --dtype bfloat16 --quantize int8 --minutes 0.5
   (from the repo root, with af3_jax installed or PYTHONPATH=.)
 
 Each length runs in a fresh process: random weights (no checkpoint), an NVIDIA-style prompt (`<sound>`
 and a newline per 30 s window, 750 audio frames each: 5 minutes is 7,500 audio tokens, 10 minutes
 15,000), then a few greedy tokens. Reported: the peak resident set size (`ru_maxrss`) before generating
-(runtime and weights) and after, and the compiled temporaries of the prefill (audio encoder and prompt).
-Prompt and windows are padded to generate's power-of-two buckets (10 minutes: 16,384 tokens, 32
-windows), as in real use. `--aot` only compiles the prefill from abstract weights, so it runs at full
-size on a CPU (shared/STYLE.md 21).
+(runtime and weights) and after, and the compiled memory of `generate`'s two programs: the prefill (audio
+encoder and prompt) and one decode step after it: the weights' bytes, the decode state's (KV cache), and
+each program's temporaries. Prompt and windows are padded to generate's power-of-two buckets (10
+minutes: 16,384 tokens, 32 windows), as in real use. `--aot` only compiles, from abstract weights, so it
+runs at full size on a CPU (shared/STYLE.md 21). XLA:CPU computes bfloat16 dots in float32 and makes
+float32 copies of the bfloat16 weights they read: temporaries a GPU does not have.
 """
 
 from __future__ import annotations
@@ -40,19 +43,21 @@ from presets import MODELS
 
 _SIZE = flags.DEFINE_enum("size", "test", ["test", "tiny", "full"], "A model preset (test: the tests' tiny model).")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Parameter and compute dtype.")
-_MINUTES = flags.DEFINE_multi_integer("minutes", [5, 10], "Audio lengths in minutes (30 s windows, at most 10).")
+_MINUTES = flags.DEFINE_multi_float("minutes", [5, 10], "Audio lengths in minutes (30 s windows, 0.5 to 10).")
 _NEW = flags.DEFINE_integer("new-tokens", 4, "Tokens to generate.")
-_AOT = flags.DEFINE_bool("aot", False, "Only compile the prefill from abstract weights and report its temporaries.")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "As from_pretrained's quantize.")
+_AOT = flags.DEFINE_bool("aot", False, "Only compile the prefill and a decode step from abstract weights and report "
+                         "their memory.")
 _CHILD = flags.DEFINE_bool("child", False, "Internal: measure one length in this process and print JSON.")
 
 PROMPT = (4, 12)  # text tokens before and after the audio
 NEWLINE = 3  # the token id that follows each window's `<sound>` tokens
 
 
-def nvidia_batch(cfg: AF3Config, minutes: int, seed: int = 0) -> dict[str, np.ndarray]:
+def nvidia_batch(cfg: AF3Config, minutes: float, seed: int = 0) -> dict[str, np.ndarray]:
   """One row, padded to generate's buckets: text, then `<sound>` x 750 and a newline per window, then text."""
   rng = np.random.default_rng(seed)
-  windows = 2 * minutes
+  windows = round(2 * minutes)
   text = lambda n: rng.integers(NEWLINE + 1, cfg.audio_token_id, n)
   window = np.concatenate([np.full(tokens_per_window(cfg.encoder), cfg.audio_token_id), [NEWLINE]])
   ids = np.concatenate([text(PROMPT[0]), *[window] * windows, text(PROMPT[1])])
@@ -67,10 +72,12 @@ def nvidia_batch(cfg: AF3Config, minutes: int, seed: int = 0) -> dict[str, np.nd
       audio_embed_mask=np.repeat(real[:, None], tokens_per_window(cfg.encoder), axis=1))
 
 
-def prefill_temp_bytes(cfg: AF3Config, dtype, batch: dict, new_tokens: int) -> int:
-  """Compiled temporaries of `decode.prefill` for `batch`, from abstract weights (nothing allocated)."""
+def compiled_memory(cfg: AF3Config, dtype, batch: dict, new_tokens: int, quantize: str) -> dict[str, int]:
+  """Bytes of the weights and of the decode state (KV cache and the rest, as the prefill returns it), and
+  the compiled temporaries of `decode.prefill` for `batch` and of one `decode.step` after it (donating
+  the state, as `generate_stream` does), from abstract weights: nothing is allocated."""
   mesh = sharding.single_device_mesh()
-  graphdef, abstract, _ = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh)
+  graphdef, abstract, _ = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh, quantize=quantize)
   new_len = bucket(new_tokens, decode.MIN_BUCKET)
   eos = np.full(4, -1, np.int32)
 
@@ -78,9 +85,16 @@ def prefill_temp_bytes(cfg: AF3Config, dtype, batch: dict, new_tokens: int) -> i
     return decode.prefill(nnx.merge(graphdef, state), batch, new_len, Sampling(), jax.random.key(0), eos,
                           np.int32(0))
 
+  def step_fn(state, decoding):
+    return decode.step(nnx.merge(graphdef, state), decoding, Sampling())
+
   with jax.set_mesh(mesh):
-    compiled = jax.jit(prefill_fn).lower(abstract, batch).compile()
-  return compiled.memory_analysis().temp_size_in_bytes
+    prefill = jax.jit(prefill_fn).lower(abstract, batch).compile()
+    decoding = jax.eval_shape(prefill_fn, abstract, batch)
+    step = jax.jit(step_fn, donate_argnums=1).lower(abstract, decoding).compile()
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  return dict(weights=nbytes(abstract), state=nbytes(decoding), prefill_temp=prefill.memory_analysis().temp_size_in_bytes,
+              step_temp=step.memory_analysis().temp_size_in_bytes)
 
 
 def peak_rss() -> int:
@@ -88,11 +102,11 @@ def peak_rss() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(cfg: AF3Config, dtype, minutes: int, new_tokens: int, aot: bool) -> dict:
+def measure(cfg: AF3Config, dtype, minutes: float, new_tokens: int, aot: bool, quantize: str) -> dict:
   batch = nvidia_batch(cfg, minutes)
   out = dict(minutes=minutes, prompt=int(batch["attention_mask"].sum()), padded=batch["input_ids"].shape[1])
   if not aot:
-    model = init_random(cfg, dtype=dtype)
+    model = init_random(cfg, dtype=dtype, quantize=quantize)
     jax.block_until_ready(model.state)
     out["rss_before"] = peak_rss()
     start = time.perf_counter()
@@ -101,15 +115,17 @@ def measure(cfg: AF3Config, dtype, minutes: int, new_tokens: int, aot: bool) -> 
     out["rss_peak"] = peak_rss()
     if tokens.shape != (1, new_tokens):
       raise RuntimeError(f"generated {tokens.shape}, expected (1, {new_tokens})")
-  out["prefill_temp"] = prefill_temp_bytes(cfg, dtype, batch, new_tokens)
+  out.update(compiled_memory(cfg, dtype, batch, new_tokens, quantize))
+  # Device memory at the larger of the two programs: weights, decode state, that program's temporaries.
+  out["peak"] = out["weights"] + out["state"] + max(out["prefill_temp"], out["step_temp"])
   return out
 
 
 def row(r: dict) -> str:
   gib = lambda key: f"{r[key] / 2**30:.2f}" if key in r else "-"
   seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
-  return (f"| {r['minutes']} min | {r['prompt']:,} ({r['padded']:,}) | {gib('rss_before')} | {gib('rss_peak')} | "
-          f"{gib('prefill_temp')} | {seconds} |")
+  return (f"| {r['minutes']:g} min | {r['prompt']:,} ({r['padded']:,}) | {gib('rss_before')} | {gib('rss_peak')} | "
+          f"{gib('weights')} | {gib('state')} | {gib('prefill_temp')} | {gib('step_temp')} | {gib('peak')} | {seconds} |")
 
 
 def main(argv: list[str]) -> int:
@@ -117,18 +133,19 @@ def main(argv: list[str]) -> int:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cfg, dtype = MODELS[_SIZE.value], jnp.dtype(_DTYPE.value)
   if _CHILD.value:
-    print(json.dumps(measure(cfg, dtype, _MINUTES.value[0], _NEW.value, _AOT.value)))
+    print(json.dumps(measure(cfg, dtype, _MINUTES.value[0], _NEW.value, _AOT.value, _QUANTIZE.value)))
     return 0
-  if not all(1 <= m <= 10 for m in _MINUTES.value):
-    print("--minutes must be between 1 and 10 (at most 20 windows of 30 s)", file=sys.stderr)
+  if not all(0.5 <= m <= 10 and (2 * m).is_integer() for m in _MINUTES.value):
+    print("--minutes must be whole 30 s windows from 0.5 to 10 (at most 20 windows)", file=sys.stderr)
     return 1
-  print(f"{_SIZE.value} AF3, {_DTYPE.value}, {_NEW.value} new tokens | JAX {jax.__version__} on "
+  print(f"{_SIZE.value} AF3, {_DTYPE.value}, quantize {_QUANTIZE.value}, {_NEW.value} new tokens | JAX {jax.__version__} on "
         f"{jax.devices()[0].device_kind} | {datetime.datetime.now().isoformat(timespec='minutes')}", flush=True)
-  lines = ["| audio | prompt tokens (padded) | RSS before GiB | peak RSS GiB | prefill temporaries GiB | seconds |",
-           "|---|---|---|---|---|---|"]
+  lines = ["| audio | prompt tokens (padded) | RSS before GiB | peak RSS GiB | weights GiB | decode state GiB | "
+           "prefill temporaries GiB | step temporaries GiB | device peak GiB | seconds |", "|" + "---|" * 10]
   for minutes in _MINUTES.value:
     args = [sys.executable, Path(__file__).resolve(), "--child", f"--minutes={minutes}", f"--size={_SIZE.value}",
-            f"--dtype={_DTYPE.value}", f"--new-tokens={_NEW.value}", f"--aot={_AOT.value}"]
+            f"--dtype={_DTYPE.value}", f"--new-tokens={_NEW.value}", f"--aot={_AOT.value}",
+            f"--quantize={_QUANTIZE.value}"]
     child = subprocess.run(args, capture_output=True, text=True)
     if child.returncode != 0:
       print(f"{minutes} min: the measuring process failed ({child.returncode}):\n{child.stderr[-3000:]}",

@@ -56,6 +56,13 @@ def test_two_audios(model_dir, clips, capsys, monkeypatch):
   assert "9.5 s of audio" in err
 
 
+def test_int8_answer(model_dir, clips, capsys, monkeypatch):
+  args = ["--model", str(model_dir), "--audio", str(clips / "a.wav"), "--greedy", "--quantize", "int8",
+          "--max-new-tokens", "6"]
+  code, out, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
+  assert code == 0 and out.strip() and "new tokens/s" in err
+
+
 def test_chat_through_stdin(model_dir, clips, capsys, monkeypatch):
   script = f"/audio {clips / 'a.wav'}\nWhat is it?\n/audio {clips / 'missing.wav'}\nAnd this?\nThanks.\n/reset\nHi\n/exit\nignored\n"
   code, out, err = run_cli(["--model", str(model_dir), "--chat", "--greedy", "--max-new-tokens", "4"], script,

@@ -92,6 +92,7 @@ def records(path):
     (["--out", "{tmp}/../{name}/m.json"], "error: {tmp}/../{name}/m.json: --out is the manifest itself; "
                                           "write the results to another file"),
     (["--out", "{tmp}/r.jsonl", "stray"], "error: unexpected arguments: stray"),
+    (["--quantize", "int4"], "error: flag --quantize=int4: value should be one of <none|int8>"),
 ])
 def test_bad_flags_are_one_line_before_the_model_loads(args, message, tmp_path):
   manifest = write_manifest(tmp_path / "m.json", [item("a")])

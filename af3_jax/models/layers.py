@@ -2,7 +2,8 @@
 
 Parameters live in `param_dtype`; `__call__` computes in `compute_dtype`. Norms compute in float32 whatever the
 compute dtype, as the PyTorch reference does. Weight layouts: Linear `kernel` is (in, out) (the transpose
-of torch's `weight`), Conv1d `kernel` is (k, in, out).
+of torch's `weight`), Conv1d `kernel` is (k, in, out). A Linear may hold its kernel in int8 instead
+(`Linear.quantize_int8`, for decoding), with a float32 scale per output channel.
 """
 
 from __future__ import annotations
@@ -25,12 +26,29 @@ def param(rngs: nnx.Rngs, init, shape: Sequence[int], dtype, axes: Axes) -> nnx.
   return nnx.Param(init(rngs.params(), tuple(shape), dtype), out_sharding=axes, eager_sharding=False)
 
 
+def int8_per_channel(kernel):
+  """A (..., in, out) kernel -> (int8 kernel of its shape, float32 scale (..., out)): symmetric, one
+  scale per output channel, kernel ~ q * scale with q in [-127, 127] rounded to nearest.
+
+  Written with array methods and operators only, so it runs on numpy arrays (the loader quantises on the
+  host as tensors stream in) and on jax arrays (under jit) alike. An all-zero channel gets scale 0.
+  """
+  w = kernel.astype("float32")
+  scale = abs(w).max(axis=-2) * (1 / 127)  # as XLA computes w / 127: host and device scales agree
+  q = (w / (scale + (scale == 0))[..., None, :]).round().clip(-127, 127)
+  return q.astype("int8"), scale
+
+
 class Linear(nnx.Module):
   """`torch.nn.Linear`: y = x @ kernel + bias, plus an optional LoRA term (peft's `lora.Linear`).
 
   With LoRA (`add_lora`): y = x @ kernel + lora_scale * (x @ lora_a) @ lora_b + bias, where lora_a
   (in, r) = peft's `lora_A.weight.T` and lora_b (r, out) = `lora_B.weight.T`. The base `kernel` keeps its
   path and value, so checkpoints load unchanged and LoRA weights train as `nnx.LoRAParam`.
+
+  Quantised (`quantize_int8`): `kernel` holds int8 and `kernel_scale` (out,) float32, and
+  y = (x @ kernel) * kernel_scale: the dot reads the int8 weights converted to the compute dtype (a
+  convert XLA can fuse into the matmul's operand), and the scale applies to its (..., out) result.
   """
 
   def __init__(self, in_features: int, out_features: int, *, use_bias: bool, axes: Axes, compute_dtype,
@@ -38,9 +56,20 @@ class Linear(nnx.Module):
     self.compute_dtype = compute_dtype
     self.kernel = param(rngs, _normal, (in_features, out_features), param_dtype, axes)
     self.bias = param(rngs, jax.nn.initializers.zeros, (out_features,), param_dtype, axes[1:]) if use_bias else None
+    self.kernel_scale: nnx.Param | None = nnx.data(None)
     self.lora_a: nnx.LoRAParam | None = nnx.data(None)
     self.lora_b: nnx.LoRAParam | None = nnx.data(None)
     self.lora_scale: float | None = None
+
+  def quantize_int8(self) -> None:
+    """Replaces the kernel by its int8 form (`int8_per_channel`) and a `kernel_scale` on the kernel's
+    output axis (stacked layers: (L, out), axes (layers, out_axis)). Works on abstract modules too."""
+    if self.kernel_scale is not None:
+      raise ValueError("this Linear is already quantised")
+    *lead_axes, in_axis, out_axis = nnx.get_partition_spec(self.kernel).get_value()
+    q, scale = int8_per_channel(self.kernel[...])
+    self.kernel = nnx.Param(q, out_sharding=(*lead_axes, in_axis, out_axis), eager_sharding=False)
+    self.kernel_scale = nnx.Param(scale, out_sharding=(*lead_axes, out_axis), eager_sharding=False)
 
   def add_lora(self, rank: int, alpha: float, key: jax.Array, param_dtype=jnp.float32) -> None:
     """Adds LoRA weights of rank `rank` with scale alpha / rank, as peft initialises them.
@@ -62,7 +91,11 @@ class Linear(nnx.Module):
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x.astype(self.compute_dtype)
-    y = jnp.dot(x, self.kernel[...].astype(self.compute_dtype))
+    kernel = self.kernel[...].astype(self.compute_dtype)
+    if self.kernel_scale is None:
+      y = jnp.dot(x, kernel)
+    else:
+      y = (jnp.dot(x, kernel, preferred_element_type=jnp.float32) * self.kernel_scale[...]).astype(self.compute_dtype)
     if self.lora_a is not None:
       h = jnp.dot(x, self.lora_a[...].astype(self.compute_dtype))
       y = y + self.lora_scale * jnp.dot(h, self.lora_b[...].astype(self.compute_dtype))
