@@ -47,6 +47,8 @@ from presets import MODELS
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "A preset: the model and the defaults below.")
 _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where both run (auto: gpu if torch sees one).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype, both sides.")
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "JAX's weights as from_pretrained's quantize "
+                              "(int8: the decoder's linears); torch keeps --dtype.")
 _NEW = flags.DEFINE_integer("new-tokens", None, "Tokens each row decodes, at least 2 (default: the preset's).")
 _REPEATS = flags.DEFINE_integer("repeats", None, "Warm runs per cell, medians reported (default: the preset's).")
 _AUDIO = flags.DEFINE_multi_enum("audio", None, ["30s", "10min"], "Audio lengths (default: the preset's).")
@@ -234,8 +236,8 @@ def main(argv: list[str]) -> int:
   platform = _DEVICE.value if _DEVICE.value != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
   torch_device = "cuda" if platform == "gpu" else "cpu"
   jax_device = jax.devices(platform)[0]
-  header = (f"{_SIZE.value} AF3, {_DTYPE.value}, {n} new tokens, {repeats} warm runs | JAX {jax.__version__} on "
-            f"{jax_device.device_kind} | torch {torch.__version__} (transformers {transformers.__version__}) on "
+  header = (f"{_SIZE.value} AF3, {_DTYPE.value}, JAX quantize {_QUANTIZE.value}, {n} new tokens, {repeats} warm runs | "
+            f"JAX {jax.__version__} on {jax_device.device_kind} | torch {torch.__version__} (transformers {transformers.__version__}) on "
             f"{torch.cuda.get_device_name() if torch_device == 'cuda' else 'cpu'} | "
             f"{datetime.datetime.now().isoformat(timespec='minutes')}")
   print(header, flush=True)
@@ -248,7 +250,8 @@ def main(argv: list[str]) -> int:
     torch.cuda.empty_cache()
 
   start = time.perf_counter()
-  jmodel = init_random(preset.cfg, dtype=jnp.dtype(_DTYPE.value), mesh=sharding.single_device_mesh(jax_device))
+  jmodel = init_random(preset.cfg, dtype=jnp.dtype(_DTYPE.value), mesh=sharding.single_device_mesh(jax_device),
+                       quantize=_QUANTIZE.value)
   jax.block_until_ready(jmodel.state)
   params = sum(x.size for x in jax.tree.leaves(jmodel.state))
   print(f"JAX model: {params:,} parameters, random init {time.perf_counter() - start:.1f} s", flush=True)

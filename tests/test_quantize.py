@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import audio_tokens, left_pad, random_features, random_text
+from test_sharding import assert_specs_divide, mesh_222
 from flax import nnx, traverse_util
 
 import af3_jax
@@ -123,16 +124,21 @@ def test_the_compiled_decode_step_reads_int8_weights(models):
 
 def test_full_size_weights_memory_is_halved():
   """The released AF3's shapes, abstractly: the decoder's linears take half their bfloat16 bytes (their
-  scales add 0.04 %), the whole model 61 % (embeddings, LM head and audio encoder stay bfloat16)."""
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), ("data", "fsdp", "tensor"))
+  scales add 0.04 %), the whole model 61 % (embeddings, LM head and audio encoder stay bfloat16). On a
+  (2, 2, 2) mesh every scale shards its output channels as its kernel does."""
+  bf16, (_, int8, shardings) = (abstract_model(AF3Config(), param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16,
+                                               mesh=mesh_222(), quantize=q) for q in (None, "int8"))
+  assert_specs_divide(shardings, int8)
+  specs = flat(shardings)
   nbytes = lambda tree: {p: math.prod(x.shape) * x.dtype.itemsize for p, x in flat(tree).items()}
-  bf16, int8 = (nbytes(abstract_model(AF3Config(), param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16,
-                                      mesh=mesh, quantize=q)[1]) for q in (None, "int8"))
-  linears = [p for p in int8 if p[-1] in ("kernel", names.INT8_SCALE) and p[:2] == ("language_model", "layers")]
-  assert len(linears) == 14
-  decoder_int8 = sum(int8[p] for p in linears)
-  decoder_bf16 = sum(bf16[p] for p in linears if p in bf16)
-  assert 0.5 <= decoder_int8 / decoder_bf16 < 0.501
+  bf16, int8 = nbytes(bf16[1]), nbytes(int8)
+  scales = [p for p in int8 if p[-1] == names.INT8_SCALE]
+  assert len(scales) == 7
+  for p in scales:
+    assert specs[p].spec[-1] == specs[(*p[:-1], "kernel")].spec[-1]
+  kernels = [(*p[:-1], "kernel") for p in scales]
+  ratio = sum(int8[p] for p in kernels + scales) / sum(bf16[p] for p in kernels)
+  assert 0.5 < ratio < 0.501
   assert sum(int8.values()) / sum(bf16.values()) < 0.61
 
 
