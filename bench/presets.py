@@ -1,6 +1,8 @@
 """What the benchmarks share: model sizes (random weights, so no download), transformers' AF3 built from
 one, and a tokenizer that needs no files."""
 
+import time
+
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<sound>", "[PAD]"]
@@ -48,3 +50,17 @@ def torch_model(cfg: AF3Config, dtype, device: str):
   with torch.device(device):
     model = transformers.AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype)
   return model.eval()
+
+
+class TokenClock:
+  """A streamer for transformers' `generate` (it only calls `put` and `end`) that notes when each `put`
+  reaches the host: the prompt first, then one per new token."""
+
+  def __init__(self):
+    self.times: list[float] = []
+
+  def put(self, value):
+    self.times.append(time.perf_counter())
+
+  def end(self):
+    pass
