@@ -54,6 +54,8 @@ def run() -> int:
   from af3_jax.serving import app as serving
 
   root = weights.resolve(_MODEL.value)
+  if _THINK.value:
+    weights.think_adapter(root)  # a missing adapter fails now, not after the server is up
   name = _NAME.value or _MODEL.value
   app = serving.create_app(name)
   server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
