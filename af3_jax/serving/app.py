@@ -57,7 +57,7 @@ def warm(engine: Engine) -> int:
   per_window = whisper.tokens_per_window(engine.model.config.encoder)
   engine.warmup(lengths, audio_windows=[0, 1])
   pairs = 2 * len(lengths)
-  for w in (bucket(n) for n in range(2, features.MAX_WINDOWS + 1) if bucket(n) == n or n == features.MAX_WINDOWS):
+  for w in sorted({bucket(n) for n in range(2, features.MAX_WINDOWS + 1)}):  # 2, 4, ..., 32
     low, high = w // 2 * per_window + 1, w * per_window + decode.MIN_BUCKET
     fits = [t for t in lengths if bucket(low) <= t <= bucket(high)]
     if fits:
