@@ -1,4 +1,4 @@
-"""What the command-line programs share (infer.py, eval.py, train.py): bad input as one `error:` line and exit
+"""What the command-line programs share (infer.py, eval.py, serve.py, train.py): bad input as one `error:` line and exit
 1, Ctrl-C as exit 130. Importing it loads no jax: they check their flags before jax loads."""
 
 from __future__ import annotations
@@ -43,3 +43,13 @@ def exit_with(run: Callable[[], int]) -> NoReturn:
     print("\ninterrupted", file=sys.stderr)
     code = INTERRUPTED
   sys.exit(code)
+
+
+def main(values: flags.FlagValues, doc: str, argv: list[str], run: Callable[[], int]) -> NoReturn:
+  """A program on flags of its own (`values`, not absl's global set): --help prints `doc` and the flags,
+  a bad flag is one `error:` line and exit 1; then `exit_with(run)`."""
+  if any(a in ("-h", "--help") for a in argv[1:]):
+    print(f"{doc}\n{values.get_help()}")
+    sys.exit(0)
+  parse_flags(values, argv)
+  exit_with(run)

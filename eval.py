@@ -49,14 +49,6 @@ _RETRY = flags.DEFINE_bool("retry-errors", False, "Answer again the items that f
 _RESCORE = flags.DEFINE_string("rescore", None, "Recompute OUT/summary.json from OUT/predictions.json; "
                                "takes only --task besides.", flag_values=FLAGS)
 
-def _parse_flags(argv: list[str]) -> None:
-  """The flags (bad ones: one `error:` line and exit 1); --help prints them."""
-  if any(a in ("-h", "--help") for a in argv[1:]):
-    print(f"{__doc__}\n{FLAGS.get_help()}")
-    sys.exit(0)
-  cli.parse_flags(FLAGS, argv)
-
-
 def _check_flags() -> None:
   """Refuses what cannot work, before jax or the model loads."""
   if _RESCORE.value is not None:
@@ -92,18 +84,14 @@ def _load_assistant():
   """The model and processor as an Assistant that decodes greedily with no repetition penalty (NVIDIA's
   eval decodes greedily; transformers' generation_config.json would sample with a penalty of 1.05)."""
   import jax
-  import jax.numpy as jnp
 
-  import af3_jax
   from af3_jax import assistant, sharding, weights
 
-  root = weights.resolve(_MODEL.value)
-  adapter = weights.think_adapter(root) if _THINK.value else None
   # Each process answers on its own first device (jax.devices()[0] is process 0's in a multi-process run).
-  model = af3_jax.from_pretrained(root, dtype=jnp.dtype(_DTYPE.value), adapter=adapter, quantize=_QUANTIZE.value,
-                                  mesh=sharding.single_device_mesh(jax.local_devices()[0]))
-  return assistant.Assistant(model, af3_jax.Processor.from_pretrained(root, style=_STYLE.value),
-                             max_new_tokens=_MAX_NEW.value, think=_THINK.value, do_sample=False,
+  model, processor = assistant.load(weights.resolve(_MODEL.value), dtype=_DTYPE.value, think=_THINK.value,
+                                    style=_STYLE.value, quantize=_QUANTIZE.value,
+                                    mesh=sharding.single_device_mesh(jax.local_devices()[0]))
+  return assistant.Assistant(model, processor, max_new_tokens=_MAX_NEW.value, think=_THINK.value, do_sample=False,
                              repetition_penalty=1.0)
 
 
@@ -156,8 +144,7 @@ def run() -> int:
 
 
 def main(argv: list[str]) -> None:
-  _parse_flags(argv)
-  cli.exit_with(run)
+  cli.main(FLAGS, __doc__, argv, run)
 
 
 if __name__ == "__main__":

@@ -68,19 +68,14 @@ def _check_flags() -> None:
 
 def _load() -> Assistant:
   """The model and processor, with the decoding flags, as an Assistant."""
-  import jax.numpy as jnp
-
-  import af3_jax
   from af3_jax import assistant, weights
 
-  root = weights.resolve(_MODEL.value)
-  adapter = weights.think_adapter(root) if _THINK.value else None
-  model = af3_jax.from_pretrained(root, dtype=jnp.dtype(_DTYPE.value), adapter=adapter, quantize=_QUANTIZE.value)
+  model, processor = assistant.load(weights.resolve(_MODEL.value), dtype=_DTYPE.value, think=_THINK.value,
+                                    style=_STYLE.value, quantize=_QUANTIZE.value)
   sampling = {"temperature": _TEMPERATURE.value, "top_p": _TOP_P.value}
   if _GREEDY.value:
     sampling["do_sample"] = False
-  return assistant.Assistant(model, af3_jax.Processor.from_pretrained(root, style=_STYLE.value),
-                             max_new_tokens=_MAX_NEW.value, think=_THINK.value, **sampling)
+  return assistant.Assistant(model, processor, max_new_tokens=_MAX_NEW.value, think=_THINK.value, **sampling)
 
 
 def _answer(bot: Assistant, items: list[Sample] | None) -> int:

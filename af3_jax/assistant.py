@@ -14,15 +14,16 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import jax.numpy as jnp
 import numpy as np
 from tokenizers.decoders import DecodeStream
 from tqdm import tqdm
 
-from af3_jax import decode, files
+from af3_jax import decode, files, weights
 from af3_jax.audio import features
 from af3_jax.data.manifest import Sample
 from af3_jax.engine import Completion, Engine, Request
-from af3_jax.pretrained import Model
+from af3_jax.pretrained import Model, from_pretrained
 from af3_jax.processor import Encoded, Processor
 
 
@@ -40,6 +41,16 @@ class Stats:
     ttft = f"{self.first_token_s / self.streamed:.2f} s" if self.streamed else "n/a (not streamed)"
     return (f"{self.requests} request(s) in {wall:.1f} s: time to first token {ttft}, "
             f"{self.new_tokens / wall:.1f} new tokens/s, {self.audio_s:.1f} s of audio")
+
+
+def load(root: Path, *, dtype: str, think: bool, style: str, quantize: str = "none",
+         mesh=None) -> tuple[Model, Processor]:
+  """A resolved checkpoint folder's model (its think adapter merged with `think`, quantised as
+  `quantize` says) and processor, as the command-line programs load them. The processor loads first: a broken tokenizer fails in a second, not
+  after the weights."""
+  adapter = weights.think_adapter(root) if think else None
+  processor = Processor.from_pretrained(root, style=style)
+  return from_pretrained(root, dtype=jnp.dtype(dtype), adapter=adapter, quantize=quantize, mesh=mesh), processor
 
 
 class Assistant:

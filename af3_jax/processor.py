@@ -29,6 +29,7 @@ from af3_jax.train_step import IGNORE  # the label the loss skips
 
 STYLES = ("hf", "nvidia")
 SYSTEM_PROMPT = "You are a helpful assistant."
+ASR_PROMPT = "Transcribe the input speech."  # transformers' AF3 processor default for transcription
 THINK_SUFFIX = "\nPlease think and reason about the input audio before you respond."
 TOKENS_PER_WINDOW = int(pooled_lengths(features.FRAMES))  # audio tokens of a full window (750)
 

@@ -34,7 +34,7 @@ from af3_jax.assistant import Assistant
 from af3_jax.evaluation import runner, tasks
 from af3_jax.pretrained import init_random
 from af3_jax.processor import Processor
-from presets import MODELS
+from presets import MODELS, byte_tokenizer
 
 _ITEMS = flags.DEFINE_integer("items", 1000, "Items (MMAU test-mini has 1,000).", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch-size", 8, "Decode slots of the engine in the batched pass (eval.py's default).",
@@ -43,22 +43,6 @@ _NEW = flags.DEFINE_integer("new-tokens", 8, "Tokens every answer decodes.", low
 _SECONDS = flags.DEFINE_multi_float("seconds", [10.0, 30.0], "The clips' shortest and longest duration.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"],
                            "Parameter and compute dtype (XLA:CPU runs bfloat16 dots slower).")
-
-SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<sound>", "[PAD]"]
-
-
-def byte_tokenizer():
-  """A byte-level tokenizer with no merges (one token per byte) and the chat template's specials."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-
-  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens(SPECIAL_TOKENS)
-  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="[PAD]")
-
 
 def write_benchmark(folder: Path, n: int, seconds: tuple[float, float], seed: int = 0) -> Path:
   """mmau-test-mini.json with `n` four-choice questions, each on its own clip of uniform duration."""

@@ -42,7 +42,7 @@ from af3_jax import decode, sharding
 from af3_jax.config import AF3Config
 from af3_jax.models.whisper import tokens_per_window
 from af3_jax.pretrained import Model, init_random
-from presets import MODELS
+from presets import MODELS, TokenClock, torch_model
 
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "A preset: the model and the defaults below.")
 _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where both run (auto: gpu if torch sees one).")
@@ -138,23 +138,10 @@ def time_jax(model: Model, batch: dict, n: int, repeats: int) -> Timing:
   return Timing(ttft, (n - 1) * rows / dt, loop_tok_s, compile_s)
 
 
-class _Clock(transformers.generation.BaseStreamer):
-  """Notes when each `put` reaches the host: the prompt first, then one per new token."""
-
-  def __init__(self):
-    self.times: list[float] = []
-
-  def put(self, value):
-    self.times.append(time.perf_counter())
-
-  def end(self):
-    pass
-
-
 def torch_run(model, batch: dict, n: int) -> tuple[float, float]:
   """(TTFT, decode seconds after the first token) of transformers' greedy generate, from host inputs."""
   device = model.device
-  clock = _Clock()
+  clock = TokenClock()
   if device.type == "cuda":
     torch.cuda.synchronize()
   start = time.perf_counter()
@@ -201,15 +188,6 @@ def _describe(t: Timing) -> str:
   if t.loop_tok_s is not None:
     parts += [f"loop {t.loop_tok_s:.1f} tok/s", f"compile {t.compile_s:.1f} s"]
   return ", ".join(parts)
-
-
-def torch_model(cfg: AF3Config, dtype: torch.dtype, device: str):
-  """transformers' AF3 with its own random init, built on `device` directly (no host copy of the weights)."""
-  config = transformers.AudioFlamingo3Config(**cfg.to_hf_dict())
-  torch.manual_seed(0)
-  with torch.device(device):
-    model = transformers.AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype)
-  return model.eval()
 
 
 def table(jax_t: dict, torch_t: dict) -> str:

@@ -1,5 +1,5 @@
-"""`init_random` (random weights born sharded), and `bench/bench_infer.py`, `bench/bench_train.py` and
-`bench/bench_eval.py` end to end at tiny size.
+"""`init_random` (random weights born sharded), and `bench/bench_infer.py`, `bench/bench_train.py`,
+`bench/bench_eval.py` and `bench/bench_serve.py` end to end at tiny size.
 
 No timings are checked: the bench only has to run and print its table.
 """
@@ -71,3 +71,16 @@ def test_eval_bench_runs_at_tiny_size():
   lines = run.stdout.strip().splitlines()
   assert lines[-5].startswith("| loop | items |") and lines[-3].startswith("| one at a time | 2 | ")
   assert lines[-2].startswith("| batches of 2 | 2 | ") and lines[-1].startswith("batches of 2: ")
+
+
+@pytest.mark.slow  # about 40 s on 2 cores: the server's warm-up compiles 11 prompt shapes
+def test_serve_bench_runs_at_test_size():
+  pytest.importorskip("torch")
+  args = ["--size", "test", "--clients", "1", "--clients", "2", "--requests", "1", "--new-tokens", "2",
+          "--max-slots", "2", "--dtype", "float32"]
+  run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serve.py"), *args], capture_output=True,
+                       text=True, cwd=ROOT, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = run.stdout.strip().splitlines()
+  assert lines[-4].startswith("| clients | requests |") and lines[-2].startswith("| 1 | 1 | ")
+  assert lines[-1].startswith("| 2 | 2 | ")

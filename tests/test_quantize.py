@@ -166,8 +166,9 @@ def test_bad_settings_are_refused(gqa_ckpt):
 def test_the_clis_offer_the_library_modes():
   import eval as eval_cli
   import infer
+  import serve
   from absl import flags
 
   del infer  # defines its flags in absl's global set
-  for values in (flags.FLAGS, eval_cli.FLAGS):
+  for values in (flags.FLAGS, eval_cli.FLAGS, serve.FLAGS):
     assert (tuple(values["quantize"].parser.enum_values), values["quantize"].default) == (quantization.MODES, "none")

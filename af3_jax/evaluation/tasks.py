@@ -26,11 +26,11 @@ from pathlib import Path
 from af3_jax.assistant import batch_items
 from af3_jax.data.manifest import Sample, read_manifest
 from af3_jax.evaluation import scoring
+from af3_jax.processor import ASR_PROMPT
 
 # NVIDIA's multiple-choice prompt: Sreyan88's answer in NVIDIA/audio-flamingo issue #29 (MMAU) and every
 # prompt of static/mmar.json on the audio_flamingo_3 branch (MMAR).
 CHOICE_TEMPLATE = "{question} Choose the correct option from the following options:\n{options}"
-ASR_PROMPT = "Transcribe the input speech."  # transformers' AF3 processor default
 ERROR_KEY = "error"  # predictions.json: why an item has no answer (the official scorers skip such items)
 REFERENCE_KEY = "reference"  # manifest predictions: the reference turn beside the answer
 

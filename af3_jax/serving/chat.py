@@ -1,0 +1,83 @@
+"""OpenAI requests into engine requests: messages into our processor's conversation (each audio part
+decoded to a waveform), the sampling parameters into `engine.Request`'s, as vLLM reads them.
+
+Settings a request leaves out come from the checkpoint's `generation_config.json` (vLLM's
+`--generation-config auto`); temperature 0 is greedy; max_tokens defaults to what the context leaves.
+A sampled request without a seed draws a fresh one, so two such requests differ, as OpenAI's do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from pathlib import Path
+
+import numpy as np
+
+from af3_jax.audio import features
+from af3_jax.engine import Request
+from af3_jax.processor import ASR_PROMPT, Processor
+from af3_jax.serving import media
+from af3_jax.serving.protocol import SEED_LIMIT, ChatRequest, InputAudioPart, TextPart
+
+
+@dataclasses.dataclass(frozen=True)
+class Translator:
+  """What turning a request into the engine's needs: the processor, think mode, the engine's context
+  (`max_len`: prompt plus new tokens) and the folder local audio files may come from (None: none)."""
+
+  processor: Processor
+  max_len: int
+  think: bool = False
+  media_root: Path | None = None
+
+  def chat(self, body: ChatRequest) -> Request:
+    """The engine request for a chat completion; ValueError says what in the body is wrong."""
+    conversation = [{"role": m.role, "content": self._content(m.content, f"messages[{i}]")}
+                    for i, m in enumerate(body.messages)]
+    sampling = {}
+    if body.temperature == 0:
+      sampling["do_sample"] = False
+    elif body.temperature is not None:
+      sampling |= {"do_sample": True, "temperature": body.temperature}
+    if body.top_p is not None:
+      sampling["top_p"] = body.top_p
+    seed = body.seed if body.seed is not None else secrets.randbelow(SEED_LIMIT)
+    return self._request(conversation, body.max_completion_tokens or body.max_tokens, seed=seed, **sampling)
+
+  def transcription(self, audio: bytes, filename: str, temperature: float) -> Request:
+    """The engine request for a transcription of an uploaded file: the prompt `infer.py` and the ASR
+    evaluation use, greedy at temperature 0 (OpenAI's default for transcriptions)."""
+    suffix = Path(filename).suffix.lower().lstrip(".")
+    wave = media.from_bytes(audio, suffix if suffix in media.FORMATS else "", "file", self.processor.style)
+    conversation = [{"role": "user", "content": [{"type": "audio", "audio": wave}, {"type": "text", "text": ASR_PROMPT}]}]
+    sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature}
+    return self._request(conversation, None, seed=secrets.randbelow(SEED_LIMIT), **sampling)
+
+  def _content(self, content, where: str) -> list[dict]:
+    if isinstance(content, str):
+      return [{"type": "text", "text": content}]
+    return [self._part(part, f"{where}.content[{j}]") for j, part in enumerate(content)]
+
+  def _part(self, part, where: str) -> dict:
+    style = self.processor.style
+    if isinstance(part, TextPart):
+      return {"type": "text", "text": part.text}
+    if isinstance(part, InputAudioPart):
+      wave = media.from_base64(part.input_audio.data, part.input_audio.format, where, style)
+    else:
+      wave = media.from_url(part.audio_url.url, where, style, self.media_root)
+    return {"type": "audio", "audio": wave}
+
+  def _request(self, conversation: list[dict], max_tokens: int | None, **settings) -> Request:
+    encoded = self.processor.encode(conversation, think=self.think)
+    inputs = self.processor.collate([encoded])
+    windows = len(inputs.get("input_features", ()))
+    if windows > features.MAX_WINDOWS:
+      raise ValueError(f"the request's audio fills {windows} windows of 30 s; the model takes at most "
+                       f"{features.MAX_WINDOWS} (10 minutes) per request")
+    n = len(encoded.ids)
+    if max_tokens is None and n >= self.max_len:
+      raise ValueError(f"the prompt has {n} tokens (audio included), which fills the server's context of "
+                       f"{self.max_len} tokens")
+    return Request({k: np.asarray(v) for k, v in inputs.items()}, max_tokens or self.max_len - n, **settings)

@@ -1,0 +1,112 @@
+"""OpenAI's chat-completions request body as vLLM takes it, checked by pydantic (FastAPI answers a
+body that does not fit with an error, which the app turns into a 400), and OpenAI's error shape.
+
+Content parts: `text`, `input_audio` ({"data": base64, "format"}) and `audio_url` ({"url"}: a `data:`
+URL or a local file). Fields OpenAI defines that do not change our answer (`user`, `logprobs`...) are
+ignored, as vLLM ignores them; the ones we cannot honour as asked (`n` > 1) are refused.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# jax.random.key keeps 32 bits of a seed: larger ones would silently share streams, so they are refused.
+SEED_LIMIT = 2**31
+
+
+class ApiError(Exception):
+  """An error answered in OpenAI's shape, with its HTTP status."""
+
+  def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+    super().__init__(message)
+    self.status, self.message, self.kind, self.code = status, message, kind, code
+
+  def body(self) -> dict:
+    return {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code or self.status}}
+
+
+class _Body(BaseModel):
+  model_config = ConfigDict(extra="ignore")
+
+
+class TextPart(_Body):
+  type: Literal["text"]
+  text: str
+
+
+class InputAudio(_Body):
+  data: str
+  format: Literal["wav", "mp3", "flac", "ogg"]
+
+
+class InputAudioPart(_Body):
+  type: Literal["input_audio"]
+  input_audio: InputAudio
+
+
+class AudioUrl(_Body):
+  url: str
+
+
+class AudioUrlPart(_Body):
+  type: Literal["audio_url"]
+  audio_url: AudioUrl  # a bare string is refused, as in vLLM (tests/entrypoints/openai/test_audio.py)
+
+
+Part = Annotated[TextPart | InputAudioPart | AudioUrlPart, Field(discriminator="type")]
+
+
+class Message(_Body):
+  role: Literal["system", "user", "assistant"]
+  content: str | list[Part]
+
+
+class StreamOptions(_Body):
+  include_usage: bool = False
+
+
+class ChatRequest(_Body):
+  model: str | None = None
+  messages: list[Message] = Field(min_length=1)
+  max_tokens: int | None = Field(None, ge=1)
+  max_completion_tokens: int | None = Field(None, ge=1)
+  temperature: float | None = Field(None, ge=0, le=2)  # 0: greedy
+  top_p: float | None = Field(None, gt=0, le=1)
+  seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
+  stop: str | list[str] | None = None
+  stream: bool = False
+  stream_options: StreamOptions | None = None
+  n: int = Field(1, ge=1, le=1)
+
+  @property
+  def stops(self) -> list[str]:
+    return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+  @property
+  def include_usage(self) -> bool:
+    return self.stream_options is not None and self.stream_options.include_usage
+
+
+def validation_message(errors: list[dict]) -> str:
+  """pydantic's errors as one line, `where: what` for each, where written as in our own messages
+  (`messages[0].content[1].input_audio.format`)."""
+  if errors[0]["type"] == "json_invalid":
+    return f"the body is not valid JSON ({errors[0]['ctx']['error']} at character {errors[0]['loc'][-1]})"
+  # A union tries each member: keep only the errors of the member the input was meant for (the deepest),
+  # so a list content with one bad part does not also say "content: not a valid string".
+  deepest = max(len(e["loc"]) for e in errors)
+  kept = [e for e in errors if len(e["loc"]) == deepest] if deepest > 3 else errors
+  return "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in kept)
+
+
+def _where(loc: tuple) -> str:
+  """A pydantic location as a path. Union members' names ("str", "list[...]") are left out, and so is a
+  part's tag, which pydantic repeats before the part's field of the same name (`audio_url.audio_url`)."""
+  out = ""
+  for i, x in enumerate(loc):
+    if x == "body" or x == "str" or "[" in str(x) or (i + 1 < len(loc) and loc[i + 1] == x):
+      continue
+    out += f"[{x}]" if isinstance(x, int) else f".{x}" if out else str(x)
+  return out or "body"

@@ -1,0 +1,221 @@
+"""Serving speed: N concurrent clients against our server (serve.py's app and engine, over HTTP on
+127.0.0.1), and the same requests through transformers' `generate` loop, both with random weights, in
+one run.
+
+  python bench/bench_serve.py --size test --clients 1 --clients 4 --requests 2   # CPU: shows it runs
+  python bench/bench_serve.py --size full                                         # one GPU
+  (from the repo root, with af3_jax installed or PYTHONPATH=.)
+
+Each client sends --requests requests one after another (a closed loop), each a chat completion with 30 s
+of synthesised audio (a noise WAV, base64 `input_audio`) and a short question, streamed, decoding
+exactly --new-tokens tokens (the random model has no eos). Our server decodes them on the engine's
+slots (--max-slots), so a request starts as soon as a slot is free. The transformers loop is what serving
+with `generate` does: every round takes the next request of each client and answers them as one padded
+batch (our processor's inputs, made inside the timed loop as the server makes them). TTFT is from a
+request's send (for transformers: its round's start) to its first answer text; output tokens/s counts
+every request's tokens over the level's wall time. vLLM is left out: it serves from a checkpoint
+folder, not random weights in memory. The server decodes real audio, so the audio stack (soundfile,
+librosa) must be installed.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX would take 75% of the GPU from torch
+
+import base64
+import dataclasses
+import datetime
+import http.client
+import io
+import json
+import socket
+import statistics
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import soundfile as sf
+import torch
+import transformers
+import uvicorn
+from absl import app, flags
+
+from af3_jax import sharding
+from af3_jax.buckets import bucket
+from af3_jax.pretrained import init_random
+from af3_jax.processor import Processor
+from af3_jax.serving.app import Service, create_app
+from presets import MODELS, TokenClock, byte_tokenizer, torch_model
+
+_SIZE = flags.DEFINE_enum("size", "test", list(MODELS), "The model (bench/presets.py), random weights.")
+_CLIENTS = flags.DEFINE_multi_integer("clients", [1, 8, 32], "Concurrent clients, one table row each.")
+_REQUESTS = flags.DEFINE_integer("requests", 4, "Requests each client sends, one after another.", lower_bound=1)
+_NEW = flags.DEFINE_integer("new-tokens", 64, "Tokens every answer decodes.", lower_bound=1)
+_SLOTS = flags.DEFINE_integer("max-slots", 32, "The server engine's decode slots.", lower_bound=1)
+_DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where both run (auto: gpu if torch sees one).")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype, both sides.")
+
+QUESTION = "Describe the audio in detail."
+SECONDS = 30.0
+
+
+@dataclasses.dataclass
+class Level:
+  """One row's measurements: wall seconds, each request's TTFT, output tokens."""
+
+  wall: float
+  ttft: list[float]
+  tokens: int
+
+  def summary(self) -> dict[str, float]:
+    ttft = sorted(self.ttft)
+    return {"req_s": len(ttft) / self.wall, "p50": statistics.median(ttft),
+            "p95": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))], "tok_s": self.tokens / self.wall}
+
+
+def clip(seed: int) -> np.ndarray:
+  """30 s of 16 kHz noise, a different clip per request."""
+  return (0.1 * np.random.default_rng(seed).standard_normal(int(SECONDS * 16000))).astype(np.float32)
+
+
+def wav_base64(wave: np.ndarray) -> str:
+  buffer = io.BytesIO()
+  sf.write(buffer, wave, 16000, format="WAV", subtype="PCM_16")
+  return base64.b64encode(buffer.getvalue()).decode()
+
+
+def http_client(port: int, bodies: list[bytes], ttft: list[float], tokens: list[int]) -> None:
+  """One client's closed loop: each request streamed to its end; TTFT at its first answer text."""
+  for body in bodies:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=3600)
+    start = time.perf_counter()
+    conn.request("POST", "/v1/chat/completions", body, {"content-type": "application/json"})
+    response = conn.getresponse()
+    if response.status != 200:
+      raise RuntimeError(f"the server answered {response.status}: {response.read()[:300]!r}")
+    first = None
+    for line in response:
+      if not line.startswith(b"data: {"):
+        continue
+      event = json.loads(line[6:])
+      if first is None and event["choices"] and event["choices"][0]["delta"].get("content"):
+        first = time.perf_counter() - start
+      if event.get("usage"):
+        tokens.append(event["usage"]["completion_tokens"])
+    ttft.append(first if first is not None else time.perf_counter() - start)
+    conn.close()
+
+
+def serve_level(port: int, clients: int, requests: int, n: int) -> Level:
+  bodies = [[json.dumps({"messages": [{"role": "user", "content": [
+      {"type": "input_audio", "input_audio": {"data": wav_base64(clip(c * requests + r)), "format": "wav"}},
+      {"type": "text", "text": QUESTION}]}], "max_tokens": n, "temperature": 0, "stream": True,
+      "stream_options": {"include_usage": True}}).encode() for r in range(requests)] for c in range(clients)]
+  ttft, tokens = [], []
+  threads = [threading.Thread(target=http_client, args=(port, b, ttft, tokens)) for b in bodies]
+  start = time.perf_counter()
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  wall = time.perf_counter() - start
+  if len(ttft) != clients * requests or sum(tokens) != clients * requests * n:
+    raise RuntimeError(f"{len(ttft)} answers with {sum(tokens)} tokens; expected {clients * requests} of {n}")
+  return Level(wall, ttft, sum(tokens))
+
+
+def torch_round(model, processor: Processor, waves: list[np.ndarray], n: int) -> float:
+  """One batch through our processor and `generate`; returns the seconds to the first new token."""
+  conversations = [[{"role": "user", "content": [{"type": "audio", "audio": w}, {"type": "text", "text": QUESTION}]}]
+                   for w in waves]
+  start = time.perf_counter()
+  batch = processor.apply_chat_template(conversations)
+  inputs = {k: torch.from_numpy(np.asarray(v)).to(model.device) for k, v in batch.items()}
+  inputs["input_ids"] = inputs["input_ids"].long()
+  inputs["input_features"] = inputs["input_features"].to(model.dtype)
+  clock = TokenClock()
+  with torch.inference_mode():
+    out = model.generate(**inputs, do_sample=False, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, streamer=clock)
+  if out.shape[1] - batch["input_ids"].shape[1] != n:
+    raise RuntimeError(f"torch decoded {out.shape[1] - batch['input_ids'].shape[1]} tokens, expected {n}")
+  return clock.times[1] - start
+
+
+def torch_level(model, processor: Processor, clients: int, requests: int, n: int) -> Level:
+  ttft = []
+  start = time.perf_counter()
+  for r in range(requests):
+    ttft += [torch_round(model, processor, [clip(c * requests + r) for c in range(clients)], n)] * clients
+  return Level(time.perf_counter() - start, ttft, clients * requests * n)
+
+
+def start_server(model, processor: Processor, slots: int, max_len: int) -> tuple[uvicorn.Server, int]:
+  app_ = create_app("bench")
+  app_.state.service = Service.start(model, processor, max_slots=slots, max_len=max_len)
+  listener = socket.create_server(("127.0.0.1", 0))
+  server = uvicorn.Server(uvicorn.Config(app_, log_level="warning"))
+  threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True).start()
+  while not server.started:
+    time.sleep(0.05)
+  return server, listener.getsockname()[1]
+
+
+def table(header: str, ours: dict, theirs: dict) -> str:
+  lines = [header, "| clients | requests | JAX req/s | torch req/s | JAX TTFT p50 / p95 s | torch TTFT p50 / p95 s | "
+           "JAX out tok/s | torch out tok/s |", "|---|---|---|---|---|---|---|---|"]
+  for clients, level in ours.items():
+    j, t = level.summary(), theirs[clients].summary()
+    lines.append(f"| {clients} | {len(level.ttft)} | {j['req_s']:.2f} | {t['req_s']:.2f} | {j['p50']:.2f} / "
+                 f"{j['p95']:.2f} | {t['p50']:.2f} / {t['p95']:.2f} | {j['tok_s']:.1f} | {t['tok_s']:.1f} |")
+  return "\n".join(lines)
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  base = MODELS[_SIZE.value]
+  tokenizer = byte_tokenizer(base.decoder.vocab_size)
+  cfg = dataclasses.replace(base, audio_token_id=tokenizer.convert_tokens_to_ids("<sound>"))
+  processor = Processor(tokenizer, style="hf")
+  n, requests = _NEW.value, _REQUESTS.value
+  platform = _DEVICE.value if _DEVICE.value != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
+  torch_device, jax_device = ("cuda" if platform == "gpu" else "cpu"), jax.devices(platform)[0]
+  header = (f"{_SIZE.value} AF3 (random weights), {_DTYPE.value}, {SECONDS:g} s of audio and {n} new tokens per "
+            f"request, {requests} requests per client, {_SLOTS.value} engine slots | JAX {jax.__version__} on "
+            f"{jax_device.device_kind} | torch {torch.__version__} (transformers {transformers.__version__}) on "
+            f"{torch.cuda.get_device_name() if torch_device == 'cuda' else 'cpu'} | "
+            f"{datetime.datetime.now().isoformat(timespec='minutes')}")
+  print(header, flush=True)
+
+  model = torch_model(cfg, getattr(torch, _DTYPE.value), torch_device)
+  torch_round(model, processor, [clip(10**6)], n)  # warm-up: kernel selection, allocator growth
+  theirs = {}
+  for clients in _CLIENTS.value:
+    theirs[clients] = torch_level(model, processor, clients, requests, n)
+    print(f"torch, {clients} clients: {theirs[clients].summary()}", flush=True)
+  del model
+  if torch_device == "cuda":
+    torch.cuda.empty_cache()
+
+  jmodel = init_random(cfg, dtype=jnp.dtype(_DTYPE.value), mesh=sharding.single_device_mesh(jax_device))
+  prompt = len(processor.encode([{"role": "user", "content": [{"type": "audio", "audio": clip(0)},
+                                                              {"type": "text", "text": QUESTION}]}]).ids)
+  started = time.perf_counter()
+  server, port = start_server(jmodel, processor, _SLOTS.value, bucket(prompt + n))
+  print(f"server warm in {time.perf_counter() - started:.1f} s (prompt {prompt} tokens)", flush=True)
+  serve_level(port, 1, 1, n)  # the first request's host-side paths
+  ours = {}
+  for clients in _CLIENTS.value:
+    ours[clients] = serve_level(port, clients, requests, n)
+    print(f"JAX server, {clients} clients: {ours[clients].summary()}", flush=True)
+  server.should_exit = True
+  print("\n" + table(header, ours, theirs))
+  return 0
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,95 @@
+"""Serve Audio Flamingo 3 over OpenAI's API (chat completions with audio, transcriptions), on the
+continuous-batching engine.
+
+  python serve.py --model PATH_OR_HUB_ID [--host 127.0.0.1] [--port 8000] [--max-slots N] [--dtype ...]
+                  [--quantize int8] [--think] [--served-model-name NAME] [--allowed-local-media-path DIR]
+
+The server listens at once and answers GET /health with 503 while the model loads and compiles, then 200.
+SIGTERM (or Ctrl-C) stops accepting, finishes the requests already running, and exits 0 (130 for Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import sys
+import threading
+from pathlib import Path
+
+from absl import flags
+
+import cli
+
+# Flags of their own, not absl's global set: tests load infer.py, which defines some of the same names.
+FLAGS = flags.FlagValues()
+_MODEL = flags.DEFINE_string("model", None, "Checkpoint folder or hub id.", flag_values=FLAGS)
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0: every interface).", flag_values=FLAGS)
+_PORT = flags.DEFINE_integer("port", 8000, "Port to listen on.", lower_bound=0, upper_bound=65535, flag_values=FLAGS)
+_MAX_SLOTS = flags.DEFINE_integer("max-slots", 8, "Requests decoded together (the engine's slots); more wait "
+                                  "for a free slot.", lower_bound=1, flag_values=FLAGS)
+_MAX_LEN = flags.DEFINE_integer("max-model-len", None, "Prompt plus answer tokens per request (default: the "
+                                "model's context); the KV cache holds this many per slot.", lower_bound=2,
+                                flag_values=FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.",
+                           flag_values=FLAGS)
+_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],  # af3_jax.quantization.MODES, before jax loads
+                              "int8: the decoder's linears as int8 weights (half their memory; see README).",
+                              flag_values=FLAGS)
+_THINK = flags.DEFINE_bool("think", False, "Think mode: merge the checkpoint's think/ (or stage35/) adapter and "
+                           "ask the model to reason before it answers, on every request.", flag_values=FLAGS)
+_NAME = flags.DEFINE_string("served-model-name", None, "The model's name in the API (default: --model).",
+                            flag_values=FLAGS)
+_MEDIA = flags.DEFINE_string("allowed-local-media-path", None, "A folder whose audio files requests may name "
+                             "(file:// URLs or paths in audio_url); without it, only audio sent in the request.",
+                             flag_values=FLAGS)
+
+
+def run() -> int:
+  """Checks what can be checked at once, then serves until SIGTERM or Ctrl-C; returns the exit status."""
+  if _MODEL.value is None:
+    raise ValueError("give --model PATH_OR_HUB_ID")
+  if _MEDIA.value is not None and not Path(_MEDIA.value).is_dir():
+    raise ValueError(f"{_MEDIA.value}: --allowed-local-media-path is not a folder")
+  listener = socket.create_server((_HOST.value, _PORT.value))  # a port in use fails here, in one line
+  import uvicorn
+
+  from af3_jax import assistant, weights
+  from af3_jax.serving import app as serving
+
+  root = weights.resolve(_MODEL.value)
+  if _THINK.value:
+    weights.think_adapter(root)  # a missing adapter fails now, not after the server is up
+  name = _NAME.value or _MODEL.value
+  app = serving.create_app(name)
+  server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+  failed: list[BaseException] = []
+
+  def load() -> None:
+    try:
+      serving.log.info("loading %s (%s)", root, _DTYPE.value)
+      model, processor = assistant.load(root, dtype=_DTYPE.value, think=_THINK.value, style="hf",
+                                        quantize=_QUANTIZE.value)
+      app.state.service = serving.Service.start(model, processor, max_slots=_MAX_SLOTS.value,
+                                                max_len=_MAX_LEN.value, think=_THINK.value, media_root=_MEDIA.value)
+      host, port = listener.getsockname()[:2]
+      serving.log.info("ready: %r on http://%s:%d/v1, %d slots, context %d tokens", name, host, port,
+                       _MAX_SLOTS.value, app.state.service.engine.max_len)
+    except Exception as e:  # noqa: BLE001: whatever failed, the server must not stay up unready
+      failed.append(e)
+      server.should_exit = True
+
+  threading.Thread(target=load, name="af3-load", daemon=True).start()
+  # uvicorn drains on SIGTERM, then raises the signal again once its own handler is gone: exit 0 then.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+  server.run(sockets=[listener])
+  if failed:
+    raise failed[0]
+  return 0
+
+
+def main(argv: list[str]) -> None:
+  cli.main(FLAGS, __doc__, argv, run)
+
+
+if __name__ == "__main__":
+  main(sys.argv)
