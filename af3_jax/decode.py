@@ -2,9 +2,9 @@
 
 `generate` runs the audio encoder, the prefill and the whole token loop (`lax.while_loop`) in one
 jitted function of the model state. `generate_stream` jits the prefill and a single step (which donates
-its state, cache included) and yields every step's tokens. Rows, prompt length (left padded), audio
-windows and the number of new tokens are padded to power-of-two buckets, so most new prompts reuse a
-compiled program. The next token is chosen as transformers' processors do, in their order: repetition
+its state, cache included) and yields every step's tokens. Rows, prompt length (left padded) and the
+number of new tokens are padded to power-of-two buckets, audio windows to finer ones
+(`buckets.window_bucket`), so most new prompts reuse a compiled program. The next token is chosen as transformers' processors do, in their order: repetition
 penalty, then, when sampling, temperature, top-k and top-p. Samples come from `jax.random` (seeded,
 reproducible), so they are not torch's samples.
 Shape letters: B batch, T prompt length, G new-token slots, V vocab.
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from af3_jax.buckets import bucket
+from af3_jax.buckets import bucket, window_bucket
 from af3_jax.generation import Sampling
 from af3_jax.models import kv_cache
 from af3_jax.models.af3 import AudioFlamingo3
@@ -176,7 +176,7 @@ def _pad_batch(model: Model, batch: dict, pad_id: int) -> dict[str, np.ndarray]:
   rows, length = bucket(ids.shape[0]), bucket(ids.shape[1], MIN_BUCKET)
   out = {"input_ids": _pad_to(ids, (rows, length), pad_id), "attention_mask": _pad_to(mask, (rows, length))}
   if "input_features" in batch:
-    windows = bucket(len(batch["input_features"]))
+    windows = window_bucket(len(batch["input_features"]))
     out.update({k: _pad_to(batch[k], (windows,) + batch[k].shape[1:]) for k in AUDIO_INPUTS if k in batch})
   return out
 

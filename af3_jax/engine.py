@@ -5,9 +5,10 @@ shared KV cache (`slots.py`), each getting the tokens `decode.generate` would gi
 and prompt and chooses its first token, `insert` puts it into a free slot, `generate` decodes one token
 for every slot. `step` is one turn of the loop over them (JetStream's orchestrator): it frees cancelled
 requests' slots, prefills waiting requests into free slots (a free-slot queue), decodes, and frees each
-slot whose request is done (an eos id, or max_new_tokens) at once. Prompts and audio windows are padded
-to power-of-two buckets, slots are fixed, and the cache grows by buckets (at least `MIN_CACHE`) up to
-`max_len`; `warmup` compiles ahead, so that a warm engine compiles nothing while it serves.
+slot whose request is done (an eos id, or max_new_tokens) at once. Prompts are padded to power-of-two
+buckets and audio windows to finer ones (`buckets.window_bucket`), slots are fixed, and the cache grows
+by buckets (at least `MIN_CACHE`) up to `max_len`; `warmup` compiles ahead, so that a warm engine
+compiles nothing while it serves.
 
 Driving it: `submit(request)` from any thread returns a `Handle` whose `queue` receives each token id as
 it is chosen, then None (ValueError for a request that cannot run, `QueueFull` when `max_queue`
@@ -31,7 +32,7 @@ import jax
 import numpy as np
 
 from af3_jax import decode, slots
-from af3_jax.buckets import bucket
+from af3_jax.buckets import bucket, window_bucket
 from af3_jax.generation import Sampling
 from af3_jax.models import whisper
 from af3_jax.models.af3 import audio_embed_mask_from_features
@@ -213,7 +214,7 @@ class Engine:
     cfg = self.model.config
     filler = (cfg.audio_token_id + 1) % cfg.decoder.vocab_size  # any id but audio: no frames to match
     for t in sorted({min(bucket(n, decode.MIN_BUCKET), self.max_len) for n in prompt_lengths}):
-      for w in sorted({bucket(w) if w else 0 for w in audio_windows}):
+      for w in sorted({window_bucket(w) if w else 0 for w in audio_windows}):
         inputs = {"input_ids": np.full((1, t), filler, np.int32), "attention_mask": np.ones((1, t), bool)}
         if w:
           e = cfg.encoder
@@ -320,7 +321,7 @@ class Engine:
       if "audio_embed_mask" not in inputs:  # one program for both prompt styles: the mask is always given
         inputs["audio_embed_mask"] = audio_embed_mask_from_features(
             inputs["input_features_mask"], whisper.tokens_per_window(self.model.config.encoder))
-      w = bucket(len(inputs["input_features"]))
+      w = window_bucket(len(inputs["input_features"]))
       for name, dtype in zip(AUDIO, (np.float32, np.int32, bool)):  # fixed dtypes: one program
         x = np.asarray(inputs[name], dtype)
         padded[name] = np.pad(x, [(0, w - len(x))] + [(0, 0)] * (x.ndim - 1))

@@ -10,10 +10,10 @@ and a newline per 30 s window, 750 audio frames each: 5 minutes is 7,500 audio t
 15,000), then a few greedy tokens. Reported: the peak resident set size (`ru_maxrss`) before generating
 (runtime and weights) and after, and the compiled memory of `generate`'s two programs: the prefill (audio
 encoder and prompt) and one decode step after it: the weights' bytes, the decode state's (KV cache), and
-each program's temporaries. Prompt and windows are padded to generate's power-of-two buckets (10
-minutes: 16,384 tokens, 32 windows), as in real use. `--aot` only compiles, from abstract weights, so it
-runs at full size on a CPU (shared/STYLE.md 21). XLA:CPU computes bfloat16 dots in float32 and makes
-float32 copies of the bfloat16 weights they read: temporaries a GPU does not have.
+each program's temporaries. Prompt and windows are padded to generate's buckets (10 minutes: 16,384
+tokens, 20 windows), as in real use. `--aot` only compiles, from abstract weights, so it runs at full
+size on a CPU (shared/STYLE.md 21). XLA:CPU computes bfloat16 dots in float32 and makes float32 copies
+of the bfloat16 weights they read: temporaries a GPU does not have.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from flax import nnx
 
 import af3_jax
 from af3_jax import decode, sharding
-from af3_jax.buckets import bucket
+from af3_jax.buckets import bucket, window_bucket
 from af3_jax.config import AF3Config
 from af3_jax.generation import Sampling
 from af3_jax.models.whisper import tokens_per_window
@@ -61,7 +61,7 @@ def nvidia_batch(cfg: AF3Config, minutes: float, seed: int = 0) -> dict[str, np.
   text = lambda n: rng.integers(NEWLINE + 1, cfg.audio_token_id, n)
   window = np.concatenate([np.full(tokens_per_window(cfg.encoder), cfg.audio_token_id), [NEWLINE]])
   ids = np.concatenate([text(PROMPT[0]), *[window] * windows, text(PROMPT[1])])
-  length, padded_windows = bucket(len(ids), decode.MIN_BUCKET), bucket(windows)
+  length, padded_windows = bucket(len(ids), decode.MIN_BUCKET), window_bucket(windows)
   frames = cfg.encoder.mel_frames
   real = np.arange(padded_windows) < windows
   return dict(

@@ -19,6 +19,7 @@ from conftest import audio_tokens, random_features, random_text
 import af3_jax
 from af3_jax import engine as engine_module
 from af3_jax import slots
+from af3_jax.buckets import window_bucket
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 from af3_jax.engine import Engine, QueueFull, Request
 from af3_jax.pretrained import init_random
@@ -31,10 +32,10 @@ def text_request(rng, tiny, n, max_new=16, **kw):
   return Request({"input_ids": random_text(rng, tiny, n)}, max_new, **kw)
 
 
-def audio_request(rng, tiny, frames, max_new=16, **kw):
-  """One window of `frames` mel frames between a few text tokens, repetition_penalty 2."""
-  feats, mask = random_features(rng, [frames])
-  ids = np.concatenate([random_text(rng, tiny, 4), np.full(audio_tokens(frames), tiny.audio_token_id),
+def audio_request(rng, tiny, frames, max_new=16, windows=1, **kw):
+  """`windows` windows of `frames` mel frames each between a few text tokens, repetition_penalty 2."""
+  feats, mask = random_features(rng, [frames] * windows)
+  ids = np.concatenate([random_text(rng, tiny, 4), np.full(windows * audio_tokens(frames), tiny.audio_token_id),
                         random_text(rng, tiny, 3)])
   return Request({"input_ids": ids, "input_features": feats, "input_features_mask": mask}, max_new,
                  repetition_penalty=2.0, **kw)
@@ -90,6 +91,19 @@ def test_staggered_requests_get_their_tokens_alone(gqa_loaded, mix, monkeypatch)
 
 
 
+def test_warmup_prefills_each_window_bucket_once(gqa_loaded, monkeypatch):
+  """Warming every audio length up to 10 minutes (0 to 20 windows) prefills each window bucket once,
+  which covers every count: 14 programs a prompt bucket (powers of two: 7)."""
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
+  warmed = []
+  monkeypatch.setattr(engine, "_prefill", lambda job: warmed.append(len(job.inputs.get("input_features", ()))))
+  monkeypatch.setattr(engine, "insert", lambda prefix, slot: None)
+  monkeypatch.setattr(engine, "generate", lambda: None)
+  engine.warmup(prompt_lengths=[100], audio_windows=range(21))
+  assert sorted(set(warmed)) == warmed and len(warmed) == 14
+  assert {0} | {window_bucket(n) for n in range(1, 21)} == set(warmed)
+
+
 def test_cancel_frees_the_slot_for_the_next_request(gqa_ckpt, gqa_loaded):
   rng, tiny = np.random.default_rng(1), gqa_ckpt.tiny
   requests = [text_request(rng, tiny, 9 + i, max_new=40) for i in range(SLOTS)]
@@ -116,20 +130,21 @@ def test_cancel_frees_the_slot_for_the_next_request(gqa_ckpt, gqa_loaded):
 
 def test_nothing_recompiles_once_warm():
   """A model of its own, so that only this test's `warmup` compiles its programs, whatever ran before:
-  after warming prompt bucket 256 with and without one audio window, requests of mixed lengths,
-  settings, seeds and eos ids, some arriving while others decode, compile nothing."""
+  after warming prompt bucket 256 with no audio, one window and three, requests of mixed lengths,
+  windows, settings, seeds and eos ids, some arriving while others decode, compile nothing."""
   cfg = AF3Config(encoder=EncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
                   decoder=DecoderConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                                         head_dim=16, intermediate_size=64),
                   audio_token_id=127)
   tiny = SimpleNamespace(audio_token_id=cfg.audio_token_id)
   engine = Engine(init_random(cfg, dtype=jnp.float32), max_slots=SLOTS, max_len=MAX_LEN)
-  engine.warmup(prompt_lengths=[200], audio_windows=[0, 1])
+  engine.warmup(prompt_lengths=[200], audio_windows=[0, 1, 3])
   traces = dict(slots.TRACES)
   rng = np.random.default_rng(2)
   first = [audio_request(rng, tiny, 700, max_new=8), text_request(rng, tiny, 240, max_new=6, seed=3, **SAMPLED),
            text_request(rng, tiny, 150, max_new=5, eos_token_id=[5, 6, 7, 8, 9], repetition_penalty=1.3)]
-  later = [audio_request(rng, tiny, 900, max_new=4, seed=4, do_sample=True), text_request(rng, tiny, 130, max_new=3)]
+  later = [audio_request(rng, tiny, 900, max_new=4, seed=4, do_sample=True), text_request(rng, tiny, 130, max_new=3),
+           audio_request(rng, tiny, 200, max_new=4, windows=3)]
   handles = [engine.submit(r) for r in first]
   engine.step()
   handles += [engine.submit(r) for r in later]

@@ -89,7 +89,7 @@ def extract_features(audios: list[np.ndarray],
   """
   per_audio = [split_windows(audio, max_windows) for audio in audios]
   chunks = [c for cs in per_audio for c in cs]
-  batch = np.zeros((buckets.bucket(len(chunks)), WINDOW_SAMPLES), np.float32)
+  batch = np.zeros((buckets.window_bucket(len(chunks)), WINDOW_SAMPLES), np.float32)
   for i, c in enumerate(chunks):
     batch[i, :c.size] = c
   features = np.asarray(log_mel(batch)[:len(chunks)])
