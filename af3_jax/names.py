@@ -80,8 +80,15 @@ def param_path(key: str) -> tuple[tuple[str, ...], int | None, str]:
   return (*names[:-1], leaf), layer, transform
 
 
+# `Model.fused`'s joined projections (qwen2.py), an inference layout no checkpoint holds.
+FUSED = frozenset({"qkv_proj", "gate_up_proj"})
+
+
 def hf_key(path: tuple[str, ...], layer: int | None) -> str:
   """Our parameter path (and layer) -> the canonical key; the inverse of `param_path`."""
+  if FUSED.intersection(path):
+    raise ValueError(f"{'.'.join(path)} is a fused inference weight (Model.fused) with no checkpoint name: "
+                     "export, train or adapt the model as loaded")
   names = list(path)
   if layer is not None:
     i = names.index("layers")

@@ -60,6 +60,18 @@ class Model:
     """A new NNX module over the arrays of `state` (they are shared, not copied)."""
     return nnx.merge(self.graphdef, self.state)
 
+  def fused(self) -> Model:
+    """This model for inference with each decoder layer's q/k/v and gate/up projections as one matmul
+    each (`qwen2.Decoder.fuse`): the same outputs from fewer, wider matmuls. Its fused weights are new
+    arrays (this model keeps its own) and have no checkpoint names: train, add LoRA and export the
+    model as loaded."""
+    module = self.module()
+    with jax.set_mesh(self.mesh):
+      module.language_model.fuse()
+      graphdef, state = nnx.split(module)
+      state = jax.device_put(state, sharding.state_shardings(state, self.mesh))
+    return Model(self.config, graphdef, state, self.mesh, self.path, self.generation)
+
   def __call__(self, *, input_ids, attention_mask=None, input_features=None, input_features_mask=None,
                audio_embed_mask=None, position_ids=None) -> jax.Array:
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, input_features=input_features,

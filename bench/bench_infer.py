@@ -15,7 +15,8 @@ streaming path (`generate_stream`: one jitted step per token, the host sees each
 does) and on `generate` (the whole loop in one jit; decode time = generate(N) - generate(1), one
 program while N <= 64). JAX's first calls compile: they are reported apart from the warm medians. torch
 runs first and returns its device memory before JAX starts, so neither limits the other. Random weights
-make the answers meaningless; only the times count.
+make the answers meaningless; only the times count. `--projections=separate --projections=fused` times
+JAX with the projections as loaded and fused (`Model.fused`) on the same weights, a row each.
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ _NEW = flags.DEFINE_integer("new-tokens", None, "Tokens each row decodes, at lea
 _REPEATS = flags.DEFINE_integer("repeats", None, "Warm runs per cell, medians reported (default: the preset's).")
 _AUDIO = flags.DEFINE_multi_enum("audio", None, ["30s", "10min"], "Audio lengths (default: the preset's).")
 _BATCH = flags.DEFINE_multi_integer("batch", [1, 8], "Batch sizes.")
+_PROJECTIONS = flags.DEFINE_multi_enum(
+    "projections", ["separate"], ["separate", "fused"],
+    "JAX's decoder projections: as loaded (q/k/v and gate/up apart) and/or `Model.fused` (one matmul each); "
+    "both: the same weights timed each way, one row each.")
 
 WINDOWS = {"30s": 1, "10min": 20}  # 30 s windows per row
 PROMPT = (4, 12)  # text tokens before and after the audio, as a chat template adds
@@ -190,14 +195,16 @@ def _describe(t: Timing) -> str:
   return ", ".join(parts)
 
 
-def table(jax_t: dict, torch_t: dict) -> str:
+def table(jax_t: dict[str, dict], torch_t: dict) -> str:
+  """jax_t: {projections: {(audio, batch): Timing}}; a row per cell and projections."""
   fmt = lambda x, spec: "OOM" if x is None else format(x, spec)
-  lines = ["| audio | batch | JAX TTFT s | torch TTFT s | JAX tok/s | JAX loop tok/s | torch tok/s | JAX compile s |",
-           "|---|---|---|---|---|---|---|---|"]
-  for (audio, rows), j in jax_t.items():
-    t = torch_t[audio, rows]
-    lines.append(f"| {audio} | {rows} | {fmt(j.ttft, '.3f')} | {fmt(t.ttft, '.3f')} | {fmt(j.tok_s, '.1f')} | "
-                 f"{fmt(j.loop_tok_s, '.1f')} | {fmt(t.tok_s, '.1f')} | {fmt(j.compile_s, '.1f')} |")
+  lines = ["| audio | batch | JAX projections | JAX TTFT s | torch TTFT s | JAX tok/s | JAX loop tok/s | torch tok/s "
+           "| JAX compile s |", "|---|---|---|---|---|---|---|---|---|"]
+  for (audio, rows), t in torch_t.items():
+    for projections, cells in jax_t.items():
+      j = cells[audio, rows]
+      lines.append(f"| {audio} | {rows} | {projections} | {fmt(j.ttft, '.3f')} | {fmt(t.ttft, '.3f')} | "
+                   f"{fmt(j.tok_s, '.1f')} | {fmt(j.loop_tok_s, '.1f')} | {fmt(t.tok_s, '.1f')} | {fmt(j.compile_s, '.1f')} |")
   return "\n".join(lines)
 
 
@@ -233,7 +240,12 @@ def main(argv: list[str]) -> int:
   jax.block_until_ready(jmodel.state)
   params = sum(x.size for x in jax.tree.leaves(jmodel.state))
   print(f"JAX model: {params:,} parameters, random init {time.perf_counter() - start:.1f} s", flush=True)
-  jax_t = run_cells("JAX", lambda b: time_jax(jmodel, b, n, repeats), preset.cfg, audios, _BATCH.value)
+  jax_t = {}
+  for projections in dict.fromkeys(_PROJECTIONS.value):
+    model = jmodel if projections == "separate" else jmodel.fused()
+    jax_t[projections] = run_cells(f"JAX {projections}", lambda b: time_jax(model, b, n, repeats), preset.cfg, audios,
+                                   _BATCH.value)
+    del model  # the fused copy's weights, before the next
 
   print(f"\n{header}\n{table(jax_t, torch_t)}")
   return 0

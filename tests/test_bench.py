@@ -41,14 +41,17 @@ def test_init_random_is_born_sharded():
 
 def test_bench_runs_at_tiny_size():
   pytest.importorskip("torch")
-  # One cell (30 s, batch 2) and 4 tokens: most of the time is JAX compiling its three programs.
-  args = ["--size", "tiny", "--new-tokens", "4", "--batch", "2"]
+  # One cell (30 s, batch 2) and 4 tokens, JAX with its projections as loaded and fused: most of the time
+  # is JAX compiling its three programs for each.
+  args = ["--size", "tiny", "--new-tokens", "4", "--batch", "2", "--projections", "separate", "--projections", "fused"]
   run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_infer.py"), *args], capture_output=True,
                        text=True, cwd=ROOT, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   lines = run.stdout.strip().splitlines()
   header = next(i for i, line in enumerate(lines) if line.startswith("| audio | batch |"))
-  assert lines[header + 2:] == [lines[-1]] and lines[-1].startswith("| 30s | 2 | "), run.stdout
+  rows = lines[header + 2:]
+  assert len(rows) == 2 and rows[0].startswith("| 30s | 2 | separate | ") and rows[1].startswith("| 30s | 2 | fused | "), \
+      run.stdout
 
 
 def test_train_bench_runs_at_tiny_size():

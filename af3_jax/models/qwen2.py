@@ -1,10 +1,14 @@
 """Qwen2 decoder: mirrors transformers' `Qwen2Model` (the LM head lives in `af3.py`).
 
 RMSNorm, default RoPE (rotate-half pairing), grouped-query attention with q/k/v biases, SwiGLU MLP.
-Shape letters: B batch, T query length, S key length, D width, N heads, K kv heads, H head dim, F mlp.
+For inference, `Decoder.fuse` joins q/k/v and gate/up into one matmul each (`fuse_linears`).
+Shape letters: B batch, T query length, S key length, D width, N heads, K kv heads, G = N / K query
+heads per kv head, H head dim, F mlp.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,6 +19,19 @@ from af3_jax import sharding
 from af3_jax.models import kv_cache, layers
 
 ACTIVATION_AXES = ("batch", "length", None)
+
+
+def fuse_linears(combine: Callable[..., jax.Array], target: layers.Linear, *parts: layers.Linear) -> layers.Linear:
+  """`parts` joined into one Linear: each of target's variables (kernel, bias) becomes `combine` of the
+  parts' (output axis last). `target`, one of the parts, is reused for its logical axes, so `combine`
+  must order the columns such that every contiguous shard of them on that axis is a self-contained
+  piece, as a shard of the part's own columns is (whole kv-head groups, whole MLP units)."""
+  if any(p.lora_a is not None for p in parts):
+    raise ValueError("a Linear with LoRA weights cannot be fused: merge them first")
+  for name, var in list(vars(target).items()):
+    if isinstance(var, nnx.Variable):  # new Variables: the old ones may be shared with another module
+      setattr(target, name, var.replace(combine(*(getattr(p, name)[...] for p in parts))))
+  return target
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -42,6 +59,32 @@ class Attention(nnx.Module):
     self.k_proj = layers.Linear(d, k * h, use_bias=True, axes=("embed", "kv_heads"), **kw)
     self.v_proj = layers.Linear(d, k * h, use_bias=True, axes=("embed", "kv_heads"), **kw)
     self.o_proj = layers.Linear(n * h, d, use_bias=False, axes=("heads", "embed"), **kw)
+    self.qkv_proj: layers.Linear | None = nnx.data(None)  # `fuse`
+
+  def fuse(self) -> None:
+    """Replaces q/k/v_proj by one `qkv_proj` (an inference layout; checkpoints keep the three). Its
+    columns hold, for each kv head, its G query heads, its key and its value, (K, G + 2, H) flattened:
+    a tensor-parallel shard of whole kv heads holds whole groups, as k_proj's and q_proj's shards do,
+    so splitting the output needs no communication."""
+    kv, g, h = self.cfg.num_kv_heads, self.cfg.num_heads // self.cfg.num_kv_heads, self.cfg.head_dim
+
+    def grouped(q, k, v):
+      lead = q.shape[:-1]
+      heads = [q.reshape(*lead, kv, g, h), k.reshape(*lead, kv, 1, h), v.reshape(*lead, kv, 1, h)]
+      return jnp.concatenate(heads, axis=-2).reshape(*lead, -1)
+
+    self.qkv_proj = fuse_linears(grouped, self.k_proj, self.q_proj, self.k_proj, self.v_proj)
+    self.q_proj = self.k_proj = self.v_proj = nnx.data(None)
+
+  def _project(self, x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(B, T, D) -> q (B, T, N, H), k and v (B, T, K, H), before RoPE."""
+    b, t, _ = x.shape
+    n, k, h = self.cfg.num_heads, self.cfg.num_kv_heads, self.cfg.head_dim
+    if self.qkv_proj is None:
+      return (self.q_proj(x).reshape(b, t, n, h), self.k_proj(x).reshape(b, t, k, h),
+              self.v_proj(x).reshape(b, t, k, h))
+    y = self.qkv_proj(x).reshape(b, t, k, n // k + 2, h)
+    return y[:, :, :, :-2].reshape(b, t, n, h), y[:, :, :, -2], y[:, :, :, -1]
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, cache: kv_cache.Cache | None = None,
                layer: jax.Array | None = None,
@@ -56,9 +99,8 @@ class Attention(nnx.Module):
     """
     b, t, _ = x.shape
     cfg = self.cfg
-    q = rope(self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_dim), positions, cfg.rope_theta)
-    k = rope(self.k_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim), positions, cfg.rope_theta)
-    v = self.v_proj(x).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
+    q, k, v = self._project(x)
+    q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     if cache is not None:
       cache = cache.replace(k=kv_cache.write(cache.k, k, cache.end, layer), v=kv_cache.write(cache.v, v, cache.end, layer))
       k, v = cache.k[layer], cache.v[layer]
@@ -77,9 +119,22 @@ class MLP(nnx.Module):
     self.gate_proj = layers.Linear(d, f, axes=("embed", "mlp"), **kw)
     self.up_proj = layers.Linear(d, f, axes=("embed", "mlp"), **kw)
     self.down_proj = layers.Linear(f, d, axes=("mlp", "embed"), **kw)
+    self.gate_up_proj: layers.Linear | None = nnx.data(None)  # `fuse`
+
+  def fuse(self) -> None:
+    """Replaces gate/up_proj by one `gate_up_proj` (an inference layout) whose columns alternate gate
+    and up, (F, 2) flattened: a tensor-parallel shard of the MLP units holds both halves of each."""
+    self.gate_up_proj = fuse_linears(lambda gate, up: jnp.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], -1),
+                                     self.up_proj, self.gate_proj, self.up_proj)
+    self.gate_proj = self.up_proj = nnx.data(None)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    if self.gate_up_proj is None:
+      gate, up = self.gate_proj(x), self.up_proj(x)
+    else:
+      y = self.gate_up_proj(x).reshape(*x.shape[:-1], -1, 2)
+      gate, up = y[..., 0], y[..., 1]
+    return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -112,6 +167,11 @@ class Decoder(nnx.Module):
     self.layers = layers.stack(lambda r: DecoderLayer(cfg, compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=r),
                                cfg.num_layers, rngs)
     self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
+
+  def fuse(self) -> None:
+    """Every layer's q/k/v and gate/up projections as one matmul each (`Attention.fuse`, `MLP.fuse`)."""
+    self.layers.self_attn.fuse()
+    self.layers.mlp.fuse()
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
                cache: kv_cache.Cache | None = None,
