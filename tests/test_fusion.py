@@ -1,6 +1,6 @@
 """`Model.fused` (q/k/v and gate/up as one matmul each, for inference) against the model as loaded:
 logits within float32 rounding, the same greedy tokens, the same collectives under tensor parallelism,
-and no way into an export."""
+int8 weights fused alike, and no way into an export."""
 
 import collections
 import re
@@ -39,6 +39,16 @@ def test_fused_logits_and_tokens_equal_the_loaded_models(gqa_ckpt, gqa_loaded, f
   np.testing.assert_array_equal(af3_jax.generate(fused, batch, 12, repetition_penalty=2.0), expected)
   attention = gqa_loaded.state["language_model"]["layers"]["self_attn"]
   assert {"q_proj", "k_proj", "v_proj"} <= set(attention) and "qkv_proj" not in attention  # left as it was
+
+
+def test_an_int8_model_fuses_its_int8_kernels_and_scales(gqa_ckpt):
+  """Fused after quantising: the int8 kernels, per-channel scales and biases are joined alike."""
+  quantized = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32, quantize="int8")
+  fused = quantized.fused()
+  qkv = fused.state["language_model"]["layers"]["self_attn"]["qkv_proj"]
+  assert qkv["kernel"][...].dtype == jnp.int8 and qkv["kernel_scale"][...].shape == qkv["bias"][...].shape
+  batch = audio_batch(np.random.default_rng(1), gqa_ckpt.tiny)
+  assert_close(fused(**batch), quantized(**batch), rtol=1e-5)
 
 
 def test_a_fused_model_is_neither_exported_nor_adapted(fused):

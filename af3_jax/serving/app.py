@@ -33,7 +33,7 @@ from tokenizers import Tokenizer
 
 from af3_jax import decode
 from af3_jax.audio import features
-from af3_jax.buckets import bucket
+from af3_jax.buckets import bucket, window_bucket
 from af3_jax.engine import Engine, QueueFull
 from af3_jax.engine import Request as EngineRequest
 from af3_jax.models import whisper
@@ -57,8 +57,9 @@ def warm(engine: Engine) -> int:
   per_window = whisper.tokens_per_window(engine.model.config.encoder)
   engine.warmup(lengths, audio_windows=[0, 1])
   pairs = 2 * len(lengths)
-  for w in sorted({bucket(n) for n in range(2, features.MAX_WINDOWS + 1)}):  # 2, 4, ..., 32
-    low, high = w // 2 * per_window + 1, w * per_window + decode.MIN_BUCKET
+  ladder = sorted({window_bucket(n) for n in range(1, features.MAX_WINDOWS + 1)})  # 1 to 8, 10, ..., 20
+  for fewer, w in zip(ladder, ladder[1:]):  # more than `fewer` windows: at least `fewer` full ones
+    low, high = fewer * per_window + 1, w * per_window + decode.MIN_BUCKET
     fits = [t for t in lengths if bucket(low) <= t <= bucket(high)]
     if fits:
       engine.warmup(fits, audio_windows=[w])
