@@ -233,6 +233,7 @@ BAD = {
     "a <sound-2> tag without a second audio": ({"messages": [{"role": "user", "content": "Hi <sound-2>"}]},
                                                "<sound-2>"),
     "not JSON": (b"{not json", "not valid JSON"),
+    "a lone surrogate": (b'{"messages": [{"role": "user", "content": "Hi \\ud800"}]}', "messages[0].content: the text is not"),
 }
 
 

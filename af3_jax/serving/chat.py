@@ -56,13 +56,13 @@ class Translator:
 
   def _content(self, content, where: str) -> list[dict]:
     if isinstance(content, str):
-      return [{"type": "text", "text": content}]
+      return [_text(content, f"{where}.content")]
     return [self._part(part, f"{where}.content[{j}]") for j, part in enumerate(content)]
 
   def _part(self, part, where: str) -> dict:
     style = self.processor.style
     if isinstance(part, TextPart):
-      return {"type": "text", "text": part.text}
+      return _text(part.text, where)
     if isinstance(part, InputAudioPart):
       wave = media.from_base64(part.input_audio.data, part.input_audio.format, where, style)
     else:
@@ -81,3 +81,12 @@ class Translator:
       raise ValueError(f"the prompt has {n} tokens (audio included), which fills the server's context of "
                        f"{self.max_len} tokens")
     return Request({k: np.asarray(v) for k, v in inputs.items()}, max_tokens or self.max_len - n, **settings)
+
+
+def _text(text: str, where: str) -> dict:
+  """A text part; JSON can spell a lone surrogate ("\\ud800"), which no tokenizer takes."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{where}: the text is not valid Unicode (a lone surrogate at character {e.start})") from None
+  return {"type": "text", "text": text}
