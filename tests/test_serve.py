@@ -224,7 +224,7 @@ BAD = {
     "a prompt over the context": ({"messages": [{"role": "user", "content": "Describe the sound. " * 100}]},
                                   "fills the server's context of 256"),
     "a prompt and max_tokens over the context": ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 250},
-                                                 "max_len of 256"),
+                                                 "max_tokens (or max_completion_tokens) is 250, but the prompt has"),
     "temperature below 0": ({"messages": [{"role": "user", "content": "Hi"}], "temperature": -1}, "temperature"),
     "top_p 0": ({"messages": [{"role": "user", "content": "Hi"}], "top_p": 0}, "top_p"),
     "max_tokens 0": ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}, "max_tokens"),

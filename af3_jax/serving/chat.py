@@ -77,9 +77,12 @@ class Translator:
       raise ValueError(f"the request's audio fills {windows} windows of 30 s; the model takes at most "
                        f"{features.MAX_WINDOWS} (10 minutes) per request")
     n = len(encoded.ids)
-    if max_tokens is None and n >= self.max_len:
+    if n >= self.max_len:
       raise ValueError(f"the prompt has {n} tokens (audio included), which fills the server's context of "
                        f"{self.max_len} tokens")
+    if max_tokens is not None and n + max_tokens > self.max_len:
+      raise ValueError(f"max_tokens (or max_completion_tokens) is {max_tokens}, but the prompt has {n} tokens "
+                       f"(audio included) and the server's context is {self.max_len}, which leaves {self.max_len - n}")
     return Request({k: np.asarray(v) for k, v in inputs.items()}, max_tokens or self.max_len - n, **settings)
 
 
