@@ -71,8 +71,12 @@ def b64(path: Path) -> str:
   return base64.b64encode(path.read_bytes()).decode()
 
 
-def wav_part(path: Path) -> dict:
-  return {"type": "input_audio", "input_audio": {"data": b64(path), "format": path.suffix[1:]}}
+def wav_part(path: Path, wrap: bool = False) -> dict:
+  """An input_audio part; `wrap`: its base64 in lines of 76 characters, as the `base64` command writes it."""
+  data = b64(path)
+  if wrap:
+    data = "\n".join(data[i:i + 76] for i in range(0, len(data), 76))
+  return {"type": "input_audio", "input_audio": {"data": data, "format": path.suffix[1:]}}
 
 
 def text(t: str) -> dict:
@@ -87,7 +91,7 @@ def conversations(media: Path) -> dict[str, tuple[list, list]]:
   local = {"type": "audio_url", "audio_url": {"url": f"file://{a}"}}
   return {
       "text": ([{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Say hi."}]),
-      "audio": ([{"role": "user", "content": [wav_part(a), text("What is in this audio?")]}],
+      "audio": ([{"role": "user", "content": [wav_part(a, wrap=True), text("What is in this audio?")]}],
                 [{"role": "user", "content": [audio(a), text("What is in this audio?")]}]),
       "two audios": ([{"role": "user", "content": [wav_part(a), data_url, text("Compare them.")]}],
                      [{"role": "user", "content": [audio(a), audio(b), text("Compare them.")]}]),
@@ -128,7 +132,7 @@ def post(port: int, path: str, body, headers: dict | None = None, timeout: float
 
 
 def test_answers_equal_generate_with_exact_usage(server, media):
-  """Text, one audio (base64), two audios in a message (one a data: URL), audio in two turns (a local
+  """Text, one audio (base64 in lines), two audios in a message (one a data: URL), audio in two turns (a local
   file, then a data: URL): each answer, its finish reason and its token counts are `generate`'s alone;
   the prompt counts hold each clip's audio tokens, counted here from its length."""
   frames = {name: int(seconds * 100) for name, seconds in CLIPS.items()}  # 10 ms hop
@@ -215,6 +219,9 @@ BAD = {
         "messages[0].content[0]: not a readable audio file"),
     "not base64": ({"messages": [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "!!", "format": "wav"}}]}]}, "not valid base64"),
+    "a data: URL as input_audio": ({"messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "data:audio/wav;base64,AAAA", "format": "wav"}}]}]},
+        "input_audio.data takes bare base64"),
     "an audio format we do not take": ({"messages": [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aac"}}]}]}, "format"),
     "a network URL": ({"messages": [{"role": "user", "content": [

@@ -64,6 +64,8 @@ class Translator:
     if isinstance(part, TextPart):
       return _text(part.text, where)
     if isinstance(part, InputAudioPart):
+      if part.input_audio.data.startswith("data:"):
+        raise ValueError(f"{where}: input_audio.data takes bare base64; send a data: URL as an audio_url part")
       wave = media.from_base64(part.input_audio.data, part.input_audio.format, where, style)
     else:
       wave = media.from_url(part.audio_url.url, where, style, self.media_root)
