@@ -189,6 +189,18 @@ def test_stop_strings_and_seeds(server, media):
   assert sampled[0] == sampled[1]
 
 
+def test_nulls_and_fields_we_do_not_use_are_taken(server, media):
+  """null where OpenAI allows it, and fields OpenAI or vLLM define that we do not use, change nothing,
+  as in vLLM: the answer is the plain request's."""
+  messages, _ = conversations(media)["text"]
+  extras = {"stream": None, "n": None, "stop": None, "seed": None, "stream_options": None, "user": "u",
+            "logprobs": False, "frequency_penalty": 0, "tools": [], "metadata": {"a": "b"}, "top_k": -1}
+  status, reply = post(server.port, "/v1/chat/completions", {"messages": messages, "max_tokens": 4, "temperature": 0,
+                                                            **extras})
+  assert status == 200, reply
+  assert reply["choices"][0]["message"]["content"] == ask(server, messages, max_tokens=4).choices[0].message.content
+
+
 def test_concurrent_requests_each_get_their_answer_alone(server, media):
   """8 requests at once, of different lengths and budgets, on 4 slots: each gets what `generate` gives
   it alone."""

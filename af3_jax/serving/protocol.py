@@ -76,9 +76,9 @@ class ChatRequest(_Body):
   top_p: float | None = Field(None, gt=0, le=1)
   seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
   stop: str | list[str] | None = None
-  stream: bool = False
+  stream: bool | None = False  # null is OpenAI's default, as for n: some clients send it
   stream_options: StreamOptions | None = None
-  n: int = Field(1, ge=1, le=1)
+  n: int | None = Field(1, ge=1, le=1)
 
   @property
   def stops(self) -> list[str]:
