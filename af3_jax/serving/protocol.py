@@ -98,7 +98,12 @@ def validation_message(errors: list[dict]) -> str:
   # so a list content with one bad part does not also say "content: not a valid string".
   deepest = max(len(e["loc"]) for e in errors)
   kept = [e for e in errors if len(e["loc"]) == deepest] if deepest > 3 else errors
-  return "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in kept)
+  said: dict[str, list[str]] = {}
+  for e in kept:
+    said.setdefault(_where(e["loc"]), []).append(e["msg"])
+  # Each member's error at one place, as one: "content: Input should be a valid string or a valid list".
+  return "; ".join(f"{where}: {first}" + "".join(f" or {m.removeprefix('Input should be ')}" for m in rest)
+                   for where, (first, *rest) in said.items())
 
 
 def _where(loc: tuple) -> str:
