@@ -285,6 +285,9 @@ def test_other_refusals_and_the_server_still_answers(server, media, monkeypatch)
     ask(server, messages, max_tokens=2)
   monkeypatch.undo()
   assert post(server.port, "/v1/nothing", {})[0] == 404
+  status, reply = post(server.port, "/v1/chat/completions", {"messages": messages},  # curl -d without -H
+                       {"content-type": "application/x-www-form-urlencoded"})
+  assert status == 400 and "content-type: application/json" in reply["error"]["message"], reply
   expected, _, _ = alone(server, conversation, 12)
   assert ask(server, messages, max_tokens=12).choices[0].message.content == expected
 

@@ -94,6 +94,8 @@ def validation_message(errors: list[dict]) -> str:
   (`messages[0].content[1].input_audio.format`)."""
   if errors[0]["type"] == "json_invalid":
     return f"the body is not valid JSON ({errors[0]['ctx']['error']} at character {errors[0]['loc'][-1]})"
+  if errors[0]["loc"] == ("body",) and isinstance(errors[0].get("input"), bytes):  # FastAPI left it unparsed
+    return "the body was not read as JSON: send it with the header content-type: application/json"
   # A union tries each member: keep only the errors of the member the input was meant for (the deepest),
   # so a list content with one bad part does not also say "content: not a valid string".
   deepest = max(len(e["loc"]) for e in errors)
