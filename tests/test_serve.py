@@ -252,6 +252,9 @@ BAD = {
     "a <sound-2> tag without a second audio": ({"messages": [{"role": "user", "content": "Hi <sound-2>"}]},
                                                "<sound-2>"),
     "not JSON": (b"{not json", "not valid JSON"),
+    "three fields wrong": ({"messages": [{"role": "bob", "content": [{"type": "text", "text": 5}]}], "temperature": "x"},
+                           "messages[0].role: Input should be 'system', 'user' or 'assistant'; messages[0].content[0].text: "
+                           "Input should be a valid string; temperature: "),
     "content a number": ({"messages": [{"role": "user", "content": 5}]},
                          "messages[0].content: Input should be a valid string or a valid list"),
     "a lone surrogate": (b'{"messages": [{"role": "user", "content": "Hi \\ud800"}]}', "messages[0].content: the text is not"),
