@@ -10,6 +10,7 @@ SIGTERM (or Ctrl-C) stops accepting, finishes the requests already running, and 
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
@@ -78,13 +79,25 @@ def run() -> int:
       failed.append(e)
       server.should_exit = True
 
-  threading.Thread(target=load, name="af3-load", daemon=True).start()
-  # uvicorn drains on SIGTERM, then raises the signal again once its own handler is gone: exit 0 then.
-  signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+  loader = threading.Thread(target=load, name="af3-load", daemon=True)
+  loader.start()
+  # uvicorn drains on SIGTERM or Ctrl-C, then raises the signal again once its own handler is gone: the
+  # status to exit with (0, 130) is noted then.
+  stopped_by = [0]
+  signal.signal(signal.SIGTERM, lambda *_: stopped_by.append(0))
+  signal.signal(signal.SIGINT, lambda *_: stopped_by.append(cli.INTERRUPTED))
   server.run(sockets=[listener])
   if failed:
     raise failed[0]
-  return 0
+  if loader.is_alive():
+    # Stopped while the model loads: the loader is inside jax (reading weights, compiling), which cannot
+    # be interrupted, and tearing the interpreter down under it aborts the process (a C++ terminate,
+    # exit 134). Nothing is served or written yet, so leave without the teardown.
+    serving.log.info("stopped while loading")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(stopped_by[-1])
+  return stopped_by[-1]
 
 
 def main(argv: list[str]) -> None:

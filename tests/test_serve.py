@@ -71,8 +71,12 @@ def b64(path: Path) -> str:
   return base64.b64encode(path.read_bytes()).decode()
 
 
-def wav_part(path: Path) -> dict:
-  return {"type": "input_audio", "input_audio": {"data": b64(path), "format": path.suffix[1:]}}
+def wav_part(path: Path, wrap: bool = False) -> dict:
+  """An input_audio part; `wrap`: its base64 in lines of 76 characters, as the `base64` command writes it."""
+  data = b64(path)
+  if wrap:
+    data = "\n".join(data[i:i + 76] for i in range(0, len(data), 76))
+  return {"type": "input_audio", "input_audio": {"data": data, "format": path.suffix[1:]}}
 
 
 def text(t: str) -> dict:
@@ -87,7 +91,7 @@ def conversations(media: Path) -> dict[str, tuple[list, list]]:
   local = {"type": "audio_url", "audio_url": {"url": f"file://{a}"}}
   return {
       "text": ([{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Say hi."}]),
-      "audio": ([{"role": "user", "content": [wav_part(a), text("What is in this audio?")]}],
+      "audio": ([{"role": "user", "content": [wav_part(a, wrap=True), text("What is in this audio?")]}],
                 [{"role": "user", "content": [audio(a), text("What is in this audio?")]}]),
       "two audios": ([{"role": "user", "content": [wav_part(a), data_url, text("Compare them.")]}],
                      [{"role": "user", "content": [audio(a), audio(b), text("Compare them.")]}]),
@@ -128,7 +132,7 @@ def post(port: int, path: str, body, headers: dict | None = None, timeout: float
 
 
 def test_answers_equal_generate_with_exact_usage(server, media):
-  """Text, one audio (base64), two audios in a message (one a data: URL), audio in two turns (a local
+  """Text, one audio (base64 in lines), two audios in a message (one a data: URL), audio in two turns (a local
   file, then a data: URL): each answer, its finish reason and its token counts are `generate`'s alone;
   the prompt counts hold each clip's audio tokens, counted here from its length."""
   frames = {name: int(seconds * 100) for name, seconds in CLIPS.items()}  # 10 ms hop
@@ -185,6 +189,18 @@ def test_stop_strings_and_seeds(server, media):
   assert sampled[0] == sampled[1]
 
 
+def test_nulls_and_fields_we_do_not_use_are_taken(server, media):
+  """null where OpenAI allows it, and fields OpenAI or vLLM define that we do not use, change nothing,
+  as in vLLM: the answer is the plain request's."""
+  messages, _ = conversations(media)["text"]
+  extras = {"stream": None, "n": None, "stop": None, "seed": None, "stream_options": None, "user": "u",
+            "logprobs": False, "frequency_penalty": 0, "tools": [], "metadata": {"a": "b"}, "top_k": -1}
+  status, reply = post(server.port, "/v1/chat/completions", {"messages": messages, "max_tokens": 4, "temperature": 0,
+                                                            **extras})
+  assert status == 200, reply
+  assert reply["choices"][0]["message"]["content"] == ask(server, messages, max_tokens=4).choices[0].message.content
+
+
 def test_concurrent_requests_each_get_their_answer_alone(server, media):
   """8 requests at once, of different lengths and budgets, on 4 slots: each gets what `generate` gives
   it alone."""
@@ -215,6 +231,9 @@ BAD = {
         "messages[0].content[0]: not a readable audio file"),
     "not base64": ({"messages": [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "!!", "format": "wav"}}]}]}, "not valid base64"),
+    "a data: URL as input_audio": ({"messages": [{"role": "user", "content": [
+        {"type": "input_audio", "input_audio": {"data": "data:audio/wav;base64,AAAA", "format": "wav"}}]}]},
+        "input_audio.data takes bare base64"),
     "an audio format we do not take": ({"messages": [{"role": "user", "content": [
         {"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aac"}}]}]}, "format"),
     "a network URL": ({"messages": [{"role": "user", "content": [
@@ -224,7 +243,7 @@ BAD = {
     "a prompt over the context": ({"messages": [{"role": "user", "content": "Describe the sound. " * 100}]},
                                   "fills the server's context of 256"),
     "a prompt and max_tokens over the context": ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 250},
-                                                 "max_len of 256"),
+                                                 "max_tokens (or max_completion_tokens) is 250, but the prompt has"),
     "temperature below 0": ({"messages": [{"role": "user", "content": "Hi"}], "temperature": -1}, "temperature"),
     "top_p 0": ({"messages": [{"role": "user", "content": "Hi"}], "top_p": 0}, "top_p"),
     "max_tokens 0": ({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 0}, "max_tokens"),
@@ -233,6 +252,12 @@ BAD = {
     "a <sound-2> tag without a second audio": ({"messages": [{"role": "user", "content": "Hi <sound-2>"}]},
                                                "<sound-2>"),
     "not JSON": (b"{not json", "not valid JSON"),
+    "three fields wrong": ({"messages": [{"role": "bob", "content": [{"type": "text", "text": 5}]}], "temperature": "x"},
+                           "messages[0].role: Input should be 'system', 'user' or 'assistant'; messages[0].content[0].text: "
+                           "Input should be a valid string; temperature: "),
+    "content a number": ({"messages": [{"role": "user", "content": 5}]},
+                         "messages[0].content: Input should be a valid string or a valid list"),
+    "a lone surrogate": (b'{"messages": [{"role": "user", "content": "Hi \\ud800"}]}', "messages[0].content: the text is not"),
 }
 
 
@@ -263,6 +288,9 @@ def test_other_refusals_and_the_server_still_answers(server, media, monkeypatch)
     ask(server, messages, max_tokens=2)
   monkeypatch.undo()
   assert post(server.port, "/v1/nothing", {})[0] == 404
+  status, reply = post(server.port, "/v1/chat/completions", {"messages": messages},  # curl -d without -H
+                       {"content-type": "application/x-www-form-urlencoded"})
+  assert status == 400 and "content-type: application/json" in reply["error"]["message"], reply
   expected, _, _ = alone(server, conversation, 12)
   assert ask(server, messages, max_tokens=12).choices[0].message.content == expected
 
@@ -368,5 +396,25 @@ def test_sigterm_finishes_running_requests_and_exits_0(model_dir, tmp_path):
     assert events[-1] == "data: [DONE]"
     assert json.loads(events[-2][6:])["choices"][0]["finish_reason"] == "length"
     assert proc.wait(timeout=60) == 0
+  finally:
+    proc.kill()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)], ids=["ctrl-c", "sigterm"])
+def test_stopped_while_loading_exits_cleanly(model_dir, sig, code):
+  """Ctrl-C or SIGTERM while the model compiles its programs ends the process with its status, not
+  with an abort from tearing the interpreter down under a compile (a context of 4,096 tokens takes
+  the tiny model about 40 s to warm up on 2 cores; the signal comes 3 s in)."""
+  proc = _serve(model_dir, "--port", "0", "--dtype", "float32", "--max-model-len", "4096")
+  try:
+    for line in proc.stderr:
+      if "loading" in line:
+        break
+    time.sleep(3)
+    assert proc.poll() is None
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == code and "terminate called" not in err, err
   finally:
     proc.kill()

@@ -56,14 +56,16 @@ class Translator:
 
   def _content(self, content, where: str) -> list[dict]:
     if isinstance(content, str):
-      return [{"type": "text", "text": content}]
+      return [_text(content, f"{where}.content")]
     return [self._part(part, f"{where}.content[{j}]") for j, part in enumerate(content)]
 
   def _part(self, part, where: str) -> dict:
     style = self.processor.style
     if isinstance(part, TextPart):
-      return {"type": "text", "text": part.text}
+      return _text(part.text, where)
     if isinstance(part, InputAudioPart):
+      if part.input_audio.data.startswith("data:"):
+        raise ValueError(f"{where}: input_audio.data takes bare base64; send a data: URL as an audio_url part")
       wave = media.from_base64(part.input_audio.data, part.input_audio.format, where, style)
     else:
       wave = media.from_url(part.audio_url.url, where, style, self.media_root)
@@ -77,7 +79,19 @@ class Translator:
       raise ValueError(f"the request's audio fills {windows} windows of 30 s; the model takes at most "
                        f"{features.MAX_WINDOWS} (10 minutes) per request")
     n = len(encoded.ids)
-    if max_tokens is None and n >= self.max_len:
+    if n >= self.max_len:
       raise ValueError(f"the prompt has {n} tokens (audio included), which fills the server's context of "
                        f"{self.max_len} tokens")
+    if max_tokens is not None and n + max_tokens > self.max_len:
+      raise ValueError(f"max_tokens (or max_completion_tokens) is {max_tokens}, but the prompt has {n} tokens "
+                       f"(audio included) and the server's context is {self.max_len}, which leaves {self.max_len - n}")
     return Request({k: np.asarray(v) for k, v in inputs.items()}, max_tokens or self.max_len - n, **settings)
+
+
+def _text(text: str, where: str) -> dict:
+  """A text part; JSON can spell a lone surrogate ("\\ud800"), which no tokenizer takes."""
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError as e:
+    raise ValueError(f"{where}: the text is not valid Unicode (a lone surrogate at character {e.start})") from None
+  return {"type": "text", "text": text}

@@ -52,10 +52,12 @@ def from_bytes(data: bytes, fmt: str, where: str, style: str) -> np.ndarray:
 
 
 def from_base64(data: str, fmt: str, where: str, style: str) -> np.ndarray:
+  """The waveform of base64 audio. Line breaks and spaces are skipped (`base64` wraps its output at 76
+  characters; vLLM skips them too); any other character outside the alphabet is an error, not skipped."""
   try:
-    raw = base64.b64decode(data, validate=True)
-  except (binascii.Error, ValueError):
-    raise ValueError(f"{where}: not valid base64") from None
+    raw = base64.b64decode("".join(data.split()), validate=True)
+  except (binascii.Error, ValueError) as e:
+    raise ValueError(f"{where}: not valid base64 ({e})") from None
   return from_bytes(raw, fmt, where, style)
 
 

@@ -76,9 +76,9 @@ class ChatRequest(_Body):
   top_p: float | None = Field(None, gt=0, le=1)
   seed: int | None = Field(None, ge=0, lt=SEED_LIMIT)
   stop: str | list[str] | None = None
-  stream: bool = False
+  stream: bool | None = False  # null is OpenAI's default, as for n: some clients send it
   stream_options: StreamOptions | None = None
-  n: int = Field(1, ge=1, le=1)
+  n: int | None = Field(1, ge=1, le=1)
 
   @property
   def stops(self) -> list[str]:
@@ -94,11 +94,24 @@ def validation_message(errors: list[dict]) -> str:
   (`messages[0].content[1].input_audio.format`)."""
   if errors[0]["type"] == "json_invalid":
     return f"the body is not valid JSON ({errors[0]['ctx']['error']} at character {errors[0]['loc'][-1]})"
-  # A union tries each member: keep only the errors of the member the input was meant for (the deepest),
-  # so a list content with one bad part does not also say "content: not a valid string".
-  deepest = max(len(e["loc"]) for e in errors)
-  kept = [e for e in errors if len(e["loc"]) == deepest] if deepest > 3 else errors
-  return "; ".join(f"{_where(e['loc'])}: {e['msg']}" for e in kept)
+  if errors[0]["loc"] == ("body",) and isinstance(errors[0].get("input"), bytes):  # FastAPI left it unparsed
+    return "the body was not read as JSON: send it with the header content-type: application/json"
+  # A union tries each member: of the errors under one union field, keep only those of the member the
+  # input was meant for (the deepest), so a list content with one bad part does not also say "content:
+  # not a valid string". Errors elsewhere in the body stay.
+  union = lambda loc: next((loc[:i] for i, x in enumerate(loc) if _member(x)), None)  # the union field
+  deepest: dict[tuple, int] = {}
+  for e in errors:
+    if (field := union(e["loc"])) is not None:
+      deepest[field] = max(deepest.get(field, 0), len(e["loc"]))
+  said: dict[str, list[str]] = {}
+  for e in errors:
+    if (field := union(e["loc"])) is not None and len(e["loc"]) < deepest[field]:
+      continue
+    said.setdefault(_where(e["loc"]), []).append(e["msg"])
+  # Each member's error at one place, as one: "content: Input should be a valid string or a valid list".
+  return "; ".join(f"{where}: {first}" + "".join(f" or {m.removeprefix('Input should be ')}" for m in rest)
+                   for where, (first, *rest) in said.items())
 
 
 def _where(loc: tuple) -> str:
@@ -106,7 +119,12 @@ def _where(loc: tuple) -> str:
   part's tag, which pydantic repeats before the part's field of the same name (`audio_url.audio_url`)."""
   out = ""
   for i, x in enumerate(loc):
-    if x == "body" or x == "str" or "[" in str(x) or (i + 1 < len(loc) and loc[i + 1] == x):
+    if x == "body" or _member(x) or (i + 1 < len(loc) and loc[i + 1] == x):
       continue
     out += f"[{x}]" if isinstance(x, int) else f".{x}" if out else str(x)
   return out or "body"
+
+
+def _member(x) -> bool:
+  """Whether a location's step is a union member's name (`str`, `list[...]`), not a field or index."""
+  return x == "str" or "[" in str(x)
