@@ -194,11 +194,24 @@ def test_nulls_and_fields_we_do_not_use_are_taken(server, media):
   as in vLLM: the answer is the plain request's."""
   messages, _ = conversations(media)["text"]
   extras = {"stream": None, "n": None, "stop": None, "seed": None, "stream_options": None, "user": "u",
-            "logprobs": False, "frequency_penalty": 0, "tools": [], "metadata": {"a": "b"}, "top_k": -1}
+            "logprobs": False, "frequency_penalty": 0, "tools": [], "metadata": {"a": "b"}, "top_k": -1,
+            "response_format": {"type": "text"}, "repetition_penalty": 1}
   status, reply = post(server.port, "/v1/chat/completions", {"messages": messages, "max_tokens": 4, "temperature": 0,
                                                             **extras})
   assert status == 200, reply
   assert reply["choices"][0]["message"]["content"] == ask(server, messages, max_tokens=4).choices[0].message.content
+
+
+def test_vllms_top_k_and_repetition_penalty(server, media):
+  """top_k 1 samples the greedy token at any temperature; repetition_penalty is generate's."""
+  messages, conversation = conversations(media)["audio"]
+  batch = server.processor.apply_chat_template(conversation)
+  penalised = af3_jax.generate(server.model, batch, 8, do_sample=False, repetition_penalty=1.5)[0].tolist()
+  reply = ask(server, messages, max_tokens=8, extra_body={"repetition_penalty": 1.5})
+  assert reply.choices[0].message.content == server.processor.tokenizer.decode(penalised, skip_special_tokens=True)
+  sampled = server.client.chat.completions.create(model=NAME, messages=messages, max_tokens=8, temperature=1.5,
+                                                  extra_body={"top_k": 1})
+  assert sampled.choices[0].message.content == alone(server, conversation, 8)[0]
 
 
 def test_concurrent_requests_each_get_their_answer_alone(server, media):
@@ -257,6 +270,10 @@ BAD = {
                            "Input should be a valid string; temperature: "),
     "content a number": ({"messages": [{"role": "user", "content": 5}]},
                          "messages[0].content: Input should be a valid string or a valid list"),
+    "features we do not implement": ({"messages": [{"role": "user", "content": "Hi"}], "logprobs": True,
+                                      "frequency_penalty": 0.5}, "body: logprobs, frequency_penalty: not implemented"),
+    "a JSON response_format": ({"messages": [{"role": "user", "content": "Hi"}],
+                                "response_format": {"type": "json_object"}}, "response_format: not implemented"),
     "a lone surrogate": (b'{"messages": [{"role": "user", "content": "Hi \\ud800"}]}', "messages[0].content: the text is not"),
 }
 

@@ -42,6 +42,10 @@ class Translator:
       sampling |= {"do_sample": True, "temperature": body.temperature}
     if body.top_p is not None:
       sampling["top_p"] = body.top_p
+    if body.top_k is not None:
+      sampling["top_k"] = max(body.top_k, 0)  # vLLM's -1 is transformers' 0: off
+    if body.repetition_penalty is not None:
+      sampling["repetition_penalty"] = body.repetition_penalty
     seed = body.seed if body.seed is not None else secrets.randbelow(SEED_LIMIT)
     return self._request(conversation, body.max_completion_tokens or body.max_tokens, seed=seed, **sampling)
 

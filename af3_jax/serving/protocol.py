@@ -2,16 +2,23 @@
 body that does not fit with an error, which the app turns into a 400), and OpenAI's error shape.
 
 Content parts: `text`, `input_audio` ({"data": base64, "format"}) and `audio_url` ({"url"}: a `data:`
-URL or a local file). Fields OpenAI defines that do not change our answer (`user`, `logprobs`...) are
-ignored, as vLLM ignores them; the ones we cannot honour as asked (`n` > 1) are refused.
+URL or a local file). Fields that do not change the answer (`user`, `metadata`...) are ignored, as vLLM
+ignores them. Fields that would change it and that we do not implement (`logprobs`, the frequency and
+presence penalties, `logit_bias`, `tools`, a JSON `response_format`, `n` > 1) are refused unless left at
+their defaults: answering as if they were not sent would be a silent difference from vLLM. vLLM's own
+sampling extensions `top_k` and `repetition_penalty` are taken (the engine has both).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+# Fields we do not implement -> the values that mean "off" (OpenAI's defaults).
+NOT_IMPLEMENTED = {"logprobs": (None, False), "top_logprobs": (None, 0), "frequency_penalty": (None, 0),
+                   "presence_penalty": (None, 0), "logit_bias": (None, {}), "tools": (None, []),
+                   "response_format": (None, {"type": "text"})}
 # jax.random.key keeps 32 bits of a seed: larger ones would silently share streams, so they are refused.
 SEED_LIMIT = 2**31
 
@@ -79,6 +86,23 @@ class ChatRequest(_Body):
   stream: bool | None = False  # null is OpenAI's default, as for n: some clients send it
   stream_options: StreamOptions | None = None
   n: int | None = Field(1, ge=1, le=1)
+  top_k: int | None = Field(None, ge=-1)  # vLLM's extension; -1 or 0: off
+  repetition_penalty: float | None = Field(None, gt=0)  # vLLM's extension; 1: off
+  logprobs: bool | None = None
+  top_logprobs: int | None = None
+  frequency_penalty: float | None = None
+  presence_penalty: float | None = None
+  logit_bias: dict | None = None
+  tools: list | None = None
+  response_format: dict | None = None
+
+  @model_validator(mode="after")
+  def _implemented(self) -> ChatRequest:
+    asked = [name for name, off in NOT_IMPLEMENTED.items() if getattr(self, name) not in off]
+    if asked:
+      raise ValueError(f"{', '.join(asked)}: not implemented by this server; leave {'it' if len(asked) == 1 else 'them'} "
+                       "out (or at the default)")
+    return self
 
   @property
   def stops(self) -> list[str]:
@@ -108,7 +132,7 @@ def validation_message(errors: list[dict]) -> str:
   for e in errors:
     if (field := union(e["loc"])) is not None and len(e["loc"]) < deepest[field]:
       continue
-    said.setdefault(_where(e["loc"]), []).append(e["msg"])
+    said.setdefault(_where(e["loc"]), []).append(e["msg"].removeprefix("Value error, "))
   # Each member's error at one place, as one: "content: Input should be a valid string or a valid list".
   return "; ".join(f"{where}: {first}" + "".join(f" or {m.removeprefix('Input should be ')}" for m in rest)
                    for where, (first, *rest) in said.items())
