@@ -4,8 +4,11 @@ shared KV cache (`slots.py`), each getting the tokens `decode.generate` would gi
 `Engine` follows JetStream's engine API (`engine_api.py`): `prefill` runs one request's audio encoder
 and prompt and chooses its first token, `insert` puts it into a free slot, `generate` decodes one token
 for every slot. `step` is one turn of the loop over them (JetStream's orchestrator): it frees cancelled
-requests' slots, prefills waiting requests into free slots (a free-slot queue), decodes, and frees each
-slot whose request is done (an eos id, or max_new_tokens) at once. Prompts are padded to power-of-two
+requests' slots, prefills waiting requests into free slots (a free-slot queue), starts a decode step,
+and hands out the tokens of the step before, freeing each slot whose request is done (an eos id, or
+max_new_tokens) at once. So the device decodes while the host reads tokens and schedules, never waiting
+for it; the price is one more decode of a slot whose request ended in the step before, whose token is
+dropped (a new request in that slot is inserted after it, in device order). Prompts are padded to power-of-two
 buckets and audio windows to finer ones (`buckets.window_bucket`), slots are fixed, and the cache grows
 by buckets (at least `MIN_CACHE`) up to `max_len`. A decode step reads only a window of the cache, the
 bucket that covers its longest live request (the engine knows each slot's end on the host), so short
@@ -180,6 +183,8 @@ class Engine:
     self._ends = np.full(max_slots, FREE)
     self._free = collections.deque(range(max_slots))  # the free-slot queue
     self._running: dict[int, Handle] = {}
+    # The decode step dispatched last: its tokens (device) and the requests it decoded, by slot.
+    self._in_flight: tuple[jax.Array, dict[int, Handle]] | None = None
     self._pending: collections.deque[Handle] = collections.deque()
     self._lock = threading.Lock()
     self._wake = threading.Condition(self._lock)
@@ -208,8 +213,7 @@ class Engine:
 
   def generate(self) -> np.ndarray:
     """Decodes one token for every slot; returns them (max_slots,), free slots' meaningless."""
-    self._decode(self._window())
-    return np.asarray(self._slots.token)
+    return np.asarray(self._decode(self._window()))
 
   def warmup(self, prompt_lengths: Iterable[int] = (), audio_windows: Iterable[int] = (0,)) -> None:
     """Compiles ahead of requests (call it before serving): grows the cache to `max_len`, then runs
@@ -252,17 +256,23 @@ class Engine:
       self._wake.notify()
 
   def step(self) -> None:
-    """One turn: frees cancelled requests' slots, prefills waiting requests into free slots, decodes one
-    token for every slot and frees the slots of requests that are done."""
+    """One turn: frees cancelled requests' slots, prefills waiting requests into free slots, starts a
+    decode step for every slot, then hands out the tokens of the step before (waiting for it, not for
+    the one just started) and frees the slots of requests that are done. A token decoded for a request
+    that is no longer in its slot (it ended, or was cancelled, after that step started) is dropped."""
     for slot, handle in list(self._running.items()):
       if handle.cancelled:
         self._release(slot, "cancelled")
     while self._free and (handle := self._next_waiting()) is not None:
       self._admit(handle)
+    previous, self._in_flight = self._in_flight, None
     if self._running:
-      tokens = self.generate()
-      for slot in list(self._running):
-        self._emit(slot, int(tokens[slot]))
+      self._in_flight = self._decode(self._window()), dict(self._running)
+    if previous is not None:
+      tokens, decoded = np.asarray(previous[0]), previous[1]
+      for slot, handle in decoded.items():
+        if self._running.get(slot) is handle:
+          self._emit(slot, int(tokens[slot]))
 
   def start(self) -> None:
     """Runs `step` in a background thread whenever there is work, until `stop`."""
@@ -353,11 +363,13 @@ class Engine:
     past the need it was inserted with (the device API lets a caller) reads the whole cache."""
     return min(self._length(int(self._ends.max()) + 1), self._cache_len)
 
-  def _decode(self, window: int) -> None:
-    """Dispatches one decode step reading the cache's first `window` slots."""
+  def _decode(self, window: int) -> jax.Array:
+    """Dispatches one decode step reading the cache's first `window` slots; returns its tokens (B,),
+    still on the device."""
     with jax.set_mesh(self.model.mesh):
-      self._slots = slots.generate_fn(self.model.graphdef, self.model.state, self._slots, window=window)
+      self._slots, tokens = slots.generate_fn(self.model.graphdef, self.model.state, self._slots, window=window)
     self._ends[self._ends != FREE] += 1
+    return tokens
 
   def _reserve(self, need: int) -> None:
     """Makes the cache at least `need` slots long (a bucket, at most max_len)."""
@@ -424,12 +436,13 @@ class Engine:
       except Exception as e:  # the device state is lost: fail what runs, start afresh, keep serving
         for slot in list(self._running):
           self._release(slot, "error", e)
-        self._slots, self._cache_len = None, 0
+        self._slots, self._cache_len, self._in_flight = None, 0, None
     with self._lock:
       left, self._pending = [*self._pending, *self._running.values()], collections.deque()
     for handle in left:
       handle._finish("cancelled")
     self._running.clear()
+    self._in_flight = None
     self._ends[:] = FREE
     self._free = collections.deque(range(self.max_slots))
 

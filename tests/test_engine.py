@@ -126,6 +126,34 @@ def test_the_decode_window_follows_the_longest_live_request(gqa_ckpt, gqa_loaded
 
 
 
+def test_a_step_reads_the_step_before_once_the_next_one_is_dispatched(gqa_loaded, mix, monkeypatch):
+  """The host never waits for the step it just dispatched: it reads step i's tokens only after
+  dispatching step i + 1, so the device decodes while the host hands out tokens and schedules. The
+  tokens a step decodes for requests that ended before it was read (eos, max_new_tokens) are dropped:
+  each request still gets its tokens alone."""
+  requests, expected = mix
+  generate, dispatched, reads = slots.generate_fn, [], []
+
+  class Tokens:  # a step's tokens, noting when the host reads them
+    def __init__(self, tokens, step):
+      self.tokens, self.step = tokens, step
+
+    def __array__(self, dtype=None, copy=None):
+      reads.append((self.step, len(dispatched)))
+      return np.asarray(self.tokens, dtype)
+
+  def spy(*args, window):
+    state, tokens = generate(*args, window=window)
+    dispatched.append(window)
+    return state, Tokens(tokens, len(dispatched) - 1)
+
+  monkeypatch.setattr(slots, "generate_fn", spy)
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
+  done = run(engine, [engine.submit(r) for r in requests])
+  assert [list(c.tokens) for c in done] == expected
+  assert reads == [(i, i + 2) for i in range(len(dispatched) - 1)]  # the last step's tokens were all dropped
+
+
 def test_warmup_prefills_each_window_bucket_once(gqa_loaded, monkeypatch):
   """Warming every audio length up to 10 minutes (0 to 20 windows) prefills each window bucket once,
   which covers every count: 14 programs a prompt bucket (powers of two: 7)."""
@@ -156,9 +184,11 @@ def test_cancel_frees_the_slot_for_the_next_request(gqa_ckpt, gqa_loaded):
   engine.step()  # the cancelled request's slot is free before the late one is admitted
   assert busy[1].done and busy[1].slot is None and handle.slot == slot
   cancelled = busy[1].result()
-  assert cancelled.finish_reason == "cancelled" and len(cancelled.tokens) == 3  # the prefill's, two decoded
+  # The prefill's token and one decoded: the second step's tokens were still on the device when it was
+  # cancelled, and are dropped.
+  assert cancelled.finish_reason == "cancelled" and len(cancelled.tokens) == 2
   done = run(engine, busy + [handle])
-  assert list(cancelled.tokens) == alone(gqa_loaded, requests[1])[:3]
+  assert list(cancelled.tokens) == alone(gqa_loaded, requests[1])[:2]
   assert list(done[-1].tokens) == alone(gqa_loaded, late)
   assert [len(c.tokens) for c in done[::2]] == [40, 40]
 
