@@ -4,11 +4,16 @@ shared KV cache (`slots.py`), each getting the tokens `decode.generate` would gi
 `Engine` follows JetStream's engine API (`engine_api.py`): `prefill` runs one request's audio encoder
 and prompt and chooses its first token, `insert` puts it into a free slot, `generate` decodes one token
 for every slot. `step` is one turn of the loop over them (JetStream's orchestrator): it frees cancelled
-requests' slots, prefills waiting requests into free slots (a free-slot queue), decodes, and frees each
-slot whose request is done (an eos id, or max_new_tokens) at once. Prompts are padded to power-of-two
+requests' slots, prefills waiting requests into free slots (a free-slot queue), starts a decode step,
+and hands out the tokens of the step before, freeing each slot whose request is done (an eos id, or
+max_new_tokens) at once. So the device decodes while the host reads tokens and schedules, never waiting
+for it; the price is one more decode of a slot whose request ended in the step before, whose token is
+dropped (a new request in that slot is inserted after it, in device order). Prompts are padded to power-of-two
 buckets and audio windows to finer ones (`buckets.window_bucket`), slots are fixed, and the cache grows
-by buckets (at least `MIN_CACHE`) up to `max_len`; `warmup` compiles ahead, so that a warm engine
-compiles nothing while it serves.
+by buckets (at least `MIN_CACHE`) up to `max_len`. A decode step reads only a window of the cache, the
+bucket that covers its longest live request (the engine knows each slot's end on the host), so short
+requests in a long cache decode at short requests' cost; `warmup` compiles every window and prompt
+bucket ahead, so that a warm engine compiles nothing while it serves.
 
 Driving it: `submit(request)` from any thread returns a `Handle` whose `queue` receives each token id as
 it is chosen, then None (ValueError for a request that cannot run, `QueueFull` when `max_queue`
@@ -40,9 +45,10 @@ from af3_jax.pretrained import Model, check_inputs
 from af3_jax.slots import AUDIO, Prefix, Rows
 
 Item = TypeVar("Item")
-# The cache's shortest length: each length is a compile of the decode step, and a 30 s clip with its
-# answer is about 1,000 tokens anyway.
+# The cache's shortest length, and the decode step's shortest window: each length and window is a
+# compile of the decode step, and a 30 s clip with its answer is about 1,000 tokens anyway.
 MIN_CACHE = 1024
+FREE = -1  # the host's end of a slot that holds no request
 
 
 class QueueFull(Exception):
@@ -173,8 +179,12 @@ class Engine:
     self._dtype = model.module().language_model.embed_tokens.compute_dtype
     self._slots: slots.Slots | None = None  # made at the first insert
     self._cache_len = 0
+    # Each slot's end (its next write) after the steps dispatched so far, or FREE: the decode window.
+    self._ends = np.full(max_slots, FREE)
     self._free = collections.deque(range(max_slots))  # the free-slot queue
     self._running: dict[int, Handle] = {}
+    # The decode step dispatched last: its tokens (device) and the requests it decoded, by slot.
+    self._in_flight: tuple[jax.Array, dict[int, Handle]] | None = None
     self._pending: collections.deque[Handle] = collections.deque()
     self._lock = threading.Lock()
     self._wake = threading.Condition(self._lock)
@@ -195,22 +205,23 @@ class Engine:
 
   def insert(self, prefix: Prefix, slot: int) -> None:
     """Puts a prefilled request into `slot` (it must be free), growing the cache if the request needs more."""
-    self._reserve(int(prefix.need))
+    need, length = map(int, jax.device_get((prefix.need, prefix.length)))
+    self._reserve(need)
     with jax.set_mesh(self.model.mesh):
       self._slots = slots.insert_fn(self._slots, prefix, np.int32(slot))
+    self._ends[slot] = length
 
   def generate(self) -> np.ndarray:
     """Decodes one token for every slot; returns them (max_slots,), free slots' meaningless."""
-    with jax.set_mesh(self.model.mesh):
-      self._slots = slots.generate_fn(self.model.graphdef, self.model.state, self._slots)
-    return np.asarray(self._slots.token)
+    return np.asarray(self._decode(self._window()))
 
   def warmup(self, prompt_lengths: Iterable[int] = (), audio_windows: Iterable[int] = (0,)) -> None:
     """Compiles ahead of requests (call it before serving): grows the cache to `max_len`, then runs
     `prefill` and `insert` once for each bucket of `prompt_lengths` with each bucket of `audio_windows`
-    (0: no audio) into a free slot, and `generate` once. Afterwards requests within those buckets
-    compile nothing."""
+    (0: no audio) into a free slot, and a decode step once for each window (log2(max_len / MIN_CACHE)
+    + 1 of them). Afterwards requests within those buckets compile nothing."""
     self._reserve(self.max_len)
+    slot = self._free[0]
     cfg = self.model.config
     filler = (cfg.audio_token_id + 1) % cfg.decoder.vocab_size  # any id but audio: no frames to match
     for t in sorted({min(bucket(n, decode.MIN_BUCKET), self.max_len) for n in prompt_lengths}):
@@ -222,8 +233,10 @@ class Engine:
                      "input_features_mask": np.zeros((w, e.mel_frames), np.int32),
                      "audio_embed_mask": np.zeros((w, whisper.tokens_per_window(e)), bool)}
         job = _Job(inputs, t, Rows.of(Sampling()), jax.random.key(0)[None], frozenset(), 1, t)
-        self.insert(self._prefill(job), self._free[0])
-    self.generate()
+        self.insert(self._prefill(job), slot)
+    for window in sorted({self._length(MIN_CACHE << k) for k in range(self.max_len.bit_length())}):
+      self._decode(window)
+    self._ends[slot] = FREE
 
   # The scheduler.
 
@@ -243,17 +256,23 @@ class Engine:
       self._wake.notify()
 
   def step(self) -> None:
-    """One turn: frees cancelled requests' slots, prefills waiting requests into free slots, decodes one
-    token for every slot and frees the slots of requests that are done."""
+    """One turn: frees cancelled requests' slots, prefills waiting requests into free slots, starts a
+    decode step for every slot, then hands out the tokens of the step before (waiting for it, not for
+    the one just started) and frees the slots of requests that are done. A token decoded for a request
+    that is no longer in its slot (it ended, or was cancelled, after that step started) is dropped."""
     for slot, handle in list(self._running.items()):
       if handle.cancelled:
         self._release(slot, "cancelled")
     while self._free and (handle := self._next_waiting()) is not None:
       self._admit(handle)
+    previous, self._in_flight = self._in_flight, None
     if self._running:
-      tokens = self.generate()
-      for slot in list(self._running):
-        self._emit(slot, int(tokens[slot]))
+      self._in_flight = self._decode(self._window()), dict(self._running)
+    if previous is not None:
+      tokens, decoded = np.asarray(previous[0]), previous[1]
+      for slot, handle in decoded.items():
+        if self._running.get(slot) is handle:
+          self._emit(slot, int(tokens[slot]))
 
   def start(self) -> None:
     """Runs `step` in a background thread whenever there is work, until `stop`."""
@@ -335,9 +354,26 @@ class Engine:
       token, seen = slots.choose_fn(logits, prefix.seen, prefix.rows, prefix.key)
     return prefix.replace(token=token, seen=seen)
 
+  def _length(self, need: int) -> int:
+    """The bucket of `need` slots, at most max_len: the cache's lengths and the decode windows."""
+    return min(bucket(need, MIN_CACHE), self.max_len)
+
+  def _window(self) -> int:
+    """The decode window: the bucket of slots that holds every live slot's next token. A slot decoded
+    past the need it was inserted with (the device API lets a caller) reads the whole cache."""
+    return min(self._length(int(self._ends.max()) + 1), self._cache_len)
+
+  def _decode(self, window: int) -> jax.Array:
+    """Dispatches one decode step reading the cache's first `window` slots; returns its tokens (B,),
+    still on the device."""
+    with jax.set_mesh(self.model.mesh):
+      self._slots, tokens = slots.generate_fn(self.model.graphdef, self.model.state, self._slots, window=window)
+    self._ends[self._ends != FREE] += 1
+    return tokens
+
   def _reserve(self, need: int) -> None:
     """Makes the cache at least `need` slots long (a bucket, at most max_len)."""
-    length = min(bucket(need, MIN_CACHE), self.max_len)
+    length = self._length(need)
     with jax.set_mesh(self.model.mesh):
       if self._slots is None:
         self._slots = slots.empty_fn(self.model.config, batch=self.max_slots, length=length, dtype=self._dtype)
@@ -384,6 +420,7 @@ class Engine:
   def _release(self, slot: int, reason: str, error: BaseException | None = None) -> None:
     handle = self._running.pop(slot)
     handle.slot = None
+    self._ends[slot] = FREE
     self._free.append(slot)
     handle._finish(reason, error)
 
@@ -399,12 +436,14 @@ class Engine:
       except Exception as e:  # the device state is lost: fail what runs, start afresh, keep serving
         for slot in list(self._running):
           self._release(slot, "error", e)
-        self._slots, self._cache_len = None, 0
+        self._slots, self._cache_len, self._in_flight = None, 0, None
     with self._lock:
       left, self._pending = [*self._pending, *self._running.values()], collections.deque()
     for handle in left:
       handle._finish("cancelled")
     self._running.clear()
+    self._in_flight = None
+    self._ends[:] = FREE
     self._free = collections.deque(range(self.max_slots))
 
   def _settle(self, item: Item, outcome: Handle | ValueError) -> tuple[Item, Completion | ValueError]:

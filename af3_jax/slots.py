@@ -150,17 +150,21 @@ def insert_fn(slots: Slots, prefix: Prefix, slot: jax.Array) -> Slots:
                key=at_slot(slots.key, prefix.key))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("slots",))
-def generate_fn(graphdef, params, slots: Slots) -> Slots:
-  """Feeds every row its latest token (at position = its cache end) and chooses the next."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "window"), donate_argnames=("slots",))
+def generate_fn(graphdef, params, slots: Slots, *, window: int) -> tuple[Slots, jax.Array]:
+  """Feeds every row its latest token (at position = its cache end) and chooses the next: the new state
+  and the tokens (B,) apart from it, so that the host can read them after the next step took (donated)
+  the state. Attention reads the cache's first `window` slots only: they must cover every live row's
+  end (free rows decode garbage either way), so a step costs what its longest request needs, not what
+  the cache holds."""
   TRACES["generate"] += 1
   model = nnx.merge(graphdef, params)
   x = model.language_model.embed_tokens(slots.token[:, None])
   b = x.shape[0]
-  h, cache = model.language_model(x, slots.cache.end[:, None], jnp.ones((b, 1), bool), slots.cache)
+  h, cache = model.language_model(x, slots.cache.end[:, None], jnp.ones((b, 1), bool), slots.cache, window=window)
   token = _choose(model.lm_head(h[:, 0]), slots.seen, slots.rows, slots.key, slots.step)
   return slots.replace(cache=cache, token=token, seen=slots.seen.at[jnp.arange(b), token].set(True),
-                       step=slots.step + 1)
+                       step=slots.step + 1), token
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "batch", "length", "dtype"))

@@ -13,8 +13,11 @@ slots (--max-slots), so a request starts as soon as a slot is free. The transfor
 with `generate` does: every round takes the next request of each client and answers them as one padded
 batch (our processor's inputs, made inside the timed loop as the server makes them). TTFT is from a
 request's send (for transformers: its round's start) to its first answer text; output tokens/s counts
-every request's tokens over the level's wall time. vLLM is left out: it serves from a checkpoint
-folder, not random weights in memory. The server decodes real audio, so the audio stack (soundfile,
+every request's tokens over the level's wall time. --max-len sets the engine's cache length, as
+serve.py's --max-model-len does (its default, the model's context, is 32,768 slots a row): a decode
+step reads only the window its longest request needs, so short requests should decode as fast in a
+long cache as in a short one. vLLM is left out: it serves from a checkpoint folder, not random weights
+in memory. The server decodes real audio, so the audio stack (soundfile,
 librosa) must be installed.
 """
 
@@ -56,6 +59,8 @@ _CLIENTS = flags.DEFINE_multi_integer("clients", [1, 8, 32], "Concurrent clients
 _REQUESTS = flags.DEFINE_integer("requests", 4, "Requests each client sends, one after another.", lower_bound=1)
 _NEW = flags.DEFINE_integer("new-tokens", 64, "Tokens every answer decodes.", lower_bound=1)
 _SLOTS = flags.DEFINE_integer("max-slots", 32, "The server engine's decode slots.", lower_bound=1)
+_MAX_LEN = flags.DEFINE_integer("max-len", None, "The server engine's max_len, its cache slots per row (default: "
+                                "what the requests need, bucketed; serve.py's is the model's context).", lower_bound=2)
 _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where both run (auto: gpu if torch sees one).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype, both sides.")
 
@@ -185,8 +190,9 @@ def main(argv: list[str]) -> int:
   platform = _DEVICE.value if _DEVICE.value != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
   torch_device, jax_device = ("cuda" if platform == "gpu" else "cpu"), jax.devices(platform)[0]
   header = (f"{_SIZE.value} AF3 (random weights), {_DTYPE.value}, {SECONDS:g} s of audio and {n} new tokens per "
-            f"request, {requests} requests per client, {_SLOTS.value} engine slots | JAX {jax.__version__} on "
-            f"{jax_device.device_kind} | torch {torch.__version__} (transformers {transformers.__version__}) on "
+            f"request, {requests} requests per client, {_SLOTS.value} engine slots, max_len "
+            f"{_MAX_LEN.value or 'as needed'} | JAX {jax.__version__} on {jax_device.device_kind} | torch "
+            f"{torch.__version__} (transformers {transformers.__version__}) on "
             f"{torch.cuda.get_device_name() if torch_device == 'cuda' else 'cpu'} | "
             f"{datetime.datetime.now().isoformat(timespec='minutes')}")
   print(header, flush=True)
@@ -205,7 +211,7 @@ def main(argv: list[str]) -> int:
   prompt = len(processor.encode([{"role": "user", "content": [{"type": "audio", "audio": clip(0)},
                                                               {"type": "text", "text": QUESTION}]}]).ids)
   started = time.perf_counter()
-  server, port = start_server(jmodel, processor, _SLOTS.value, bucket(prompt + n))
+  server, port = start_server(jmodel, processor, _SLOTS.value, _MAX_LEN.value or bucket(prompt + n))
   print(f"server warm in {time.perf_counter() - started:.1f} s (prompt {prompt} tokens)", flush=True)
   serve_level(port, 1, 1, n)  # the first request's host-side paths
   ours = {}

@@ -7,6 +7,7 @@ models from repeating one token (see test_generate.py). Engines share shapes (3 
 that the tests share compiled programs.
 """
 
+import re
 import threading
 from types import SimpleNamespace
 
@@ -55,6 +56,18 @@ def run(engine, handles):
   return [h.result() for h in handles]
 
 
+def spy_windows(monkeypatch) -> list[int]:
+  """The window of every decode step the engine runs from now on, in order."""
+  windows, generate = [], slots.generate_fn
+
+  def spy(*args, window):
+    windows.append(window)
+    return generate(*args, window=window)
+
+  monkeypatch.setattr(slots, "generate_fn", spy)
+  return windows
+
+
 @pytest.fixture(scope="module")
 def mix(gqa_ckpt, gqa_loaded):
   """Six requests of different kinds, and each one's tokens from `generate` alone. The first stops at
@@ -90,6 +103,56 @@ def test_staggered_requests_get_their_tokens_alone(gqa_loaded, mix, monkeypatch)
   assert prompts[1] == 7 + audio_tokens(700)  # audio tokens count as prompt tokens
 
 
+def test_the_decode_window_follows_the_longest_live_request(gqa_ckpt, gqa_loaded, monkeypatch):
+  """A long request and short ones decode together: every step reads the window that holds the long
+  one (256 slots); once it is done the window shrinks to the short ones' bucket (64), also for a
+  request that takes the long one's slot. Each gets its tokens alone."""
+  rng, tiny = np.random.default_rng(4), gqa_ckpt.tiny
+  monkeypatch.setattr(engine_module, "MIN_CACHE", 64)
+  requests = [text_request(rng, tiny, 150, max_new=12), text_request(rng, tiny, 9, max_new=30),
+              text_request(rng, tiny, 12, max_new=24, seed=5, **SAMPLED)]
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
+  windows = spy_windows(monkeypatch)
+  handles = [engine.submit(r) for r in requests]
+  while not handles[0].done:
+    engine.step()
+  long_steps = len(windows)
+  late = text_request(rng, tiny, 7, max_new=8)
+  handles.append(engine.submit(late))
+  done = run(engine, handles)
+  assert set(windows[:long_steps]) == {MAX_LEN} and set(windows[long_steps:]) == {64} and engine.cache_len == MAX_LEN
+  for i, (completion, r) in enumerate(zip(done, requests + [late])):
+    assert list(completion.tokens) == alone(gqa_loaded, r), f"request {i}"
+
+
+
+def test_a_step_reads_the_step_before_once_the_next_one_is_dispatched(gqa_loaded, mix, monkeypatch):
+  """The host never waits for the step it just dispatched: it reads step i's tokens only after
+  dispatching step i + 1, so the device decodes while the host hands out tokens and schedules. The
+  tokens a step decodes for requests that ended before it was read (eos, max_new_tokens) are dropped:
+  each request still gets its tokens alone."""
+  requests, expected = mix
+  generate, dispatched, reads = slots.generate_fn, [], []
+
+  class Tokens:  # a step's tokens, noting when the host reads them
+    def __init__(self, tokens, step):
+      self.tokens, self.step = tokens, step
+
+    def __array__(self, dtype=None, copy=None):
+      reads.append((self.step, len(dispatched)))
+      return np.asarray(self.tokens, dtype)
+
+  def spy(*args, window):
+    state, tokens = generate(*args, window=window)
+    dispatched.append(window)
+    return state, Tokens(tokens, len(dispatched) - 1)
+
+  monkeypatch.setattr(slots, "generate_fn", spy)
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
+  done = run(engine, [engine.submit(r) for r in requests])
+  assert [list(c.tokens) for c in done] == expected
+  assert reads == [(i, i + 2) for i in range(len(dispatched) - 1)]  # the last step's tokens were all dropped
+
 
 def test_warmup_prefills_each_window_bucket_once(gqa_loaded, monkeypatch):
   """Warming every audio length up to 10 minutes (0 to 20 windows) prefills each window bucket once,
@@ -98,7 +161,7 @@ def test_warmup_prefills_each_window_bucket_once(gqa_loaded, monkeypatch):
   warmed = []
   monkeypatch.setattr(engine, "_prefill", lambda job: warmed.append(len(job.inputs.get("input_features", ()))))
   monkeypatch.setattr(engine, "insert", lambda prefix, slot: None)
-  monkeypatch.setattr(engine, "generate", lambda: None)
+  monkeypatch.setattr(engine, "_decode", lambda window: None)
   engine.warmup(prompt_lengths=[100], audio_windows=range(21))
   assert sorted(set(warmed)) == warmed and len(warmed) == 14
   assert {0} | {window_bucket(n) for n in range(1, 21)} == set(warmed)
@@ -121,17 +184,22 @@ def test_cancel_frees_the_slot_for_the_next_request(gqa_ckpt, gqa_loaded):
   engine.step()  # the cancelled request's slot is free before the late one is admitted
   assert busy[1].done and busy[1].slot is None and handle.slot == slot
   cancelled = busy[1].result()
-  assert cancelled.finish_reason == "cancelled" and len(cancelled.tokens) == 3  # the prefill's, two decoded
+  # The prefill's token and one decoded: the second step's tokens were still on the device when it was
+  # cancelled, and are dropped.
+  assert cancelled.finish_reason == "cancelled" and len(cancelled.tokens) == 2
   done = run(engine, busy + [handle])
-  assert list(cancelled.tokens) == alone(gqa_loaded, requests[1])[:3]
+  assert list(cancelled.tokens) == alone(gqa_loaded, requests[1])[:2]
   assert list(done[-1].tokens) == alone(gqa_loaded, late)
   assert [len(c.tokens) for c in done[::2]] == [40, 40]
 
 
-def test_nothing_recompiles_once_warm():
+def test_nothing_recompiles_once_warm(monkeypatch):
   """A model of its own, so that only this test's `warmup` compiles its programs, whatever ran before:
-  after warming prompt bucket 256 with no audio, one window and three, requests of mixed lengths,
-  windows, settings, seeds and eos ids, some arriving while others decode, compile nothing."""
+  after warming prompt bucket 256 with no audio, one window and three, and bucket 64 with no audio,
+  requests of mixed lengths, windows, settings, seeds and eos ids, some arriving while others decode,
+  compile nothing, though the decode window changes as they come and go (buckets from 128: windows
+  128 and 256)."""
+  monkeypatch.setattr(engine_module, "MIN_CACHE", 128)
   cfg = AF3Config(encoder=EncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
                   decoder=DecoderConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
                                         head_dim=16, intermediate_size=64),
@@ -139,17 +207,19 @@ def test_nothing_recompiles_once_warm():
   tiny = SimpleNamespace(audio_token_id=cfg.audio_token_id)
   engine = Engine(init_random(cfg, dtype=jnp.float32), max_slots=SLOTS, max_len=MAX_LEN)
   engine.warmup(prompt_lengths=[200], audio_windows=[0, 1, 3])
+  engine.warmup(prompt_lengths=[20])
   traces = dict(slots.TRACES)
   rng = np.random.default_rng(2)
   first = [audio_request(rng, tiny, 700, max_new=8), text_request(rng, tiny, 240, max_new=6, seed=3, **SAMPLED),
            text_request(rng, tiny, 150, max_new=5, eos_token_id=[5, 6, 7, 8, 9], repetition_penalty=1.3)]
   later = [audio_request(rng, tiny, 900, max_new=4, seed=4, do_sample=True), text_request(rng, tiny, 130, max_new=3),
-           audio_request(rng, tiny, 200, max_new=4, windows=3)]
+           audio_request(rng, tiny, 200, max_new=4, windows=3), text_request(rng, tiny, 20, max_new=24)]
+  windows = spy_windows(monkeypatch)
   handles = [engine.submit(r) for r in first]
   engine.step()
   handles += [engine.submit(r) for r in later]
   done = run(engine, handles)
-  assert dict(slots.TRACES) == traces
+  assert dict(slots.TRACES) == traces and set(windows) == {128, 256}
   assert all(c.finish_reason in ("stop", "length") and c.tokens for c in done)
 
 
@@ -210,11 +280,21 @@ def test_bad_requests_and_a_full_queue_are_refused(gqa_ckpt, gqa_loaded):
 
 def test_the_decode_step_writes_the_cache_in_place(gqa_loaded):
   """The step's temporaries stay under the size of the cache, which it updates where it lies (the
-  carried cache); rebuilding it per layer, as scan outputs do, needs at least a whole copy."""
+  carried cache); rebuilding it per layer, as scan outputs do, needs at least a whole copy. Reading a
+  window of 512 of its 8192 slots, they stay under the size of a 512-slot cache: each layer's
+  attention reads a 512-slot slice, and the only arrays as long as the cache are the cache itself (its
+  k and v, written in place by a scatter, and its key mask)."""
   engine = Engine(gqa_loaded, max_slots=SLOTS)
-  length = 8192
+  length, window = 8192, 512
   state = jax.eval_shape(lambda: slots.empty_fn(gqa_loaded.config, batch=SLOTS, length=length, dtype=engine._dtype))
-  with jax.set_mesh(gqa_loaded.mesh):
-    compiled = slots.generate_fn.lower(gqa_loaded.graphdef, gqa_loaded.state, state).compile()
-  cache = state.cache.k.size * state.cache.k.dtype.itemsize * 2
-  assert compiled.memory_analysis().temp_size_in_bytes < cache
+  k = state.cache.k
+  for w in (length, window):
+    with jax.set_mesh(gqa_loaded.mesh):
+      compiled = slots.generate_fn.lower(gqa_loaded.graphdef, gqa_loaded.state, state, window=w).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes < k.size * k.dtype.itemsize * 2 * w // length
+  layers, b, _, kv, h = k.shape
+  hlo = compiled.as_text()
+  assert re.search(rf"= f32\[1,{b},{window},{kv},{h}\]\S* dynamic-slice\(", hlo)
+  long = set(re.findall(rf"\b\w+\[[\d,]*\b{length}\b[\d,]*\]", hlo))
+  assert long == {f"f32[{layers},{b},{length},{kv},{h}]", f"pred[{b},{length}]"}, long
+  assert not re.search(rf"= f32\[{layers},{b},{length},{kv},{h}\]\S* copy\(", hlo)

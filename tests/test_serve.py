@@ -318,9 +318,9 @@ def test_a_client_that_goes_away_frees_its_slot(server, media, monkeypatch):
   and the next request is answered."""
   engine = server.service.engine
   handles = []
-  submit, generate = engine.submit, engine.generate
+  submit, decode = engine.submit, engine._decode
   monkeypatch.setattr(engine, "submit", lambda *a, **k: handles.append(submit(*a, **k)) or handles[-1])
-  monkeypatch.setattr(engine, "generate", lambda: time.sleep(0.02) or generate())
+  monkeypatch.setattr(engine, "_decode", lambda window: time.sleep(0.02) or decode(window))
   messages, conversation = conversations(media)["text"]
   stream = ask(server, messages, max_tokens=200, stream=True)
   next(stream), next(stream)

@@ -91,9 +91,10 @@ class Attention(nnx.Module):
                segment_ids: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
     """x (B, T, D); positions (B, T) int; key_mask (B, S) bool: the keys that are real tokens.
 
-    Without a cache the keys are the T tokens themselves (S = T). With `cache` (stacked over layers,
-    S slots) this is layer `layer`: its new keys and values are written at slots end..end+T-1 of its
-    rows first and the queries attend over all S slots. Causal either way. `segment_ids` (B, T) int
+    Without a cache the keys are the T tokens themselves (S = T). With `cache` (stacked over layers)
+    this is layer `layer`: its new keys and values are written at slots end..end+T-1 of its rows first
+    and the queries attend over the cache's first S slots, S being key_mask's length (all of them, or
+    the window `Decoder` reads). Causal either way. `segment_ids` (B, T) int
     (no cache): a token attends only within its own segment, a sample of a packed row. Returns the
     output (B, T, D) and the updated cache.
     """
@@ -103,7 +104,8 @@ class Attention(nnx.Module):
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
     if cache is not None:
       cache = cache.replace(k=kv_cache.write(cache.k, k, cache.end, layer), v=kv_cache.write(cache.v, v, cache.end, layer))
-      k, v = cache.k[layer], cache.v[layer]
+      s = key_mask.shape[1]
+      k, v = cache.k[layer, :, :s], cache.v[layer, :, :s]
     # With a cache, new token i sits at slot end + i; the slots after it are empty or in its future.
     o = layers.attention(q, k, v, scale=cfg.head_dim**-0.5, key_mask=key_mask, causal=True,
                          q_offset=None if cache is None else cache.end, segment_ids=segment_ids)
@@ -175,13 +177,17 @@ class Decoder(nnx.Module):
 
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
                cache: kv_cache.Cache | None = None,
-               segment_ids: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
+               segment_ids: jax.Array | None = None, *,
+               window: int | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
     """Input embeddings (B, T, D) -> (final hidden states (B, T, D), the updated cache or None).
 
     key_mask (B, T) bool marks real tokens (False: padding). With a `kv_cache.Cache`, the T tokens are
     appended to it at its `end` (one for all rows, or each row's own) and attend over everything written
-    before them: the prompt, or one decode step. Without one, `segment_ids` (B, T) int (0 on padding)
-    keeps the samples of packed rows apart.
+    before them: the prompt, or one decode step. `window` (static): attention reads only the cache's
+    first `window` slots, which must hold every row's tokens, the new ones included (the engine's decode
+    step, whose rows mostly fill a small part of a long cache); the new keys are written into the
+    whole cache all the same. Without a cache, `segment_ids` (B, T) int (0 on padding) keeps the
+    samples of packed rows apart.
     """
     if cache is None:
       step = lambda layer, h, _: (sharding.constrain(layer(h, positions, key_mask, segment_ids=segment_ids)[0],
@@ -189,12 +195,13 @@ class Decoder(nnx.Module):
       x, _ = layers.scan(self.layers, step, x, remat=self.remat)
       return self.norm(x), None
     cache = cache.replace(key_mask=kv_cache.write(cache.key_mask, key_mask, cache.end))
+    keys = cache.key_mask[:, :window]  # its length is what each layer's attention reads
 
     # The cache is the scan's carry, not its per-layer input and output: each layer writes only its
     # new slots (in place), where per-layer outputs would copy the whole cache at every step.
     def cached_step(layer, carry, index):
       h, cache = carry
-      h, cache = layer(h, positions, cache.key_mask, cache, index)
+      h, cache = layer(h, positions, keys, cache, index)
       return (sharding.constrain(h, ACTIVATION_AXES), cache), None
 
     (x, cache), _ = layers.scan(self.layers, cached_step, (x, cache), jnp.arange(cache.k.shape[0]),
