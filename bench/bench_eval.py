@@ -29,7 +29,7 @@ import numpy as np
 import soundfile as sf
 from absl import app, flags
 
-from af3_jax import decode
+from af3_jax import slots
 from af3_jax.assistant import Assistant
 from af3_jax.evaluation import runner, tasks
 from af3_jax.pretrained import init_random
@@ -82,12 +82,12 @@ def main(argv: list[str]) -> int:
     bench = tasks.load("mmau", data)
     for name, size in (("one at a time", 1), (f"batches of {_BATCH.value}", _BATCH.value)):
       run = runner.Run(Path(tmp) / f"batch{size}", bench, {"task": "mmau", "batch_size": size})
-      traces = decode.TRACES["generate"]
+      traces = sum(slots.TRACES.values())
       session = run.answer(run.todo(0, 1), lambda prompts, size=size: runner.answer(bot, prompts, size))
       speed = runner.combined([session])
-      rows.append((name, speed, decode.TRACES["generate"] - traces))
+      rows.append((name, speed, sum(slots.TRACES.values()) - traces))
       print(f"{name}: {speed['items']} items in {speed['wall_s']:.1f} s", flush=True)
-  print(f"\n{header}\n| loop | items | wall s | items/s | audio s | RTFx | generate compiles |")
+  print(f"\n{header}\n| loop | items | wall s | items/s | audio s | RTFx | engine compiles |")
   print("|---|---|---|---|---|---|---|")
   for name, s, compiles in rows:
     print(f"| {name} | {s['items']} | {s['wall_s']:.1f} | {s['items_per_s']:.2f} | {s['audio_s']:.0f} | "
