@@ -158,15 +158,17 @@ def torch_level(model, processor: Processor, clients: int, requests: int, n: int
   return Level(time.perf_counter() - start, ttft, clients * requests * n)
 
 
-def start_server(model, processor: Processor, slots: int, max_len: int) -> tuple[uvicorn.Server, int]:
+def start_server(model, processor: Processor, slots: int, max_len: int) -> tuple[uvicorn.Server, threading.Thread, int]:
+  """A warm server on a free port, in a thread; its shutdown (should_exit, then join) drains the engine."""
   app_ = create_app("bench")
   app_.state.service = Service.start(model, processor, max_slots=slots, max_len=max_len)
   listener = socket.create_server(("127.0.0.1", 0))
   server = uvicorn.Server(uvicorn.Config(app_, log_level="warning"))
-  threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True).start()
+  thread = threading.Thread(target=server.run, kwargs={"sockets": [listener]}, daemon=True)
+  thread.start()
   while not server.started:
     time.sleep(0.05)
-  return server, listener.getsockname()[1]
+  return server, thread, listener.getsockname()[1]
 
 
 def table(header: str, ours: dict, theirs: dict) -> str:
@@ -211,14 +213,16 @@ def main(argv: list[str]) -> int:
   prompt = len(processor.encode([{"role": "user", "content": [{"type": "audio", "audio": clip(0)},
                                                               {"type": "text", "text": QUESTION}]}]).ids)
   started = time.perf_counter()
-  server, port = start_server(jmodel, processor, _SLOTS.value, _MAX_LEN.value or bucket(prompt + n))
+  server, thread, port = start_server(jmodel, processor, _SLOTS.value, _MAX_LEN.value or bucket(prompt + n))
   print(f"server warm in {time.perf_counter() - started:.1f} s (prompt {prompt} tokens)", flush=True)
   serve_level(port, 1, 1, n)  # the first request's host-side paths
   ours = {}
   for clients in _CLIENTS.value:
     ours[clients] = serve_level(port, clients, requests, n)
     print(f"JAX server, {clients} clients: {ours[clients].summary()}", flush=True)
+  # Stopped before the interpreter exits: a jax call still running in the engine's thread then aborts it.
   server.should_exit = True
+  thread.join()
   print("\n" + table(header, ours, theirs))
   return 0
 
