@@ -12,6 +12,16 @@ from absl import flags
 INTERRUPTED = 130  # what a shell reports for a command ended by Ctrl-C (128 + SIGINT)
 
 
+def weight_flags(values: flags.FlagValues = flags.FLAGS) -> tuple[flags.FlagHolder, flags.FlagHolder]:
+  """--dtype and --quantize, as infer.py, eval.py and serve.py load the model (`assistant.load`). The modes
+  are `af3_jax.quantization.MODES`, written out here because the flags are parsed before jax loads."""
+  dtype = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.",
+                            flag_values=values)
+  quantize = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: the decoder's linears as int8 weights "
+                               "(half their memory; see README).", flag_values=values)
+  return dtype, quantize
+
+
 def fail(message: object) -> NoReturn:
   # One write, newline included: print() and SystemExit write the newline apart, and a thread still
   # logging (grain's readers after a data error) could land between them, gluing its line to ours.

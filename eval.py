@@ -39,11 +39,7 @@ _TEMPLATE = flags.DEFINE_string("prompt-template", None, "The prompt, with {ques
                                 "(default: the task's).", flag_values=FLAGS)
 _STYLE = flags.DEFINE_enum("style", "nvidia", ["hf", "nvidia"], "Prompt style (see README); nvidia is how "
                            "the paper's numbers were made.", flag_values=FLAGS)
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.",
-                           flag_values=FLAGS)
-_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],  # af3_jax.quantization.MODES, before jax loads
-                              "int8: the decoder's linears as int8 weights (half their memory; see README).",
-                              flag_values=FLAGS)
+_DTYPE, _QUANTIZE = cli.weight_flags(FLAGS)
 _RETRY = flags.DEFINE_bool("retry-errors", False, "Answer again the items that failed (a missing audio "
                            "file since put back).", flag_values=FLAGS)
 _RESCORE = flags.DEFINE_string("rescore", None, "Recompute OUT/summary.json from OUT/predictions.json; "

@@ -30,9 +30,7 @@ _TEMPERATURE = flags.DEFINE_float("temperature", None, "Sampling temperature; de
 _TOP_P = flags.DEFINE_float("top-p", None, "Nucleus sampling mass; default: generation_config.json.",
                             lower_bound=0, upper_bound=1)
 _GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding, whatever generation_config.json says.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.")
-_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],  # af3_jax.quantization.MODES, before jax loads
-                              "int8: the decoder's linears as int8 weights (half their memory; see README).")
+_DTYPE, _QUANTIZE = cli.weight_flags()
 _STYLE = flags.DEFINE_enum("style", "hf", ["hf", "nvidia"], "Prompt style (see README).")
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive multi-turn chat on stdin.")
 _BATCH = flags.DEFINE_string("batch", None, "An upstream-format JSON manifest to answer.")

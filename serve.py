@@ -31,11 +31,7 @@ _MAX_SLOTS = flags.DEFINE_integer("max-slots", 8, "Requests decoded together (th
 _MAX_LEN = flags.DEFINE_integer("max-model-len", None, "Prompt plus answer tokens per request (default: the "
                                 "model's context); the KV cache holds this many per slot.", lower_bound=2,
                                 flag_values=FLAGS)
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.",
-                           flag_values=FLAGS)
-_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"],  # af3_jax.quantization.MODES, before jax loads
-                              "int8: the decoder's linears as int8 weights (half their memory; see README).",
-                              flag_values=FLAGS)
+_DTYPE, _QUANTIZE = cli.weight_flags(FLAGS)
 _THINK = flags.DEFINE_bool("think", False, "Think mode: merge the checkpoint's think/ (or stage35/) adapter and "
                            "ask the model to reason before it answers, on every request.", flag_values=FLAGS)
 _NAME = flags.DEFINE_string("served-model-name", None, "The model's name in the API (default: --model).",
