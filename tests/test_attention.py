@@ -1,4 +1,4 @@
-"""`layers.attention`: the blockwise path equals XLA's one-piece attention, picks itself by size, and
+"""`attention.attention`: the blockwise path equals XLA's one-piece attention, picks itself by size, and
 keeps compiled temporaries linear in the prompt at the full decoder's head shape (shared/STYLE.md 21, 23).
 Segments of packed rows never see each other, on either path.
 """
@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from af3_jax.config import DecoderConfig
-from af3_jax.models import kv_cache, layers, qwen2
+from af3_jax.models import attention, kv_cache, layers, qwen2
 
 # (B, T, S, N, K, H): GQA, MQA and plain multi-head; T of 1030 leaves a part block (blocks overlap).
 CASES = {
@@ -73,8 +73,8 @@ def test_blockwise_equals_xla(name, monkeypatch):
     kw["q_offset"] = jnp.int32(case["offset"])
   with jax.default_matmul_precision("highest"):
     want = jax.nn.dot_product_attention(q, key, value, mask=jnp.asarray(mask), scale=h**-0.5, implementation="xla")
-    monkeypatch.setattr(layers, "DENSE_MAX_SCORES", 0)
-    got = jax.jit(lambda q, k, v: layers.attention(q, k, v, **kw))(q, key, value)
+    monkeypatch.setattr(attention, "DENSE_MAX_SCORES", 0)
+    got = jax.jit(lambda q, k, v: attention.attention(q, k, v, **kw))(q, key, value)
   assert bool(jnp.isfinite(got).all())  # rows that see no key (padding) too: they feed later layers
   seen = mask.any(-1)[:, 0]  # (B, T): rows with a visible key
   np.testing.assert_allclose(np.asarray(got)[seen], np.asarray(want)[seen], rtol=0, atol=1e-5)
@@ -89,11 +89,11 @@ def test_blockwise_gradients_equal_xla(monkeypatch):
   mask = reference_mask(b, t, t, causal=True, offset=None, pads=(0, 30))
   seen = jnp.asarray(mask.any(-1)[:, 0])[:, :, None, None]  # padded query rows carry no loss, as in training
   xla = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=jnp.asarray(mask), implementation="xla")
-  ours = lambda q, k, v: layers.attention(q, k, v, scale=h**-0.5, key_mask=jnp.asarray(mask[:, 0, -1]), causal=True)
+  ours = lambda q, k, v: attention.attention(q, k, v, scale=h**-0.5, key_mask=jnp.asarray(mask[:, 0, -1]), causal=True)
   loss = lambda fn: jax.jit(jax.grad(lambda *qkv: jnp.sum(jnp.where(seen, fn(*qkv) * weight, 0)), argnums=(0, 1, 2)))
   with jax.default_matmul_precision("highest"):
     want = loss(xla)(q, key, value)
-    monkeypatch.setattr(layers, "DENSE_MAX_SCORES", 0)
+    monkeypatch.setattr(attention, "DENSE_MAX_SCORES", 0)
     got = loss(ours)(q, key, value)
   for g, w in zip(got, want):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=0, atol=1e-5)
@@ -101,12 +101,12 @@ def test_blockwise_gradients_equal_xla(monkeypatch):
 
 def _has_loop(b, t, s, n=4, k=2) -> bool:
   q, kv = jax.ShapeDtypeStruct((b, t, n, 16), jnp.float32), jax.ShapeDtypeStruct((b, s, k, 16), jnp.float32)
-  jaxpr = jax.make_jaxpr(lambda q, k, v: layers.attention(q, k, v, scale=0.25, causal=True))(q, kv, kv)
+  jaxpr = jax.make_jaxpr(lambda q, k, v: attention.attention(q, k, v, scale=0.25, causal=True))(q, kv, kv)
   return any(loop in str(jaxpr) for loop in ("scan", "while"))
 
 
 def test_one_piece_up_to_the_threshold_then_blockwise():
-  assert layers.DENSE_MAX_SCORES == 2**24  # B N T S; 64 MiB of float32 scores
+  assert attention.DENSE_MAX_SCORES == 2**24  # B N T S; 64 MiB of float32 scores
   assert not _has_loop(1, 2048, 2048)  # 4 heads x 2048 x 2048 = 2^24: one piece
   assert _has_loop(1, 2048, 2049)
   assert _has_loop(16, 1, 2**18 + 1)  # a decode step over a very long cache goes blockwise too
@@ -120,7 +120,7 @@ def _prefill_temp_bytes(t: int) -> int:
   shapes = (jax.ShapeDtypeStruct((b, t, n, h), jnp.float32), jax.ShapeDtypeStruct((b, s, k, h), jnp.float32),
             jax.ShapeDtypeStruct((b, s, k, h), jnp.float32), jax.ShapeDtypeStruct((b, s), bool),
             jax.ShapeDtypeStruct((), jnp.int32))
-  fn = lambda q, k, v, key_mask, end: layers.attention(q, k, v, scale=h**-0.5, key_mask=key_mask, causal=True,
+  fn = lambda q, k, v, key_mask, end: attention.attention(q, k, v, scale=h**-0.5, key_mask=key_mask, causal=True,
                                                        q_offset=end)
   return jax.jit(fn).lower(*shapes).compile().memory_analysis().temp_size_in_bytes
 
@@ -152,7 +152,7 @@ def test_decoder_blockwise_equals_one_piece(monkeypatch):
 
   with jax.default_matmul_precision("highest"):
     one_piece = jax.jit(hidden)(state)
-    monkeypatch.setattr(layers, "DENSE_MAX_SCORES", 0)
+    monkeypatch.setattr(attention, "DENSE_MAX_SCORES", 0)
     blockwise = jax.jit(lambda state: hidden(state))(state)  # a new function: traced afresh
   real = np.asarray(key_mask)
   np.testing.assert_allclose(np.asarray(blockwise)[real], np.asarray(one_piece)[real], rtol=0, atol=1e-5)
@@ -172,7 +172,7 @@ def test_a_packed_sample_never_sees_another(path, monkeypatch):
   x = jax.random.normal(jax.random.key(1), (1, 1100, cfg.hidden_size))
   other = x.at[:, 400:900].set(jax.random.normal(jax.random.key(2), (1, 500, cfg.hidden_size)))
   if path == "blockwise":
-    monkeypatch.setattr(layers, "DENSE_MAX_SCORES", 0)
+    monkeypatch.setattr(attention, "DENSE_MAX_SCORES", 0)
 
   @jax.jit
   def hidden(x, positions, segments):

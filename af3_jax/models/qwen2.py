@@ -16,7 +16,7 @@ from flax import nnx
 
 from af3_jax.config import DecoderConfig
 from af3_jax import sharding
-from af3_jax.models import kv_cache, layers
+from af3_jax.models import attention, kv_cache, layers
 
 ACTIVATION_AXES = ("batch", "length", None)
 
@@ -107,7 +107,7 @@ class Attention(nnx.Module):
       s = key_mask.shape[1]
       k, v = cache.k[layer, :, :s], cache.v[layer, :, :s]
     # With a cache, new token i sits at slot end + i; the slots after it are empty or in its future.
-    o = layers.attention(q, k, v, scale=cfg.head_dim**-0.5, key_mask=key_mask, causal=True,
+    o = attention.attention(q, k, v, scale=cfg.head_dim**-0.5, key_mask=key_mask, causal=True,
                          q_offset=None if cache is None else cache.end, segment_ids=segment_ids)
     return self.o_proj(o.reshape(b, t, -1)), cache
 

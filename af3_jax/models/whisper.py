@@ -14,7 +14,7 @@ from flax import nnx
 
 from af3_jax import sharding
 from af3_jax.config import EncoderConfig
-from af3_jax.models import layers
+from af3_jax.models import attention, layers
 
 
 def conv_lengths(mel_lengths: jax.Array) -> jax.Array:
@@ -48,7 +48,7 @@ class Attention(nnx.Module):
     w, t, _ = x.shape
     split = lambda y: y.reshape(w, t, self.num_heads, self.head_dim)
     # Upstream scales q before QK^T; 1/sqrt(H) is a power of two for H=64, so either order is exact.
-    o = layers.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
+    o = attention.attention(split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)),
                          scale=self.head_dim**-0.5, kv_lengths=kv_lengths)
     return self.out_proj(o.reshape(w, t, -1))
 
