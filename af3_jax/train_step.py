@@ -13,7 +13,8 @@ Usage (shared/STYLE.md rule 8):
     state, metrics = step_fn(state, frozen, batch)       # `state` is donated; never reuse the old one
 
 Batches are dicts of `AudioFlamingo3.__call__`'s inputs, rows right padded as `data.pipeline` pads
-them, plus `labels` (B, T) int, -100 where nothing is supervised. With accum_steps > 1 every array carries a leading micro-batch axis of that length.
+them, plus `labels` (B, T) int, -100 where nothing is supervised. With accum_steps > 1 every array
+carries a leading micro-batch axis of that length.
 Packed batches (several samples a row) add `segment_ids` and `position_ids` (`data.pipeline.pack`).
 """
 

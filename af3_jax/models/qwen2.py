@@ -104,7 +104,7 @@ class Attention(nnx.Module):
     cfg = self.cfg
     q, k, v = self._project(x)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-    offset = None if cache is None else cache.end
+    offset = None if cache is None else cache.end  # None: the keys are the new tokens themselves
     if cache is not None:
       cache = cache.replace(k=kv_cache.write(cache.k, k, cache.end, layer), v=kv_cache.write(cache.v, v, cache.end, layer))
     if offset is not None:
