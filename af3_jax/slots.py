@@ -117,7 +117,8 @@ def prefill_fn(graphdef, params, inputs: dict[str, jax.Array], length: jax.Array
   ids, mask = inputs["input_ids"], inputs["attention_mask"]
   x = model.embed(ids, mask, **{k: inputs[k] for k in AUDIO if k in inputs})
   t, vocab = ids.shape[1], model.cfg.decoder.vocab_size
-  h, cache = model.language_model(x, jnp.arange(t)[None], mask, kv_cache.init(model.cfg.decoder, 1, t, x.dtype))
+  h, cache = model.language_model(x, jnp.arange(t)[None], mask, kv_cache.init(model.cfg.decoder, 1, t, x.dtype),
+                                  right_padded=True)
   logits = model.lm_head(jax.lax.dynamic_index_in_dim(h, length - 1, axis=1, keepdims=False))
   # Padding points at an extra column that is dropped, as in `decode.prefill`.
   seen = jnp.zeros((1, vocab + 1), bool).at[0, jnp.where(mask[0], ids[0], vocab)].set(True)[:, :vocab]

@@ -12,8 +12,9 @@ Usage (shared/STYLE.md rule 8):
   with jax.set_mesh(mesh):
     state, metrics = step_fn(state, frozen, batch)       # `state` is donated; never reuse the old one
 
-Batches are dicts of `AudioFlamingo3.__call__`'s inputs plus `labels` (B, T) int, -100 where nothing
-is supervised. With accum_steps > 1 every array carries a leading micro-batch axis of that length.
+Batches are dicts of `AudioFlamingo3.__call__`'s inputs, rows right padded as `data.pipeline` pads
+them, plus `labels` (B, T) int, -100 where nothing is supervised. With accum_steps > 1 every array
+carries a leading micro-batch axis of that length.
 Packed batches (several samples a row) add `segment_ids` and `position_ids` (`data.pipeline.pack`).
 """
 
@@ -109,7 +110,8 @@ def summed_loss_fn(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Ar
   """(sum of token losses, label count) of one batch; the model computes in its own compute dtype."""
   model = nnx.merge(graphdef, params, frozen)
   inputs = {k: v for k, v in batch.items() if k != "labels"}
-  return cross_entropy(model.hidden_states(**inputs), model.lm_head, batch["labels"])
+  # Batches are right padded (`data.pipeline`): attention takes row lengths.
+  return cross_entropy(model.hidden_states(**inputs, right_padded=True), model.lm_head, batch["labels"])
 
 
 def loss_fn(params: nnx.State, frozen: nnx.State, batch: dict[str, jax.Array],

@@ -2,9 +2,16 @@
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
+import af3_jax
 from af3_jax import sharding, targets
+from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.engine import Engine, Request
+from af3_jax.models import attention
+from af3_jax.models.whisper import tokens_per_window
+from af3_jax.pretrained import init_random
 
 
 @pytest.mark.parametrize("name, platform, count", [
@@ -43,3 +50,35 @@ def test_a_program_traced_for_a_target_sees_its_platform(name, kind):
   with jax.set_mesh(mesh):
     compiled = jax.jit(lambda x: seen.append(targets.platform()) or x * 2).lower(x).compile()
   assert seen == [targets.parse(name).platform] and compiled.memory_analysis() is not None
+
+
+def test_every_entry_point_traces_attention_under_the_models_mesh(monkeypatch):
+  """Attention picks its backend from the mesh it is traced under (`targets.platform`), so each public
+  path onto the devices traces under its model's mesh: `Model.__call__`, `generate`, `generate_stream`
+  and the engine's prefill and decode step (train.py and the benchmarks set it around the train step).
+  A config no other test uses, so that every program is traced here, not taken from jit's cache."""
+  cfg = AF3Config(encoder=EncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16,
+                                        max_source_positions=16),
+                  decoder=DecoderConfig(vocab_size=96, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
+                                        head_dim=8, intermediate_size=24),
+                  audio_token_id=95)
+  model = init_random(cfg, dtype=jnp.float32)
+  seen = []
+  traced = attention.attention
+  monkeypatch.setattr(attention, "attention", lambda *a, **kw: seen.append(jax.sharding.get_abstract_mesh()) or traced(*a, **kw))
+  frames = cfg.encoder.mel_frames
+  audio = {"input_features": np.zeros((1, cfg.encoder.num_mel_bins, frames), np.float32),
+           "input_features_mask": np.ones((1, frames), np.int32)}
+  ids = np.concatenate([np.ones(3, int), np.full(tokens_per_window(cfg.encoder), cfg.audio_token_id)])[None]
+  engine = Engine(model, max_slots=1, max_len=64)
+  paths = {
+      "Model.__call__": lambda: model(input_ids=ids, **audio),
+      "generate": lambda: af3_jax.generate(model, {"input_ids": ids, **audio}, 2),
+      "generate_stream": lambda: list(af3_jax.generate_stream(model, {"input_ids": ids, **audio}, 2)),
+      "engine": lambda: (engine.insert(engine.prefill(Request({"input_ids": ids[0], **audio}, 2)), 0), engine.generate()),
+  }
+  for name, run in paths.items():
+    seen.clear()
+    run()
+    assert seen, f"{name} traced no attention (a cached program: use a config of its own)"
+    assert all(m == model.mesh.abstract_mesh for m in seen), f"{name}: {set(map(str, seen))}"

@@ -83,10 +83,11 @@ class AudioFlamingo3(nnx.Module):
   def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
                     input_features: jax.Array | None = None, input_features_mask: jax.Array | None = None,
                     audio_embed_mask: jax.Array | None = None, position_ids: jax.Array | None = None,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
+                    segment_ids: jax.Array | None = None, *, right_padded: bool = False) -> jax.Array:
     """The decoder's final hidden states (B, T, D), before the LM head (the loss applies it in chunks).
 
-    attention_mask (B, T) marks real tokens (left padding); positions default to its cumulative sum
+    attention_mask (B, T) marks real tokens (left padding, or with `right_padded` each row's real tokens
+    first, as the training pipeline pads: see `qwen2.Decoder`); positions default to its cumulative sum
     minus one, as HF `generate` derives them. A packed row (training) holds several samples: segment_ids
     (B, T) int numbers them from 1 (0 on padding), each attends only to itself, and position_ids restart
     at 0 for each, as NVIDIA's training packs them (`llava_arch.py`, `repack_multimodal_data`).
@@ -96,7 +97,8 @@ class AudioFlamingo3(nnx.Module):
     if position_ids is None:
       position_ids = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
     x = self.embed(input_ids, attention_mask, input_features, input_features_mask, audio_embed_mask)
-    hidden, _ = self.language_model(x, position_ids, attention_mask.astype(bool), segment_ids=segment_ids)
+    hidden, _ = self.language_model(x, position_ids, attention_mask.astype(bool), segment_ids=segment_ids,
+                                    right_padded=right_padded)
     return hidden
 
   def __call__(self, input_ids: jax.Array, **inputs) -> jax.Array:

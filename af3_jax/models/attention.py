@@ -33,24 +33,21 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, key_mas
   `causal` at or before the query's own slot, q_offset + i for query i (q_offset int, () or (B,) for
   rows that each start elsewhere; default 0), and, given `segment_ids` (B, T) int for queries and
   keys alike (no cache: T == S), those of the query's own segment (packed rows hold several samples).
-  Backends: cuDNN flash attention on GPU for 16-bit inputs (it rejects float32); XLA in one piece
-  when there are at most `DENSE_MAX_SCORES` scores; otherwise blockwise (`_blockwise`), so no (T, S)
-  array is ever built for a long prompt.
+  `kv_lengths` states right padding: in causal attention without `q_offset`, queries at or past a row's
+  length are padding too, and their output is unspecified (cuDNN skips them and gives zeros).
+  Backends: cuDNN flash attention on GPU for 16-bit inputs (`_cudnn`; it rejects float32); XLA in one
+  piece when there are at most `DENSE_MAX_SCORES` scores; otherwise blockwise (`_blockwise`), so no
+  (T, S) array is ever built for a long prompt.
   On TPU, runs of at least `splash.MIN_QUERIES` queries go to the Pallas splash kernel (`splash`);
   decode steps and short prompts stay on XLA, as a kernel block would be mostly padding.
   """
   b, t, n, _ = q.shape
   s = k.shape[1]
   if targets.platform() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
-    # cuDNN takes causality as a flag when queries and keys start together, as a mask after a cache.
-    # jax.nn has no segment ids for it (only its private packed layout does), so segments come as a
-    # (B, 1, T, S) mask, which it turns into a bias: 128 MiB a row of 8192 tokens in bfloat16.
+    # Causality from slot 0 is cuDNN's own flag; after a cache it is part of the mask.
     offset_causal = causal and q_offset is not None
-    return jax.nn.dot_product_attention(
-        q, k, v, mask=_Mask(key_mask, None, offset_causal, q_offset, segment_ids)(0, t, s), scale=scale,
-        is_causal=causal and not offset_causal,
-        key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32),
-        implementation="cudnn")
+    return _cudnn(q, k, v, scale=scale, mask=_Mask(key_mask, None, offset_causal, q_offset, segment_ids),
+                  kv_lengths=kv_lengths, causal=causal and not offset_causal)
   if targets.platform() == "tpu" and t >= splash.MIN_QUERIES and (s >= t or not causal):
     return splash.attention(q, k, v, scale=scale, key_mask=key_mask, kv_lengths=kv_lengths, causal=causal,
                             q_offset=q_offset, segment_ids=segment_ids)
@@ -58,6 +55,31 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, key_mas
   if b * n * t * s <= DENSE_MAX_SCORES:
     return jax.nn.dot_product_attention(q, k, v, mask=mask(0, t, s), scale=scale, implementation="xla")
   return _blockwise(q, k, v, scale=scale, mask=mask)
+
+
+def _cudnn(q, k, v, *, scale, mask: _Mask, kv_lengths: jax.Array | None, causal: bool) -> jax.Array:
+  """`attention` as cuDNN's flash attention (`jax.nn.dot_product_attention`), GQA as it is (no repeated
+  kv heads). What cuDNN takes as its own arguments goes there: causality from slot 0 (`is_causal`, its
+  top-left diagonal, so it skips the blocks above it) and right padding as sequence lengths. Anything
+  else in `mask` (a key mask such as left padding, segments of packed rows, causality after a cache)
+  goes in as a full (B, 1, T, S) mask, the one shape jax's cuDNN path takes (a (B, 1, 1, S) key mask
+  fails its layout check); jax turns it into an additive bias of that size in the compute dtype (and
+  training computes its gradient too): 128 MiB a row of 8,192 tokens in bfloat16.
+  jax.nn has no segment ids for cuDNN: only its private packed layout (q/kv offsets) has them.
+  """
+  b, t, _, _ = q.shape
+  s = k.shape[1]
+  m = mask(0, t, s)
+  q_lengths = None
+  if kv_lengths is not None:
+    # In causal attention (T == S), the queries past a row's length are its right padding.
+    q_lengths = kv_lengths.astype(jnp.int32) if causal and t == s else None
+    # A query with no key at all (an empty audio window that pads a bucket, dropped later) has no
+    # defined output in cuDNN's padding mask: give it one key, so that it stays finite.
+    kv_lengths = jnp.maximum(kv_lengths, 1).astype(jnp.int32)
+  return jax.nn.dot_product_attention(
+      q, k, v, mask=None if m is None else jnp.broadcast_to(m, (b, 1, t, s)), scale=scale, is_causal=causal,
+      query_seq_lengths=q_lengths, key_value_seq_lengths=kv_lengths, implementation="cudnn")
 
 
 @dataclasses.dataclass(frozen=True)

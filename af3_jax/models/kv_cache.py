@@ -4,8 +4,10 @@ Modules hold no decode state (gemma's `Attention` takes and returns its cache th
 k and v ride through the layer scan as its carry, and each layer writes only its new tokens into them,
 so a decode step updates the cache in place instead of rebuilding it. `end` says where new tokens go:
 one slot for every row (`generate`: prompts left padded to one length) or each row its own (the
-continuous-batching engine: each slot holds a request of its own length); `key_mask` remembers which
-slots hold real tokens.
+continuous-batching engine: each slot holds a request of its own length), or nowhere yet: a cache from
+`init` is empty, so its first tokens (the prompt) attend only among themselves, which attention kernels
+take as plain causality (cuDNN's `is_causal`) rather than a mask; `key_mask` remembers which slots hold
+real tokens.
 Shape letters: L layers, B batch, S cache slots, T new tokens, K kv heads, H head dim.
 """
 
@@ -25,7 +27,7 @@ AXES = ("layers", "batch", "cache_len", "kv_heads", "head_dim")
 class Cache:
   """k, v (L, B, S, K, H) in the compute dtype; key_mask (B, S) bool, True where a slot holds a real
   token (False: padding, or not written yet); end int32, the slot of the next token: () shared by every
-  row, or (B,) per row."""
+  row, or (B,) per row; None while the cache is empty (every row's next slot is 0, known when tracing)."""
 
   k: jax.Array
   v: jax.Array
@@ -34,17 +36,19 @@ class Cache:
 
 
 def init(cfg: DecoderConfig, batch: int, max_len: int, dtype, *, per_row: bool = False) -> Cache:
-  """An empty cache of `max_len` slots for `batch` rows; `per_row`: each row has its own `end`."""
+  """An empty cache of `max_len` slots for `batch` rows: `end` None, or with `per_row` zeros (B,), each
+  row's own (the engine's slots, which requests are inserted into)."""
   shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
   zeros = lambda: sharding.constrain(jnp.zeros(shape, dtype), AXES)
-  end = jnp.zeros((batch,) if per_row else (), jnp.int32)
+  end = jnp.zeros((batch,), jnp.int32) if per_row else None
   return Cache(k=zeros(), v=zeros(), key_mask=jnp.zeros((batch, max_len), bool), end=end)
 
 
-def write(slots: jax.Array, new: jax.Array, end: jax.Array, layer: jax.Array | None = None) -> jax.Array:
-  """Puts `new` (B, T, ...) into `slots` (B, S, ...) at slots end..end+T-1 (`end` () or (B,)); with
-  `layer`, into that layer of stacked `slots` (L, B, S, ...). Only the new slots are touched."""
+def write(slots: jax.Array, new: jax.Array, end: jax.Array | None, layer: jax.Array | None = None) -> jax.Array:
+  """Puts `new` (B, T, ...) into `slots` (B, S, ...) at slots end..end+T-1 (`end` () or (B,); None: 0);
+  with `layer`, into that layer of stacked `slots` (L, B, S, ...). Only the new slots are touched."""
   lead = () if layer is None else (layer,)
+  end = jnp.zeros((), jnp.int32) if end is None else end
   new = new.astype(slots.dtype)
   if end.ndim == 0:
     start = (*lead, 0, end) + (0,) * (new.ndim - 2)

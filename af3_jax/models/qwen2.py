@@ -86,29 +86,33 @@ class Attention(nnx.Module):
     y = self.qkv_proj(x).reshape(b, t, k, n // k + 2, h)
     return y[:, :, :, :-2].reshape(b, t, n, h), y[:, :, :, -2], y[:, :, :, -1]
 
-  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, cache: kv_cache.Cache | None = None,
-               layer: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
-    """x (B, T, D); positions (B, T) int; key_mask (B, S) bool: the keys that are real tokens.
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None,
+               cache: kv_cache.Cache | None = None, layer: jax.Array | None = None,
+               segment_ids: jax.Array | None = None,
+               kv_lengths: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
+    """x (B, T, D); positions (B, T) int; key_mask (B, S) bool: the keys that are real tokens, or None
+    with `kv_lengths` (B,) int: each row's first kv_lengths keys are (right padding).
 
-    Without a cache the keys are the T tokens themselves (S = T). With `cache` (stacked over layers)
-    this is layer `layer`: its new keys and values are written at slots end..end+T-1 of its rows first
-    and the queries attend over the cache's first S slots, S being key_mask's length (all of them, or
-    the window `Decoder` reads). Causal either way. `segment_ids` (B, T) int
-    (no cache): a token attends only within its own segment, a sample of a packed row. Returns the
-    output (B, T, D) and the updated cache.
+    Without a cache, or with an empty one (end None), the keys are the T tokens themselves (S = T). With
+    `cache` (stacked over layers) this is layer `layer`: its new keys and values are written at slots
+    end..end+T-1 of its rows first, and after a prefill the queries attend over the cache's first S
+    slots, S being key_mask's length (all of them, or the window `Decoder` reads). Causal either way.
+    `segment_ids` (B, T) int (no cache): a token attends only within its own segment, a sample of a
+    packed row. Returns the output (B, T, D) and the updated cache.
     """
     b, t, _ = x.shape
     cfg = self.cfg
     q, k, v = self._project(x)
     q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+    offset = None if cache is None else cache.end  # None: the keys are the new tokens themselves
     if cache is not None:
       cache = cache.replace(k=kv_cache.write(cache.k, k, cache.end, layer), v=kv_cache.write(cache.v, v, cache.end, layer))
+    if offset is not None:
       s = key_mask.shape[1]
       k, v = cache.k[layer, :, :s], cache.v[layer, :, :s]
     # With a cache, new token i sits at slot end + i; the slots after it are empty or in its future.
-    o = attention.attention(q, k, v, scale=cfg.head_dim**-0.5, key_mask=key_mask, causal=True,
-                         q_offset=None if cache is None else cache.end, segment_ids=segment_ids)
+    o = attention.attention(q, k, v, scale=cfg.head_dim**-0.5, key_mask=key_mask, kv_lengths=kv_lengths,
+                            causal=True, q_offset=offset, segment_ids=segment_ids)
     return self.o_proj(o.reshape(b, t, -1)), cache
 
 
@@ -149,11 +153,12 @@ class DecoderLayer(nnx.Module):
     self.input_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
     self.post_attention_layernorm = layers.RMSNorm(cfg.hidden_size, **norm)
 
-  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array, cache: kv_cache.Cache | None = None,
-               layer: jax.Array | None = None,
-               segment_ids: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
+  def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array | None,
+               cache: kv_cache.Cache | None = None, layer: jax.Array | None = None,
+               segment_ids: jax.Array | None = None,
+               kv_lengths: jax.Array | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
     """(B, T, D) -> (B, T, D) and the updated cache (None without one), as `Attention`."""
-    h, cache = self.self_attn(self.input_layernorm(x), positions, key_mask, cache, layer, segment_ids)
+    h, cache = self.self_attn(self.input_layernorm(x), positions, key_mask, cache, layer, segment_ids, kv_lengths)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, cache
@@ -178,34 +183,46 @@ class Decoder(nnx.Module):
   def __call__(self, x: jax.Array, positions: jax.Array, key_mask: jax.Array,
                cache: kv_cache.Cache | None = None,
                segment_ids: jax.Array | None = None, *,
-               window: int | None = None) -> tuple[jax.Array, kv_cache.Cache | None]:
+               window: int | None = None, right_padded: bool = False) -> tuple[jax.Array, kv_cache.Cache | None]:
     """Input embeddings (B, T, D) -> (final hidden states (B, T, D), the updated cache or None).
 
-    key_mask (B, T) bool marks real tokens (False: padding). With a `kv_cache.Cache`, the T tokens are
-    appended to it at its `end` (one for all rows, or each row's own) and attend over everything written
-    before them: the prompt, or one decode step. `window` (static): attention reads only the cache's
-    first `window` slots, which must hold every row's tokens, the new ones included (the engine's decode
-    step, whose rows mostly fill a small part of a long cache); the new keys are written into the
-    whole cache all the same. Without a cache, `segment_ids` (B, T) int (0 on padding) keeps the
-    samples of packed rows apart.
+    key_mask (B, T) bool marks real tokens (False: padding); `right_padded` (static) says each row's
+    real tokens come first (the training pipeline's and the engine's prompts), so attention among the
+    new tokens takes row lengths (cuDNN runs them as lengths, not as a (T, T) mask). With a
+    `kv_cache.Cache`, the T tokens are appended to it at its `end` (one for all rows, or each row's own)
+    and attend over everything written before them: nothing in an empty cache (end None: the prompt),
+    else the prompt and the tokens since (a decode step). `window` (static): attention reads only the
+    cache's first `window` slots, which must hold every row's tokens, the new ones included (the
+    engine's decode step, whose rows mostly fill a small part of a long cache); the new keys are
+    written into the whole cache all the same. Without a cache, `segment_ids` (B, T) int (0 on
+    padding) keeps the samples of packed rows apart.
     """
+    if cache is not None:
+      cache = cache.replace(key_mask=kv_cache.write(cache.key_mask, key_mask, cache.end))
+    # The keys each layer's attention reads: after a prefill the cache's first `window` slots, else the
+    # new tokens themselves.
+    if cache is not None and cache.end is not None:
+      keys = dict(key_mask=cache.key_mask[:, :window])
+    elif right_padded:
+      keys = dict(key_mask=None, kv_lengths=key_mask.sum(-1, dtype=jnp.int32))
+    else:
+      keys = dict(key_mask=key_mask)
     if cache is None:
-      step = lambda layer, h, _: (sharding.constrain(layer(h, positions, key_mask, segment_ids=segment_ids)[0],
+      step = lambda layer, h, _: (sharding.constrain(layer(h, positions, segment_ids=segment_ids, **keys)[0],
                                                      ACTIVATION_AXES), None)
       x, _ = layers.scan(self.layers, step, x, remat=self.remat)
       return self.norm(x), None
-    cache = cache.replace(key_mask=kv_cache.write(cache.key_mask, key_mask, cache.end))
-    keys = cache.key_mask[:, :window]  # its length is what each layer's attention reads
 
     # The cache is the scan's carry, not its per-layer input and output: each layer writes only its
     # new slots (in place), where per-layer outputs would copy the whole cache at every step.
     def cached_step(layer, carry, index):
       h, cache = carry
-      h, cache = layer(h, positions, keys, cache, index)
+      h, cache = layer(h, positions, cache=cache, layer=index, **keys)
       return (sharding.constrain(h, ACTIVATION_AXES), cache), None
 
     (x, cache), _ = layers.scan(self.layers, cached_step, (x, cache), jnp.arange(cache.k.shape[0]),
                                 remat=self.remat)
+    end = x.shape[1] if cache.end is None else cache.end + x.shape[1]
     cache = cache.replace(k=sharding.constrain(cache.k, kv_cache.AXES), v=sharding.constrain(cache.v, kv_cache.AXES),
-                          end=cache.end + x.shape[1])
+                          end=jnp.asarray(end, jnp.int32))
     return self.norm(x), cache
