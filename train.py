@@ -256,7 +256,8 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
     print(f"resumed from step {start}")
   primary = jax.process_index() == 0  # the one process that writes metrics (all save checkpoints together)
   log = metrics.MetricsLog(workdir, model=model.config, every=cfg.log_every, after_step=start,
-                           peak_flops=cfg.peak_tflops * 1e12 * jax.device_count()) if primary else None
+                           peak_flops=cfg.peak_tflops * 1e12 * jax.device_count(), trainable=cfg.trainable,
+                           lora_rank=cfg.lora.rank if cfg.trainable == "lora" else 0) if primary else None
   _Stop.install()
   compiled = {}  # one program per batch shape (length bucket)
   capacity = targets.device_memory(mesh.devices.flat[0])
