@@ -28,6 +28,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the fi
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Plan memory only: compile the stage's train step for "
                                   "every length bucket from init_from's config.json (no weights, no data), print "
                                   "the per-device plan and write workdir/memory.json.")
+_TARGET = flags.DEFINE_string("target", None, "With --compile_only: plan for this accelerator instead of the devices "
+                              "present, e.g. h100-8, h200-8, a100-8, v5p-8, v6e-8 (8 GPUs; TPU slices by their Cloud "
+                              "names), compiled by its own compiler without it (needs the `accelerators` extra).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -70,13 +73,17 @@ class _Stop:
     return multihost_utils.reached_preemption_sync_point(step) or cls.requested  # the call first: never skipped
 
 
-def run(cfg, workdir: Path, compile_only: bool = False) -> int:
-  from af3_jax import checkpoint, train_run
+def run(cfg, workdir: Path, compile_only: bool = False, target: str | None = None) -> int:
+  from af3_jax import checkpoint, targets, train_run
 
   if compile_only:
+    # The target's devices before anything else: jax must not have started a backend yet.
+    on = targets.compile_only(target) if target else None
     train_run.check_config(cfg, needs_data=False)
     train_run.check_workdir(workdir)
-    return _plan(cfg, workdir, train_run.resolve_init(cfg.init_from))
+    return _plan(cfg, workdir, train_run.resolve_init(cfg.init_from), on)
+  if target:
+    raise ValueError("--target names the accelerator a memory plan is for: use it with --compile_only")
   # Everything that can be checked without the model first: loading the 8B model takes minutes.
   train_run.check_config(cfg)
   samples = train_run.read_samples(cfg.data.train)
@@ -120,29 +127,34 @@ def build(cfg, model, mesh, total_steps: int, abstract: bool = False):
   return graphdef, frozen, state, step_fn
 
 
-def _mesh(cfg):
-  """The config's (data, fsdp, tensor) mesh over every device present."""
+def _mesh(cfg, devices=None):
+  """The config's (data, fsdp, tensor) mesh over `devices` (default: every device present)."""
   import jax
 
   from af3_jax import sharding
 
-  return sharding.make_mesh(sharding.resolve_shape(cfg.mesh, jax.device_count()))
+  devices = jax.devices() if devices is None else devices
+  return sharding.make_mesh(sharding.resolve_shape(cfg.mesh, len(devices)), devices)
 
 
-def _plan(cfg, workdir: Path, init_from: str) -> int:
+def _plan(cfg, workdir: Path, init_from: str, on=None) -> int:
   """--compile_only: the stage's train step compiled for each length bucket at the stage's global batch
-  (rows x accumulation, max_windows audio windows per row) on the devices present and the config's
-  mesh, from `init_from`'s config alone; prints the per-device plan and writes `workdir/memory.json`."""
+  (rows x accumulation, max_windows audio windows per row) on the config's mesh, from `init_from`'s
+  config alone; prints the per-device plan and writes `workdir/memory.json`. `on`: (target, its
+  compile-only devices) from `targets.compile_only`, planned by that accelerator's compiler; None: the
+  devices present."""
   import json
 
   import jax
   import numpy as np
 
-  from af3_jax import files, sharding, train_run, weights
+  from af3_jax import files, sharding, targets, train_run, weights
   from af3_jax.data import pipeline
   from af3_jax.pretrained import Model, abstract_model
 
-  mesh = _mesh(cfg)
+  target, devices = on or (None, jax.devices())
+  capacity = target.hbm_bytes if target else targets.device_memory(devices[0])
+  mesh = _mesh(cfg, devices)
   model_cfg = weights.read_config(train_run.base_checkpoint(init_from))
   compute = np.dtype(cfg.compute_dtype)  # as `load` keeps the weights
   graphdef, abstract, _ = abstract_model(model_cfg, param_dtype=compute, compute_dtype=compute, mesh=mesh,
@@ -150,9 +162,10 @@ def _plan(cfg, workdir: Path, init_from: str) -> int:
   _, frozen, state, step_fn = build(cfg, Model(model_cfg, graphdef, abstract, mesh), mesh, total_steps=1000,
                                     abstract=True)
   rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] * cfg.accum_steps
-  print(f"mesh {dict(mesh.shape)}; {rows} {'packed ' if cfg.data.packing else ''}rows a step "
-        f"({cfg.per_device_batch} per device x {cfg.accum_steps} accumulated), {cfg.data.max_windows} window(s) "
-        "a row; per device:")
+  print(f"{target.name if target else 'devices present'}: {len(devices)} x {devices[0].device_kind}"
+        f"{f' ({capacity / 2**30:.1f} GiB each)' if capacity else ''}; mesh {dict(mesh.shape)}; {rows} "
+        f"{'packed ' if cfg.data.packing else ''}rows a step ({cfg.per_device_batch} per device x {cfg.accum_steps} "
+        f"accumulated), {cfg.data.max_windows} window(s) a row; per device:")
   plan = []
   for length in pipeline.length_buckets(cfg.data.length_buckets, cfg.data.max_length):
     template = pipeline.batch_shapes(rows, cfg.data.max_windows, length, packed=cfg.data.packing)
@@ -161,15 +174,18 @@ def _plan(cfg, workdir: Path, init_from: str) -> int:
     shardings = sharding.batch_shardings(shapes, mesh, cfg.accum_steps)
     batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[k]) for k, x in shapes.items()}
     with jax.set_mesh(mesh):
-      memory = train_run.memory_plan(step_fn.lower(state, frozen, batch).compile())
+      memory = train_run.compiled_plan(step_fn.lower(state, frozen, batch), capacity)
     if memory is None:
-      raise ValueError(f"the {jax.default_backend()} backend reports no memory plan")
+      raise ValueError(f"the {devices[0].platform} compiler reports no memory plan")
     plan.append({"length": length, **memory})
-    print(f"  length {length:>6}: {train_run.memory_summary(memory)}")
+    print(f"  length {length:>6}: {train_run.memory_summary(memory)}", flush=True)
   workdir.mkdir(parents=True, exist_ok=True)
   files.write_text_atomic(workdir / "memory.json", json.dumps(plan, indent=2) + "\n")
   print(f"wrote {workdir / 'memory.json'}")
-  return 0
+  over = [p["length"] for p in plan if not train_run.fits(p)]
+  if over:
+    print(f"error: at length {', '.join(map(str, over))} the step does not fit the device", file=sys.stderr)
+  return 1 if over else 0
 
 
 def _data(cfg, samples, init_from: str, rows: int):
@@ -211,7 +227,7 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
   import numpy as np
   from tqdm import tqdm
 
-  from af3_jax import checkpoint, metrics, sharding, train_run
+  from af3_jax import checkpoint, metrics, sharding, targets, train_run
   from af3_jax.data import pipeline
 
   print(cfg)
@@ -240,9 +256,11 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
     print(f"resumed from step {start}")
   primary = jax.process_index() == 0  # the one process that writes metrics (all save checkpoints together)
   log = metrics.MetricsLog(workdir, model=model.config, every=cfg.log_every, after_step=start,
-                           peak_flops=cfg.peak_tflops * 1e12 * jax.device_count()) if primary else None
+                           peak_flops=cfg.peak_tflops * 1e12 * jax.device_count(), trainable=cfg.trainable,
+                           lora_rank=cfg.lora.rank if cfg.trainable == "lora" else 0) if primary else None
   _Stop.install()
   compiled = {}  # one program per batch shape (length bucket)
+  capacity = targets.device_memory(mesh.devices.flat[0])
   # Under the guard a host<->device copy that nobody asked for (a stray numpy operand, a Python
   # conversion of a device value) is an error, not a silent sync per step: the batch goes up and the
   # metrics come down explicitly. Leaving the block by any path closes the event file.
@@ -265,7 +283,7 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
         if shapes not in compiled:
           compiled[shapes] = step_fn.lower(state, frozen, batch).compile()
           print(f"compiled train step for input_ids {batch['input_ids'].shape}: "
-                f"{train_run.memory_summary(train_run.memory_plan(compiled[shapes]))}")
+                f"{train_run.memory_summary(train_run.memory_plan(compiled[shapes], capacity))}")
         state, m = compiled[shapes](state, frozen, batch)
       m = jax.device_get(m)
       if not np.isfinite(m["loss"]):
@@ -309,7 +327,7 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   started = time.perf_counter()
   try:
-    code = run(_CONFIG.value, Path(_WORKDIR.value), _COMPILE_ONLY.value)
+    code = run(_CONFIG.value, Path(_WORKDIR.value), _COMPILE_ONLY.value, _TARGET.value)
   except ValueError as e:
     cli.fail(e)
   print(f"{time.perf_counter() - started:.1f} s", file=sys.stderr)

@@ -6,7 +6,8 @@ Every `every` steps one record sums up the steps since the last: the counts (`tr
 `label_tokens` and `flops.batch_counts`) and `skipped` are summed, `lr` is the last step's, anything
 else (loss, grad_norm) is the mean. `tokens_per_s` counts real tokens (padding excluded); `mfu` is the
 model's FLOPs for those batches (`flops.train_flops`: matmuls, the causal attention pairs, the audio
-windows) over the time since the last record and the devices' peak. `packing_efficiency` is the share
+windows, and a backward pass only where the stage's trainable set needs one) over the time since the
+last record and the devices' peak. `packing_efficiency` is the share
 of token slots that held real tokens, padding being the rest (`real_tokens / token_slots`). A
 resumed run first drops the records after the step it resumes from, so `metrics.jsonl` holds each step
 once; its event file starts with a purge marker at the next step, so TensorBoard hides the earlier
@@ -32,10 +33,12 @@ _LAST = ("lr",)
 class MetricsLog:
   """Appends metrics; tokens/s and MFU are measured between consecutive records."""
 
-  def __init__(self, workdir: Path, *, model: AF3Config, peak_flops: float, every: int = 1, after_step: int = 0):
+  def __init__(self, workdir: Path, *, model: AF3Config, peak_flops: float, every: int = 1, after_step: int = 0,
+               trainable: str = "all", lora_rank: int = 0):
     self.path = workdir / "metrics.jsonl"
     self.every = every
     self.model = model
+    self.trained = dict(trainable=trainable, lora_rank=lora_rank)  # what `flops.train_flops` counts a backward for
     self.peak_flops = peak_flops
     self.pending: list[dict] = []
     self._drop_records_after(after_step)
@@ -73,7 +76,8 @@ class MetricsLog:
     seconds = max(now - self.last, 1e-9)
     self.last = now
     work = flops.train_flops(self.model, tokens=summary.get("real_tokens", 0.0),
-                             attention_pairs=summary.get("attention_pairs", 0.0), windows=summary.get("audio_windows", 0.0))
+                             attention_pairs=summary.get("attention_pairs", 0.0),
+                             windows=summary.get("audio_windows", 0.0), **self.trained)
     record = {"step": step, **summary, "tokens_per_s": summary.get("real_tokens", 0.0) / seconds,
               "mfu": work / seconds / self.peak_flops}
     if summary.get("token_slots"):

@@ -172,9 +172,9 @@ def read_generation_config(root: Path) -> GenerationConfig:
 
 
 def init_random(cfg: AF3Config, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
-                quantize: str | None = None) -> Model:
+                quantize: str | None = None, remat: str = "none") -> Model:
   """A Model with random weights (our layers' init, in `dtype` for parameters and compute), for benchmarks;
-  `quantize` as in `from_pretrained`.
+  `quantize` and `remat` as in `from_pretrained`.
 
   The constructor runs inside `jax.jit` with the logical shardings as `out_shardings`, so every
   parameter is born on its devices, sharded; the full model never exists on the host or on one device
@@ -182,11 +182,12 @@ def init_random(cfg: AF3Config, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh |
   generation defaults: generation has no eos unless one is passed.
   """
   mesh = mesh if mesh is not None else sharding.single_device_mesh()
-  graphdef, _, shardings = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh, quantize=quantize)
+  graphdef, _, shardings = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh, quantize=quantize,
+                                          remat=remat)
 
   @functools.partial(jax.jit, out_shardings=shardings)
   def init_fn() -> nnx.State:
-    return nnx.split(_build(cfg, dtype, dtype, "none", quantize, seed))[1]
+    return nnx.split(_build(cfg, dtype, dtype, remat, quantize, seed))[1]
 
   with jax.set_mesh(mesh):
     return Model(cfg, graphdef, init_fn(), mesh)

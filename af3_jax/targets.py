@@ -16,6 +16,7 @@ two per chip as one jax device, and chips for v5e and v6e, as Cloud TPU names th
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import os
 import re
@@ -29,6 +30,9 @@ GIB = 2**30
 # jaxlib 0.10 cannot parse. The compiler reads core counts, shared memory and the compute capability
 # from them, so fusion and kernel choices are the card's own.
 _GPU_SPECS = {"h100": "h100.txtpb", "h200": "h200.txtpb", "a100": "a100.txtpb"}
+
+# platform -> (the module that compiles for it, its name for people)
+_COMPILERS = {"gpu": ("jax_cuda12_plugin", "jax's CUDA plugin"), "tpu": ("libtpu", "libtpu")}
 
 # generation -> (libtpu's name, chip config, TensorCores per jax device in the slice name, HBM per device)
 _TPUS = {
@@ -89,6 +93,31 @@ def devices(target: Target | str) -> list[jax.Device]:
                        "install the project's `accelerators` extra and set JAX_PLATFORMS=cpu before jax "
                        "is imported") from e
   return list(topo.devices)
+
+
+def compile_only(name: str) -> tuple[Target, list[jax.Device]]:
+  """A command line's `--target`: (the target, its compile-only devices).
+
+  Call it before anything starts a jax backend: it keeps jax itself on the host CPU, which is what lets
+  the CUDA plugin register without a GPU (whatever devices the machine has, the plan is the target's).
+  An unknown name, or a target whose compiler is not installed, is a ValueError of one line.
+  """
+  target = parse(name)
+  compiler = _COMPILERS[target.platform]
+  if importlib.util.find_spec(compiler[0]) is None:
+    raise ValueError(f"--target {name} needs {compiler[1]}, which is not installed: "
+                     "pip install 'af3-jax[accelerators]' (or `pip install -e '.[accelerators]'` in a checkout)")
+  jax.config.update("jax_platforms", "cpu")
+  try:
+    return target, devices(target)
+  except RuntimeError as e:
+    raise ValueError(str(e)) from None
+
+
+def device_memory(device: jax.Device) -> int | None:
+  """Bytes of memory a present device offers its programs, or None where it does not say (a CPU)."""
+  stats = device.memory_stats() if device.platform != "cpu" else None
+  return (stats or {}).get("bytes_limit")
 
 
 def platform(mesh: jax.sharding.Mesh | jax.sharding.AbstractMesh | None = None) -> str:

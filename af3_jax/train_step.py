@@ -88,6 +88,7 @@ def cross_entropy(hidden: jax.Array, lm_head: Callable, labels: jax.Array,
   """
   b, t, d = hidden.shape
   n = -(-t // chunk)
+  chunk = -(-t // n)  # n equal chunks: the head runs on as little padding as possible
   targets = jnp.pad(labels[:, 1:], ((0, 0), (0, n * chunk - t + 1)), constant_values=IGNORE)
   h = jnp.pad(hidden, ((0, 0), (0, n * chunk - t), (0, 0)))
   xs = (h.reshape(b, n, chunk, d).swapaxes(0, 1), targets.reshape(b, n, chunk).swapaxes(0, 1))

@@ -3,6 +3,7 @@
   python bench/bench_memory.py                       # the tiny test model, 5 and 10 minutes of audio
   python bench/bench_memory.py --size full --aot     # compiled memory only, at the released AF3 size
   python bench/bench_memory.py --size full --aot --dtype bfloat16 --quantize int8 --minutes 0.5
+  python bench/bench_memory.py --size full --dtype bfloat16 --quantize int8 --minutes 10 --target v5e-1
   (from the repo root, with af3_jax installed or PYTHONPATH=.)
 
 Each length runs in a fresh process: random weights (no checkpoint), an NVIDIA-style prompt (`<sound>`
@@ -13,7 +14,10 @@ encoder and prompt) and one decode step after it: the weights' bytes, the decode
 each program's temporaries. Prompt and windows are padded to generate's buckets (10 minutes: 16,384
 tokens, 20 windows), as in real use. `--aot` only compiles, from abstract weights, so it runs at full
 size on a CPU (shared/STYLE.md 21). XLA:CPU computes bfloat16 dots in float32 and makes float32 copies
-of the bfloat16 weights they read: temporaries a GPU does not have.
+of the bfloat16 weights they read: temporaries a GPU does not have. `--target h100` (or h200, a100,
+v5e-1, v6e-1, ...: one device, named as `af3_jax.targets` does) compiles with that accelerator's own
+compiler instead, on this machine (deviceless; needs the `accelerators` extra), and says how much of
+its memory is left; TPU's compiler refuses a program over the chip's memory, which the table shows.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from absl import app, flags
 from flax import nnx
 
 import af3_jax
-from af3_jax import decode, sharding
+from af3_jax import decode, sharding, targets, train_run
 from af3_jax.buckets import bucket, window_bucket
 from af3_jax.config import AF3Config
 from af3_jax.generation import Sampling
@@ -48,6 +52,8 @@ _NEW = flags.DEFINE_integer("new-tokens", 4, "Tokens to generate.")
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "As from_pretrained's quantize.")
 _AOT = flags.DEFINE_bool("aot", False, "Only compile the prefill and a decode step from abstract weights and report "
                          "their memory.")
+_TARGET = flags.DEFINE_string("target", None, "Compile for this accelerator, one device (h100, v5e-1, ...), instead "
+                              "of the host; implies --aot.")
 _CHILD = flags.DEFINE_bool("child", False, "Internal: measure one length in this process and print JSON.")
 
 PROMPT = (4, 12)  # text tokens before and after the audio
@@ -72,12 +78,17 @@ def nvidia_batch(cfg: AF3Config, minutes: float, seed: int = 0) -> dict[str, np.
       audio_embed_mask=np.repeat(real[:, None], tokens_per_window(cfg.encoder), axis=1))
 
 
-def compiled_memory(cfg: AF3Config, dtype, batch: dict, new_tokens: int, quantize: str) -> dict[str, int]:
+def compiled_memory(cfg: AF3Config, dtype, batch: dict, new_tokens: int, quantize: str,
+                    device: jax.Device | None = None) -> dict:
   """Bytes of the weights and of the decode state (KV cache and the rest, as the prefill returns it), and
   the compiled temporaries of `decode.prefill` for `batch` and of one `decode.step` after it (donating
-  the state, as `generate_stream` does), from abstract weights: nothing is allocated."""
-  mesh = sharding.single_device_mesh()
-  graphdef, abstract, _ = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh, quantize=quantize)
+  the state, as `generate_stream` does), from abstract weights: nothing is allocated. `device`: compile
+  for it (a compile-only target's); a compiler that refuses a program too big for it gives `error`."""
+  mesh = sharding.single_device_mesh(device)
+  graphdef, abstract, shardings = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh,
+                                                 quantize=quantize)
+  on = lambda x, s=jax.NamedSharding(mesh, jax.P()): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+  abstract, batch = jax.tree.map(on, abstract, shardings), jax.tree.map(on, batch)
   new_len = bucket(new_tokens, decode.MIN_BUCKET)
   eos = np.full(4, -1, np.int32)
 
@@ -89,12 +100,17 @@ def compiled_memory(cfg: AF3Config, dtype, batch: dict, new_tokens: int, quantiz
     return decode.step(nnx.merge(graphdef, state), decoding, Sampling())
 
   with jax.set_mesh(mesh):
-    prefill = jax.jit(prefill_fn).lower(abstract, batch).compile()
-    decoding = jax.eval_shape(prefill_fn, abstract, batch)
-    step = jax.jit(step_fn, donate_argnums=1).lower(abstract, decoding).compile()
+    decoding = jax.tree.map(on, jax.eval_shape(prefill_fn, abstract, batch))
+    plans = {"prefill_temp": train_run.compiled_plan(jax.jit(prefill_fn).lower(abstract, batch)),
+             "step_temp": train_run.compiled_plan(jax.jit(step_fn, donate_argnums=1).lower(abstract, decoding))}
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  return dict(weights=nbytes(abstract), state=nbytes(decoding), prefill_temp=prefill.memory_analysis().temp_size_in_bytes,
-              step_temp=step.memory_analysis().temp_size_in_bytes)
+  out = dict(weights=nbytes(abstract), state=nbytes(decoding))
+  for key, plan in plans.items():
+    if "error" in plan:
+      out["error"] = plan["error"]
+    else:
+      out[key] = round(plan["temporaries_gib"] * 2**30)
+  return out
 
 
 def peak_rss() -> int:
@@ -102,7 +118,8 @@ def peak_rss() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def measure(cfg: AF3Config, dtype, minutes: float, new_tokens: int, aot: bool, quantize: str) -> dict:
+def measure(cfg: AF3Config, dtype, minutes: float, new_tokens: int, aot: bool, quantize: str,
+            target: str | None = None) -> dict:
   batch = nvidia_batch(cfg, minutes)
   out = dict(minutes=minutes, prompt=int(batch["attention_mask"].sum()), padded=batch["input_ids"].shape[1])
   if not aot:
@@ -115,37 +132,60 @@ def measure(cfg: AF3Config, dtype, minutes: float, new_tokens: int, aot: bool, q
     out["rss_peak"] = peak_rss()
     if tokens.shape != (1, new_tokens):
       raise RuntimeError(f"generated {tokens.shape}, expected (1, {new_tokens})")
-  out.update(compiled_memory(cfg, dtype, batch, new_tokens, quantize))
-  # Device memory at the larger of the two programs: weights, decode state, that program's temporaries.
-  out["peak"] = out["weights"] + out["state"] + max(out["prefill_temp"], out["step_temp"])
+  device = None
+  if target:
+    target, [device] = targets.compile_only(target)
+    out["device"] = target.hbm_bytes
+  out.update(compiled_memory(cfg, dtype, batch, new_tokens, quantize, device))
+  if "error" not in out:
+    # Device memory at the larger of the two programs: weights, decode state, that program's temporaries.
+    out["peak"] = out["weights"] + out["state"] + max(out["prefill_temp"], out["step_temp"])
   return out
 
 
 def row(r: dict) -> str:
   gib = lambda key: f"{r[key] / 2**30:.2f}" if key in r else "-"
   seconds = f"{r['seconds']:.0f}" if "seconds" in r else "-"
+  free = "-"
+  if "error" in r:
+    free = f"does not fit: {r['error']}"
+  elif "device" in r:
+    free = f"{1 - r['peak'] / r['device']:.0%}" if r["peak"] <= r["device"] else "does not fit"
   return (f"| {r['minutes']:g} min | {r['prompt']:,} ({r['padded']:,}) | {gib('rss_before')} | {gib('rss_peak')} | "
-          f"{gib('weights')} | {gib('state')} | {gib('prefill_temp')} | {gib('step_temp')} | {gib('peak')} | {seconds} |")
+          f"{gib('weights')} | {gib('state')} | {gib('prefill_temp')} | {gib('step_temp')} | {gib('peak')} | {free} | "
+          f"{seconds} |")
 
 
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cfg, dtype = MODELS[_SIZE.value], jnp.dtype(_DTYPE.value)
+  aot = _AOT.value or bool(_TARGET.value)
   if _CHILD.value:
-    print(json.dumps(measure(cfg, dtype, _MINUTES.value[0], _NEW.value, _AOT.value, _QUANTIZE.value)))
+    print(json.dumps(measure(cfg, dtype, _MINUTES.value[0], _NEW.value, aot, _QUANTIZE.value, _TARGET.value)))
     return 0
   if not all(0.5 <= m <= 10 and (2 * m).is_integer() for m in _MINUTES.value):
     print("--minutes must be whole 30 s windows from 0.5 to 10 (at most 20 windows)", file=sys.stderr)
     return 1
-  print(f"{_SIZE.value} AF3, {_DTYPE.value}, quantize {_QUANTIZE.value}, {_NEW.value} new tokens | JAX {jax.__version__} on "
-        f"{jax.devices()[0].device_kind} | {datetime.datetime.now().isoformat(timespec='minutes')}", flush=True)
+  try:  # the target checked here, in one line, before any child starts
+    target, devices = targets.compile_only(_TARGET.value) if _TARGET.value else (None, jax.devices())
+    if target and target.count > 1:
+      raise ValueError(f"--target {target.name}: the bench plans one device (e.g. h100, v5e-1)")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  kind = f"{target.name} ({devices[0].device_kind}, {target.hbm_bytes / 2**30:.1f} GiB)" if target else \
+      devices[0].device_kind
+  print(f"{_SIZE.value} AF3, {_DTYPE.value}, quantize {_QUANTIZE.value}, {_NEW.value} new tokens | JAX {jax.__version__} "
+        f"{'compiling for' if target else 'on'} {kind} | {datetime.datetime.now().isoformat(timespec='minutes')}",
+        flush=True)
   lines = ["| audio | prompt tokens (padded) | RSS before GiB | peak RSS GiB | weights GiB | decode state GiB | "
-           "prefill temporaries GiB | step temporaries GiB | device peak GiB | seconds |", "|" + "---|" * 10]
+           "prefill temporaries GiB | step temporaries GiB | device peak GiB | device free | seconds |",
+           "|" + "---|" * 11]
   for minutes in _MINUTES.value:
     args = [sys.executable, Path(__file__).resolve(), "--child", f"--minutes={minutes}", f"--size={_SIZE.value}",
-            f"--dtype={_DTYPE.value}", f"--new-tokens={_NEW.value}", f"--aot={_AOT.value}",
-            f"--quantize={_QUANTIZE.value}"]
+            f"--dtype={_DTYPE.value}", f"--new-tokens={_NEW.value}", f"--aot={aot}", f"--quantize={_QUANTIZE.value}",
+            *([f"--target={_TARGET.value}"] if _TARGET.value else [])]
     child = subprocess.run(args, capture_output=True, text=True)
     if child.returncode != 0:
       print(f"{minutes} min: the measuring process failed ({child.returncode}):\n{child.stderr[-3000:]}",

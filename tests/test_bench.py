@@ -58,10 +58,12 @@ def test_train_bench_runs_at_tiny_size():
   pytest.importorskip("torch")
   args = ["--size", "tiny", "--stage", "projector", "--steps", "1", "--batch", "1"]
   run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), *args], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300)
+                       text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
   assert run.returncode == 0, run.stderr[-3000:]
   lines = run.stdout.strip().splitlines()
-  assert lines[-3].startswith("| stage | trainable |") and lines[-1].startswith("| projector | ")
+  # Stage 1's rows: one 30 s window and its prompt each.
+  assert lines[-3].startswith("| stage | trainable | rows x tokens |")
+  assert lines[-1].startswith("| projector | ") and "| 1 x 774 |" in lines[-1]
 
 
 def test_eval_bench_runs_at_tiny_size():

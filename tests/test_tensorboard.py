@@ -7,6 +7,7 @@ import struct
 import time
 
 import numpy as np
+import pytest
 from tensorboardX.proto import event_pb2
 
 from af3_jax import flops
@@ -91,14 +92,17 @@ def test_packing_efficiency_is_real_tokens_over_token_slots(tmp_path):
   assert (record["real_tokens"], record["token_slots"], record["packing_efficiency"]) == (1000, 4000, 0.25)
 
 
-def test_mfu_counts_the_models_flops_for_the_real_tokens(tmp_path):
+@pytest.mark.parametrize("trainable, rank", [("all", 0), ("lora", 64)])
+def test_mfu_counts_the_models_flops_for_the_real_tokens(tmp_path, trainable, rank):
   """tokens/s counts real tokens, and MFU over tokens/s is the FLOPs per real token of those batches
-  (attention pairs and audio windows included) over the peak, whatever the time between records."""
+  (attention pairs and audio windows included, the backward the stage's trainable set needs) over the
+  peak, whatever the time between records."""
   counts = {"real_tokens": 3000, "token_slots": 8192, "attention_pairs": 2.0e6, "audio_windows": 4}
-  with MetricsLog(tmp_path, model=AF3Config(), peak_flops=1e15, every=2) as log:
+  with MetricsLog(tmp_path, model=AF3Config(), peak_flops=1e15, every=2, trainable=trainable, lora_rank=rank) as log:
     log.add(1, {"loss": 1.0, **counts})
     time.sleep(0.01)
     record = log.add(2, {"loss": 1.0, **counts})
-  work = flops.train_flops(AF3Config(), tokens=6000, attention_pairs=4.0e6, windows=8)
+  work = flops.train_flops(AF3Config(), tokens=6000, attention_pairs=4.0e6, windows=8, trainable=trainable,
+                           lora_rank=rank)
   per_token = work / 6000 / 1e15
   assert abs(record["mfu"] / record["tokens_per_s"] - per_token) <= 1e-9 * per_token
