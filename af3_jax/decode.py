@@ -24,7 +24,7 @@ from flax import nnx, struct
 
 from af3_jax.buckets import bucket, window_bucket
 from af3_jax.generation import Sampling
-from af3_jax.models import kv_cache
+from af3_jax.models import kv_cache, layers
 from af3_jax.models.af3 import AudioFlamingo3
 from af3_jax.pretrained import Model, check_inputs
 
@@ -121,7 +121,8 @@ def step(model: AudioFlamingo3, state: State, s: Sampling) -> State:
   return _choose(state.replace(cache=cache, position=position), model.lm_head(h[:, 0]), s)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "s", "new_len"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "s", "new_len"),
+                   compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
 def _generate_fn(graphdef, params, batch, max_new_tokens, key, eos, pad, *, s: Sampling, new_len: int):
   """-> tokens (B, G) and the number of steps taken."""
   TRACES["generate"] += 1
@@ -142,13 +143,15 @@ def _generate_fn(graphdef, params, batch, max_new_tokens, key, eos, pad, *, s: S
   return tokens, state.step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "s", "new_len"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "s", "new_len"),
+                   compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
 def _prefill_fn(graphdef, params, batch, key, eos, pad, *, s: Sampling, new_len: int) -> State:
   TRACES["prefill"] += 1
   return prefill(nnx.merge(graphdef, params), batch, new_len, s, key, eos, pad)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "s"), donate_argnames="state")
+@functools.partial(jax.jit, static_argnames=("graphdef", "s"), donate_argnames="state",
+                   compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
 def _step_fn(graphdef, params, state: State, *, s: Sampling) -> State:
   TRACES["step"] += 1
   return step(nnx.merge(graphdef, params), state, s)
