@@ -1,5 +1,5 @@
 """`init_random` (random weights born sharded), and `bench/bench_infer.py`, `bench/bench_train.py`,
-`bench/bench_eval.py` and `bench/bench_serve.py` end to end at tiny size.
+`bench/bench_eval.py`, `bench/bench_serve.py` and `bench/bench_compile.py` end to end at tiny size.
 
 No timings are checked: the bench only has to run and print its table.
 """
@@ -87,3 +87,14 @@ def test_serve_bench_runs_at_test_size():
   lines = run.stdout.strip().splitlines()
   assert lines[-4].startswith("| clients | requests |") and lines[-2].startswith("| 1 | 1 | ")
   assert lines[-1].startswith("| 2 | 2 | ")
+
+
+def test_compile_bench_runs_at_test_size():
+  """Its GPU figures need the accelerators extra; on the CPU it compiles the same programs."""
+  args = ["--target", "cpu", "--size", "test", "--program", "decode", "--layout", "unrolled", "--layout", "rolled"]
+  run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_compile.py"), *args], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = run.stdout.strip().splitlines()
+  assert lines[-4].startswith("| program | layout |")
+  assert lines[-2].startswith("| decode | unrolled | ") and lines[-1].startswith("| decode | rolled | ")
