@@ -163,11 +163,12 @@ class Conv1d(nnx.Module):
 
 # For jitted programs that run unrolled stacks (`scan` with remat None): two XLA passes that would
 # otherwise copy stacked weights on a GPU (tests/test_decode_gpu.py shows both). SliceSinker sees each
-# layer convert its slice of a stacked kernel to the compute dtype (int8 weights; float32 weights
-# computing in bfloat16) and merges those L converts into one convert of the whole stack, written to
-# memory before the first layer, where each would otherwise sit inside its layer's matmul. DotMerger
-# joins matmuls that share an input (q, k and v in the engine's 8-slot step) into one over their kernels side by
-# side, and copies each layer's slices to build it (`Model.fused` joins them once, at load).
+# layer convert its slice of a stacked int8 kernel to the compute dtype and merges those L converts
+# into one convert of the whole stack, written to memory before the first layer, where each would
+# otherwise sit inside its layer's matmul (XLA's Triton GEMM reads s8 and converts in registers).
+# DotMerger joins matmuls that share an input (q, k and v in the engine's 8-slot step) into one over
+# their kernels side by side, and copies each layer's slices to build it (`Model.fused` joins them
+# once, at load).
 INFERENCE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "slice-sinker,dot-merger"}
 
 REMAT_POLICIES = {
