@@ -42,7 +42,7 @@ def test_init_random_is_born_sharded():
 def test_bench_runs_at_tiny_size():
   pytest.importorskip("torch")
   # One cell (30 s, batch 2) and 4 tokens, JAX with its projections as loaded and fused: most of the time
-  # is JAX compiling its three programs for each.
+  # is JAX compiling its three programs for each. Issue 21's figures follow, "-" for cells not run.
   args = ["--size", "tiny", "--new-tokens", "4", "--batch", "2", "--projections", "separate", "--projections", "fused"]
   run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_infer.py"), *args], capture_output=True,
                        text=True, cwd=ROOT, timeout=300)
@@ -50,8 +50,12 @@ def test_bench_runs_at_tiny_size():
   lines = run.stdout.strip().splitlines()
   header = next(i for i, line in enumerate(lines) if line.startswith("| audio | batch |"))
   rows = lines[header + 2:]
-  assert len(rows) == 2 and rows[0].startswith("| 30s | 2 | separate | ") and rows[1].startswith("| 30s | 2 | fused | "), \
+  assert rows[0].startswith("| 30s | 2 | bfloat16 separate | ") and rows[1].startswith("| 30s | 2 | bfloat16 fused | "), \
       run.stdout
+  figures = rows[rows.index("") + 1:]
+  assert figures[0] == "| figure | transformers | JAX bfloat16 separate | JAX bfloat16 fused |", run.stdout
+  assert figures[2].startswith("| decode batch 1, tok/s (`generate` loop) | - | - | - |")
+  assert figures[-2].startswith("| programs compiled (seconds) | - | 3 (") and figures[-2].count("3 (") == 2
 
 
 def test_train_bench_runs_at_tiny_size():
