@@ -15,6 +15,8 @@ Layouts: `unrolled` (inference: each layer reads its weights at a static index o
 (training's `lax.scan`: a dynamic slice of the stacks per layer, as inference ran before), `per-layer`
 (each layer's weights separate arguments of the program, as a list-of-layers model holds them; the
 program stacks them back and XLA folds that away, so it compiles what such a model would).
+`--xla-passes all` compiles with the two XLA passes that inference programs leave out
+(`layers.INFERENCE_COMPILER_OPTIONS`), to show what they would do.
 
 Columns: compile seconds, wall and CPU (this process's threads and the ptxas runs it waits for;
 lowering included; the CPU time is the steadier figure on a shared machine; a real GPU also
@@ -53,6 +55,9 @@ _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "The weights
 _PROJECTIONS = flags.DEFINE_enum("projections", "separate", ["separate", "fused"],
                                  "The decoder's projections as loaded, or joined (`Model.fused`).")
 _BATCH = flags.DEFINE_integer("batch", 1, "Rows of the decode step.")
+_PASSES = flags.DEFINE_enum("xla-passes", "inference", ["inference", "all"],
+                            "inference: without the XLA passes `layers.INFERENCE_COMPILER_OPTIONS` disables, as "
+                            "the library compiles; all: with them, to see what they would do.")
 
 AUDIO = {"prefill-30s": 1, "prefill-10min": 20}  # 30 s windows
 NEW_TOKENS = 64
@@ -98,6 +103,10 @@ def program(name: str, cfg, mesh):
   return decode._prefill_fn, replicated(args), dict(s=Sampling(), new_len=NEW_TOKENS)
 
 
+def options() -> dict | None:
+  return layers.INFERENCE_COMPILER_OPTIONS if _PASSES.value == "inference" else None
+
+
 def per_layer(fn, graphdef, weights):
   """`fn` taking each stacked weight as a tuple of its layers' arrays, stacked again inside the program."""
   stacked = lambda path: "layers" in jax.tree_util.keystr(path)
@@ -114,8 +123,7 @@ def per_layer(fn, graphdef, weights):
                         is_leaf=lambda p: isinstance(p, tuple))
     return fn.__wrapped__(graphdef, tree, *args, **static)
 
-  jitted = jax.jit(restacked, static_argnames=("s", "new_len", "window"),
-                   compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
+  jitted = jax.jit(restacked, static_argnames=("s", "new_len", "window"), compiler_options=options())
   return jitted, jax.tree_util.tree_map_with_path(split, weights)
 
 
@@ -147,6 +155,9 @@ def measure(name: str, layout: str, cfg, mesh) -> str:
     if layout == "per-layer":
       jitted, parts = per_layer(fn, graphdef, weights)
       compiled = jitted.lower(parts, *args, **static).compile()
+    elif _PASSES.value == "all":
+      jitted = jax.jit(fn.__wrapped__, static_argnums=0, static_argnames=tuple(static))
+      compiled = jitted.lower(graphdef, weights, *args, **static).compile()
     else:
       compiled = fn.lower(graphdef, weights, *args, **static).compile()
   seconds, cpu = time.perf_counter() - start, cpu_seconds() - cpu_start
@@ -172,7 +183,7 @@ def main(argv: list[str]) -> int:
   devices = jax.devices("cpu")[:1] if _TARGET.value == "cpu" else targets.devices(_TARGET.value)[:1]
   mesh = sharding.make_mesh((1, 1, 1), devices)
   print(f"{_SIZE.value} AF3, bfloat16, quantize {_QUANTIZE.value}, {_PROJECTIONS.value} projections, decode batch "
-        f"{_BATCH.value}, for {devices[0].device_kind} | JAX {jax.__version__} | "
+        f"{_BATCH.value}, XLA passes: {_PASSES.value}, for {devices[0].device_kind} | JAX {jax.__version__} | "
         f"{datetime.datetime.now().isoformat(timespec='minutes')}", flush=True)
   print("| program | layout | weights GB | compile s (wall / CPU) | temporaries MB | weight copies "
         "| other kernel-shaped writes | int8 matmuls converting inside | bytes accessed GB |\n"
