@@ -2,9 +2,9 @@
 
 `generate` runs the audio encoder, the prefill and the whole token loop (`lax.while_loop`) in one
 jitted function of the model state. `generate_stream` jits the prefill and a single step (which donates
-its state, cache included) and yields every step's tokens. Rows, prompt length (left padded) and the
-number of new tokens are padded to power-of-two buckets, audio windows to finer ones
-(`buckets.window_bucket`), so most new prompts reuse a compiled program. The next token is chosen as transformers' processors do, in their order: repetition
+its state, cache included) and yields every step's tokens. Rows and the number of new tokens are padded
+to power-of-two buckets, prompt length (left padded) and audio windows to finer ones
+(`buckets.prompt_bucket`, `buckets.window_bucket`), so most new prompts reuse a compiled program. The next token is chosen as transformers' processors do, in their order: repetition
 penalty, then, when sampling, temperature, top-k and top-p. Samples come from `jax.random` (seeded,
 reproducible), so they are not torch's samples.
 Shape letters: B batch, T prompt length, G new-token slots, V vocab.
@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from af3_jax.buckets import bucket, window_bucket
+from af3_jax.buckets import bucket, prompt_bucket, window_bucket
 from af3_jax.generation import Sampling
-from af3_jax.models import kv_cache
+from af3_jax.models import kv_cache, layers
 from af3_jax.models.af3 import AudioFlamingo3
 from af3_jax.pretrained import Model, check_inputs
 
@@ -121,7 +121,8 @@ def step(model: AudioFlamingo3, state: State, s: Sampling) -> State:
   return _choose(state.replace(cache=cache, position=position), model.lm_head(h[:, 0]), s)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "s", "new_len"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "s", "new_len"),
+                   compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
 def _generate_fn(graphdef, params, batch, max_new_tokens, key, eos, pad, *, s: Sampling, new_len: int):
   """-> tokens (B, G) and the number of steps taken."""
   TRACES["generate"] += 1
@@ -142,13 +143,15 @@ def _generate_fn(graphdef, params, batch, max_new_tokens, key, eos, pad, *, s: S
   return tokens, state.step
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "s", "new_len"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "s", "new_len"),
+                   compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
 def _prefill_fn(graphdef, params, batch, key, eos, pad, *, s: Sampling, new_len: int) -> State:
   TRACES["prefill"] += 1
   return prefill(nnx.merge(graphdef, params), batch, new_len, s, key, eos, pad)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "s"), donate_argnames="state")
+@functools.partial(jax.jit, static_argnames=("graphdef", "s"), donate_argnames="state",
+                   compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
 def _step_fn(graphdef, params, state: State, *, s: Sampling) -> State:
   TRACES["step"] += 1
   return step(nnx.merge(graphdef, params), state, s)
@@ -173,7 +176,7 @@ def _pad_batch(model: Model, batch: dict, pad_id: int) -> dict[str, np.ndarray]:
   mask = batch.setdefault("attention_mask", np.ones_like(ids))
   if not (np.isin(mask, (0, 1)).all() and (np.diff(mask, axis=1) >= 0).all() and mask[:, -1].all()):
     raise ValueError("attention_mask must be left padding (zeros, then ones) with a token in every row")
-  rows, length = bucket(ids.shape[0]), bucket(ids.shape[1], MIN_BUCKET)
+  rows, length = bucket(ids.shape[0]), prompt_bucket(ids.shape[1], MIN_BUCKET)
   out = {"input_ids": _pad_to(ids, (rows, length), pad_id), "attention_mask": _pad_to(mask, (rows, length))}
   if "input_features" in batch:
     windows = window_bucket(len(batch["input_features"]))

@@ -8,8 +8,8 @@ requests' slots, prefills waiting requests into free slots (a free-slot queue), 
 and hands out the tokens of the step before, freeing each slot whose request is done (an eos id, or
 max_new_tokens) at once. So the device decodes while the host reads tokens and schedules, never waiting
 for it; the price is one more decode of a slot whose request ended in the step before, whose token is
-dropped (a new request in that slot is inserted after it, in device order). Prompts are padded to power-of-two
-buckets and audio windows to finer ones (`buckets.window_bucket`), slots are fixed, and the cache grows
+dropped (a new request in that slot is inserted after it, in device order). Prompts and audio windows are
+padded to buckets (`buckets.prompt_bucket`, `buckets.window_bucket`), slots are fixed, and the cache grows
 by buckets (at least `MIN_CACHE`) up to `max_len`. A decode step reads only a window of the cache, the
 bucket that covers its longest live request (the engine knows each slot's end on the host), so short
 requests in a long cache decode at short requests' cost; `warmup` compiles every window and prompt
@@ -37,7 +37,7 @@ import jax
 import numpy as np
 
 from af3_jax import decode, slots
-from af3_jax.buckets import bucket, window_bucket
+from af3_jax.buckets import bucket, prompt_bucket, window_bucket
 from af3_jax.generation import Sampling
 from af3_jax.models import whisper
 from af3_jax.models.af3 import audio_embed_mask_from_features
@@ -224,7 +224,7 @@ class Engine:
     slot = self._free[0]
     cfg = self.model.config
     filler = (cfg.audio_token_id + 1) % cfg.decoder.vocab_size  # any id but audio: no frames to match
-    for t in sorted({min(bucket(n, decode.MIN_BUCKET), self.max_len) for n in prompt_lengths}):
+    for t in sorted({min(prompt_bucket(n, decode.MIN_BUCKET), self.max_len) for n in prompt_lengths}):
       for w in sorted({window_bucket(w) if w else 0 for w in audio_windows}):
         inputs = {"input_ids": np.full((1, t), filler, np.int32), "attention_mask": np.ones((1, t), bool)}
         if w:
@@ -334,7 +334,7 @@ class Engine:
     if n < 1 or n + request.max_new_tokens > self.max_len:
       raise ValueError(f"the prompt has {n} tokens; with {request.max_new_tokens} new tokens that is more than "
                        f"the engine's max_len of {self.max_len}" if n else "the prompt is empty")
-    t = min(bucket(n, decode.MIN_BUCKET), self.max_len)
+    t = min(prompt_bucket(n, decode.MIN_BUCKET), self.max_len)
     padded = {"input_ids": np.pad(ids.astype(np.int32), (0, t - n))[None], "attention_mask": np.arange(t)[None] < n}
     if "input_features" in inputs:
       if "audio_embed_mask" not in inputs:  # one program for both prompt styles: the mask is always given

@@ -19,22 +19,24 @@ from af3_jax.models.af3 import AudioFlamingo3, audio_positions
 
 
 def abstract_model(cfg: AF3Config, *, param_dtype, compute_dtype, mesh: jax.sharding.Mesh,
-                   rules=sharding.LOGICAL_RULES, remat: str = "none", quantize: str | None = None):
-  """(graphdef, abstract state, shardings) of the model, without allocating any parameter. `remat`
-  names the layer stacks' rematerialisation policy (`layers.REMAT_POLICIES`): training memory.
+                   rules=sharding.LOGICAL_RULES, remat: str | None = None, quantize: str | None = None):
+  """(graphdef, abstract state, shardings) of the model, without allocating any parameter. `remat`:
+  None for inference (unrolled layer stacks), or training's rematerialisation policy by name
+  (`layers.REMAT_POLICIES`; rolled stacks, as `layers.scan` says).
   quantize: "int8" gives the decoder's linears int8 kernels and their scales (`quantization`)."""
   module = nnx.eval_shape(lambda: _build(cfg, param_dtype, compute_dtype, remat, quantize, seed=0))
   graphdef, abstract_state = nnx.split(module)
   return graphdef, abstract_state, sharding.state_shardings(abstract_state, mesh, rules)
 
 
-def _build(cfg: AF3Config, param_dtype, compute_dtype, remat: str, quantize: str | None, seed: int) -> AudioFlamingo3:
+def _build(cfg: AF3Config, param_dtype, compute_dtype, remat: str | None, quantize: str | None,
+           seed: int) -> AudioFlamingo3:
   module = AudioFlamingo3(cfg, compute_dtype=compute_dtype, param_dtype=param_dtype, remat=remat,
                           rngs=nnx.Rngs(seed))
   return quantization.quantize_module(module) if quantization.mode(quantize) else module
 
 
-@functools.partial(jax.jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0, compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
 def _forward(graphdef: nnx.GraphDef, state: nnx.State, batch: dict[str, jax.Array]) -> jax.Array:
   return nnx.merge(graphdef, state)(**batch)
 
@@ -118,21 +120,23 @@ def check_inputs(cfg: AF3Config, *, input_ids, attention_mask=None, input_featur
 
 
 def from_pretrained(path_or_hub_id: str | Path, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, *,
-                    compute_dtype=None, adapter: str | Path | None = None, remat: str = "none",
+                    compute_dtype=None, adapter: str | Path | None = None, remat: str | None = None,
                     quantize: str | None = None) -> Model:
   """Loads AF3 from a local folder or hub id: any upstream safetensors layout, or our orbax copy.
 
   dtype: the parameters' dtype; compute_dtype: activations' (defaults to dtype). With `mesh`, parameters
   are born sharded by the logical rules in `sharding.py`; without, they live on the first device.
   adapter: a PEFT LoRA folder (think mode: the checkpoint's `think/` or `stage35/`), merged on load.
-  remat: the layer stacks' rematerialisation policy for training ("none" for inference), by name.
+  remat: None for inference: the layer stacks run unrolled, each layer reading its weights at a static
+  index (`layers.scan`). For training, a rematerialisation policy by name (`layers.REMAT_POLICIES`,
+  "none" keeping every activation): the stacks run as a `lax.scan`, compiled once.
   quantize: None or "none" (keep `dtype`), or "int8": the decoder's linears become int8 weights with a
   scale per output channel, for decoding (`quantization`); not for training.
   """
-  if remat not in layers.REMAT_POLICIES:
-    raise ValueError(f"remat must be one of {sorted(layers.REMAT_POLICIES)}, got {remat!r}")
+  if remat is not None and remat not in layers.REMAT_POLICIES:
+    raise ValueError(f"remat must be None (inference) or one of {sorted(layers.REMAT_POLICIES)}, got {remat!r}")
   quantize = quantization.mode(quantize)
-  if quantize and remat != "none":
+  if quantize and remat is not None:
     raise ValueError(f"quantize={quantize!r} is for decoding; training (remat={remat!r}) needs the float weights")
   root = weights.resolve(path_or_hub_id)
   cfg = weights.read_config(root)
@@ -172,7 +176,7 @@ def read_generation_config(root: Path) -> GenerationConfig:
 
 
 def init_random(cfg: AF3Config, *, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, seed: int = 0,
-                quantize: str | None = None, remat: str = "none") -> Model:
+                quantize: str | None = None, remat: str | None = None) -> Model:
   """A Model with random weights (our layers' init, in `dtype` for parameters and compute), for benchmarks;
   `quantize` and `remat` as in `from_pretrained`.
 

@@ -25,7 +25,7 @@ from flax import nnx, struct
 
 from af3_jax import decode, sharding
 from af3_jax.generation import Sampling
-from af3_jax.models import kv_cache
+from af3_jax.models import kv_cache, layers
 
 TRACES: collections.Counter[str] = collections.Counter()  # traces of each jitted function, for recompile tests
 AUDIO = ("input_features", "input_features_mask", "audio_embed_mask")
@@ -106,7 +106,7 @@ class Slots:
   key: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
+@functools.partial(jax.jit, static_argnames=("graphdef",), compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
 def prefill_fn(graphdef, params, inputs: dict[str, jax.Array], length: jax.Array, need: jax.Array, rows: Rows,
                key: jax.Array) -> tuple[Prefix, jax.Array]:
   """inputs: input_ids and attention_mask (1, T), right padded, and optionally the audio (W windows).
@@ -151,7 +151,8 @@ def insert_fn(slots: Slots, prefix: Prefix, slot: jax.Array) -> Slots:
                key=at_slot(slots.key, prefix.key))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "window"), donate_argnames=("slots",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "window"), donate_argnames=("slots",),
+                   compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
 def generate_fn(graphdef, params, slots: Slots, *, window: int) -> tuple[Slots, jax.Array]:
   """Feeds every row its latest token (at position = its cache end) and chooses the next: the new state
   and the tokens (B,) apart from it, so that the host can read them after the next step took (donated)

@@ -4,10 +4,11 @@
   python bench/bench_infer.py --size full     # AF3Config() (8.27B) in bf16: one H100 or H200
   (from the repo root, with af3_jax installed or PYTHONPATH=.)
 
-Cells: 30 s (1 window) or 10 min (20 windows) of audio per row, at batch 1 and 8. Every row is a short
-text prompt around 750 `<sound>` tokens per window; the features are random log-mel shaped as the
-processor gives them, masks full. Both sides decode exactly --new-tokens tokens greedily: a model with
-no checkpoint has no eos on our side, and transformers gets min_new_tokens as well.
+Cells: 30 s (1 window) or 10 min (20 windows) of audio per row, at batch 1 and 8 (--batch; 10 min
+cells at --batch-10min's batches if given). Every row is a short text prompt around 750 `<sound>`
+tokens per window; the features are random log-mel shaped as the processor gives them, masks full.
+Both sides decode exactly --new-tokens tokens greedily: a model with no checkpoint has no eos on our
+side, and transformers gets min_new_tokens as well.
 
 Time to first token (TTFT): from host inputs until the first new token is on the host (audio encoder
 and prefill). Decode tokens/s: (N - 1) * batch / the time after the first token. JAX is timed on its
@@ -16,7 +17,13 @@ does) and on `generate` (the whole loop in one jit; decode time = generate(N) - 
 program while N <= 64). JAX's first calls compile: they are reported apart from the warm medians. torch
 runs first and returns its device memory before JAX starts, so neither limits the other. Random weights
 make the answers meaningless; only the times count. `--projections=separate --projections=fused` times
-JAX with the projections as loaded and fused (`Model.fused`) on the same weights, a row each.
+JAX with the projections as loaded and fused (`Model.fused`) on the same weights, a row each;
+`--quantize=none --quantize=int8` JAX's weights in --dtype and in int8, a row each again.
+
+After the cells' table, issue 21's figures, transformers and each JAX variant side by side: decode
+tokens/s at batch 1 and 8 (30 s, JAX's `generate` loop), time to first token for 30 s, prefill of
+10 min (its time to first token), the programs JAX compiled and their seconds, and int8's decode speed
+over the same projections in --dtype. A figure whose cell was not run is "-".
 """
 
 from __future__ import annotations
@@ -48,12 +55,13 @@ from presets import MODELS, TokenClock, torch_model
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "A preset: the model and the defaults below.")
 _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where both run (auto: gpu if torch sees one).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype, both sides.")
-_QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "JAX's weights as from_pretrained's quantize "
-                              "(int8: the decoder's linears); torch keeps --dtype.")
+_QUANTIZE = flags.DEFINE_multi_enum("quantize", ["none"], ["none", "int8"], "JAX's weights as from_pretrained's "
+                                    "quantize (int8: the decoder's linears), a row each; torch keeps --dtype.")
 _NEW = flags.DEFINE_integer("new-tokens", None, "Tokens each row decodes, at least 2 (default: the preset's).")
 _REPEATS = flags.DEFINE_integer("repeats", None, "Warm runs per cell, medians reported (default: the preset's).")
 _AUDIO = flags.DEFINE_multi_enum("audio", None, ["30s", "10min"], "Audio lengths (default: the preset's).")
 _BATCH = flags.DEFINE_multi_integer("batch", [1, 8], "Batch sizes.")
+_BATCH_10MIN = flags.DEFINE_multi_integer("batch-10min", None, "Batch sizes of the 10 min cells (default: --batch).")
 _PROJECTIONS = flags.DEFINE_multi_enum(
     "projections", ["separate"], ["separate", "fused"],
     "JAX's decoder projections: as loaded (q/k/v and gate/up apart) and/or `Model.fused` (one matmul each); "
@@ -82,12 +90,14 @@ PRESETS = {
 @dataclasses.dataclass
 class Timing:
   """One side of one cell, from the medians of the warm runs (JAX's compile: first calls minus warm
-  ones, every program of the cell); all None when the device ran out of memory."""
+  ones, every program of the cell; compiles: the programs it compiled); all None when the device ran
+  out of memory."""
 
   ttft: float | None = None
   tok_s: float | None = None
   loop_tok_s: float | None = None
   compile_s: float | None = None
+  compiles: int | None = None
 
 
 def make_batch(cfg: AF3Config, windows: int, rows: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -133,6 +143,7 @@ def jax_loop(model: Model, batch: dict, n: int) -> float:
 
 def time_jax(model: Model, batch: dict, n: int, repeats: int) -> Timing:
   rows = len(batch["input_ids"])
+  traced = sum(decode.TRACES.values())
   stream_first = sum(jax_stream(model, batch, n))
   ttft, dt = _median_split([jax_stream(model, batch, n) for _ in range(repeats)])
   loop_first = jax_loop(model, batch, n)
@@ -140,7 +151,7 @@ def time_jax(model: Model, batch: dict, n: int, repeats: int) -> Timing:
   compile_s = (stream_first - ttft - dt) + (loop_first - full)
   # NaN: the prefill's jitter outweighed the decode (tiny models on a CPU); more tokens or repeats help.
   loop_tok_s = (n - 1) * rows / (full - first) if full > first else float("nan")
-  return Timing(ttft, (n - 1) * rows / dt, loop_tok_s, compile_s)
+  return Timing(ttft, (n - 1) * rows / dt, loop_tok_s, compile_s, sum(decode.TRACES.values()) - traced)
 
 
 def torch_run(model, batch: dict, n: int) -> tuple[float, float]:
@@ -171,10 +182,11 @@ def _is_oom(e: Exception) -> bool:
 
 
 def run_cells(name: str, measure: Callable[[dict], Timing], cfg: AF3Config, audios, batches) -> dict:
-  """{(audio, batch): Timing} over the grid; a cell that runs out of device memory is reported, not fatal."""
+  """{(audio, batch): Timing} over the grid (10 min: --batch-10min's batches); a cell that runs out of
+  device memory is reported, not fatal."""
   results = {}
   for audio in audios:
-    for rows in batches:
+    for rows in (_BATCH_10MIN.value or batches) if audio == "10min" else batches:
       batch = make_batch(cfg, WINDOWS[audio], rows)
       try:
         results[audio, rows] = t = measure(batch)
@@ -191,20 +203,53 @@ def _describe(t: Timing) -> str:
     return "out of device memory"
   parts = [f"TTFT {t.ttft:.3f} s", f"{t.tok_s:.1f} tok/s"]
   if t.loop_tok_s is not None:
-    parts += [f"loop {t.loop_tok_s:.1f} tok/s", f"compile {t.compile_s:.1f} s"]
+    parts += [f"loop {t.loop_tok_s:.1f} tok/s", f"compile {t.compile_s:.1f} s ({t.compiles} programs)"]
   return ", ".join(parts)
 
 
 def table(jax_t: dict[str, dict], torch_t: dict) -> str:
-  """jax_t: {projections: {(audio, batch): Timing}}; a row per cell and projections."""
-  fmt = lambda x, spec: "OOM" if x is None else format(x, spec)
-  lines = ["| audio | batch | JAX projections | JAX TTFT s | torch TTFT s | JAX tok/s | JAX loop tok/s | torch tok/s "
-           "| JAX compile s |", "|---|---|---|---|---|---|---|---|---|"]
+  """jax_t: {variant: {(audio, batch): Timing}}; a row per cell and JAX variant."""
+  lines = ["| audio | batch | JAX weights | JAX TTFT s | torch TTFT s | JAX tok/s | JAX loop tok/s | torch tok/s "
+           "| JAX compile s | JAX programs |", "|---|---|---|---|---|---|---|---|---|---|"]
   for (audio, rows), t in torch_t.items():
-    for projections, cells in jax_t.items():
+    for variant, cells in jax_t.items():
       j = cells[audio, rows]
-      lines.append(f"| {audio} | {rows} | {projections} | {fmt(j.ttft, '.3f')} | {fmt(t.ttft, '.3f')} | "
-                   f"{fmt(j.tok_s, '.1f')} | {fmt(j.loop_tok_s, '.1f')} | {fmt(t.tok_s, '.1f')} | {fmt(j.compile_s, '.1f')} |")
+      lines.append(f"| {audio} | {rows} | {variant} | {_fmt(j.ttft, '.3f')} | {_fmt(t.ttft, '.3f')} | "
+                   f"{_fmt(j.tok_s, '.1f')} | {_fmt(j.loop_tok_s, '.1f')} | {_fmt(t.tok_s, '.1f')} | "
+                   f"{_fmt(j.compile_s, '.1f')} | {_fmt(j.compiles, 'd')} |")
+  return "\n".join(lines)
+
+
+def _fmt(x, spec: str) -> str:
+  return "OOM" if x is None else format(x, spec)
+
+
+def figures(jax_t: dict[str, dict], torch_t: dict, variants: dict[str, tuple[str, str]]) -> str:
+  """Issue 21's table: each figure for transformers and every JAX variant, "-" where its cell was not
+  run. variants: {label: (quantize, projections)}."""
+  def cell(cells, audio, rows, field):
+    t = cells.get((audio, rows))
+    return "-" if t is None else _fmt(getattr(t, field), ".3f" if field == "ttft" else ".1f")
+
+  rows = [("decode batch 1, tok/s (`generate` loop)", "30s", 1, "tok_s", "loop_tok_s"),
+          ("decode batch 8, tok/s (`generate` loop)", "30s", 8, "tok_s", "loop_tok_s"),
+          ("time to first token, 30 s audio, s", "30s", 1, "ttft", "ttft"),
+          ("prefill, 10 min audio (time to first token), s", "10min", 1, "ttft", "ttft")]
+  lines = ["| figure | transformers | " + " | ".join(f"JAX {v}" for v in jax_t) + " |",
+           "|---|---|" + "---|" * len(jax_t)]
+  for name, audio, n, torch_field, jax_field in rows:
+    lines.append(f"| {name} | {cell(torch_t, audio, n, torch_field)} | "
+                 + " | ".join(cell(c, audio, n, jax_field) for c in jax_t.values()) + " |")
+  compiled = [f"{sum(t.compiles or 0 for t in c.values())} ({sum(t.compile_s or 0 for t in c.values()):.1f} s)"
+              for c in jax_t.values()]
+  lines.append("| programs compiled (seconds) | - | " + " | ".join(compiled) + " |")
+  ratios = []
+  for label, (quantize, projections) in variants.items():
+    base = next((c for other, c in jax_t.items() if variants[other] == ("none", projections)), None)
+    t, b = jax_t[label].get(("30s", 1)), base and base.get(("30s", 1))
+    ok = quantize == "int8" and t and b and t.loop_tok_s and b.loop_tok_s
+    ratios.append(f"{t.loop_tok_s / b.loop_tok_s:.2f}x" if ok else "-")
+  lines.append("| int8 decode batch 1, x the same projections unquantised | - | " + " | ".join(ratios) + " |")
   return "\n".join(lines)
 
 
@@ -215,13 +260,14 @@ def main(argv: list[str]) -> int:
   n = _NEW.value or preset.new_tokens
   repeats = _REPEATS.value or preset.repeats
   audios = _AUDIO.value or preset.audio
-  if n < 2 or repeats < 1 or min(_BATCH.value) < 1:
+  if n < 2 or repeats < 1 or min(_BATCH.value + (_BATCH_10MIN.value or [])) < 1:
     print("--new-tokens must be at least 2, --repeats and --batch at least 1", file=sys.stderr)
     return 1
   platform = _DEVICE.value if _DEVICE.value != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
   torch_device = "cuda" if platform == "gpu" else "cpu"
   jax_device = jax.devices(platform)[0]
-  header = (f"{_SIZE.value} AF3, {_DTYPE.value}, JAX quantize {_QUANTIZE.value}, {n} new tokens, {repeats} warm runs | "
+  header = (f"{_SIZE.value} AF3, {_DTYPE.value}, JAX quantize {'/'.join(_QUANTIZE.value)}, {n} new tokens, "
+            f"{repeats} warm runs | "
             f"JAX {jax.__version__} on {jax_device.device_kind} | torch {torch.__version__} (transformers {transformers.__version__}) on "
             f"{torch.cuda.get_device_name() if torch_device == 'cuda' else 'cpu'} | "
             f"{datetime.datetime.now().isoformat(timespec='minutes')}")
@@ -234,20 +280,25 @@ def main(argv: list[str]) -> int:
   if torch_device == "cuda":
     torch.cuda.empty_cache()
 
-  start = time.perf_counter()
-  jmodel = init_random(preset.cfg, dtype=jnp.dtype(_DTYPE.value), mesh=sharding.single_device_mesh(jax_device),
-                       quantize=_QUANTIZE.value)
-  jax.block_until_ready(jmodel.state)
-  params = sum(x.size for x in jax.tree.leaves(jmodel.state))
-  print(f"JAX model: {params:,} parameters, random init {time.perf_counter() - start:.1f} s", flush=True)
-  jax_t = {}
-  for projections in dict.fromkeys(_PROJECTIONS.value):
-    model = jmodel if projections == "separate" else jmodel.fused()
-    jax_t[projections] = run_cells(f"JAX {projections}", lambda b: time_jax(model, b, n, repeats), preset.cfg, audios,
-                                   _BATCH.value)
-    del model  # the fused copy's weights, before the next
+  jax_t, variants = {}, {}
+  for quantize in dict.fromkeys(_QUANTIZE.value):
+    start = time.perf_counter()
+    jmodel = init_random(preset.cfg, dtype=jnp.dtype(_DTYPE.value), mesh=sharding.single_device_mesh(jax_device),
+                         quantize=quantize)
+    jax.block_until_ready(jmodel.state)
+    params = sum(x.size for x in jax.tree.leaves(jmodel.state))
+    print(f"JAX model, quantize {quantize}: {params:,} parameters, random init {time.perf_counter() - start:.1f} s",
+          flush=True)
+    for projections in dict.fromkeys(_PROJECTIONS.value):
+      label = f"{_DTYPE.value if quantize == 'none' else quantize} {projections}"
+      variants[label] = quantize, projections
+      model = jmodel if projections == "separate" else jmodel.fused()
+      jax_t[label] = run_cells(f"JAX {label}", lambda b: time_jax(model, b, n, repeats), preset.cfg, audios,
+                               _BATCH.value)
+      del model  # the fused copy's weights, before the next
+    del jmodel
 
-  print(f"\n{header}\n{table(jax_t, torch_t)}")
+  print(f"\n{header}\n{table(jax_t, torch_t)}\n\n{figures(jax_t, torch_t, variants)}")
   return 0
 
 

@@ -1,5 +1,5 @@
 """`init_random` (random weights born sharded), and `bench/bench_infer.py`, `bench/bench_train.py`,
-`bench/bench_eval.py` and `bench/bench_serve.py` end to end at tiny size.
+`bench/bench_eval.py`, `bench/bench_serve.py` and `bench/bench_compile.py` end to end at tiny size.
 
 No timings are checked: the bench only has to run and print its table.
 """
@@ -25,6 +25,15 @@ CFG = AF3Config(encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2,
                 audio_token_id=299)
 
 
+def run_bench(script: str, args: list[str], timeout: int = 300) -> list[str]:
+  """The lines `bench/<script>` prints, run with this checkout's af3_jax first on the path (whichever
+  one pip installed); fails with its stderr's end if it exits non-zero."""
+  run = subprocess.run([sys.executable, str(ROOT / "bench" / script), *args], capture_output=True, text=True,
+                       cwd=ROOT, timeout=timeout, env={**os.environ, "PYTHONPATH": str(ROOT)})
+  assert run.returncode == 0, run.stderr[-3000:]
+  return run.stdout.strip().splitlines()
+
+
 def test_init_random_is_born_sharded():
   mesh = sharding.make_mesh((1, 4, 2))
   model = init_random(CFG, mesh=mesh)
@@ -42,25 +51,23 @@ def test_init_random_is_born_sharded():
 def test_bench_runs_at_tiny_size():
   pytest.importorskip("torch")
   # One cell (30 s, batch 2) and 4 tokens, JAX with its projections as loaded and fused: most of the time
-  # is JAX compiling its three programs for each.
+  # is JAX compiling its three programs for each. Issue 21's figures follow, "-" for cells not run.
   args = ["--size", "tiny", "--new-tokens", "4", "--batch", "2", "--projections", "separate", "--projections", "fused"]
-  run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_infer.py"), *args], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300)
-  assert run.returncode == 0, run.stderr[-3000:]
-  lines = run.stdout.strip().splitlines()
+  lines = run_bench("bench_infer.py", args)
   header = next(i for i, line in enumerate(lines) if line.startswith("| audio | batch |"))
   rows = lines[header + 2:]
-  assert len(rows) == 2 and rows[0].startswith("| 30s | 2 | separate | ") and rows[1].startswith("| 30s | 2 | fused | "), \
-      run.stdout
+  assert rows[0].startswith("| 30s | 2 | bfloat16 separate | "), lines
+  assert rows[1].startswith("| 30s | 2 | bfloat16 fused | "), lines
+  figures = rows[rows.index("") + 1:]
+  assert figures[0] == "| figure | transformers | JAX bfloat16 separate | JAX bfloat16 fused |", lines
+  assert figures[2].startswith("| decode batch 1, tok/s (`generate` loop) | - | - | - |")
+  assert figures[-2].startswith("| programs compiled (seconds) | - | 3 (") and figures[-2].count("3 (") == 2
 
 
 def test_train_bench_runs_at_tiny_size():
   pytest.importorskip("torch")
   args = ["--size", "tiny", "--stage", "projector", "--steps", "1", "--batch", "1"]
-  run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_train.py"), *args], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-  assert run.returncode == 0, run.stderr[-3000:]
-  lines = run.stdout.strip().splitlines()
+  lines = run_bench("bench_train.py", args)
   # Stage 1's rows: one 30 s window and its prompt each.
   assert lines[-3].startswith("| stage | trainable | rows x tokens |")
   assert lines[-1].startswith("| projector | ") and "| 1 x 774 |" in lines[-1]
@@ -69,11 +76,7 @@ def test_train_bench_runs_at_tiny_size():
 def test_eval_bench_runs_at_tiny_size():
   # 2 one-second items, 2 new tokens: both passes and their table, nothing timed.
   args = ["--items", "2", "--new-tokens", "2", "--batch-size", "2", "--seconds", "1", "--seconds", "1"]
-  # PYTHONPATH: this checkout's af3_jax, whichever one pip installed.
-  run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_eval.py"), *args], capture_output=True,
-                       text=True, cwd=ROOT, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
-  assert run.returncode == 0, run.stderr[-3000:]
-  lines = run.stdout.strip().splitlines()
+  lines = run_bench("bench_eval.py", args)
   assert lines[-5].startswith("| loop | items |") and lines[-3].startswith("| one at a time | 2 | ")
   assert lines[-2].startswith("| batches of 2 | 2 | ") and lines[-1].startswith("batches of 2: ")
 
@@ -83,9 +86,14 @@ def test_serve_bench_runs_at_test_size():
   pytest.importorskip("torch")
   args = ["--size", "test", "--clients", "1", "--clients", "2", "--requests", "1", "--new-tokens", "2",
           "--max-slots", "2", "--dtype", "float32"]
-  run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_serve.py"), *args], capture_output=True,
-                       text=True, cwd=ROOT, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
-  assert run.returncode == 0, run.stderr[-3000:]
-  lines = run.stdout.strip().splitlines()
+  lines = run_bench("bench_serve.py", args, timeout=600)
   assert lines[-4].startswith("| clients | requests |") and lines[-2].startswith("| 1 | 1 | ")
   assert lines[-1].startswith("| 2 | 2 | ")
+
+
+def test_compile_bench_runs_at_test_size():
+  """Its GPU figures need the accelerators extra; on the CPU it compiles the same programs."""
+  args = ["--target", "cpu", "--size", "test", "--program", "decode", "--layout", "unrolled", "--layout", "rolled"]
+  lines = run_bench("bench_compile.py", args)
+  assert lines[-4].startswith("| program | layout |")
+  assert lines[-2].startswith("| decode | unrolled | ") and lines[-1].startswith("| decode | rolled | ")

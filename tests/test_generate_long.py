@@ -1,5 +1,6 @@
 """Long prompts: a 16,000-token prompt plus 1,024 new tokens through `af3_jax.generate`, against
-transformers (the first 8 greedy tokens must be equal), and the host memory of 5 and 10 minutes of audio.
+transformers (the first 8 greedy tokens must be equal), the host memory of 5 and 10 minutes of audio,
+and 10 minutes' 20 windows encoded as one batch.
 
 Both run the blockwise attention path (`layers.attention`): XLA's one-piece attention would hold the
 whole (T, S) score matrix, about 1 GiB in float32 per head at 16,000 tokens.
@@ -10,12 +11,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import Tiny, build_torch_model, random_text
+from flax import nnx
 
 import af3_jax
+from af3_jax import decode, sharding
+from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.generation import Sampling
+from af3_jax.pretrained import abstract_model
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_memory.py"
 
@@ -58,3 +65,23 @@ def test_long_audio_memory_is_linear_in_the_prompt():
   assert ten["prefill_temp"] <= 2.2 * five["prefill_temp"]
   assert ten["rss_peak"] - ten["rss_before"] <= 2.2 * (five["rss_peak"] - five["rss_before"])
   assert ten["rss_peak"] < 2 * 2**30
+
+
+def test_the_encoder_takes_every_window_in_one_batch():
+  """10 minutes of audio is 20 windows of 30 s, and the prefill encodes them as one batch: the encoder's
+  two convolutions appear once each, over all 20 windows, not once per window."""
+  cfg = AF3Config(encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+                  decoder=DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
+                                        head_dim=16, intermediate_size=128), audio_token_id=299)
+  windows, e = 20, cfg.encoder
+  tokens = windows * 750 + 16
+  batch = {"input_ids": np.full((1, tokens), 299, np.int32), "attention_mask": np.ones((1, tokens), np.int32),
+           "input_features": np.zeros((windows, e.num_mel_bins, e.mel_frames), np.float32),
+           "input_features_mask": np.ones((windows, e.mel_frames), np.int32)}
+  batch["input_ids"][0, :16] = 1
+  graphdef, state, _ = abstract_model(cfg, param_dtype=jnp.float32, compute_dtype=jnp.float32,
+                                      mesh=sharding.single_device_mesh())
+  jaxpr = jax.make_jaxpr(lambda state: decode.prefill(nnx.merge(graphdef, state), batch, 64, Sampling(),
+                                                      jax.random.key(0), np.zeros(1, np.int32), np.int32(0)))(state)
+  convs = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"]
+  assert [eqn.invars[0].aval.shape[0] for eqn in convs] == [windows, windows]

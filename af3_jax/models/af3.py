@@ -51,7 +51,7 @@ def merge_audio(embeds: jax.Array, is_audio: jax.Array, frames: jax.Array, frame
 class AudioFlamingo3(nnx.Module):
   """The full model. Attribute names are HF's, so parameter paths are HF's (see `names.py`)."""
 
-  def __init__(self, cfg: AF3Config, *, compute_dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+  def __init__(self, cfg: AF3Config, *, compute_dtype=jnp.float32, param_dtype=jnp.float32, remat: str | None = None,
                rngs: nnx.Rngs):
     kw = dict(compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
     self.cfg = cfg

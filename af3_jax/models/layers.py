@@ -161,6 +161,16 @@ class Conv1d(nnx.Module):
     return y + self.bias[...].astype(self.compute_dtype)
 
 
+# For jitted programs that run unrolled stacks (`scan` with remat None): two XLA passes that would
+# otherwise copy stacked weights on a GPU (tests/test_decode_gpu.py shows both). SliceSinker sees each
+# layer convert its slice of a stacked int8 kernel to the compute dtype and merges those L converts
+# into one convert of the whole stack, written to memory before the first layer, where each would
+# otherwise sit inside its layer's matmul (XLA's Triton GEMM reads s8 and converts in registers).
+# DotMerger joins matmuls that share an input (q, k and v in the engine's 8-slot step) into one over
+# their kernels side by side, and copies each layer's slices to build it (`Model.fused` joins them
+# once, at load).
+INFERENCE_COMPILER_OPTIONS = {"xla_disable_hlo_passes": "slice-sinker,dot-merger"}
+
 REMAT_POLICIES = {
     "none": None,
     "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
@@ -181,11 +191,16 @@ def stack(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rng
   return create(rngs)
 
 
-def scan(layers: nnx.Module, fn: Callable, carry, xs=None, *, remat: str = "none"):
-  """Runs stacked `layers` in order with `lax.scan`: `fn(layer, carry, x) -> (carry, y)`.
+def scan(layers: nnx.Module, fn: Callable, carry, xs=None, *, remat: str | None = None):
+  """Runs stacked `layers` in order: `fn(layer, carry, x) -> (carry, y)`, x and y stacked over layers.
 
-  The loop body is traced once, so compile time does not grow with depth. `remat` names a policy in
-  `REMAT_POLICIES` ("none" keeps every activation, the right choice for inference).
+  Training (`remat` a policy name in `REMAT_POLICIES`, "none" keeping every activation) runs a
+  `lax.scan`: the body is traced and compiled once, so compile time does not grow with depth, and each
+  layer's weights are a dynamic slice of the stacks. Inference (`remat` None) unrolls the same scan: each
+  layer reads its weights at a static index, which XLA:GPU hands to the matmul where they lie. A dynamic
+  slice it copies first, every layer of every step: half of a decode step's time on an H200 (README,
+  "Inference layout"). Compile time grows with depth instead (bench/RESULTS.md); programs that run
+  unrolled stacks compile with `INFERENCE_COMPILER_OPTIONS`.
   """
   graphdef, state = nnx.split(layers)
 
@@ -193,6 +208,8 @@ def scan(layers: nnx.Module, fn: Callable, carry, xs=None, *, remat: str = "none
     layer_state, x = state_and_x
     return fn(nnx.merge(graphdef, layer_state), carry, x)
 
+  if remat is None:
+    return jax.lax.scan(body, carry, (state, xs), unroll=True)
   if remat != "none":
     body = jax.checkpoint(body, policy=REMAT_POLICIES[remat])
   return jax.lax.scan(body, carry, (state, xs))

@@ -167,7 +167,7 @@ class DecoderLayer(nnx.Module):
 class Decoder(nnx.Module):
   """`Qwen2Model`: token embeddings, the layer stack and the final norm."""
 
-  def __init__(self, cfg: DecoderConfig, *, compute_dtype, param_dtype, remat: str = "none", rngs: nnx.Rngs):
+  def __init__(self, cfg: DecoderConfig, *, compute_dtype, param_dtype, remat: str | None = None, rngs: nnx.Rngs):
     self.remat = remat
     self.embed_tokens = layers.Embed(cfg.vocab_size, cfg.hidden_size, axes=("vocab", "embed"), compute_dtype=compute_dtype,
                                      param_dtype=param_dtype, rngs=rngs)

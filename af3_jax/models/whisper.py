@@ -78,7 +78,7 @@ class EncoderLayer(nnx.Module):
 class AudioEncoder(nnx.Module):
   """`AudioFlamingo3Encoder`: (W, M, F) log-mel windows -> (W, P, D) pooled frames."""
 
-  def __init__(self, cfg: EncoderConfig, *, compute_dtype, param_dtype, remat: str = "none", rngs: nnx.Rngs):
+  def __init__(self, cfg: EncoderConfig, *, compute_dtype, param_dtype, remat: str | None = None, rngs: nnx.Rngs):
     d, kw = cfg.hidden_size, dict(compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
     self.remat = remat
     self.conv1 = layers.Conv1d(cfg.num_mel_bins, d, kernel_size=3, stride=1, padding=1,

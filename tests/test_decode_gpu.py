@@ -1,0 +1,120 @@
+"""Inference as an H200 runs it, compiled on this machine (`af3_jax.targets`): each decoder layer's
+matmuls read its weights where they lie in the stacks, never a copy, and int8 kernels are converted
+inside the matmuls that read them.
+
+The model is AF3 at full width with 2 layers a stack and a small vocabulary: XLA:GPU picks its kernels
+by shape (at the tests' tiny widths it turns every matmul into multiply + reduce), so only the real
+widths show what a GPU does; the 28-layer figures are in bench/RESULTS.md (`bench/bench_compile.py`).
+A weight copy is a top-level instruction (one that writes memory) whose result has a layer kernel's shape
+and only moves or converts what it reads: XLA:GPU's copy of a stacked kernel's dynamic slice before
+cuBLAS reads it (five per layer in a rolled `lax.scan`: 50 % of decode time on an H200), or an int8
+kernel converted to bfloat16 or float32 outside its matmul.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx, traverse_util
+
+from af3_jax import decode, hlo, quantization, sharding, slots, targets
+from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.generation import Sampling
+from af3_jax.models import kv_cache
+from af3_jax.models.af3 import AudioFlamingo3
+
+pytestmark = pytest.mark.accelerator
+
+LAYERS = 2
+CFG = AF3Config(encoder=EncoderConfig(num_layers=LAYERS), decoder=DecoderConfig(num_layers=LAYERS, vocab_size=4096),
+                audio_token_id=4095)
+SLOTS, WINDOW, PROMPT, NEW = 8, 1024, 1024, 64  # the engine's slots and window; generate's prompt bucket, new tokens
+
+
+@functools.cache
+def mesh():
+  return sharding.make_mesh((1, 1, 1), targets.devices("h200"))
+
+
+def _replicated(tree):
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh(), jax.P())),
+                      tree)
+
+
+@functools.cache
+def compiled(program: str, quantize: str | None = None, fused: bool = False):
+  """(optimised HLO text, temporaries bytes, weights bytes, the layer kernels' shapes) of `program`
+  compiled for an H200 from abstract bfloat16 weights, as `from_pretrained` lays them out."""
+  def build():
+    module = AudioFlamingo3(CFG, compute_dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
+    if quantize:
+      quantization.quantize_module(module)
+    if fused:
+      module.language_model.fuse()
+    return module
+
+  graphdef, state = nnx.split(nnx.eval_shape(build))
+  weights = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
+                         sharding.state_shardings(state, mesh()))
+  d = CFG.decoder
+  # The suite computes float32 at "highest" precision (conftest.py), which XLA:GPU turns into other
+  # kernels; inference runs at the default.
+  with jax.set_mesh(mesh()), jax.default_matmul_precision("default"):
+    if program == "generate":  # generate_stream's step, the body of generate's loop
+      state = jax.eval_shape(lambda: decode.State(
+          cache=kv_cache.init(d, 1, PROMPT + NEW, jnp.bfloat16), token=jnp.zeros(1, jnp.int32),
+          position=jnp.zeros(1, jnp.int32), done=jnp.zeros(1, bool), seen=jnp.zeros((1, d.vocab_size), bool),
+          step=jnp.zeros((), jnp.int32), key=jax.random.key(0), eos=jnp.zeros(4, jnp.int32),
+          pad=jnp.zeros((), jnp.int32)))
+      lowered = decode._step_fn.lower(graphdef, weights, _replicated(state), s=Sampling())
+    elif program == "engine":
+      state = jax.eval_shape(lambda: slots.empty_fn(CFG, batch=SLOTS, length=WINDOW, dtype=jnp.bfloat16))
+      lowered = slots.generate_fn.lower(graphdef, weights, _replicated(state), window=WINDOW)
+    else:  # the prefill of 30 s of audio
+      e = CFG.encoder
+      inputs = jax.eval_shape(lambda: (
+          {"input_ids": jnp.zeros((1, PROMPT), jnp.int32), "attention_mask": jnp.ones((1, PROMPT), jnp.int32),
+           "input_features": jnp.zeros((1, e.num_mel_bins, e.mel_frames)),
+           "input_features_mask": jnp.ones((1, e.mel_frames), jnp.int32)},
+          jax.random.key(0), jnp.zeros(4, jnp.int32), jnp.zeros((), jnp.int32)))
+      lowered = decode._prefill_fn.lower(graphdef, weights, *_replicated(inputs), s=Sampling(), new_len=NEW)
+    program = lowered.compile()
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(weights))
+  kernels = {x.shape[1:] for path, x in flat.items() if "layers" in path and path[-1] == "kernel"}
+  return (program.as_text(), program.memory_analysis().temp_size_in_bytes,
+          sum(x.size * x.dtype.itemsize for x in flat.values()), kernels)
+
+
+@pytest.mark.parametrize("quantize", [None, "int8"])
+@pytest.mark.parametrize("program", ["generate", "engine"])
+def test_a_decode_step_copies_no_weight(program, quantize):
+  """Every layer's matmuls read the stacked kernels in place, and the step's temporaries stay under 5 %
+  of the weights (a rolled scan: 12 %, its five copies per layer; int8 converted outside the matmuls:
+  more than the weights)."""
+  text, temporaries, weights, kernels = compiled(program, quantize)
+  copies = [i for i in hlo.writes_of_shape(text, kernels) if i.copies]
+  assert not copies, f"{len(copies)} weight copies, e.g. {copies[:3]}"
+  assert temporaries < weights / 20, f"temporaries {temporaries / 1e6:.1f} MB, weights {weights / 1e6:.1f} MB"
+
+
+@pytest.mark.parametrize("program, converting", [("generate", 5), ("engine", 7), ("prefill", 7)])
+def test_int8_kernels_are_converted_inside_their_matmuls(program, converting):
+  """The s8 -> bf16 conversion is part of the matmul's fusion (XLA's Triton GEMM reads s8): q, o, gate,
+  up and down of each layer at batch 1, all seven from batch 8 and in the prefill (at batch 1, k and v
+  are multiply + reduce, which convert inside too), and no kernel is written converted."""
+  text, _, _, kernels = compiled(program, "int8")
+  matmuls = [i for i in hlo.instructions(text) if {"dot", "convert"} <= i.fused]
+  assert len(matmuls) >= converting * LAYERS, [i.name for i in matmuls]
+  assert not [i for i in hlo.writes_of_shape(text, kernels) if i.copies]
+
+
+def test_fused_projections_write_nothing_of_a_kernels_shape():
+  """At batch 1, XLA:GPU computes the separate k and v projections (3584 x 512) as multiply + reduce and
+  writes x * W, a kernel-sized product, for each; joined into one q/k/v matmul (`Model.fused`) they run
+  as a GEMM and the decode step writes nothing of a kernel's shape."""
+  text, _, _, kernels = compiled("generate")
+  products = hlo.writes_of_shape(text, kernels)
+  assert len(products) == LAYERS and not any(i.copies for i in products), products
+  text, _, _, kernels = compiled("generate", fused=True)
+  assert hlo.writes_of_shape(text, kernels) == []
