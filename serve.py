@@ -32,6 +32,7 @@ _MAX_LEN = flags.DEFINE_integer("max-model-len", None, "Prompt plus answer token
                                 "model's context); the KV cache holds this many per slot.", lower_bound=2,
                                 flag_values=FLAGS)
 _DTYPE, _QUANTIZE = cli.weight_flags(FLAGS)
+_CACHE = cli.compilation_cache_flag(FLAGS)
 _THINK = flags.DEFINE_bool("think", False, "Think mode: merge the checkpoint's think/ (or stage35/) adapter and "
                            "ask the model to reason before it answers, on every request.", flag_values=FLAGS)
 _NAME = flags.DEFINE_string("served-model-name", None, "The model's name in the API (default: --model).",
@@ -48,6 +49,7 @@ def run() -> int:
   if _MEDIA.value is not None and not Path(_MEDIA.value).is_dir():
     raise ValueError(f"{_MEDIA.value}: --allowed-local-media-path is not a folder")
   listener = socket.create_server((_HOST.value, _PORT.value))  # a port in use fails here, in one line
+  cli.use_compilation_cache(_CACHE.value)
   import uvicorn
 
   from af3_jax import assistant, weights

@@ -28,6 +28,7 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the fi
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Plan memory only: compile the stage's train step for "
                                   "every length bucket from init_from's config.json (no weights, no data), print "
                                   "the per-device plan and write workdir/memory.json.")
+_CACHE = cli.compilation_cache_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -309,8 +310,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   started = time.perf_counter()
   try:
+    cli.use_compilation_cache(_CACHE.value)
     code = run(_CONFIG.value, Path(_WORKDIR.value), _COMPILE_ONLY.value)
-  except ValueError as e:
+  except (ValueError, OSError) as e:
     cli.fail(e)
   print(f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
   sys.exit(code)

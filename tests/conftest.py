@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("AF3_JAX_COMPILATION_CACHE", "off")  # the CLIs run here keep nothing in the user's cache
 
 import jax  # noqa: E402
 
