@@ -118,7 +118,8 @@ class Engine:
   def generate(self) -> np.ndarray:
     """Decodes one token for every slot that holds a request (-1 for the others, and for a request that
     met its eos); returns them (max_slots,)."""
-    return np.asarray(self._decode(np.where(self._ends != FREE, 1, 0)))[0]
+    live = self._ends != FREE
+    return np.asarray(self._decode(live.astype(np.int32)))[0] if live.any() else np.full(self.max_slots, -1)
 
   def reserve(self, need: int) -> None:
     """Makes the cache at least `need` slots long (a bucket, at most max_len): before compiling ahead, its

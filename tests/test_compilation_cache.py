@@ -1,6 +1,6 @@
 """The persistent compilation cache the CLIs turn on (`cli.use_compilation_cache`): where it goes, how it
 is moved or turned off, and that a second process compiles nothing (jax's compile events, counted in
-the child process: every compile is a cache hit)."""
+the child process by bench/counting.py: every compile is a cache hit)."""
 
 import os
 import subprocess
@@ -15,21 +15,6 @@ import cli
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("jax_compilation_cache_dir", "jax_enable_compilation_cache", "jax_persistent_cache_min_compile_time_secs",
             "jax_persistent_cache_min_entry_size_bytes")
-# Runs a Python file as __main__ with the rest of argv, then prints the compiles jax made: every
-# compile request, and of them the persistent cache's misses and hits.
-COUNTING = """
-import atexit, collections, runpy, sys
-from jax import monitoring
-seen = collections.Counter()
-monitoring.register_event_listener(lambda event, **_: seen.update([event]))
-monitoring.register_event_duration_secs_listener(lambda event, _, **__: seen.update([event]))
-atexit.register(lambda: print("compiles", seen["/jax/core/compile/backend_compile_duration"],
-                              seen["/jax/compilation_cache/cache_misses"], seen["/jax/compilation_cache/cache_hits"],
-                              file=sys.stderr))
-sys.argv = sys.argv[1:]
-sys.path.insert(0, ".")
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 # Small, quick programs, which jax's default thresholds would not keep.
 PROGRAM = """
 import sys
@@ -41,8 +26,8 @@ print(float(jax.jit(lambda x: jnp.sin(x).sum())(jnp.arange(3.0))), jax.jit(lambd
 
 
 def counted(args: list[str], env: dict | None = None, timeout: float = 300) -> tuple[subprocess.CompletedProcess, tuple]:
-  """Runs `python args...` under COUNTING; the process and its (compiles, misses, hits)."""
-  run = subprocess.run([sys.executable, "-c", COUNTING, *args], cwd=ROOT, capture_output=True, text=True,
+  """Runs `python args...` under bench/counting.py; the process and its (compiles, misses, hits)."""
+  run = subprocess.run([sys.executable, str(ROOT / "bench" / "counting.py"), *args], cwd=ROOT, capture_output=True, text=True,
                        timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env or {})})
   line = next(x for x in run.stderr.splitlines() if x.startswith("compiles "))
   return run, tuple(int(n) for n in line.split()[1:])

@@ -381,8 +381,8 @@ def test_a_missing_model_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_finishes_running_requests_and_exits_0(model_dir, tmp_path):
-  """503 while loading, 200 once warm; SIGTERM in the middle of a stream: the stream runs to its end,
-  the process exits 0."""
+  """503 while loading, 200 once warm (the log says so, phase by phase); SIGTERM in the middle of a stream:
+  the stream runs to its end, the process exits 0."""
   listener = socket.create_server(("127.0.0.1", 0))
   port = listener.getsockname()[1]
   listener.close()
@@ -401,6 +401,8 @@ def test_sigterm_finishes_running_requests_and_exits_0(model_dir, tmp_path):
       except OSError:
         time.sleep(0.2)
     assert 503 in seen
+    log_text = (tmp_path / "log").read_text()
+    assert "loaded in" in log_text and "warm-up 1/" in log_text and "more programs compile in the background" in log_text
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "Hi"}],
                                                             "max_tokens": 60, "temperature": 0, "stream": True}),
