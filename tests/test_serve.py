@@ -423,8 +423,8 @@ def test_sigterm_finishes_running_requests_and_exits_0(model_dir, tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)], ids=["ctrl-c", "sigterm"])
 def test_stopped_while_loading_exits_cleanly(model_dir, sig, code):
   """Ctrl-C or SIGTERM while the model compiles its programs ends the process with its status, not
-  with an abort from tearing the interpreter down under a compile (a context of 4,096 tokens takes
-  the tiny model about 40 s to warm up on 2 cores; the signal comes 3 s in)."""
+  with an abort from tearing the interpreter down under a compile (loading the tiny model and compiling
+  what it answers first takes over 10 s on 2 cores; the signal comes 3 s in)."""
   proc = _serve(model_dir, "--port", "0", "--dtype", "float32", "--max-model-len", "4096")
   try:
     for line in proc.stderr:
