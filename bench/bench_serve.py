@@ -4,26 +4,25 @@ one run.
 
   python bench/bench_serve.py --size test --clients 1 --clients 4 --requests 2   # CPU: shows it runs
   python bench/bench_serve.py --size full                                         # one GPU
+  python bench/bench_serve.py --size test --engine-only --clients 32 --new-tokens 128   # the engine's levers
   (from the repo root, with af3_jax installed or PYTHONPATH=.)
 
-Each client sends --requests requests one after another (a closed loop), each a chat completion with 30 s
-of synthesised audio (a noise WAV, base64 `input_audio`) and a short question, streamed, decoding
-exactly --new-tokens tokens (the random model has no eos). Our server decodes them on the engine's
-slots (--max-slots), so a request starts as soon as a slot is free; requests that wait together are
-prefilled in one call, and each dispatch decodes up to --decode-steps tokens per slot. The transformers loop is what serving
-with `generate` does: every round takes the next request of each client and answers them as one padded
-batch (our processor's inputs, made inside the timed loop as the server makes them). TTFT is from a
-request's send (for transformers: its round's start) to its first answer text; output tokens/s counts
-every request's tokens over the level's wall time. --max-len sets the engine's cache length, as
-serve.py's --max-model-len does (its default, the model's context, is 32,768 slots a row): a decode
-step reads only the window its longest request needs, so short requests should decode as fast in a
-long cache as in a short one. Last, the engine alone (no HTTP; inputs prepared ahead) answers all the
-requests of the largest level at once, as it did before issue 21 (one request a prefill, a token a
-dispatch), with requests prefilled together, and with --decode-steps tokens a dispatch: what each lever
-gives. vLLM is left out: it serves from a checkpoint folder, not random weights
-in memory. The server decodes real audio, so the audio stack (soundfile,
-librosa) must be installed.
-"""
+Each client sends --requests requests one after another (a closed loop), each a chat completion with 30
+s of synthesised audio (a noise WAV, base64 `input_audio`) and a short question, streamed, decoding
+exactly --new-tokens tokens (the random model has no eos). Our server decodes them on the engine's slots
+(--max-slots), so a request starts as soon as a slot is free; requests that wait together are prefilled
+in one call, and each dispatch decodes up to --decode-steps tokens per slot. The transformers loop is
+what serving with `generate` does: every round takes the next request of each client and answers them as
+one padded batch (our processor's inputs, made inside the timed loop as the server makes them). TTFT is
+from a request's send (for transformers: its round's start) to its first answer text; output tokens/s
+counts every request's tokens over the level's wall time. --max-len sets the engine's cache length, as
+serve.py's --max-model-len does (its default, the model's context, is 32,768 slots a row): a decode step
+reads only the window its longest request needs, so short requests should decode as fast in a long cache
+as in a short one. Last, the engine alone (no HTTP; inputs prepared ahead) answers all the requests of
+the largest level at once, as it did before issue 21 (one request a prefill, a token a dispatch), with
+requests prefilled together, and with --decode-steps tokens a dispatch: what each lever gives. vLLM is
+left out: it serves from a checkpoint folder, not random weights in memory. The server decodes real
+audio, so the audio stack (soundfile, librosa) must be installed."""
 
 from __future__ import annotations
 

@@ -50,7 +50,8 @@ def serve(cache: Path) -> dict:
   args = ["serve.py", "--model", _MODEL.value, "--port", str(port), "--dtype", _DTYPE.value,
           "--compilation-cache", str(cache)] + (["--max-model-len", str(_MAX_LEN.value)] if _MAX_LEN.value else [])
   started = time.perf_counter()
-  proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "counting.py"), *args], cwd=ROOT, stdout=subprocess.DEVNULL,
+  proc = subprocess.Popen([sys.executable, str(ROOT / "bench" / "counting.py"), *args], cwd=ROOT,
+                          stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True)
   lines: list[str] = []
   warmed = threading.Event()
@@ -94,7 +95,8 @@ def infer(cache: Path, clip: Path) -> dict:
   args = ["infer.py", "--model", _MODEL.value, "--audio", str(clip), "--max-new-tokens", "8", "--dtype", _DTYPE.value,
           "--compilation-cache", str(cache)]
   started = time.perf_counter()
-  run = subprocess.run([sys.executable, str(ROOT / "bench" / "counting.py"), *args], cwd=ROOT, capture_output=True, text=True,
+  run = subprocess.run([sys.executable, str(ROOT / "bench" / "counting.py"), *args], cwd=ROOT, capture_output=True,
+                       text=True,
                        timeout=_TIMEOUT.value)
   if run.returncode:
     raise RuntimeError("infer.py failed:\n" + run.stderr[-3000:])

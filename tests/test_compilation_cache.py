@@ -25,10 +25,11 @@ print(float(jax.jit(lambda x: jnp.sin(x).sum())(jnp.arange(3.0))), jax.jit(lambd
 """
 
 
-def counted(args: list[str], env: dict | None = None, timeout: float = 300) -> tuple[subprocess.CompletedProcess, tuple]:
+def counted(args: list[str], env: dict | None = None, timeout: float = 300) -> tuple:
   """Runs `python args...` under bench/counting.py; the process and its (compiles, misses, hits)."""
-  run = subprocess.run([sys.executable, str(ROOT / "bench" / "counting.py"), *args], cwd=ROOT, capture_output=True, text=True,
-                       timeout=timeout, env={**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env or {})})
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", **(env or {})}
+  run = subprocess.run([sys.executable, str(ROOT / "bench" / "counting.py"), *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=timeout, env=env)
   line = next(x for x in run.stderr.splitlines() if x.startswith("compiles "))
   return run, tuple(int(n) for n in line.split()[1:])
 

@@ -363,11 +363,11 @@ def test_bad_requests_and_a_full_queue_are_refused(gqa_ckpt, gqa_loaded):
 
 
 def test_the_decode_step_writes_the_cache_in_place(gqa_loaded):
-  """A dispatch of several steps carries the cache through its loop. The step's temporaries stay under the size of the cache, which it updates where it lies (the
-  carried cache); rebuilding it per layer, as scan outputs do, needs at least a whole copy. Reading a
-  window of 512 of its 8192 slots, they stay under the size of a 512-slot cache: each layer's
-  attention reads a 512-slot slice, and the only arrays as long as the cache are the cache itself (its
-  k and v, written in place by a scatter, and its key mask)."""
+  """A dispatch of several steps carries the cache through its loop. The step's temporaries stay under the
+  size of the cache, which it updates where it lies (the carried cache); rebuilding it per layer, as scan
+  outputs do, needs at least a whole copy. Reading a window of 512 of its 8192 slots, they stay under the
+  size of a 512-slot cache: each layer's attention reads a 512-slot slice, and the only arrays as long as
+  the cache are the cache itself (its k and v, written in place by a scatter, and its key mask)."""
   engine = Engine(gqa_loaded, max_slots=SLOTS)
   length, window = 8192, 512
   state = jax.eval_shape(lambda: slots.empty_fn(gqa_loaded.config, batch=SLOTS, length=length, dtype=engine._dtype))

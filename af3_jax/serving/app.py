@@ -61,27 +61,15 @@ class Service:
   @classmethod
   def start(cls, model: Model, processor: Processor, *, max_slots: int, max_len: int | None = None,
             think: bool = False, media_root: str | Path | None = None, decode_steps: int = 8) -> Service:
-    """Builds the engine, compiles what common requests need, starts its thread, and starts compiling the
-    rest in the background (`warmup.plan`), logging each phase."""
+    """Builds the engine, compiles what common requests need, starts its thread, the rest compiling in the
+    background (`warmup.start`)."""
     engine = Engine(model, max_slots=max_slots, max_len=max_len, decode_steps=decode_steps)
-    started = time.perf_counter()
-    engine.reserve(engine.max_len)
-    programs = warmup.plan(engine)
-    log.info("warm-up: compiling %d programs for common requests (a question, a clip of up to 30 s, answers "
-             "up to %d tokens)", len(programs.now), warmup.ANSWER_TOKENS)
-    warmup.compile_now(programs.now, log)
-    context = model.config.decoder.max_position_embeddings
-    hint = (f"; --max-model-len shortens it (the context now is the model's, {context} tokens)"
-            if engine.max_len == context else "")
-    log.info("warm-up done in %.1f s; %d more programs compile in the background (longer prompts and audio, "
-             "several requests prefilled at once, decode windows up to %d tokens), and a request of a shape not "
-             "compiled yet compiles it first%s", time.perf_counter() - started, len(programs.later),
-             engine.max_len, hint)
+    warming = warmup.start(engine, log)
     engine.start()
     root = Path(media_root).resolve() if media_root is not None else None
     return cls(engine, Translator(processor, engine.max_len, think, root),
                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="af3-requests"),
-               copy.deepcopy(processor.tokenizer.backend_tokenizer), warmup.Background(programs.later, log).start())
+               copy.deepcopy(processor.tokenizer.backend_tokenizer), warming)
 
   def answer(self, stops=()) -> Answer:
     return Answer(self.decoder, stops)

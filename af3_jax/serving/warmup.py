@@ -94,12 +94,25 @@ def _long_audio(engine: Engine, prompts: list[int]) -> list[Shape]:
   return shapes
 
 
-def compile_now(programs: list[Program], log: logging.Logger) -> None:
-  """Compiles `programs` in this thread, a line for each."""
-  for i, program in enumerate(programs, 1):
-    started = time.perf_counter()
+def start(engine: Engine, log: logging.Logger) -> Background:
+  """Grows the engine's cache to its full length, compiles `plan(engine).now` in this thread, then starts
+  compiling the rest in the background; a log line for each phase, with counts, and for each program now."""
+  started = time.perf_counter()
+  engine.reserve(engine.max_len)  # the programs compiled ahead are for the cache's length
+  programs = plan(engine)
+  log.info("warm-up: compiling %d programs for common requests (a question, a clip of up to 30 s, answers up to "
+           "%d tokens)", len(programs.now), ANSWER_TOKENS)
+  for i, program in enumerate(programs.now, 1):
+    begun = time.perf_counter()
     program.compile()
-    log.info("warm-up %d/%d: %s (%.1f s)", i, len(programs), program.name, time.perf_counter() - started)
+    log.info("warm-up %d/%d: %s (%.1f s)", i, len(programs.now), program.name, time.perf_counter() - begun)
+  context = engine.model.config.decoder.max_position_embeddings
+  hint = (f"; --max-model-len shortens it (the context now is the model's, {context} tokens)"
+          if engine.max_len == context else "")
+  log.info("warm-up done in %.1f s; %d more programs compile in the background (longer prompts and audio, several "
+           "requests prefilled at once, decode windows up to %d tokens), and a request of a shape not compiled yet "
+           "compiles it first%s", time.perf_counter() - started, len(programs.later), engine.max_len, hint)
+  return Background(programs.later, log).start()
 
 
 class Background:
