@@ -40,6 +40,7 @@ _TEMPLATE = flags.DEFINE_string("prompt-template", None, "The prompt, with {ques
 _STYLE = flags.DEFINE_enum("style", "nvidia", ["hf", "nvidia"], "Prompt style (see README); nvidia is how "
                            "the paper's numbers were made.", flag_values=FLAGS)
 _DTYPE, _QUANTIZE = cli.weight_flags(FLAGS)
+_CACHE = cli.compilation_cache_flag(FLAGS)
 _RETRY = flags.DEFINE_bool("retry-errors", False, "Answer again the items that failed (a missing audio "
                            "file since put back).", flag_values=FLAGS)
 _RESCORE = flags.DEFINE_string("rescore", None, "Recompute OUT/summary.json from OUT/predictions.json; "
@@ -110,6 +111,7 @@ def run() -> int:
     out = Path(_RESCORE.value)
     print(_report(runner.rescore(out, _TASK.value), out))
     return 0
+  cli.use_compilation_cache(_CACHE.value)
   import jax
 
   from af3_jax import train_run

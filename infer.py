@@ -31,6 +31,7 @@ _TOP_P = flags.DEFINE_float("top-p", None, "Nucleus sampling mass; default: gene
                             lower_bound=0, upper_bound=1)
 _GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding, whatever generation_config.json says.")
 _DTYPE, _QUANTIZE = cli.weight_flags()
+_CACHE = cli.compilation_cache_flag()
 _STYLE = flags.DEFINE_enum("style", "hf", ["hf", "nvidia"], "Prompt style (see README).")
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive multi-turn chat on stdin.")
 _BATCH = flags.DEFINE_string("batch", None, "An upstream-format JSON manifest to answer.")
@@ -97,6 +98,7 @@ def run() -> int:
   """Runs the mode the flags ask for; returns the exit status. Whatever can be checked without the model
   is checked before it loads (the 8B model takes minutes)."""
   _check_flags()
+  cli.use_compilation_cache(_CACHE.value)
   import af3_jax
   from af3_jax import assistant
 

@@ -3,8 +3,10 @@ continuous-batching engine.
 
   python serve.py --model PATH_OR_HUB_ID [--host 127.0.0.1] [--port 8000] [--max-slots N] [--dtype ...]
                   [--quantize int8] [--think] [--served-model-name NAME] [--allowed-local-media-path DIR]
+                  [--max-model-len N] [--num-scheduler-steps N] [--compilation-cache DIR|off]
 
-The server listens at once and answers GET /health with 503 while the model loads and compiles, then 200.
+The server listens at once and answers GET /health with 503 while the model loads and compiles what
+common requests need, then 200; the other shapes compile in the background (a line per phase in the log).
 SIGTERM (or Ctrl-C) stops accepting, finishes the requests already running, and exits 0 (130 for Ctrl-C).
 """
 
@@ -15,6 +17,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from pathlib import Path
 
 from absl import flags
@@ -31,7 +34,12 @@ _MAX_SLOTS = flags.DEFINE_integer("max-slots", 8, "Requests decoded together (th
 _MAX_LEN = flags.DEFINE_integer("max-model-len", None, "Prompt plus answer tokens per request (default: the "
                                 "model's context); the KV cache holds this many per slot.", lower_bound=2,
                                 flag_values=FLAGS)
+# 8: engine.DECODE_STEPS, written out so that --help answers without importing jax.
+_STEPS = flags.DEFINE_integer("num-scheduler-steps", 8, "Tokens each request decodes per engine dispatch (vLLM's "
+                               "multi-step scheduling): one host round trip per this many tokens, which stream in "
+                               "pieces of up to as many; 1: a round trip per token.", lower_bound=1, flag_values=FLAGS)
 _DTYPE, _QUANTIZE = cli.weight_flags(FLAGS)
+_CACHE = cli.compilation_cache_flag(FLAGS)
 _THINK = flags.DEFINE_bool("think", False, "Think mode: merge the checkpoint's think/ (or stage35/) adapter and "
                            "ask the model to reason before it answers, on every request.", flag_values=FLAGS)
 _NAME = flags.DEFINE_string("served-model-name", None, "The model's name in the API (default: --model).",
@@ -48,6 +56,7 @@ def run() -> int:
   if _MEDIA.value is not None and not Path(_MEDIA.value).is_dir():
     raise ValueError(f"{_MEDIA.value}: --allowed-local-media-path is not a folder")
   listener = socket.create_server((_HOST.value, _PORT.value))  # a port in use fails here, in one line
+  cache = cli.use_compilation_cache(_CACHE.value)
   import uvicorn
 
   from af3_jax import assistant, weights
@@ -63,11 +72,15 @@ def run() -> int:
 
   def load() -> None:
     try:
-      serving.log.info("loading %s (%s)", root, _DTYPE.value)
+      serving.log.info("loading %s (%s); compiled programs are kept in %s", root, _DTYPE.value,
+                       cache or "no folder (--compilation-cache off)")
+      started = time.perf_counter()
       model, processor = assistant.load(root, dtype=_DTYPE.value, think=_THINK.value, style="hf",
                                         quantize=_QUANTIZE.value)
+      serving.log.info("loaded in %.1f s", time.perf_counter() - started)
       app.state.service = serving.Service.start(model, processor, max_slots=_MAX_SLOTS.value,
-                                                max_len=_MAX_LEN.value, think=_THINK.value, media_root=_MEDIA.value)
+                                                max_len=_MAX_LEN.value, think=_THINK.value, media_root=_MEDIA.value,
+                                                decode_steps=_STEPS.value)
       host, port = listener.getsockname()[:2]
       serving.log.info("ready: %r on http://%s:%d/v1, %d slots, context %d tokens", name, host, port,
                        _MAX_SLOTS.value, app.state.service.engine.max_len)

@@ -31,6 +31,7 @@ _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Plan memory only: comp
 _TARGET = flags.DEFINE_string("target", None, "With --compile_only: plan for this accelerator instead of the devices "
                               "present, e.g. h100-8, h200-8, a100-8, v5p-8, v6e-8 (8 GPUs; TPU slices by their Cloud "
                               "names), compiled by its own compiler without it (needs the `accelerators` extra).")
+_CACHE = cli.compilation_cache_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -327,8 +328,9 @@ def main(argv: list[str]) -> None:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   started = time.perf_counter()
   try:
+    cli.use_compilation_cache(_CACHE.value)
     code = run(_CONFIG.value, Path(_WORKDIR.value), _COMPILE_ONLY.value, _TARGET.value)
-  except ValueError as e:
+  except (ValueError, OSError) as e:
     cli.fail(e)
   print(f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
   sys.exit(code)

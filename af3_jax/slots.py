@@ -1,16 +1,21 @@
 """The engine's decode state: one KV cache of B slots (rows) shared by requests of their own lengths,
 and the pure jitted functions over it (`engine.Engine` drives them; JetStream's `engine_api.py` names
-them): `prefill_fn` runs one request's audio encoder and prompt into a cache of its own, `choose_fn`
-picks its first token, `insert_fn` copies that into a slot, `generate_fn` decodes one token for every
-slot.
+them): `prefill_fn` runs several requests' audio encoder (one call over all their windows) and prompts
+(one call over their rows) into a cache of their own, `choose_fn` picks their first tokens, `insert_fn`
+copies them into their slots, `generate_fn` decodes up to `steps` tokens for every slot in one dispatch.
 
 A slot is a cache row with its own end: the prompt fills slots 0..n-1 (right padded to its bucket, so a
 token's slot is its position) and each new token goes after it. Each row's decoding settings are data
 (`Rows`), so requests of any settings share one program, and a row's token is chosen as
 `decode.process_logits` and `generate` choose it for that request alone: greedy tokens are equal, and a
 draw uses the key fold_in(seed, step) over the row alone, so seeded samples are equal too.
-Shape letters: B slots, T prompt bucket, S cache length, V vocab, L layers, K kv heads, H head dim,
-W audio windows.
+A multi-step decode (vLLM's multi-step scheduling) runs while any slot is active: a slot stops at its
+budget (`left`, the tokens the host still wants from it) or at one of its eos ids (`eos`; `stopped`
+keeps that across dispatches), and what a stopped slot decodes afterwards is -1 in the output. So the
+host reads tokens once per dispatch, not once per token, and a dispatch whose slots all stop early ends
+early.
+Shape letters: B slots, P prefilled rows, T prompt bucket, S cache length, V vocab, L layers, K kv
+heads, H head dim, W audio windows, E eos ids a slot watches, N steps a dispatch.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from af3_jax.models import kv_cache, layers
 
 TRACES: collections.Counter[str] = collections.Counter()  # traces of each jitted function, for recompile tests
 AUDIO = ("input_features", "input_features_mask", "audio_embed_mask")
+EOS_IDS = 8  # eos ids a slot watches on the device; the host checks every one (this only ends a dispatch early)
 
 
 @struct.dataclass
@@ -76,11 +82,19 @@ def _choose(logits: jax.Array, seen: jax.Array, rows: Rows, key: jax.Array, step
   return jax.lax.cond(rows.do_sample.any(), sample, lambda: greedy).astype(jnp.int32)
 
 
+def eos_row(ids) -> np.ndarray:
+  """A request's eos ids as the device watches them: (E,) int32, -1 (never a token) past them."""
+  row = np.full(EOS_IDS, -1, np.int32)
+  ids = list(ids)[:EOS_IDS]
+  row[:len(ids)] = ids
+  return row
+
+
 @struct.dataclass
 class Prefix:
-  """One prefilled request, ready to insert: k, v (L, 1, T, K, H); length () its prompt tokens; need ()
-  the cache slots it will fill, prompt and new tokens; token (1,) its first; seen (1, V); rows (1,) its
-  settings; key (1,)."""
+  """P prefilled requests, ready to insert: k, v (L, P, T, K, H); length (P,) their prompt tokens; need
+  (P,) the cache slots each will fill, prompt and new tokens; token (P,) their first; seen (P, V); rows
+  (P,) their settings; key (P,); eos (P, E) the ids each stops at (`eos_row`)."""
 
   k: jax.Array
   v: jax.Array
@@ -90,13 +104,15 @@ class Prefix:
   seen: jax.Array
   rows: Rows
   key: jax.Array
+  eos: jax.Array
 
 
 @struct.dataclass
 class Slots:
   """The decode state: cache (per-row ends: each row's next slot, which is its next position); token
-  (B,) each row's latest; seen (B, V); step (B,) tokens chosen; rows (B,) settings; key (B,). Free rows
-  decode too, unseen (their writes past the cache's end are dropped); `insert` resets a row."""
+  (B,) each row's latest; seen (B, V); step (B,) tokens chosen; rows (B,) settings; key (B,); eos (B,
+  E); stopped (B,) bool, the row chose one of its eos ids. Free and stopped rows decode too, unseen
+  (their writes past the cache's end are dropped); `insert` resets a row."""
 
   cache: kv_cache.Cache
   token: jax.Array
@@ -104,69 +120,99 @@ class Slots:
   step: jax.Array
   rows: Rows
   key: jax.Array
+  eos: jax.Array
+  stopped: jax.Array
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
 def prefill_fn(graphdef, params, inputs: dict[str, jax.Array], length: jax.Array, need: jax.Array, rows: Rows,
-               key: jax.Array) -> tuple[Prefix, jax.Array]:
-  """inputs: input_ids and attention_mask (1, T), right padded, and optionally the audio (W windows).
-  -> the prefix, its token not chosen yet, and the last prompt token's logits (1, V). `choose_fn` chooses:
-  the sampler compiled once, not into every prompt and audio bucket's program."""
+               key_data: jax.Array, eos: jax.Array) -> tuple[Prefix, jax.Array]:
+  """inputs: input_ids and attention_mask (P, T), right padded, and optionally the audio: the windows of
+  every row, row after row (W, ...), which fill the rows' `<sound>` tokens in that order. length, need
+  (P,); key_data (P, ...) the rows' `jax.random.key_data`; eos (P, E). -> the prefix, its tokens not
+  chosen yet, and each row's last prompt token's logits (P, V). `choose_fn` chooses: the sampler
+  compiled once per P, not into every prompt and audio bucket's program."""
   TRACES["prefill"] += 1
   model = nnx.merge(graphdef, params)
   ids, mask = inputs["input_ids"], inputs["attention_mask"]
   x = model.embed(ids, mask, **{k: inputs[k] for k in AUDIO if k in inputs})
-  t, vocab = ids.shape[1], model.cfg.decoder.vocab_size
-  h, cache = model.language_model(x, jnp.arange(t)[None], mask, kv_cache.init(model.cfg.decoder, 1, t, x.dtype),
+  (p, t), vocab = ids.shape, model.cfg.decoder.vocab_size
+  positions = jnp.broadcast_to(jnp.arange(t), (p, t))
+  h, cache = model.language_model(x, positions, mask, kv_cache.init(model.cfg.decoder, p, t, x.dtype),
                                   right_padded=True)
-  logits = model.lm_head(jax.lax.dynamic_index_in_dim(h, length - 1, axis=1, keepdims=False))
+  logits = model.lm_head(jnp.take_along_axis(h, (length - 1)[:, None, None], axis=1)[:, 0])
   # Padding points at an extra column that is dropped, as in `decode.prefill`.
-  seen = jnp.zeros((1, vocab + 1), bool).at[0, jnp.where(mask[0], ids[0], vocab)].set(True)[:, :vocab]
-  prefix = Prefix(k=cache.k, v=cache.v, length=length, need=need, token=jnp.zeros((1,), jnp.int32), seen=seen,
-                  rows=rows, key=key)
+  seen = jnp.zeros((p, vocab + 1), bool).at[jnp.arange(p)[:, None], jnp.where(mask, ids, vocab)].set(True)
+  prefix = Prefix(k=cache.k, v=cache.v, length=length, need=need, token=jnp.zeros((p,), jnp.int32),
+                  seen=seen[:, :vocab], rows=rows, key=jax.random.wrap_key_data(key_data), eos=eos)
   return prefix, logits
 
 
 @jax.jit
 def choose_fn(logits: jax.Array, seen: jax.Array, rows: Rows, key: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """A prefix's first token (1,) from its logits (1, V), and its `seen` with the token marked. Only (1, V)
-  shapes: one program for every prompt bucket."""
+  """The prefix rows' first tokens (P,) from their logits (P, V), and their `seen` with the tokens marked.
+  Only (P, V) shapes: one program for every prompt bucket."""
   TRACES["choose"] += 1
-  token = _choose(logits, seen, rows, key, jnp.zeros((1,), jnp.int32))
-  return token, seen.at[0, token[0]].set(True)
+  p = logits.shape[0]
+  token = _choose(logits, seen, rows, key, jnp.zeros((p,), jnp.int32))
+  return token, seen.at[jnp.arange(p), token].set(True)
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
 def insert_fn(slots: Slots, prefix: Prefix, slot: jax.Array) -> Slots:
+  """Puts prefix row i into slot[i] (P,); a slot index out of range (B) drops its row (padding rows)."""
   TRACES["insert"] += 1
   c = slots.cache
-  at_slot = lambda rows, row: rows.at[slot].set(row[0])
+  at_slots = lambda rows, new: rows.at[slot].set(new.astype(rows.dtype), mode="drop")
+  t = prefix.k.shape[2]
   cache = kv_cache.Cache(
-      k=jax.lax.dynamic_update_slice(c.k, prefix.k.astype(c.k.dtype), (0, slot, 0, 0, 0)),
-      v=jax.lax.dynamic_update_slice(c.v, prefix.v.astype(c.v.dtype), (0, slot, 0, 0, 0)),
-      key_mask=c.key_mask.at[slot].set(jnp.arange(c.key_mask.shape[1]) < prefix.length),
-      end=c.end.at[slot].set(prefix.length))
-  return Slots(cache=cache, token=at_slot(slots.token, prefix.token), seen=at_slot(slots.seen, prefix.seen),
-               step=slots.step.at[slot].set(1), rows=jax.tree.map(at_slot, slots.rows, prefix.rows),
-               key=at_slot(slots.key, prefix.key))
+      k=c.k.at[:, slot, :t].set(prefix.k.astype(c.k.dtype), mode="drop"),
+      v=c.v.at[:, slot, :t].set(prefix.v.astype(c.v.dtype), mode="drop"),
+      key_mask=at_slots(c.key_mask, jnp.arange(c.key_mask.shape[1]) < prefix.length[:, None]),
+      end=at_slots(c.end, prefix.length))
+  stopped = (prefix.token[:, None] == prefix.eos).any(-1)
+  return Slots(cache=cache, token=at_slots(slots.token, prefix.token), seen=at_slots(slots.seen, prefix.seen),
+               step=at_slots(slots.step, jnp.ones_like(prefix.length)),
+               rows=jax.tree.map(at_slots, slots.rows, prefix.rows), key=at_slots(slots.key, prefix.key),
+               eos=at_slots(slots.eos, prefix.eos), stopped=at_slots(slots.stopped, stopped))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "window"), donate_argnames=("slots",),
+@functools.partial(jax.jit, static_argnames=("graphdef", "window", "steps"), donate_argnames=("slots",),
                    compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
-def generate_fn(graphdef, params, slots: Slots, *, window: int) -> tuple[Slots, jax.Array]:
-  """Feeds every row its latest token (at position = its cache end) and chooses the next: the new state
-  and the tokens (B,) apart from it, so that the host can read them after the next step took (donated)
-  the state. Attention reads the cache's first `window` slots only: they must cover every live row's
-  end (free rows decode garbage either way), so a step costs what its longest request needs, not what
-  the cache holds."""
+def generate_fn(graphdef, params, slots: Slots, left: jax.Array, *, window: int, steps: int) -> tuple[Slots, jax.Array]:
+  """Decodes up to `steps` tokens for every row in one dispatch: each step feeds every row its latest
+  token (at position = its cache end) and chooses the next. left (B,) int32: the tokens the host still
+  wants from each row (0: a free row). A row is active while it has not stopped (an eos id) and the step
+  is below its `left`; the loop ends once no row is active. -> the new state and the tokens (N, B), -1
+  where the row was not active, apart from it, so that the host can read them after the next dispatch
+  took (donated) the state. Attention reads the cache's first `window` slots only: they must cover every
+  active row's end after the last step (other rows decode garbage either way), so a step costs what its
+  longest request needs, not what the cache holds."""
   TRACES["generate"] += 1
   model = nnx.merge(graphdef, params)
-  x = model.language_model.embed_tokens(slots.token[:, None])
-  b = x.shape[0]
-  h, cache = model.language_model(x, slots.cache.end[:, None], jnp.ones((b, 1), bool), slots.cache, window=window)
-  token = _choose(model.lm_head(h[:, 0]), slots.seen, slots.rows, slots.key, slots.step)
-  return slots.replace(cache=cache, token=token, seen=slots.seen.at[jnp.arange(b), token].set(True),
-                       step=slots.step + 1), token
+  b = slots.token.shape[0]
+
+  def active(i, state):
+    return ~state.stopped & (i < left)
+
+  def more(carry):
+    i, state, _ = carry
+    return (i < steps) & active(i, state).any()
+
+  def step(carry):
+    i, state, out = carry
+    x = model.language_model.embed_tokens(state.token[:, None])
+    h, cache = model.language_model(x, state.cache.end[:, None], jnp.ones((b, 1), bool), state.cache, window=window)
+    token = _choose(model.lm_head(h[:, 0]), state.seen, state.rows, state.key, state.step)
+    on = active(i, state)
+    out = out.at[i].set(jnp.where(on, token, -1))
+    stopped = state.stopped | (on & (token[:, None] == state.eos).any(-1))
+    state = state.replace(cache=cache, token=token, seen=state.seen.at[jnp.arange(b), token].set(True),
+                          step=state.step + 1, stopped=stopped)
+    return i + 1, state, out
+
+  _, slots, out = jax.lax.while_loop(more, step, (jnp.int32(0), slots, jnp.full((steps, b), -1, jnp.int32)))
+  return slots, out
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "batch", "length", "dtype"))
@@ -175,7 +221,8 @@ def empty_fn(cfg, *, batch: int, length: int, dtype) -> Slots:
   rows = Rows(*(jnp.zeros((batch,), t) for t in (bool, jnp.float32, jnp.int32, jnp.float32, jnp.float32)))
   return Slots(cache=kv_cache.init(cfg.decoder, batch, length, dtype, per_row=True), token=jnp.zeros((batch,), jnp.int32),
                seen=jnp.zeros((batch, cfg.decoder.vocab_size), bool), step=jnp.zeros((batch,), jnp.int32), rows=rows,
-               key=jax.random.split(jax.random.key(0), batch))
+               key=jax.random.split(jax.random.key(0), batch), eos=jnp.full((batch, EOS_IDS), -1, jnp.int32),
+               stopped=jnp.zeros((batch,), bool))
 
 
 @functools.partial(jax.jit, static_argnames=("length",))  # no donation: the old cache cannot hold the new

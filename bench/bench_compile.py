@@ -35,10 +35,11 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import app, flags
 from flax import nnx, traverse_util
 
-from af3_jax import decode, hlo, pretrained, sharding, slots, targets
+from af3_jax import decode, engine, hlo, pretrained, sharding, slots, targets
 from af3_jax.buckets import prompt_bucket
 from af3_jax.generation import Sampling
 from af3_jax.models import kv_cache, layers
@@ -93,7 +94,8 @@ def program(name: str, cfg, mesh):
     return decode._step_fn, (replicated(state),), dict(s=Sampling())
   if name == "engine":
     state = jax.eval_shape(lambda: slots.empty_fn(cfg, batch=SLOTS, length=1024, dtype=jnp.bfloat16))
-    return slots.generate_fn, (replicated(state),), dict(window=1024)
+    return slots.generate_fn, (replicated(state), np.ones(SLOTS, np.int32)), dict(window=1024,
+                                                                                  steps=engine.DECODE_STEPS)
   e, w = cfg.encoder, AUDIO[name]
   args = jax.eval_shape(lambda: (
       {"input_ids": jnp.zeros((1, prompt), jnp.int32), "attention_mask": jnp.ones((1, prompt), jnp.int32),

@@ -10,11 +10,13 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach the network
+os.environ.setdefault("AF3_JAX_COMPILATION_CACHE", "off")  # the CLIs run here keep nothing in the user's cache
 
 import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
+import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
@@ -232,6 +234,25 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str
   finally:
     for p in procs:
       p.kill()
+
+
+@contextlib.contextmanager
+def compiles():
+  """The names of the programs XLA compiles inside the block (jax's backend compile events, from any
+  thread; a persistent cache hit counts too)."""
+  from jax import monitoring
+
+  names = []
+
+  def listener(event, _, fun_name=None, **__):
+    if event == "/jax/core/compile/backend_compile_duration":
+      names.append(fun_name)
+
+  monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    monitoring.unregister_event_duration_listener(listener)
 
 
 RTOL = 1e-4  # float32 parity bound, relative to the reference's largest magnitude

@@ -81,14 +81,16 @@ def test_eval_bench_runs_at_tiny_size():
   assert lines[-2].startswith("| batches of 2 | 2 | ") and lines[-1].startswith("batches of 2: ")
 
 
-@pytest.mark.slow  # about 40 s on 2 cores: the server's warm-up compiles 11 prompt shapes
+@pytest.mark.slow  # minutes on 2 cores: the server warms up in full, then the engine alone runs three ways
 def test_serve_bench_runs_at_test_size():
   pytest.importorskip("torch")
   args = ["--size", "test", "--clients", "1", "--clients", "2", "--requests", "1", "--new-tokens", "2",
           "--max-slots", "2", "--dtype", "float32"]
   lines = run_bench("bench_serve.py", args, timeout=600)
-  assert lines[-4].startswith("| clients | requests |") and lines[-2].startswith("| 1 | 1 | ")
-  assert lines[-1].startswith("| 2 | 2 | ")
+  server = lines.index(next(x for x in lines if x.startswith("| clients | requests |")))
+  assert lines[server + 2].startswith("| 1 | 1 | ") and lines[server + 3].startswith("| 2 | 2 | ")
+  assert lines[-5] == "| engine | out tok/s |" and lines[-3].startswith("| one request a prefill")
+  assert lines[-1].startswith("| requests prefilled together, 8 tokens a dispatch | ")
 
 
 def test_compile_bench_runs_at_test_size():

@@ -15,10 +15,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from af3_jax import decode, hlo, quantization, sharding, slots, targets
+from af3_jax import decode, engine, hlo, quantization, sharding, slots, targets
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 from af3_jax.generation import Sampling
 from af3_jax.models import kv_cache
@@ -70,7 +71,8 @@ def compiled(program: str, quantize: str | None = None, fused: bool = False):
       lowered = decode._step_fn.lower(graphdef, weights, _replicated(state), s=Sampling())
     elif program == "engine":
       state = jax.eval_shape(lambda: slots.empty_fn(CFG, batch=SLOTS, length=WINDOW, dtype=jnp.bfloat16))
-      lowered = slots.generate_fn.lower(graphdef, weights, _replicated(state), window=WINDOW)
+      lowered = slots.generate_fn.lower(graphdef, weights, _replicated(state), np.ones(SLOTS, np.int32), window=WINDOW,
+                                        steps=engine.DECODE_STEPS)
     else:  # the prefill of 30 s of audio
       e = CFG.encoder
       inputs = jax.eval_shape(lambda: (

@@ -15,14 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import audio_tokens, random_features, random_text
+from conftest import audio_tokens, compiles, random_features, random_text
 
 import af3_jax
 from af3_jax import engine as engine_module
 from af3_jax import slots
 from af3_jax.buckets import window_bucket
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.engine import Engine, QueueFull, Request
+from af3_jax.engine import Engine, QueueFull, Request, Shape
 from af3_jax.pretrained import init_random
 
 SLOTS, MAX_LEN = 3, 256
@@ -57,12 +57,12 @@ def run(engine, handles):
 
 
 def spy_windows(monkeypatch) -> list[int]:
-  """The window of every decode step the engine runs from now on, in order."""
+  """The window of every decode dispatch the engine runs from now on, in order."""
   windows, generate = [], slots.generate_fn
 
-  def spy(*args, window):
+  def spy(*args, window, steps):
     windows.append(window)
-    return generate(*args, window=window)
+    return generate(*args, window=window, steps=steps)
 
   monkeypatch.setattr(slots, "generate_fn", spy)
   return windows
@@ -104,9 +104,9 @@ def test_staggered_requests_get_their_tokens_alone(gqa_loaded, mix, monkeypatch)
 
 
 def test_the_decode_window_follows_the_longest_live_request(gqa_ckpt, gqa_loaded, monkeypatch):
-  """A long request and short ones decode together: every step reads the window that holds the long
-  one (256 slots); once it is done the window shrinks to the short ones' bucket (64), also for a
-  request that takes the long one's slot. Each gets its tokens alone."""
+  """A long request and short ones decode together: every dispatch reads the window that holds the long
+  one (256 slots); once its last tokens are dispatched the window shrinks to the short ones' bucket
+  (64), also for a request that takes the long one's slot. Each gets its tokens alone."""
   rng, tiny = np.random.default_rng(4), gqa_ckpt.tiny
   monkeypatch.setattr(engine_module, "MIN_CACHE", 64)
   requests = [text_request(rng, tiny, 150, max_new=12), text_request(rng, tiny, 9, max_new=30),
@@ -116,55 +116,136 @@ def test_the_decode_window_follows_the_longest_live_request(gqa_ckpt, gqa_loaded
   handles = [engine.submit(r) for r in requests]
   while not handles[0].done:
     engine.step()
-  long_steps = len(windows)
   late = text_request(rng, tiny, 7, max_new=8)
   handles.append(engine.submit(late))
   done = run(engine, handles)
-  assert set(windows[:long_steps]) == {MAX_LEN} and set(windows[long_steps:]) == {64} and engine.cache_len == MAX_LEN
+  long = -(-11 // engine.decode_steps)  # the dispatches for its 11 tokens after the prefill's
+  assert windows == [MAX_LEN] * long + [64] * (len(windows) - long) and engine.cache_len == MAX_LEN
   for i, (completion, r) in enumerate(zip(done, requests + [late])):
     assert list(completion.tokens) == alone(gqa_loaded, r), f"request {i}"
 
 
 
-def test_a_step_reads_the_step_before_once_the_next_one_is_dispatched(gqa_loaded, mix, monkeypatch):
-  """The host never waits for the step it just dispatched: it reads step i's tokens only after
-  dispatching step i + 1, so the device decodes while the host hands out tokens and schedules. The
-  tokens a step decodes for requests that ended before it was read (eos, max_new_tokens) are dropped:
-  each request still gets its tokens alone."""
+@pytest.mark.parametrize("decode_steps", [1, 4])
+def test_a_step_reads_the_dispatch_before_once_the_next_one_is_made(gqa_loaded, mix, monkeypatch, decode_steps):
+  """The host never waits for the dispatch it just made: it reads dispatch i's tokens only after
+  making dispatch i + 1, so the device decodes while the host hands out tokens and schedules; only the
+  last, made when no slot wants more tokens than those dispatched, is read alone. The tokens a dispatch
+  decodes for requests that ended before it was read (eos, max_new_tokens) are dropped: each request
+  still gets its tokens alone, one token per dispatch or several."""
   requests, expected = mix
   generate, dispatched, reads = slots.generate_fn, [], []
 
-  class Tokens:  # a step's tokens, noting when the host reads them
-    def __init__(self, tokens, step):
-      self.tokens, self.step = tokens, step
+  class Tokens:  # a dispatch's tokens, noting when the host reads them
+    def __init__(self, tokens, index):
+      self.tokens, self.index = tokens, index
 
     def __array__(self, dtype=None, copy=None):
-      reads.append((self.step, len(dispatched)))
+      reads.append((self.index, len(dispatched)))
       return np.asarray(self.tokens, dtype)
 
-  def spy(*args, window):
-    state, tokens = generate(*args, window=window)
+  def spy(*args, window, steps):
+    state, tokens = generate(*args, window=window, steps=steps)
     dispatched.append(window)
     return state, Tokens(tokens, len(dispatched) - 1)
 
   monkeypatch.setattr(slots, "generate_fn", spy)
-  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN, decode_steps=decode_steps)
   done = run(engine, [engine.submit(r) for r in requests])
   assert [list(c.tokens) for c in done] == expected
-  assert reads == [(i, i + 2) for i in range(len(dispatched) - 1)]  # the last step's tokens were all dropped
+  last = len(dispatched) - 1
+  assert reads == [(i, i + 2) for i in range(last)] + [(last, last + 1)]
 
 
-def test_warmup_prefills_each_window_bucket_once(gqa_loaded, monkeypatch):
-  """Warming every audio length up to 10 minutes (0 to 20 windows) prefills each window bucket once,
-  which covers every count: 14 programs a prompt bucket (powers of two: 7)."""
+def test_warmup_compiles_each_window_bucket_once(gqa_loaded, monkeypatch):
+  """Warming every audio length up to 10 minutes (0 to 20 windows) compiles each window bucket once,
+  which covers every count: 14 programs a prompt bucket (powers of two: 7); a batch of 4 rows takes at
+  least 4 windows. And a decode dispatch for every window, from MIN_CACHE to max_len."""
+  monkeypatch.setattr(engine_module, "MIN_CACHE", 64)
   engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
-  warmed = []
-  monkeypatch.setattr(engine, "_prefill", lambda job: warmed.append(len(job.inputs.get("input_features", ()))))
-  monkeypatch.setattr(engine, "insert", lambda prefix, slot: None)
-  monkeypatch.setattr(engine, "_decode", lambda window: None)
-  engine.warmup(prompt_lengths=[100], audio_windows=range(21))
-  assert sorted(set(warmed)) == warmed and len(warmed) == 14
-  assert {0} | {window_bucket(n) for n in range(1, 21)} == set(warmed)
+  prefills, windows = [], []
+  monkeypatch.setattr(engine, "compile_prefill", prefills.append)
+  monkeypatch.setattr(engine, "compile_decode", windows.append)
+  engine.warmup(prompt_lengths=[100], audio_windows=range(21), rows=[1, 3])
+  assert sorted(set(prefills)) == prefills and windows == [64, 128, 256] and engine.cache_len == MAX_LEN
+  assert {(s.rows, s.prompt) for s in prefills} == {(1, 128), (4, 128)}
+  assert [s.windows for s in prefills if s.rows == 1] == [0] + sorted({window_bucket(n) for n in range(1, 21)})
+  assert [s.windows for s in prefills if s.rows == 4] == [0, 4, 5, 6, 7, 8, 10, 12, 14, 16, 20]
+
+
+def test_waiting_requests_are_prefilled_together(gqa_ckpt, gqa_loaded, monkeypatch):
+  """Requests that wait together are prefilled in one call whatever their prompt lengths, audio (none,
+  one clip, a clip of two windows) and settings: one encoder call over all their windows, row after
+  row, one prefill over their rows (padded to 4, one row of padding), each inserted into its slot. Each
+  gets its tokens alone."""
+  rng, tiny = np.random.default_rng(5), gqa_ckpt.tiny
+  requests = [text_request(rng, tiny, 9, max_new=12), audio_request(rng, tiny, 300, windows=2, seed=2, **SAMPLED),
+              audio_request(rng, tiny, 700, max_new=10)]
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
+  prefills, prefill = [], slots.prefill_fn
+
+  def spy(graphdef, params, inputs, *rest):
+    prefills.append((inputs["input_ids"].shape, len(inputs.get("input_features", ()))))
+    return prefill(graphdef, params, inputs, *rest)
+
+  monkeypatch.setattr(slots, "prefill_fn", spy)
+  done = run(engine, [engine.submit(r) for r in requests])
+  assert prefills == [((4, 256), 4)]  # 3 windows, at least one a row
+  for i, (completion, r) in enumerate(zip(done, requests)):
+    assert list(completion.tokens) == alone(gqa_loaded, r), f"request {i}"
+
+
+def test_a_prefill_batch_keeps_within_its_token_budget(gqa_ckpt, gqa_loaded):
+  """Waiting requests join the oldest one's prefill while the batch's padded prompt tokens (rows x the
+  longest's bucket) stay within prefill_tokens, and while slots are free."""
+  rng, tiny = np.random.default_rng(6), gqa_ckpt.tiny
+  engine = Engine(gqa_loaded, max_slots=8, max_len=MAX_LEN, prefill_tokens=256)
+  for n in (10, 20, 30, 150, 10, 10):  # buckets 64, 64, 64, 256, 64, 64
+    engine.submit(text_request(rng, tiny, n))
+  groups = []
+  while group := engine._next_waiting():
+    groups.append([h.prompt_tokens for h in group])
+  assert groups == [[10, 20, 30], [150], [10, 10]]  # 4 x 64 fits; 4 x 256 does not, 1 x 256 does
+  engine = Engine(gqa_loaded, max_slots=2, max_len=MAX_LEN)
+  for n in (10, 20, 30):
+    engine.submit(text_request(rng, tiny, n))
+  assert [h.prompt_tokens for h in engine._next_waiting()] == [10, 20]  # two free slots
+
+
+def test_requests_end_inside_a_dispatch(gqa_ckpt, gqa_loaded, mix, monkeypatch):
+  """With 8 decode steps a dispatch, requests end inside one: at an eos (the device stops its slot there:
+  its later steps in that dispatch and the next come back -1), at a max_new_tokens that is no multiple of
+  8, or cancelled while a dispatch that decodes it is in flight (its tokens are then dropped); a slot
+  freed inside a dispatch takes the next request at the next turn. Each gets its tokens alone (the
+  cancelled one a prefix of them)."""
+  requests, expected = mix
+  rng, tiny = np.random.default_rng(7), gqa_ckpt.tiny
+  generate, outputs = slots.generate_fn, []
+
+  def spy(*args, window, steps):
+    state, tokens = generate(*args, window=window, steps=steps)
+    outputs.append(tokens)
+    return state, tokens
+
+  monkeypatch.setattr(slots, "generate_fn", spy)
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
+  assert engine.decode_steps == 8
+  others = [text_request(rng, tiny, 9, max_new=11), text_request(rng, tiny, 20, max_new=40)]
+  handles = [engine.submit(requests[0])] + [engine.submit(r) for r in others]  # its eos is its 6th token
+  engine.step()  # one prefill, the first dispatch
+  at_eos = handles[0].slot
+  engine.step()  # the second dispatch; the first is read: the eos request is done
+  assert handles[0].result(timeout=0).finish_reason == "stop" and not handles[1].done
+  engine.cancel(handles[2])  # the second dispatch, still in flight, decodes it
+  late = text_request(rng, tiny, 12, max_new=5)
+  handles.append(engine.submit(late))
+  done = run(engine, handles)
+  first, second = np.asarray(outputs[0]), np.asarray(outputs[1])
+  assert list(first[:5, at_eos]) == expected[0][1:] and set(first[5:, at_eos]) == {-1} == set(second[:, at_eos])
+  assert [c.finish_reason for c in done] == ["stop", "length", "cancelled", "length"]
+  assert list(done[0].tokens) == expected[0] and list(done[1].tokens) == alone(gqa_loaded, others[0])
+  assert list(done[2].tokens) == alone(gqa_loaded, others[1])[:9]  # the prefill's token and a dispatch's 8
+  assert list(done[3].tokens) == alone(gqa_loaded, late) and handles[3].prompt_tokens == 12
 
 
 def test_cancel_frees_the_slot_for_the_next_request(gqa_ckpt, gqa_loaded):
@@ -184,21 +265,22 @@ def test_cancel_frees_the_slot_for_the_next_request(gqa_ckpt, gqa_loaded):
   engine.step()  # the cancelled request's slot is free before the late one is admitted
   assert busy[1].done and busy[1].slot is None and handle.slot == slot
   cancelled = busy[1].result()
-  # The prefill's token and one decoded: the second step's tokens were still on the device when it was
-  # cancelled, and are dropped.
-  assert cancelled.finish_reason == "cancelled" and len(cancelled.tokens) == 2
+  # The prefill's token and the first dispatch's: the second dispatch's tokens were still on the device
+  # when it was cancelled, and are dropped.
+  assert cancelled.finish_reason == "cancelled" and len(cancelled.tokens) == 1 + engine.decode_steps
   done = run(engine, busy + [handle])
-  assert list(cancelled.tokens) == alone(gqa_loaded, requests[1])[:2]
+  assert list(cancelled.tokens) == alone(gqa_loaded, requests[1])[:len(cancelled.tokens)]
   assert list(done[-1].tokens) == alone(gqa_loaded, late)
   assert [len(c.tokens) for c in done[::2]] == [40, 40]
 
 
-def test_nothing_recompiles_once_warm(monkeypatch):
+def test_nothing_compiles_once_warm(monkeypatch):
   """A model of its own, so that only this test's `warmup` compiles its programs, whatever ran before:
-  after warming prompt bucket 256 with no audio, one window and three, and bucket 64 with no audio,
-  requests of mixed lengths, windows, settings, seeds and eos ids, some arriving while others decode,
-  compile nothing, though the decode window changes as they come and go (buckets from 128: windows
-  128 and 256)."""
+  `warmup` compiles them without running anything, and then requests of mixed lengths, windows,
+  settings, seeds and eos ids, some arriving while others decode and some prefilled together, compile
+  nothing (XLA's compile events), though the decode window changes as they come and go (buckets from
+  128: windows 128 and 256). Warmed: prompt bucket 256 with no audio, one window and three, in batches
+  of 1, 2 and 4 rows (a batch takes at least a window a row), and bucket 64 with no audio."""
   monkeypatch.setattr(engine_module, "MIN_CACHE", 128)
   cfg = AF3Config(encoder=EncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=32),
                   decoder=DecoderConfig(vocab_size=128, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
@@ -206,20 +288,22 @@ def test_nothing_recompiles_once_warm(monkeypatch):
                   audio_token_id=127)
   tiny = SimpleNamespace(audio_token_id=cfg.audio_token_id)
   engine = Engine(init_random(cfg, dtype=jnp.float32), max_slots=SLOTS, max_len=MAX_LEN)
-  engine.warmup(prompt_lengths=[200], audio_windows=[0, 1, 3])
-  engine.warmup(prompt_lengths=[20])
-  traces = dict(slots.TRACES)
+  with compiles() as warming:
+    engine.warmup(prompt_lengths=[200], audio_windows=[0, 1, 3], rows=[1, 2, 4])
+    engine.warmup(prompt_lengths=[20], rows=[1, 2])
+  assert {f"jit({name})" for name in ("prefill_fn", "choose_fn", "insert_fn", "generate_fn")} <= set(warming)
   rng = np.random.default_rng(2)
   first = [audio_request(rng, tiny, 700, max_new=8), text_request(rng, tiny, 240, max_new=6, seed=3, **SAMPLED),
            text_request(rng, tiny, 150, max_new=5, eos_token_id=[5, 6, 7, 8, 9], repetition_penalty=1.3)]
   later = [audio_request(rng, tiny, 900, max_new=4, seed=4, do_sample=True), text_request(rng, tiny, 130, max_new=3),
            audio_request(rng, tiny, 200, max_new=4, windows=3), text_request(rng, tiny, 20, max_new=24)]
   windows = spy_windows(monkeypatch)
-  handles = [engine.submit(r) for r in first]
-  engine.step()
-  handles += [engine.submit(r) for r in later]
-  done = run(engine, handles)
-  assert dict(slots.TRACES) == traces and set(windows) == {128, 256}
+  with compiles() as serving:
+    handles = [engine.submit(r) for r in first]
+    engine.step()
+    handles += [engine.submit(r) for r in later]
+    done = run(engine, handles)
+  assert serving == [] and set(windows) == {128, 256}
   assert all(c.finish_reason in ("stop", "length") and c.tokens for c in done)
 
 
@@ -279,18 +363,19 @@ def test_bad_requests_and_a_full_queue_are_refused(gqa_ckpt, gqa_loaded):
 
 
 def test_the_decode_step_writes_the_cache_in_place(gqa_loaded):
-  """The step's temporaries stay under the size of the cache, which it updates where it lies (the
-  carried cache); rebuilding it per layer, as scan outputs do, needs at least a whole copy. Reading a
-  window of 512 of its 8192 slots, they stay under the size of a 512-slot cache: each layer's
-  attention reads a 512-slot slice, and the only arrays as long as the cache are the cache itself (its
-  k and v, written in place by a scatter, and its key mask)."""
+  """A dispatch of several steps carries the cache through its loop. The step's temporaries stay under the
+  size of the cache, which it updates where it lies (the carried cache); rebuilding it per layer, as scan
+  outputs do, needs at least a whole copy. Reading a window of 512 of its 8192 slots, they stay under the
+  size of a 512-slot cache: each layer's attention reads a 512-slot slice, and the only arrays as long as
+  the cache are the cache itself (its k and v, written in place by a scatter, and its key mask)."""
   engine = Engine(gqa_loaded, max_slots=SLOTS)
   length, window = 8192, 512
   state = jax.eval_shape(lambda: slots.empty_fn(gqa_loaded.config, batch=SLOTS, length=length, dtype=engine._dtype))
   k = state.cache.k
   for w in (length, window):
     with jax.set_mesh(gqa_loaded.mesh):
-      compiled = slots.generate_fn.lower(gqa_loaded.graphdef, gqa_loaded.state, state, window=w).compile()
+      compiled = slots.generate_fn.lower(gqa_loaded.graphdef, gqa_loaded.state, state, np.ones(SLOTS, np.int32),
+                                         window=w, steps=engine.decode_steps).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < k.size * k.dtype.itemsize * 2 * w // length
   layers, b, _, kv, h = k.shape
   hlo = compiled.as_text()

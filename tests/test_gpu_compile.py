@@ -16,7 +16,7 @@ import pytest
 from accelerators import abstract_model, compile_for
 from flax import nnx
 
-from af3_jax import decode, optim, pretrained, sharding, slots, train_run, train_step
+from af3_jax import decode, engine, optim, pretrained, requests, sharding, slots, train_run, train_step
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 from af3_jax.data import pipeline
 from af3_jax.generation import Sampling
@@ -77,17 +77,17 @@ def decode_step(m):
 
 def engine_prefill(m):
   """The engine's prefill: one right-padded prompt with audio into a cache of its own."""
-  rows = jax.tree.map(lambda x: S(x.shape, x.dtype), slots.Rows.of(Sampling()))
-  return slots.prefill_fn, (m.graphdef, m.state, _prompt(1, LENGTH) | _audio(WINDOWS), S((), jnp.int32),
-                            S((), jnp.int32), rows, jax.eval_shape(lambda: jax.random.key(0)[None])), {}
+  shape = requests.Shape(1, LENGTH, WINDOWS)
+  return slots.prefill_fn, (m.graphdef, m.state, *requests.batch([requests.dummy(m, shape)], shape, 0)), {}
 
 
 def engine_step(m):
-  """The engine's decode step over 4 slots, reading a window of its cache."""
+  """The engine's decode dispatch over 4 slots, reading a window of its cache."""
   dtype = m.state["lm_head"]["kernel"].dtype
   with jax.set_mesh(m.mesh):
     state = jax.eval_shape(lambda: slots.empty_fn(CFG, batch=4, length=2 * LENGTH, dtype=dtype))
-  return slots.generate_fn, (m.graphdef, m.state, state), dict(window=LENGTH)
+  return slots.generate_fn, (m.graphdef, m.state, state, S((4,), jnp.int32)), dict(window=LENGTH,
+                                                                                   steps=engine.DECODE_STEPS)
 
 
 def _train_step(m, packed: bool):
@@ -136,11 +136,15 @@ CASES = ([("h100", p) for p in EXPECTED if p is not train] + [("h200", train)] +
 MESHES = {"fsdp": (1, 2, 1), "tensor": (1, 1, 2)}
 
 
+TRAINING = (train, train_packed)
+
+
 @functools.cache
-def _model(target: str, dtype) -> pretrained.Model:
-  """`target`, optionally followed by a MESHES name (default: every device on fsdp)."""
+def _model(target: str, dtype, remat: str | None = None) -> pretrained.Model:
+  """`target`, optionally followed by a MESHES name (default: every device on fsdp); `remat` None for
+  inference, a policy for training (as train.py builds it)."""
   name, _, mesh = target.partition(" ")
-  return abstract_model(name, CFG, dtype, MESHES.get(mesh))
+  return abstract_model(name, CFG, dtype, MESHES.get(mesh), remat=remat)
 
 
 @pytest.mark.parametrize("target, program", CASES, ids=lambda x: getattr(x, "__name__", x))
@@ -148,16 +152,20 @@ def test_bf16_attention_is_cudnn_as_meant(target, program):
   """The program compiles, and each attention (forward, and backward when training) is one cuDNN call
   of the mask type and bias EXPECTED says."""
   decoder, runs_encoder = EXPECTED[program]
-  calls = compile_program(program, _model(target, jnp.bfloat16)).cudnn_attention()
+  training = program in TRAINING
+  calls = compile_program(program, _model(target, jnp.bfloat16, "nothing_saveable" if training else None))
+  calls = calls.cudnn_attention()
   group = CFG.decoder.num_heads // CFG.decoder.num_kv_heads
-  for backward in (False, True) if program in (train, train_packed) else (False,):
+  # Training scans its layer stacks (one call in the loop's body); inference unrolls them (one a layer).
+  dec_layers, enc_layers = (1, 1) if training else (CFG.decoder.num_layers, CFG.encoder.num_layers)
+  for backward in (False, True) if training else (False,):
     mine = [c for c in calls if c.backward == backward]
     dec = [c for c in mine if c.q[2] != c.k[2]]  # GQA: fewer kv heads than query heads (per device)
     enc = [c for c in mine if c.q[2] == c.k[2]]
     assert all(c.q[2] == group * c.k[2] for c in dec)  # kv heads never repeated to the query heads
-    assert [(c.mask_type, c.bias) for c in dec] == ([decoder] if decoder else [])
+    assert [(c.mask_type, c.bias) for c in dec] == ([decoder] * dec_layers if decoder else [])
     # The encoder's keys stop at each window's length: cuDNN's padding mask, no bias.
-    assert [(c.mask_type, c.bias) for c in enc] == ([("PADDING", False)] if runs_encoder else [])
+    assert [(c.mask_type, c.bias) for c in enc] == ([("PADDING", False)] * enc_layers if runs_encoder else [])
 
 
 # XLA's Triton GEMM fusion cannot tile the matmul after XLA's own attention when T is 1500 (the

@@ -381,8 +381,8 @@ def test_a_missing_model_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_sigterm_finishes_running_requests_and_exits_0(model_dir, tmp_path):
-  """503 while loading, 200 once warm; SIGTERM in the middle of a stream: the stream runs to its end,
-  the process exits 0."""
+  """503 while loading, 200 once warm (the log says so, phase by phase); SIGTERM in the middle of a stream:
+  the stream runs to its end, the process exits 0."""
   listener = socket.create_server(("127.0.0.1", 0))
   port = listener.getsockname()[1]
   listener.close()
@@ -401,6 +401,8 @@ def test_sigterm_finishes_running_requests_and_exits_0(model_dir, tmp_path):
       except OSError:
         time.sleep(0.2)
     assert 503 in seen
+    log_text = (tmp_path / "log").read_text()
+    assert "loaded in" in log_text and "warm-up 1/" in log_text and "more programs compile in the background" in log_text
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     conn.request("POST", "/v1/chat/completions", json.dumps({"messages": [{"role": "user", "content": "Hi"}],
                                                             "max_tokens": 60, "temperature": 0, "stream": True}),
@@ -421,8 +423,8 @@ def test_sigterm_finishes_running_requests_and_exits_0(model_dir, tmp_path):
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)], ids=["ctrl-c", "sigterm"])
 def test_stopped_while_loading_exits_cleanly(model_dir, sig, code):
   """Ctrl-C or SIGTERM while the model compiles its programs ends the process with its status, not
-  with an abort from tearing the interpreter down under a compile (a context of 4,096 tokens takes
-  the tiny model about 40 s to warm up on 2 cores; the signal comes 3 s in)."""
+  with an abort from tearing the interpreter down under a compile (loading the tiny model and compiling
+  what it answers first takes over 10 s on 2 cores; the signal comes 3 s in)."""
   proc = _serve(model_dir, "--port", "0", "--dtype", "float32", "--max-model-len", "4096")
   try:
     for line in proc.stderr:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from af3_jax.config import AF3Config
@@ -21,9 +22,10 @@ from af3_jax.models.qwen2 import Decoder
 
 
 def audio_embed_mask_from_features(features_mask: jax.Array, frames_per_window: int) -> jax.Array:
-  """(W, F) mel mask -> (W, P) bool: the pooled frames HF keeps (`get_audio_features`)."""
-  n = whisper.pooled_lengths(features_mask.astype(jnp.int32).sum(-1))
-  return jnp.arange(frames_per_window)[None, :] < n[:, None]
+  """(W, F) mel mask -> (W, P) bool: the pooled frames HF keeps (`get_audio_features`). numpy in, numpy out
+  (the engine's host side compiles nothing for it), or jax in, jax out."""
+  n = whisper.pooled_lengths(features_mask.astype(np.int32).sum(-1))
+  return np.arange(frames_per_window)[None, :] < n[:, None]
 
 
 def audio_positions(input_ids, attention_mask, audio_token_id: int):

@@ -2,7 +2,8 @@
 /v1/chat/completions (streamed as server-sent events or not) and POST /v1/audio/transcriptions.
 
 The app starts without a model (`create_app`), so /health can say 503 while `Service.start` loads and
-compiles; the caller then sets `app.state.service`. Requests are turned into engine requests on one
+compiles what common requests need (`warmup.py`; the rest compiles in the background as it serves); the
+caller then sets `app.state.service`. Requests are turned into engine requests on one
 worker thread (audio decoding and tokenizing stay off the event loop; the tokenizer is not shared across
 threads), and the engine's thread hands each token to the request's asyncio queue. A request whose client
 goes away, or whose answer meets a stop string, is cancelled, which frees its slot. Errors are
@@ -31,14 +32,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
-from af3_jax import decode
-from af3_jax.audio import features
-from af3_jax.buckets import bucket, window_bucket
-from af3_jax.engine import Engine, QueueFull
+from af3_jax.engine import DECODE_STEPS, Engine, QueueFull
 from af3_jax.engine import Request as EngineRequest
-from af3_jax.models import whisper
 from af3_jax.pretrained import Model
 from af3_jax.processor import Processor
+from af3_jax.serving import warmup
 from af3_jax.serving.chat import Translator
 from af3_jax.serving.protocol import ApiError, ChatRequest, validation_message
 from af3_jax.serving.text import Answer
@@ -46,25 +44,6 @@ from af3_jax.serving.text import Answer
 log = logging.getLogger("uvicorn.error")  # beside uvicorn's own lines
 # A 10-minute 48 kHz stereo 16-bit WAV is 154 MB in base64; a body far past that is refused unread.
 MAX_BODY_BYTES = 256 << 20
-
-
-def warm(engine: Engine) -> int:
-  """Compiles ahead the shapes requests take: every prompt bucket up to max_len with no audio and with
-  one window (a clip up to 30 s, the common case), and for 2 windows or more the buckets a long clip of
-  that many windows falls in (about 750 tokens a window). Rarer shapes (several short clips) compile at
-  their first request. Returns the (prompt, windows) pairs compiled."""
-  lengths = [t for t in (decode.MIN_BUCKET << k for k in range(32)) if t < engine.max_len] + [engine.max_len]
-  per_window = whisper.tokens_per_window(engine.model.config.encoder)
-  engine.warmup(lengths, audio_windows=[0, 1])
-  pairs = 2 * len(lengths)
-  ladder = sorted({window_bucket(n) for n in range(1, features.MAX_WINDOWS + 1)})  # 1 to 8, 10, ..., 20
-  for fewer, w in zip(ladder, ladder[1:]):  # more than `fewer` windows: at least `fewer` full ones
-    low, high = fewer * per_window + 1, w * per_window + decode.MIN_BUCKET
-    fits = [t for t in lengths if bucket(low) <= t <= bucket(high)]
-    if fits:
-      engine.warmup(fits, audio_windows=[w])
-      pairs += len(fits)
-  return pairs
 
 
 @dataclasses.dataclass
@@ -77,26 +56,28 @@ class Service:
   # Answers decode on a copy of the tokenizer: the worker thread encodes on the processor's, and the Rust
   # tokenizer refuses to be borrowed by two threads at once.
   decoder: Tokenizer
+  warming: warmup.Background  # compiles the less common shapes while the service answers
 
   @classmethod
   def start(cls, model: Model, processor: Processor, *, max_slots: int, max_len: int | None = None,
-            think: bool = False, media_root: str | Path | None = None) -> Service:
-    """Builds the engine, compiles its programs (`warm`) and starts its thread."""
-    engine = Engine(model, max_slots=max_slots, max_len=max_len)
-    started = time.perf_counter()
-    pairs = warm(engine)
-    log.info("compiled %d prompt shapes in %.1f s", pairs, time.perf_counter() - started)
+            think: bool = False, media_root: str | Path | None = None, decode_steps: int = DECODE_STEPS) -> Service:
+    """Builds the engine, compiles what common requests need, starts its thread, the rest compiling in the
+    background (`warmup.start`)."""
+    engine = Engine(model, max_slots=max_slots, max_len=max_len, decode_steps=decode_steps)
+    warming = warmup.start(engine, log)
     engine.start()
     root = Path(media_root).resolve() if media_root is not None else None
     return cls(engine, Translator(processor, engine.max_len, think, root),
                concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="af3-requests"),
-               copy.deepcopy(processor.tokenizer.backend_tokenizer))
+               copy.deepcopy(processor.tokenizer.backend_tokenizer), warming)
 
   def answer(self, stops=()) -> Answer:
     return Answer(self.decoder, stops)
 
   def stop(self) -> None:
-    """Refuses new requests and returns once every running one is answered."""
+    """Refuses new requests and returns once every running one is answered (and the program compiling
+    in the background is done)."""
+    self.warming.stop()
     self.engine.stop(drain=True)
     self.worker.shutdown()
 
