@@ -279,11 +279,29 @@ def load_orbax(root: Path, abstract_state: nnx.State, shardings: nnx.State) -> n
 
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
+  folder = (root / ORBAX_PARAMS).absolute()
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      restored = ckptr.restore((root / ORBAX_PARAMS).absolute(), target)
+      # Checked before reading: a restore that fails part-way leaves tensorstore's reads of the other
+      # arrays running after it returns, to fail later against a closed event loop.
+      _check_orbax_tree(ckptr.metadata(folder).item_metadata, target)
+      restored = ckptr.restore(folder, target)
   except (ValueError, OSError) as e:  # a damaged tree, or one config.json does not describe
     raise ValueError(f"{root / ORBAX_PARAMS}: cannot restore this orbax checkpoint with {root / 'config.json'} "
                      f"({' '.join(str(e).split())})") from None
   nnx.replace_by_pure_dict(abstract_state, restored)
   return abstract_state
+
+
+def _check_orbax_tree(saved, target) -> None:
+  """Raises ValueError naming the parameters `target` lacks or has beyond the saved tree, and those
+  whose saved shape differs."""
+  shapes = lambda tree: {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+  have, want = shapes(saved), shapes(target)
+  missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+  problems = ([f"missing {', '.join(missing)}"] if missing else []) + \
+             ([f"unexpected {', '.join(unexpected)}"] if unexpected else []) + \
+             [f"{k}: saved {have[k]}, config.json says {want[k]}" for k in sorted(have.keys() & want.keys())
+              if have[k] != want[k]]
+  if problems:
+    raise ValueError("; ".join(problems))
