@@ -31,6 +31,7 @@ _TOP_P = flags.DEFINE_float("top-p", None, "Nucleus sampling mass; default: gene
                             lower_bound=0, upper_bound=1)
 _GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding, whatever generation_config.json says.")
 _DTYPE, _QUANTIZE = cli.weight_flags()
+flags.adopt_module_key_flags(cli)  # --dtype, --quantize and --verbosity in --help, not only --helpfull
 _STYLE = flags.DEFINE_enum("style", "hf", ["hf", "nvidia"], "Prompt style (see README).")
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive multi-turn chat on stdin.")
 _BATCH = flags.DEFINE_string("batch", None, "An upstream-format JSON manifest to answer.")
@@ -118,6 +119,7 @@ def run() -> int:
 
 def main(argv: list[str]) -> None:
   del argv  # _parse_flags refused anything beyond the program name
+  cli.setup_logging()
   cli.exit_with(run)
 
 

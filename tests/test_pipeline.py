@@ -64,6 +64,8 @@ def test_unusable_samples_are_replaced_counted_and_named(processor, clips, caplo
   assert sum(int(b["skipped"]) for b in out) in (11, 12)  # 3 unusable per pass, the last pass maybe cut short
   for name in ("bad1", "broken.wav", "noanswer", "no assistant answer", "bad2", "missing.wav"):
     assert name in caplog.text
+  # Each pass meets them again: one warning each all the same.
+  assert sorted(r.getMessage().split()[2] for r in caplog.records) == ["bad1", "bad2", "noanswer"]
 
 
 def test_nothing_usable_is_an_error_naming_the_source(processor, clips):
