@@ -18,7 +18,6 @@ import soundfile as sf
 import eval as eval_cli
 from af3_jax.evaluation import runner, tasks
 
-pytest.importorskip("torch")  # the tiny checkpoint is built with transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 CHOICES = [["Man", "Woman", "Child", "Robot"], ["wind", "wharf"], ["A dog barking", "A cat", "Birds", "Rain", "Wind"],

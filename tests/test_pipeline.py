@@ -17,7 +17,6 @@ from af3_jax.data import pipeline
 from af3_jax.data.manifest import Sample
 from af3_jax.train_step import IGNORE
 
-pytest.importorskip("torch")  # the tokenizer fixture is built with transformers
 
 
 def sample(id_: str, audio=None, answer: str | None = "A dog barking.") -> Sample:

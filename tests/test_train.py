@@ -31,13 +31,11 @@ ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device 
 
 
 @pytest.fixture(scope="module")
-def run_setup(gqa_ckpt, tokenizer_dir, tmp_path_factory):
+def run_setup(model_dir, tmp_path_factory):
   """(checkpoint with tokenizer, manifest of 8 short clips with answers, manifest with a corrupt file)."""
   root = tmp_path_factory.mktemp("train")
   model = root / "model"
-  shutil.copytree(gqa_ckpt.hf, model)
-  for f in tokenizer_dir.iterdir():
-    shutil.copy(f, model)
+  shutil.copytree(model_dir, model)
   rng = np.random.default_rng(0)
   items = []
   for i in range(8):
