@@ -42,8 +42,8 @@ except ImportError:
 
 
 # The tiny checkpoints' weights: a draw whose greedy answers do not collapse onto one repeated token, as a
-# random model's may (test_generate needs varied reference paths).
-SEED = 2
+# random model's often do (test_generate needs varied reference paths, test_infer a printable answer).
+SEED = 4
 
 
 @dataclasses.dataclass(frozen=True)
