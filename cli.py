@@ -5,11 +5,13 @@ loads no jax: they check their flags before jax loads."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
+import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 from absl import flags
@@ -82,6 +84,27 @@ class _Lines(logging.Handler):
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
   """A Python warning as one line, without the source line `warnings` would print under it."""
   (file or sys.stderr).write(f"warning: {' '.join(str(message).split())}\n")
+
+
+def weights_label(dtype: str, quantize: str, think: bool) -> str:
+  """How the weight flags load a model, for the line saying what loads: "bfloat16, int8, think adapter"."""
+  return ", ".join([dtype, *([quantize] if quantize != "none" else []), *(["think adapter"] if think else [])])
+
+
+@contextlib.contextmanager
+def loading(what: str) -> Iterator[None]:
+  """Says that `what` loads, and when it has, in how long."""
+  started = time.perf_counter()
+  note(f"loading {what} ...")
+  yield
+  note(f"loaded in {time.perf_counter() - started:.1f} s")
+
+
+def note(message: str) -> None:
+  """A line about what the program is doing (loading, compiling, what is left), on stderr: stdout holds
+  the answers."""
+  sys.stderr.write(f"{message}\n")
+  sys.stderr.flush()
 
 
 def fail(message: object) -> NoReturn:
