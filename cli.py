@@ -143,6 +143,22 @@ def exit_with(run: Callable[[], int]) -> NoReturn:
   sys.exit(code)
 
 
+def process(main: Callable[[], object]) -> NoReturn:
+  """Runs a program's `main` as the process (its `__main__` block; tests call `main` itself). Exiting
+  interrupted (130), it leaves without the interpreter's teardown: Ctrl-C may have cut an XLA compile
+  short, whose threads then crash the teardown (a segfault, not 130). By then the program has closed
+  what it writes."""
+  try:
+    main()
+  except SystemExit as e:
+    if e.code != INTERRUPTED:
+      raise
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(INTERRUPTED)
+  sys.exit(0)
+
+
 def main(values: flags.FlagValues, doc: str, argv: list[str], run: Callable[..., int],
          args: Sequence[str] = ()) -> NoReturn:
   """A program on flags of its own (`values`, not absl's global set; --verbosity is added to them) and

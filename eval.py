@@ -160,4 +160,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  cli.process(lambda: main(sys.argv))

@@ -150,4 +150,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.process(lambda: app.run(main, flags_parser=_parse_flags))

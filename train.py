@@ -364,12 +364,8 @@ def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   cli.setup_logging()
-  try:
-    code = run(_CONFIG.value, Path(_WORKDIR.value), _COMPILE_ONLY.value)
-  except ValueError as e:
-    cli.fail(e)
-  sys.exit(code)
+  cli.exit_with(lambda: run(_CONFIG.value, Path(_WORKDIR.value), _COMPILE_ONLY.value))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.process(lambda: app.run(main, flags_parser=_parse_flags))

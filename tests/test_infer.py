@@ -2,9 +2,12 @@
 and a resume, and bad input as one line with a non-zero exit."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -136,3 +139,21 @@ def test_think_merges_the_checkpoints_think_adapter(model_dir, clips, gqa_ckpt, 
   lora.save_pretrained(with_think / "think")
   code, out, err = run_cli(["--model", str(with_think), *args], capsys=capsys, monkeypatch=monkeypatch)
   assert code == 0 and out.strip(), err
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_it_compiles_exits_130(model_dir, clips):
+  """Ctrl-C cuts the first answer's XLA compile short; the process still exits 130 with its summary, not
+  with a crash of the interpreter's teardown under the compile (it did about every other time). About
+  25 s."""
+  proc = subprocess.Popen([sys.executable, "infer.py", "--model", str(model_dir), "--audio", str(clips / "a.wav")],
+                          cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env={**os.environ, "XLA_FLAGS": ""})
+  for line in proc.stderr:
+    if line.startswith("each new prompt size compiles once"):
+      break
+  time.sleep(1)
+  proc.send_signal(signal.SIGINT)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130 and "Fatal Python error" not in err, err[-2000:]
+  assert err.splitlines()[-1].startswith("interrupted; ")
