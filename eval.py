@@ -57,8 +57,9 @@ def _check_flags() -> None:
   missing = [f"--{f.name}" for f in (_TASK, _DATA, _OUT) if f.value is None]
   if missing:
     raise ValueError(f"give {' and '.join(missing)} (or --rescore OUT)")
-  if not Path(_DATA.value).is_file():
-    raise ValueError(f"{_DATA.value}: no such data file")
+  data = Path(_DATA.value)
+  if not data.is_file():
+    raise ValueError(f"{data}: {'is a folder; --data takes a file' if data.is_dir() else 'no such data file'}")
 
 
 def _settings() -> dict:

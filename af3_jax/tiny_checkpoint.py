@@ -132,6 +132,8 @@ def write(dst: str | Path, *, model_type: str = "af3", config: AF3Config | None 
   dst = Path(dst)
   if dst.exists():
     raise ValueError(f"{dst}: already exists; choose a new folder")
+  if (ancestor := next(p for p in dst.parents if p.exists())).is_file():
+    raise ValueError(f"{dst}: {ancestor} is a file, not a folder")
   tok = tokenizer(cfg.decoder.vocab_size)
   tmp = dst.parent / f".{dst.name}.partial"
   shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted write

@@ -192,6 +192,7 @@ def test_asr_aqa_and_manifest_runs(model_dir, mmau, tmp_path, capsys):
 @pytest.mark.parametrize("args, message", [
     (["--data", "{tmp}/mmau.json", "--out", "{tmp}/o"], "give --task (or --rescore OUT)"),
     (["--task", "mmau", "--data", "{tmp}/nope.json", "--out", "{tmp}/o"], "{tmp}/nope.json: no such data file"),
+    (["--task", "mmau", "--data", "{tmp}", "--out", "{tmp}/o"], "{tmp}: is a folder; --data takes a file"),
     (["--task", "mmlu"], "flag --task=mmlu: value should be one of <mmau|mmar|asr|aqa|manifest>"),
     (["--task", "mmau", "--data", "{tmp}/bad.json", "--out", "{tmp}/o"],
      "{tmp}/bad.json: not valid JSON (Expecting value: line 1 column 1 (char 0))"),

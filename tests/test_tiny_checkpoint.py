@@ -80,6 +80,7 @@ def test_peft_reads_the_think_adapter_with_our_merged_logits(written):
     (["{out}"], "error: {out}: already exists; choose a new folder"),
     ([], "error: give OUT (see --help)"),
     (["{out}2", "--model-type", "qwen"], "error: flag --model-type=qwen: value should be one of <af3>"),
+    (["{out}/config.json/x"], "error: {out}/config.json/x: {out}/config.json is a file, not a folder"),
 ])
 def test_bad_input_is_one_line(written, args, message):
   run = subprocess.run([sys.executable, "-m", "convert.tiny", *[a.format(out=written) for a in args]], cwd=ROOT,
