@@ -17,20 +17,17 @@ from pathlib import Path
 from absl import flags
 
 import cli
+from af3_jax import tiny_checkpoint
 
 FLAGS = flags.FlagValues()
-_MODEL_TYPE = flags.DEFINE_enum("model-type", "af3", ["af3"], "The model family to write "
-                                "(af3_jax.tiny_checkpoint.MODEL_TYPES).", flag_values=FLAGS)
+_MODEL_TYPE = flags.DEFINE_enum("model-type", "af3", list(tiny_checkpoint.MODEL_TYPES), "The model family to write.",
+                                flag_values=FLAGS)
 _THINK = flags.DEFINE_bool("think", False, "Also write a random think-mode LoRA adapter in OUT/think.",
                            flag_values=FLAGS)
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights.", lower_bound=0, flag_values=FLAGS)
 
 
 def run(out: Path) -> int:
-  if out.exists():  # before jax loads
-    raise ValueError(f"{out}: already exists; choose a new folder")
-  from af3_jax import tiny_checkpoint
-
   tiny_checkpoint.write(out, model_type=_MODEL_TYPE.value, seed=_SEED.value, think=_THINK.value)
   print(f"wrote {out}: a tiny {_MODEL_TYPE.value} with random weights{' and a think adapter' if _THINK.value else ''}")
   return 0
