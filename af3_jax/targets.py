@@ -76,6 +76,8 @@ def devices(target: Target | str) -> list[jax.Device]:
       topo = topologies.get_topology_desc(platform="cuda", target_config=text, topology=f"1x1x{target.count}")
     else:
       os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")  # no GCE metadata server to ask
+      # libtpu locks the chips it drives; compile-only devices drive none, so compiles may run side by side.
+      os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
       lib_name, chip_config, _, _ = _TPUS[kind]
       grid = _tpu_grid(target.count, 3 if chip_config == "megacore" else 2)
       topo = topologies.get_topology_desc(

@@ -51,16 +51,19 @@ def reference_mask(b, t, s, *, causal, offset, pads=None, lengths=None, segments
   return mask
 
 
-@pytest.mark.parametrize("name", CASES)
-def test_blockwise_equals_xla(name, monkeypatch):
-  """float32, unit-normal inputs: outputs are averages of O(1) values, equal to 1e-5 (seen: ~1e-6)."""
-  case = CASES[name]
+def case_inputs(case: dict, seed: int = 0):
+  """q, k, v of `case` (float32, unit normal), `attention`'s keyword arguments for its masks, and the
+  (B, 1, T, S) reference mask. `offset` is one slot for every row, or one per row."""
   b, t, s, n, k, h = case["shape"]
-  rng = np.random.default_rng(0)
+  rng = np.random.default_rng(seed)
   q, key, value = (jnp.asarray(rng.standard_normal(shape), jnp.float32)
                    for shape in [(b, t, n, h), (b, s, k, h), (b, s, k, h)])
-  mask = reference_mask(b, t, s, causal=case["causal"], offset=case["offset"], pads=case.get("pads"),
-                        lengths=case.get("lengths"), segments=case.get("segments"))
+  offset = case["offset"]
+  row = lambda name, i: None if name not in case else (case[name][i],)
+  mask = np.concatenate([
+      reference_mask(1, t, s, causal=case["causal"], offset=None if offset is None else np.broadcast_to(offset, b)[i],
+                     pads=row("pads", i), lengths=row("lengths", i), segments=row("segments", i))
+      for i in range(b)])
   kw = dict(scale=h**-0.5, causal=case["causal"])
   if "lengths" in case:
     kw["kv_lengths"] = jnp.array(case["lengths"])
@@ -69,8 +72,16 @@ def test_blockwise_equals_xla(name, monkeypatch):
     kw["key_mask"] = kw["segment_ids"] > 0
   else:
     kw["key_mask"] = jnp.asarray(mask[:, 0, -1])  # the last query sees every key a row has
-  if case["offset"] is not None:
-    kw["q_offset"] = jnp.int32(case["offset"])
+  if offset is not None:
+    kw["q_offset"] = jnp.asarray(offset, jnp.int32)
+  return (q, key, value), kw, mask
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_blockwise_equals_xla(name, monkeypatch):
+  """float32, unit-normal inputs: outputs are averages of O(1) values, equal to 1e-5 (seen: ~1e-6)."""
+  (q, key, value), kw, mask = case_inputs(CASES[name])
+  h = q.shape[-1]
   with jax.default_matmul_precision("highest"):
     want = jax.nn.dot_product_attention(q, key, value, mask=jnp.asarray(mask), scale=h**-0.5, implementation="xla")
     monkeypatch.setattr(attention, "DENSE_MAX_SCORES", 0)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from af3_jax import targets
+from af3_jax.models import splash
 
 # Up to this many attention scores (B N T S), 64 MiB in float32, XLA computes them in one piece: the
 # tiny test models' prompts and decode steps, which compile faster so. Beyond it, blockwise: memory linear
@@ -35,6 +36,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, key_mas
   Backends: cuDNN flash attention on GPU for 16-bit inputs (it rejects float32); XLA in one piece
   when there are at most `DENSE_MAX_SCORES` scores; otherwise blockwise (`_blockwise`), so no (T, S)
   array is ever built for a long prompt.
+  On TPU, runs of at least `splash.MIN_QUERIES` queries go to the Pallas splash kernel (`splash`);
+  decode steps and short prompts stay on XLA, as a kernel block would be mostly padding.
   """
   b, t, n, _ = q.shape
   s = k.shape[1]
@@ -48,6 +51,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, key_mas
         is_causal=causal and not offset_causal,
         key_value_seq_lengths=None if kv_lengths is None else kv_lengths.astype(jnp.int32),
         implementation="cudnn")
+  if targets.platform() == "tpu" and t >= splash.MIN_QUERIES and (s >= t or not causal):
+    return splash.attention(q, k, v, scale=scale, key_mask=key_mask, kv_lengths=kv_lengths, causal=causal,
+                            q_offset=q_offset, segment_ids=segment_ids)
   mask = _Mask(key_mask, kv_lengths, causal, q_offset, segment_ids)
   if b * n * t * s <= DENSE_MAX_SCORES:
     return jax.nn.dot_product_attention(q, k, v, mask=mask(0, t, s), scale=scale, implementation="xla")

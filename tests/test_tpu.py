@@ -1,0 +1,142 @@
+"""Programs compiled for TPU slices on this CPU machine (deviceless, `af3_jax.targets`): long-prompt
+attention runs in the Pallas splash kernel (`tpu_custom_call`), a decode step stays on XLA, and the
+program fits the chips' HBM (libtpu refuses to compile one that does not; we also check the plan).
+Tiny models for CI; the full-size 10-minute prefill and stage-5 training step are slow (minutes each
+on 2 cores). Needs the `accelerators` extra and JAX_PLATFORMS=cpu (`pytest -m accelerator`).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from af3_jax import decode, sharding, targets
+from af3_jax.buckets import bucket, window_bucket
+from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.data import pipeline
+from af3_jax.generation import Sampling
+from af3_jax.models.whisper import tokens_per_window
+from af3_jax.pretrained import Model, abstract_model
+
+pytestmark = pytest.mark.accelerator
+
+KERNEL = "tpu_custom_call"
+TINY = AF3Config(
+    encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
+    decoder=DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                          intermediate_size=128),
+    audio_token_id=299)
+NEW_TOKENS = 64  # decode.MIN_BUCKET: the cache's room after the prompt
+
+
+@pytest.fixture(autouse=True)
+def _default_precision():
+  """conftest's "highest" matmul precision makes Mosaic refuse the bfloat16 kernel (see `splash`)."""
+  with jax.default_matmul_precision("default"):
+    yield
+
+
+def _peak(compiled) -> int:
+  """Bytes one device holds at the program's peak: arguments, outputs and temporaries, less what the
+  outputs reuse of donated arguments."""
+  m = compiled.memory_analysis()
+  return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def _fits(compiled, target: str, what: str) -> None:
+  hbm, peak, m = targets.parse(target).hbm_bytes, _peak(compiled), compiled.memory_analysis()
+  gib = lambda n: f"{n / 2**30:.2f}"
+  print(f"{what} on {target}, GiB a device: peak {gib(peak)} of {gib(hbm)} (arguments {gib(m.argument_size_in_bytes)}, "
+        f"outputs {gib(m.output_size_in_bytes)}, donated {gib(m.alias_size_in_bytes)}, temporaries {gib(m.temp_size_in_bytes)})")
+  assert peak <= hbm
+
+
+def _prefill_and_step(cfg: AF3Config, target: str, windows: int, dtype=jnp.bfloat16):
+  """`decode.prefill` of one NVIDIA-style prompt (text, then `<sound>` x 750 and a newline a window),
+  padded to generate's buckets, and one `decode.step` after it, compiled for `target` with the model
+  split over every device by heads (tensor parallel: mesh (1, 1, n))."""
+  devices = targets.devices(target)
+  mesh = sharding.make_mesh((1, 1, len(devices)), devices)
+  graphdef, abstract, shardings = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh)
+  length = bucket(16 + windows * (tokens_per_window(cfg.encoder) + 1), decode.MIN_BUCKET)
+  shapes = pipeline.batch_shapes(1, window_bucket(windows), length, packed=False)
+  del shapes["labels"]
+  batch_shardings = sharding.batch_shardings({k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}, mesh)
+  batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_shardings[k]) for k, (shape, dt) in shapes.items()}
+  eos = np.full(4, -1, np.int32)
+
+  def prefill_fn(state, batch):
+    return decode.prefill(nnx.merge(graphdef, state), batch, NEW_TOKENS, Sampling(), jax.random.key(0), eos,
+                          np.int32(0))
+
+  def step_fn(state, decoding):
+    return decode.step(nnx.merge(graphdef, state), decoding, Sampling())
+
+  with jax.set_mesh(mesh):
+    prefill = jax.jit(prefill_fn, in_shardings=(shardings, None)).lower(abstract, batch).compile()
+    decoding = jax.eval_shape(prefill_fn, abstract, batch)
+    step = jax.jit(step_fn, in_shardings=(shardings, None), donate_argnums=1).lower(abstract, decoding).compile()
+  return prefill, step
+
+
+def _train_step(cfg, model_cfg: AF3Config, target: str, length: int):
+  """The stage config's train step for `length`-token rows, built as `train.py --compile_only` builds it
+  (the config's mesh, batch, accumulation, remat, dtypes), compiled for `target`."""
+  import train as train_py
+
+  devices = targets.devices(target)
+  mesh = sharding.make_mesh(sharding.resolve_shape(cfg.mesh, len(devices)), devices)
+  compute = np.dtype(cfg.compute_dtype)
+  graphdef, abstract, _ = abstract_model(model_cfg, param_dtype=compute, compute_dtype=compute, mesh=mesh,
+                                         remat=cfg.remat)
+  _, frozen, state, step_fn = train_py.build(cfg, Model(model_cfg, graphdef, abstract, mesh), mesh, total_steps=1000,
+                                             abstract=True)
+  rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] * cfg.accum_steps
+  template = pipeline.batch_shapes(rows, cfg.data.max_windows, length, packed=cfg.data.packing)
+  shapes = {k: jax.ShapeDtypeStruct(sharding.micro_batched(shape, cfg.accum_steps), dt)
+            for k, (shape, dt) in template.items()}
+  shardings = sharding.batch_shardings(shapes, mesh, cfg.accum_steps)
+  batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[k]) for k, x in shapes.items()}
+  with jax.set_mesh(mesh):
+    return step_fn.lower(state, frozen, batch).compile()
+
+
+@pytest.mark.parametrize("target", ["v5e-4", "v5p-8"])
+def test_tiny_prefill_runs_the_kernel_and_decoding_does_not(target):
+  prefill, step = _prefill_and_step(TINY, target, windows=1)
+  assert KERNEL in prefill.as_text()  # the encoder's windows and the prompt
+  assert KERNEL not in step.as_text()  # one query a row: XLA
+
+
+def test_tiny_packed_training_step_runs_the_kernel_both_ways():
+  from configs import stage5
+
+  cfg = stage5.get_config()
+  cfg.per_device_batch, cfg.accum_steps, cfg.data.max_windows = 1, 2, 1
+  hlo = _train_step(cfg, TINY, "v5p-8", length=256).as_text()
+  assert "splash_mha_fwd_segmented" in hlo and "splash_mha_dkv_segmented" in hlo  # forward and backward
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target", ["v5e-4", "v5p-8"])
+def test_ten_minute_prefill_at_full_size_runs_the_kernel_and_fits(target):
+  """The released AF3 in bfloat16, 10 minutes of audio (20 windows, 15,036 prompt tokens padded to
+  16,384), split by heads over the slice."""
+  prefill, step = _prefill_and_step(AF3Config(), target, windows=20)
+  assert KERNEL in prefill.as_text()
+  _fits(prefill, target, "10-minute prefill")
+  _fits(step, target, "decode step after it")
+
+
+@pytest.mark.slow
+def test_stage5_training_step_at_full_size_runs_the_kernel_and_fits():
+  """configs/stage5.py as it stands (all weights trained, 2 packed rows of 8,192 tokens and 20 windows
+  a device, 8 accumulated, fsdp over the slice) at the released AF3 size, on a v5p-8. No v5e slice
+  holds it (bench/RESULTS.md): its temporaries alone pass a v5e chip's HBM."""
+  from configs import stage5
+
+  cfg = stage5.get_config()
+  compiled = _train_step(cfg, AF3Config(), "v5p-8", length=cfg.data.max_length)
+  assert KERNEL in compiled.as_text()
+  _fits(compiled, "v5p-8", "stage-5 step")
