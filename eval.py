@@ -3,10 +3,12 @@
   python eval.py --task mmau --data mmau-test-mini.json --model PATH_OR_HUB_ID --out runs/mmau
   python eval.py --rescore runs/mmau        # summary.json again from an edited predictions.json
 
-Tasks: mmau, mmar, asr, aqa, manifest (af3_jax/evaluation/tasks.py). OUT gets predictions.json (the
-benchmark's items with the answers where its official scorer reads them) and summary.json. A rerun
-resumes by item id. Several processes (JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, as
-for train.py, with OUT on a filesystem they share) split the items; process 0 writes the files.
+Tasks: mmau, mmar, asr, aqa, manifest (af3_jax/evaluation/tasks.py). OUT (made with its parents if
+needed) gets predictions.json (the benchmark's items with the answers where its official scorer reads
+them) and summary.json. A rerun resumes by item id. The exit status is 1 when an item failed (its audio
+missing, say; --retry-errors answers it again once fixed), as for `infer.py --batch`. Several processes
+(JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID, as for train.py, with OUT on a filesystem
+they share) split the items; process 0 writes the files.
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ def _check_flags() -> None:
   missing = [f"--{f.name}" for f in (_TASK, _DATA, _OUT) if f.value is None]
   if missing:
     raise ValueError(f"give {' and '.join(missing)} (or --rescore OUT)")
-  if not Path(_DATA.value).is_file():
-    raise ValueError(f"{_DATA.value}: no such data file")
+  data = Path(_DATA.value)
+  if not data.is_file():
+    raise ValueError(f"{data}: {'is a folder; --data takes a file' if data.is_dir() else 'no such data file'}")
 
 
 def _settings() -> dict:
@@ -84,10 +87,12 @@ def _load_assistant():
 
   from af3_jax import assistant, sharding, weights
 
-  # Each process answers on its own first device (jax.devices()[0] is process 0's in a multi-process run).
-  model, processor = assistant.load(weights.resolve(_MODEL.value), dtype=_DTYPE.value, think=_THINK.value,
-                                    style=_STYLE.value, quantize=_QUANTIZE.value,
-                                    mesh=sharding.single_device_mesh(jax.local_devices()[0]))
+  root = weights.resolve(_MODEL.value)
+  with cli.loading(f"{root} ({cli.weights_label(_DTYPE.value, _QUANTIZE.value, _THINK.value)})"):
+    # Each process answers on its own first device (jax.devices()[0] is process 0's in a multi-process run).
+    model, processor = assistant.load(root, dtype=_DTYPE.value, think=_THINK.value, style=_STYLE.value,
+                                      quantize=_QUANTIZE.value, mesh=sharding.single_device_mesh(jax.local_devices()[0]))
+  cli.note("each new prompt size compiles once, before its first answer")
   return assistant.Assistant(model, processor, max_new_tokens=_MAX_NEW.value, think=_THINK.value, do_sample=False,
                              repetition_penalty=1.0)
 
@@ -98,8 +103,17 @@ def _report(summary: dict, out: Path) -> str:
                "no score")
   speed = summary.get("throughput") or {}
   pace = f"; {speed['items_per_s']:.2f} items/s, RTFx {speed['rtfx']:.1f}" if speed.get("items_per_s") else ""
+  unscored = f"; {summary['no_reference']} answered without a reference" if summary.get("no_reference") else ""
   return (f"{summary['task']}: {score} over {summary['n']} scored of {summary['items']} items "
-          f"({summary['errors']} errors){pace} -> {out / 'summary.json'}")
+          f"({summary['errors']} errors{unscored}){pace} -> {out / 'summary.json'}")
+
+
+def _failed(errors: int, out: Path) -> int:
+  """The exit status for a run whose items include `errors` failed ones (0 or 1), said in a line."""
+  if errors:
+    cli.note(f"{errors} item(s) failed (their messages are under 'error' in {out / 'predictions.json'}); fix "
+             "them (a missing audio file, say) and rerun with --retry-errors")
+  return 1 if errors else 0
 
 
 def run() -> int:
@@ -115,6 +129,7 @@ def run() -> int:
   import jax
 
   from af3_jax import train_run
+  from af3_jax.config import read_json
   from af3_jax.evaluation import tasks
 
   settings = _settings()
@@ -124,8 +139,8 @@ def run() -> int:
   out = Path(_OUT.value)
   run_dir = runner.Run(out, benchmark, settings, process)
   if run_dir.finished(_RETRY.value):
-    print(f"{out}: every item is answered and its files are written; nothing to do", file=sys.stderr)
-    return 0
+    cli.note(f"{out}: every item has its record and the files are written; nothing to do")
+    return _failed(read_json(out / runner.SUMMARY)["errors"], out)
   todo = run_dir.todo(process, count, _RETRY.value)
   session = runner.Throughput()
   if todo:
@@ -136,9 +151,11 @@ def run() -> int:
       print(f"\ninterrupted; answers so far are kept in {out}: rerun the same command to resume", file=sys.stderr)
       return cli.INTERRUPTED
   sessions = runner.gather(session)
-  if process == 0:
-    print(_report(run_dir.write(sessions), out))
-  return 0
+  if process != 0:
+    return 0
+  summary = run_dir.write(sessions)
+  print(_report(summary, out))
+  return _failed(summary["errors"], out)
 
 
 def main(argv: list[str]) -> None:
@@ -146,4 +163,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  cli.process(lambda: main(sys.argv))

@@ -7,7 +7,9 @@ continuous-batching engine.
 
 The server listens at once and answers GET /health with 503 while the model loads and compiles what
 common requests need, then 200; the other shapes compile in the background (a line per phase in the log).
-SIGTERM (or Ctrl-C) stops accepting, finishes the requests already running, and exits 0 (130 for Ctrl-C).
+SIGTERM (or Ctrl-C) stops accepting, finishes the requests already running, and exits 0 (130 for Ctrl-C);
+a second signal ends the running requests at once instead (each client gets a 503, or its stream an
+error event and [DONE]); a third quits without waiting for anything.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import threading
 import time
 from pathlib import Path
 
+import uvicorn
 from absl import flags
 
 import cli
@@ -57,8 +60,6 @@ def run() -> int:
     raise ValueError(f"{_MEDIA.value}: --allowed-local-media-path is not a folder")
   listener = socket.create_server((_HOST.value, _PORT.value))  # a port in use fails here, in one line
   cache = cli.use_compilation_cache(_CACHE.value)
-  import uvicorn
-
   from af3_jax import assistant, weights
   from af3_jax.serving import app as serving
 
@@ -67,14 +68,15 @@ def run() -> int:
     weights.think_adapter(root)  # a missing adapter fails now, not after the server is up
   name = _NAME.value or _MODEL.value
   app = serving.create_app(name)
-  server = uvicorn.Server(uvicorn.Config(app, log_level="info"))
+  server = _Server(uvicorn.Config(app, log_level="info"), app)
   failed: list[BaseException] = []
 
   def load() -> None:
     try:
-      serving.log.info("loading %s (%s); compiled programs are kept in %s", root, _DTYPE.value,
-                       cache or "no folder (--compilation-cache off)")
       started = time.perf_counter()
+      serving.log.info("loading %s (%s); compiled programs are kept in %s", root,
+                       cli.weights_label(_DTYPE.value, _QUANTIZE.value, _THINK.value),
+                       cache or "no folder (--compilation-cache off)")
       model, processor = assistant.load(root, dtype=_DTYPE.value, think=_THINK.value, style="hf",
                                         quantize=_QUANTIZE.value)
       serving.log.info("loaded in %.1f s", time.perf_counter() - started)
@@ -109,9 +111,30 @@ def run() -> int:
   return stopped_by[-1]
 
 
+class _Server(uvicorn.Server):
+  """uvicorn's server, but a second SIGINT or SIGTERM cuts the running answers short (`Service.cut_short`)
+  rather than cancelling their tasks, which answered clients with a bare 500 or a stream without its end,
+  and logged a traceback for each; a third quits at once (uvicorn's force exit)."""
+
+  def __init__(self, config: uvicorn.Config, app):
+    super().__init__(config)
+    self.app = app
+    self.signals = 0
+
+  def handle_exit(self, sig: int, frame) -> None:
+    self.signals += 1
+    service = self.app.state.service
+    if self.signals == 2 and service is not None:
+      self._captured_signals.append(sig)  # re-raised when uvicorn is done, for the exit status
+      service.cut_short()
+      uvicorn.server.logger.info("cutting the running requests short; a third signal quits at once")
+      return
+    super().handle_exit(sig if self.signals < 3 else signal.SIGINT, frame)
+
+
 def main(argv: list[str]) -> None:
   cli.main(FLAGS, __doc__, argv, run)
 
 
 if __name__ == "__main__":
-  main(sys.argv)
+  cli.process(lambda: main(sys.argv))

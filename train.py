@@ -19,12 +19,13 @@ import time
 from pathlib import Path
 
 from absl import app, flags
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and the final model go here.")
+flags.adopt_module_key_flags(cli)  # --verbosity in --help
 _COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Plan memory only: compile the stage's train step for "
                                   "every length bucket from init_from's config.json (no weights, no data), print "
                                   "the per-device plan and write workdir/memory.json.")
@@ -248,6 +249,7 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
     print(f"warning: resuming step {start} with settings that differ from the run that saved it: "
           f"{'; '.join(changed)}", file=sys.stderr)
 
+  print(f"loading the model from {init_from} ...", flush=True)
   model = load(cfg, init_from, mesh)
   graphdef, frozen, state, step_fn = build(cfg, model, mesh, total)
   n_train, n_frozen = train_run.count(state.params), train_run.count(frozen)
@@ -262,6 +264,7 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
   _Stop.install()
   compiled = {}  # one program per batch shape (length bucket)
   capacity = targets.device_memory(mesh.devices.flat[0])
+  tally = _Tally(start)
   # Under the guard a host<->device copy that nobody asked for (a stray numpy operand, a Python
   # conversion of a device value) is an error, not a silent sync per step: the batch goes up and the
   # metrics come down explicitly. Leaving the block by any path closes the event file.
@@ -282,9 +285,11 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
       shapes = tuple((k, v.shape) for k, v in sorted(batch.items()))
       with jax.set_mesh(mesh):
         if shapes not in compiled:
+          tqdm.write(f"compiling the train step for input_ids {batch['input_ids'].shape} (once per length "
+                     "bucket) ...")
           compiled[shapes] = step_fn.lower(state, frozen, batch).compile()
-          print(f"compiled train step for input_ids {batch['input_ids'].shape}: "
-                f"{train_run.memory_summary(train_run.memory_plan(compiled[shapes], capacity))}")
+          tqdm.write(f"compiled train step for input_ids {batch['input_ids'].shape}: "
+                     f"{train_run.memory_summary(train_run.memory_plan(compiled[shapes], capacity))}")
         state, m = compiled[shapes](state, frozen, batch)
       m = jax.device_get(m)
       if not np.isfinite(m["loss"]):
@@ -292,6 +297,7 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
               f"(the last checkpoint is step {ckpt.latest_step()})", file=sys.stderr)
         ckpt.close()
         return 1
+      tally.add(step, m, skipped)
       stop = _Stop.after(step)
       stopping = stop or step == total
       if log:
@@ -300,41 +306,90 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
       bar.update()
       ckpt.save(step, state, data, force=stopping)
       if stop:
-        print(f"stopped at step {step} by a signal; checkpoint saved, rerun the command to resume", file=sys.stderr)
         ckpt.close()
+        print(tally.summary(f"stopped at step {step} of {total} by a signal; checkpoint saved, rerun the command to "
+                            "resume"))
         return 0
   ckpt.close()
   if train_run.model_step(workdir) != total:  # a rerun of a finished run finds its model already written
     train_run.write_model(workdir, total, model, graphdef, state.params, frozen, train_run.lora_spec(cfg))
-  print(f"done: {total} steps; the trained model is in {workdir / 'model'}")
+  print(tally.summary(f"done: step {total} of {total}; the trained model is in {workdir / 'model'}"))
   return 0
+
+
+class _Tally:
+  """What a run did, for its last line: steps, real tokens and skipped samples since it started."""
+
+  def __init__(self, start: int):
+    self.start, self.step, self.tokens, self.skipped = start, start, 0.0, 0
+    self.started = time.perf_counter()
+
+  def add(self, step: int, metrics, skipped: int) -> None:
+    self.step, self.tokens, self.skipped = step, self.tokens + float(metrics["real_tokens"]), self.skipped + skipped
+
+  def summary(self, outcome: str) -> str:
+    seconds = time.perf_counter() - self.started
+    return (f"{outcome} | this run: {self.step - self.start} step(s) in {seconds:.1f} s (compiles included), "
+            f"{self.tokens / seconds:,.0f} real tokens/s, {self.skipped} unusable sample(s) skipped")
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
   """absl's flag parsing, with a bad --config file or override as one line and exit 1."""
   try:
-    return flags.FLAGS(argv)
+    rest = flags.FLAGS(argv)
   except flags.Error as e:
-    problem = e
+    # A --config file whose get_config raised comes with the whole traceback: its last line says why.
+    head, _, trace = str(e).partition("Traceback (most recent call last):")
+    problem = f"{head} {trace.strip().splitlines()[-1]}" if trace else str(e)
   except (KeyError, AttributeError) as e:  # ml_collections: an override names no field of the config
-    problem = f"no such config field in the --config overrides: {e.args[0] if e.args else e}"
-  except OSError as e:  # ml_collections: the --config file cannot be loaded
-    problem = f"cannot load the --config file: {e}"
-  cli.fail(' '.join(str(problem).split()))
+    problem = f"--config overrides: {_no_such_field(e)}"
+  except OSError as e:  # ml_collections: the --config file cannot be read; its last line says why
+    problem = f"cannot load the --config file ({str(e).splitlines()[-1].strip()})"
+  except Exception as e:  # noqa: BLE001: the --config file's own Python failed (a syntax error, say)
+    problem = f"cannot load the --config file ({type(e).__name__}: {e})"
+  else:
+    problem = _config_problem()
+    if problem is None:
+      return rest
+  cli.fail(' '.join(problem.split()))
+
+
+def _config_problem() -> str | None:
+  """What is wrong with the loaded --config, which ml_collections would report only at first use."""
+  config, name = _CONFIG.value, flags.FLAGS["config"].config_filename
+  if isinstance(config, ConfigDict):
+    return None
+  try:
+    config.keys()  # what ml_collections returns for a file it could not read raises its error here
+  except OSError as e:
+    return f"cannot load the --config file ({str(e).splitlines()[-1].strip()})"
+  except AttributeError:
+    pass
+  return f"{name}: get_config() returned {type(config).__name__}, not an ml_collections ConfigDict"
+
+
+def _no_such_field(e: BaseException) -> str:
+  """ml_collections' message for an unknown field (a KeyError of "'name'\\nDid you mean ...", which may
+  come wrapped in an AttributeError), as plain text."""
+  while e.args and isinstance(e.args[0], BaseException):
+    e = e.args[0]
+  name, _, hint = (str(e.args[0]) if e.args else str(e)).partition("\n")
+  if not (name.startswith("'") and name.endswith("'")):  # not a field name: another lookup failed
+    return name
+  return f"no such field {name}" + (f"; {hint[:1].lower()}{hint[1:]}" if hint else "")
 
 
 def main(argv: list[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  started = time.perf_counter()
-  try:
+  cli.setup_logging()
+
+  def start() -> int:
     cli.use_compilation_cache(_CACHE.value)
-    code = run(_CONFIG.value, Path(_WORKDIR.value), _COMPILE_ONLY.value, _TARGET.value)
-  except (ValueError, OSError) as e:
-    cli.fail(e)
-  print(f"{time.perf_counter() - started:.1f} s", file=sys.stderr)
-  sys.exit(code)
+    return run(_CONFIG.value, Path(_WORKDIR.value), _COMPILE_ONLY.value, _TARGET.value)
+
+  cli.exit_with(start)
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  cli.process(lambda: app.run(main, flags_parser=_parse_flags))

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from af3_jax import decode, files, weights
 from af3_jax.audio import features
+from af3_jax.audio.loading import load_audio
 from af3_jax.data.manifest import Sample
 from af3_jax.engine import Completion, Engine, Request
 from af3_jax.pretrained import Model, from_pretrained
@@ -29,18 +30,30 @@ from af3_jax.processor import Encoded, Processor
 
 @dataclasses.dataclass
 class Stats:
+  """What was answered: requests, new tokens, seconds of audio heard (each clip once, however many turns
+  of a chat send it again) and the time spent answering (a chat's typing pauses are not counted)."""
+
   requests: int = 0
   first_token_s: float = 0.0  # summed over streamed requests
   streamed: int = 0
   new_tokens: int = 0
   audio_s: float = 0.0
-  started: float = dataclasses.field(default_factory=time.perf_counter)
+  busy_s: float = 0.0
+
+  @contextlib.contextmanager
+  def answering(self) -> Iterator[None]:
+    """Counts the time inside the block as time spent answering."""
+    started = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.busy_s += time.perf_counter() - started
 
   def summary(self) -> str:
-    wall = time.perf_counter() - self.started
     ttft = f"{self.first_token_s / self.streamed:.2f} s" if self.streamed else "n/a (not streamed)"
-    return (f"{self.requests} request(s) in {wall:.1f} s: time to first token {ttft}, "
-            f"{self.new_tokens / wall:.1f} new tokens/s, {self.audio_s:.1f} s of audio")
+    rate = self.new_tokens / self.busy_s if self.busy_s else 0.0
+    return (f"{self.requests} request(s) in {self.busy_s:.1f} s: time to first token {ttft}, "
+            f"{rate:.1f} new tokens/s, {self.audio_s:.1f} s of audio")
 
 
 def load(root: Path, *, dtype: str, think: bool, style: str, quantize: str = "none",
@@ -74,9 +87,9 @@ class Assistant:
                        f"that exceeds the model's context of {context}")
     return encoded
 
-  def _inputs(self, encoded: Sequence[Encoded]) -> dict[str, np.ndarray]:
+  def _inputs(self, encoded: Sequence[Encoded], count_audio: bool = True) -> dict[str, np.ndarray]:
     batch = self.processor.collate(encoded)
-    if "input_features_mask" in batch:
+    if count_audio and "input_features_mask" in batch:
       self.stats.audio_s += batch["input_features_mask"].sum() * features.HOP / features.SAMPLE_RATE
     self.stats.requests += len(encoded)
     return batch
@@ -84,10 +97,18 @@ class Assistant:
   def _text(self, tokens: Iterable[int]) -> str:
     return self.processor.tokenizer.decode(list(tokens), skip_special_tokens=True)
 
-  def reply(self, conversation: list[dict], out: IO[str] | None = None) -> str:
-    """Streams the answer to one conversation to `out` as it is generated; returns the whole text."""
+  def reply(self, conversation: list[dict], out: IO[str] | None = None, *, new_audio_s: float | None = None) -> str:
+    """Streams the answer to one conversation to `out` as it is generated; returns the whole text.
+    new_audio_s: the seconds of audio the conversation adds to what was heard before (a chat's new
+    clips; None: all of its audio is new)."""
+    with self.stats.answering():
+      text = self._reply(conversation, out, count_audio=new_audio_s is None)
+    self.stats.audio_s += new_audio_s or 0.0
+    return text
+
+  def _reply(self, conversation: list[dict], out: IO[str] | None, count_audio: bool) -> str:
     start = time.perf_counter()
-    batch = self._inputs([self.encode(conversation)])
+    batch = self._inputs([self.encode(conversation)], count_audio)
     # Decodes each new token against a few before it, not the whole answer again (linear, not quadratic
     # in its length); `step` gives None while a multi-byte character is still incomplete.
     stream, backend = DecodeStream(skip_special_tokens=True), self.processor.tokenizer.backend_tokenizer
@@ -169,12 +190,14 @@ def parse_results(path: Path, text: str) -> list[tuple[str, bool, str]]:
   return records
 
 
-def compact_results(path: Path) -> set[str]:
+def compact_results(path: Path, order: Sequence[str] = ()) -> set[str]:
   """Rewrites a JSONL results file to one line per id; returns the answered ids (none if no file).
 
   Whichever manifest an id came from, it keeps its "output" line (answers are never dropped) or, if
-  it has none, its newest "error" line; a half-written last line is dropped; lines keep their order.
-  The rewrite is atomic (a crash leaves the old file or the new one) and skipped when nothing changes."""
+  it has none, its newest "error" line; a half-written last line is dropped. The ids in `order` (a
+  manifest's, in its order) are written in that order, where the first of them stood; other lines keep
+  their places. The rewrite is atomic (a crash leaves the old file or the new one) and skipped when
+  nothing changes."""
   if not path.exists():
     return set()
   try:
@@ -184,26 +207,34 @@ def compact_results(path: Path) -> set[str]:
   records = parse_results(path, text)
   answered = {id_ for id_, ok, _ in records if ok}
   newest_error = {id_: n for n, (id_, ok, _) in enumerate(records) if not ok}
-  kept = "".join(line + "\n" for n, (id_, ok, line) in enumerate(records)
-                 if ok or (id_ not in answered and newest_error[id_] == n))
-  if kept != text:
-    files.write_text_atomic(path, kept)
+  kept = [(id_, line) for n, (id_, ok, line) in enumerate(records)
+          if ok or (id_ not in answered and newest_error[id_] == n)]
+  rank = {id_: i for i, id_ in enumerate(order)}
+  ours = iter([line for _, line in sorted((rank[id_], line) for id_, line in kept if id_ in rank)])
+  # Each of our lines' places is taken, in turn, by our lines in manifest order: the block stays put.
+  lines = [next(ours) if id_ in rank else line for id_, line in kept]
+  new = "".join(line + "\n" for line in lines)
+  if new != text:
+    files.write_text_atomic(path, new)
   return answered
 
 
 def run_batch(assistant: Assistant, items: Sequence[Sample], out_path: Path, batch_size: int) -> int:
   """Answers the prompts in `items` (see `batch_items`) not yet answered in `out_path`, `batch_size` at
   a time on the engine, appending a {"id", "output"} line per item, or {"id", "error"} for an item whose
-  audio or prompt is bad (the others are still answered), in their order; returns the failures.
+  audio or prompt is bad (the others are still answered); returns the failures.
 
   However the run ends (Ctrl-C included), `out_path` is then compacted (`compact_results`): one valid
-  JSONL line per id, so a failed item retried on every rerun still has one line."""
-  done = compact_results(out_path)  # also drops a line half-written by a crash before we append
+  JSONL line per id, the manifest's ids in manifest order, so a failed item retried on every rerun still
+  has one line, in its place."""
+  order = [s.id for s in items]
+  done = compact_results(out_path, order)  # also drops a line half-written by a crash before we append
   todo = [s for s in items if s.id not in done]
   failures = 0
   try:
     with (open(out_path, "a") as out, tqdm(total=len(todo), desc="items", unit="item") as bar,
-          contextlib.closing(assistant.answers((s.conversation for s in todo), batch_size)) as answers):
+          contextlib.closing(assistant.answers((s.conversation for s in todo), batch_size)) as answers,
+          assistant.stats.answering()):
       for sample, answer in zip(todo, answers, strict=True):
         failures += isinstance(answer, ValueError)
         key = "error" if isinstance(answer, ValueError) else "output"
@@ -211,7 +242,7 @@ def run_batch(assistant: Assistant, items: Sequence[Sample], out_path: Path, bat
         out.flush()
         bar.update()
   finally:
-    compact_results(out_path)
+    compact_results(out_path, order)
   return failures
 
 
@@ -227,13 +258,18 @@ def _command_error(command: str, argument: str) -> str | None:
   return None
 
 
-def run_chat(assistant: Assistant, lines: Iterable[str], out: IO[str], err: IO[str]) -> None:
+CHAT_HELP = ("type a message and press Enter; /audio PATH attaches a file to your next message, /reset starts "
+             "a new conversation, /exit (or Ctrl-D) ends")
+
+
+def run_chat(assistant: Assistant, lines: Iterable[str], out: IO[str], err: IO[str], prompt: str = "") -> None:
   """A multi-turn chat over `lines` (a terminal or piped stdin): `/audio PATH` attaches audio to the
-  next turn, `/reset` starts a new conversation, `/exit` ends; any other line is the user's turn.
-  A bad command, or a turn that fails (a bad audio file, say), is one `error:` line on `err` and is
-  dropped; the chat goes on."""
-  conversation, pending = [], []
-  for line in lines:
+  next turn (the file is checked at once, and said to be attached), `/reset` starts a new conversation,
+  `/exit` ends; any other line is the user's turn. A bad command, or a turn that fails (too long a
+  prompt, say), is one `error:` line on `err` and is dropped; the chat goes on. `prompt` is written to
+  `err` before each line is read (for a terminal)."""
+  conversation, pending, pending_s = [], [], 0.0
+  for line in _prompted(lines, err, prompt):
     line = line.strip()
     if not line:
       continue
@@ -245,17 +281,38 @@ def run_chat(assistant: Assistant, lines: Iterable[str], out: IO[str], err: IO[s
       elif command == "/exit":
         break
       elif command == "/reset":
-        conversation, pending = [], []
+        conversation, pending, pending_s = [], [], 0.0
         err.write("(new conversation)\n")
       else:
+        try:
+          seconds = len(load_audio(argument, style=assistant.processor.style)) / features.SAMPLE_RATE
+        except ValueError as e:
+          err.write(f"error: {e}; not attached\n")
+          continue
         pending.append({"type": "audio", "path": argument})
+        pending_s += seconds
+        err.write(f"(attached {argument}, {seconds:.1f} s, to your next message)\n")
       continue
-    turn = {"role": "user", "content": [*pending, {"type": "text", "text": line}]}
-    pending = []
+    turn, new_audio_s = {"role": "user", "content": [*pending, {"type": "text", "text": line}]}, pending_s
+    pending, pending_s = [], 0.0  # a turn that fails takes its attachments with it
     try:
-      answer = assistant.reply([*conversation, turn], out)
+      answer = assistant.reply([*conversation, turn], out, new_audio_s=new_audio_s)
     except ValueError as e:
       err.write(f"error: {e}\n")
       continue
     out.write("\n")
+    out.flush()
     conversation += [turn, {"role": "assistant", "content": answer}]
+
+
+def _prompted(lines: Iterable[str], err: IO[str], prompt: str) -> Iterator[str]:
+  """`lines`, with `prompt` written to `err` before each is read."""
+  lines = iter(lines)
+  while True:
+    if prompt:
+      err.write(prompt)
+      err.flush()
+    try:
+      yield next(lines)
+    except StopIteration:
+      return

@@ -100,13 +100,18 @@ def _resolve(key: str, params: dict):
 
 
 def write_peft(dst: Path, params: nnx.State, spec: Spec) -> None:
-  """Writes the LoRA weights in `params` (a LoRA run's trainable state) as a peft adapter folder:
-  `adapter_config.json` and `adapter_model.safetensors`."""
+  """Writes the LoRA weights in `params` (a LoRA run's trainable state) as a peft adapter folder
+  (`save_peft`)."""
   # Every process gathers (params may be sharded over processes); process 0 alone writes.
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(params))
   flat = {k: np.asarray(x, np.float32) for k, x in multihost_utils.process_allgather(flat, tiled=True).items()}
-  if jax.process_index() != 0:
-    return
+  if jax.process_index() == 0:
+    save_peft(dst, flat, spec)
+
+
+def save_peft(dst: Path, flat: dict[tuple[str, ...], np.ndarray], spec: Spec) -> None:
+  """LoRA weights by our paths (`(..., lora_a | lora_b)`, stacked layers first) as a peft adapter folder:
+  `adapter_config.json` and `adapter_model.safetensors`."""
   tensors = {}
   for path, x in flat.items():
     which = {"lora_a": "A", "lora_b": "B"}[path[-1]]

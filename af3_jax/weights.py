@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
+from safetensors.numpy import save_file
 
 from af3_jax import names
 from af3_jax.config import AF3Config, decoder_config, encoder_config, parse_json, read_json
@@ -218,6 +219,41 @@ def load_safetensors(root: Path, abstract_state: nnx.State, shardings: nnx.State
   return abstract_state
 
 
+# transformers' largest shard by default (`save_pretrained(max_shard_size="5GB")`).
+SHARD_BYTES = 5 * 2**30
+
+
+def torch_tensors(state: nnx.State):
+  """(module-tree key, numpy tensor in torch's layout) for every parameter, one layer at a time."""
+  for path, x in traverse_util.flatten_dict(nnx.to_pure_dict(state)).items():
+    for layer in names.layers_of(path, x.shape):
+      canon = names.hf_key(path, layer)
+      value = np.asarray(jax.device_get(x[layer] if layer is not None else x))
+      yield names.module_tree_key(canon), np.ascontiguousarray(names.ours_to_torch(value, names.param_path(canon)[2]))
+
+
+def save_safetensors(state: nnx.State, dst: Path, shard_bytes: int = SHARD_BYTES) -> None:
+  """`state` as transformers' safetensors in the folder `dst`: shards of at most `shard_bytes` and, when
+  there are several, `model.safetensors.index.json`."""
+  shards, current, size = [], {}, 0
+  for key, value in torch_tensors(state):
+    if current and size + value.nbytes > shard_bytes:
+      shards.append(current)
+      current, size = {}, 0
+    current[key] = value
+    size += value.nbytes
+  shards.append(current)
+  if len(shards) == 1:
+    save_file(shards[0], dst / "model.safetensors", metadata={"format": "pt"})
+    return
+  weight_map = {}
+  for i, shard in enumerate(shards, 1):
+    name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+    save_file(shard, dst / name, metadata={"format": "pt"})
+    weight_map.update(dict.fromkeys(shard, name))
+  index = {"metadata": {"total_size": sum(v.nbytes for s in shards for v in s.values())}, "weight_map": weight_map}
+  (dst / _INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
 def save_model(dst: Path, config: AF3Config, state: nnx.State, files_from: Path) -> None:
   """Writes a folder `from_pretrained` reads: `config.json`, the parameters as an orbax tree under
   `params/`, and the tokenizer, generation and processor files found in `files_from`.
@@ -279,11 +315,29 @@ def load_orbax(root: Path, abstract_state: nnx.State, shardings: nnx.State) -> n
 
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                         nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
+  folder = (root / ORBAX_PARAMS).absolute()
   try:
     with ocp.StandardCheckpointer() as ckptr:
-      restored = ckptr.restore((root / ORBAX_PARAMS).absolute(), target)
+      # Checked before reading: a restore that fails part-way leaves tensorstore's reads of the other
+      # arrays running after it returns, to fail later against a closed event loop.
+      _check_orbax_tree(ckptr.metadata(folder).item_metadata, target)
+      restored = ckptr.restore(folder, target)
   except (ValueError, OSError) as e:  # a damaged tree, or one config.json does not describe
     raise ValueError(f"{root / ORBAX_PARAMS}: cannot restore this orbax checkpoint with {root / 'config.json'} "
                      f"({' '.join(str(e).split())})") from None
   nnx.replace_by_pure_dict(abstract_state, restored)
   return abstract_state
+
+
+def _check_orbax_tree(saved, target) -> None:
+  """Raises ValueError naming the parameters `target` lacks or has beyond the saved tree, and those
+  whose saved shape differs."""
+  shapes = lambda tree: {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(tree)).items()}
+  have, want = shapes(saved), shapes(target)
+  missing, unexpected = sorted(want.keys() - have.keys()), sorted(have.keys() - want.keys())
+  problems = ([f"missing {', '.join(missing)}"] if missing else []) + \
+             ([f"unexpected {', '.join(unexpected)}"] if unexpected else []) + \
+             [f"{k}: saved {have[k]}, config.json says {want[k]}" for k in sorted(have.keys() & want.keys())
+              if have[k] != want[k]]
+  if problems:
+    raise ValueError("; ".join(problems))

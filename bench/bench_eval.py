@@ -9,14 +9,13 @@ Both passes answer the same synthetic file in MMAU's format (a noise clip of 10-
 test-mini has one clip per question) through what eval.py runs (`runner.Run`, `runner.answer`, the
 NVIDIA prompt style, the continuous-batching engine), differing only in the engine's decode slots (1:
 one item at a time). The model has random weights (the
-"tiny" preset) and a byte-level tokenizer, so no answer ends early: every item decodes exactly
+"tiny" preset) and no eos (it has no generation_config.json), so no answer ends early: every item decodes exactly
 --new-tokens tokens and the work per item is fixed. Times run from the first request to the last
 answer, jit compiles included, as in eval.py's summary; RTFx is seconds of audio per second of wall time.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import sys
@@ -34,7 +33,7 @@ from af3_jax.assistant import Assistant
 from af3_jax.evaluation import runner, tasks
 from af3_jax.pretrained import init_random
 from af3_jax.processor import Processor
-from presets import MODELS, byte_tokenizer
+from presets import MODELS, with_tokenizer
 
 _ITEMS = flags.DEFINE_integer("items", 1000, "Items (MMAU test-mini has 1,000).", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch-size", 8, "Decode slots of the engine in the batched pass (eval.py's default).",
@@ -66,10 +65,7 @@ def main(argv: list[str]) -> int:
   if len(_SECONDS.value) != 2 or not 0 < _SECONDS.value[0] <= _SECONDS.value[1] <= 30:
     print("--seconds takes a shortest and a longest duration, 0 < shortest <= longest <= 30", file=sys.stderr)
     return 1
-  tokenizer = byte_tokenizer()
-  base = MODELS["tiny"]
-  cfg = dataclasses.replace(base, decoder=dataclasses.replace(base.decoder, vocab_size=len(tokenizer)),
-                            audio_token_id=tokenizer.convert_tokens_to_ids("<sound>"))
+  cfg, tokenizer = with_tokenizer(MODELS["tiny"])
   bot = Assistant(init_random(cfg, dtype=jnp.dtype(_DTYPE.value)), Processor(tokenizer, style="nvidia"),
                   max_new_tokens=_NEW.value, do_sample=False)
   header = (f"tiny AF3 (random weights), {_DTYPE.value}, {_ITEMS.value} items of {_SECONDS.value[0]:g}-"

@@ -57,7 +57,7 @@ from af3_jax.engine import Request as EngineRequest
 from af3_jax.pretrained import init_random
 from af3_jax.processor import Processor
 from af3_jax.serving.app import Service, create_app
-from presets import MODELS, TokenClock, byte_tokenizer, torch_model
+from presets import MODELS, TokenClock, torch_model, with_tokenizer
 
 _SIZE = flags.DEFINE_enum("size", "test", list(MODELS), "The model (bench/presets.py), random weights.")
 _CLIENTS = flags.DEFINE_multi_integer("clients", [1, 8, 32], "Concurrent clients, one table row each.")
@@ -212,8 +212,7 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   base = MODELS[_SIZE.value]
-  tokenizer = byte_tokenizer(base.decoder.vocab_size)
-  cfg = dataclasses.replace(base, audio_token_id=tokenizer.convert_tokens_to_ids("<sound>"))
+  cfg, tokenizer = with_tokenizer(base)
   processor = Processor(tokenizer, style="hf")
   n, requests = _NEW.value, _REQUESTS.value
   platform = _DEVICE.value if _DEVICE.value != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")

@@ -1,19 +1,15 @@
 """What the benchmarks share: model sizes (random weights, so no download), transformers' AF3 built from
-one, and a tokenizer that needs no files."""
+one, and the tiny checkpoints' tokenizer (`af3_jax.tiny_checkpoint.tokenizer`: it needs no files)."""
 
+import dataclasses
 import time
 
+from af3_jax import tiny_checkpoint
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 
-SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<sound>", "[PAD]"]
-
 MODELS = {
-    # The tests' tiny model (tests/conftest.py TINY[0], "gqa"): 4 query heads share 2 kv heads.
-    "test": AF3Config(
-        encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-        decoder=DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                              head_dim=16, intermediate_size=128, rope_theta=5000.0),
-        audio_token_id=299),
+    # The tests' tiny model and `python -m convert.tiny`'s: 4 query heads share 2 kv heads.
+    "test": tiny_checkpoint.CONFIGS["af3"],
     # Wider than the test configs so the matmuls, not the dispatch, take the time on a CPU.
     "tiny": AF3Config(
         encoder=EncoderConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
@@ -24,20 +20,11 @@ MODELS = {
 }
 
 
-def byte_tokenizer(vocab_size: int | None = None):
-  """A byte-level tokenizer with no merges (one token per byte) and the chat template's specials, last.
-  With `vocab_size`, filler tokens (never produced by encoding; they decode as `<id>`) make it that big,
-  so that every id a model of that vocabulary draws decodes."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-  from transformers import PreTrainedTokenizerFast
-
-  alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-  fillers = [] if vocab_size is None else [f"<{i}>" for i in range(len(alphabet), vocab_size - len(SPECIAL_TOKENS))]
-  tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet + fillers)}, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens(SPECIAL_TOKENS)
-  return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="[PAD]")
+def with_tokenizer(cfg: AF3Config):
+  """(cfg with its audio id where the tokenizer puts `<sound>`, a tokenizer of cfg's vocabulary). The
+  tokenizer's `<sound>` is its last id, which every preset but "full" already uses."""
+  tok = tiny_checkpoint.tokenizer(cfg.decoder.vocab_size)
+  return dataclasses.replace(cfg, audio_token_id=tok.convert_tokens_to_ids("<sound>")), tok
 
 
 def torch_model(cfg: AF3Config, dtype, device: str):

@@ -65,6 +65,8 @@ STAGES = {
 
 
 def stage(n: int) -> ml_collections.ConfigDict:
+  if n not in STAGES:
+    raise ValueError(f"stage {n}: the stages are {', '.join(map(str, STAGES))}")
   s = STAGES[n]
   c = base()
   c.trainable = s["trainable"]

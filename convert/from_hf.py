@@ -13,10 +13,16 @@ import sys
 from pathlib import Path
 
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import flags
 
 import af3_jax
+import cli
 from af3_jax import weights
+
+# Flags of their own, not absl's global set: tests import `convert` beside infer.py, which has a --dtype.
+FLAGS = flags.FlagValues()
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.",
+                           flag_values=FLAGS)
 
 
 def convert(src: str, dst: Path, dtype) -> None:
@@ -26,19 +32,16 @@ def convert(src: str, dst: Path, dtype) -> None:
   weights.save_model(dst, model.config, model.state, weights.tokenizer_dir(model.path))
 
 
+def run(src: str, dst: str) -> int:
+  cli.note(f"loading {weights.resolve(src)} ...")  # a missing SRC fails here, in one line
+  convert(src, Path(dst), jnp.dtype(_DTYPE.value))
+  print(f"wrote {dst}")
+  return 0
+
+
 def main(argv: list[str]) -> None:
-  if len(argv) != 3:
-    raise app.UsageError("usage: python -m convert.from_hf SRC DST [--dtype=bfloat16|float32|float16]")
-  logging.set_verbosity(logging.WARNING)  # orbax logs every file it touches at INFO
-  try:
-    convert(argv[1], Path(argv[2]), jnp.dtype(flags.FLAGS.dtype))
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print(f"wrote {argv[2]}")
+  cli.main(FLAGS, __doc__, argv, run, args=["SRC", "DST"])
 
 
 if __name__ == "__main__":
-  # Defined here, not at import: tests import `convert` beside infer.py, which has its own --dtype.
-  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "Parameter dtype to store.")
-  app.run(main)
+  cli.process(lambda: main(sys.argv))

@@ -22,47 +22,21 @@ import sys
 import tempfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
-import numpy as np
-from absl import app, flags, logging
-from flax import nnx, traverse_util
-from safetensors.numpy import save_file
+from absl import flags
 
-from af3_jax import lora, names, train_run, weights
+import cli
+from af3_jax import lora, train_run, weights
 
-SHARD_BYTES = 5 * 2**30
-
-
-def tensors(state: nnx.State):
-  """(module-tree key, numpy tensor in torch layout) for every parameter, one layer at a time."""
-  for path, x in traverse_util.flatten_dict(nnx.to_pure_dict(state)).items():
-    for layer in names.layers_of(path, x.shape):
-      canon = names.hf_key(path, layer)
-      value = np.asarray(jax.device_get(x[layer] if layer is not None else x))
-      yield names.module_tree_key(canon), np.ascontiguousarray(names.ours_to_torch(value, names.param_path(canon)[2]))
-
-
-def write_safetensors(state: nnx.State, dst: Path) -> None:
-  """Shards of at most SHARD_BYTES and, when there are several, `model.safetensors.index.json`."""
-  shards, current, size = [], {}, 0
-  for key, value in tensors(state):
-    if current and size + value.nbytes > SHARD_BYTES:
-      shards.append(current)
-      current, size = {}, 0
-    current[key] = value
-    size += value.nbytes
-  shards.append(current)
-  if len(shards) == 1:
-    save_file(shards[0], dst / "model.safetensors", metadata={"format": "pt"})
-    return
-  weight_map = {}
-  for i, shard in enumerate(shards, 1):
-    name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-    save_file(shard, dst / name, metadata={"format": "pt"})
-    weight_map.update(dict.fromkeys(shard, name))
-  index = {"metadata": {"total_size": sum(v.nbytes for s in shards for v in s.values())}, "weight_map": weight_map}
-  (dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+# Flags of their own, not absl's global set: tests import `convert` beside infer.py and train.py.
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", None, "A train.py workdir.", flag_values=FLAGS)
+_OUT = flags.DEFINE_string("out", None, "The folder to write.", flag_values=FLAGS)
+_STEP = flags.DEFINE_integer("step", None, "The saved step to export (default: the latest).", flag_values=FLAGS)
+_DTYPE = flags.DEFINE_enum("dtype", None, ["bfloat16", "float32", "float16"],
+                           "Tensor dtype to store (default: the dtype the run saved its model in).", flag_values=FLAGS)
+_ADAPTER_ONLY = flags.DEFINE_bool("adapter-only", False, "Write the run's LoRA as a PEFT adapter instead.",
+                                  flag_values=FLAGS)
 
 
 def write_adapter(workdir: Path, source: Path, dst: Path) -> None:
@@ -85,7 +59,7 @@ def write_hf_model(source: Path, dst: Path, dtype) -> None:
   dtype = train_run.saved_dtype(source) if dtype is None else jnp.dtype(dtype)
   model = train_run.load_model(source, dtype=dtype)
   dst.mkdir()
-  write_safetensors(model.state, dst)
+  weights.save_safetensors(model.state, dst)
   config = {**model.config.to_hf_dict(), "dtype": dtype.name}
   (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
   weights.copy_side_files(weights.tokenizer_dir(model.path), dst)
@@ -109,25 +83,17 @@ def export(workdir: Path, out: Path, *, step: int | None, dtype, adapter_only: b
     dst.rename(out)
 
 
+def run() -> int:
+  if _WORKDIR.value is None or _OUT.value is None:
+    raise ValueError("give --workdir (a train.py workdir) and --out (the folder to write)")
+  export(Path(_WORKDIR.value), Path(_OUT.value), step=_STEP.value, dtype=_DTYPE.value, adapter_only=_ADAPTER_ONLY.value)
+  print(f"wrote {_OUT.value}")
+  return 0
+
+
 def main(argv: list[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)
-  f = flags.FLAGS
-  try:
-    export(Path(f.workdir), Path(f.out), step=f.step, dtype=f.dtype, adapter_only=f["adapter-only"].value)
-  except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  print(f"wrote {f.out}")
+  cli.main(FLAGS, __doc__, argv, run)
 
 
 if __name__ == "__main__":
-  # Defined here, not at import: tests import `convert` beside infer.py and train.py.
-  flags.DEFINE_string("workdir", None, "A train.py workdir.", required=True)
-  flags.DEFINE_string("out", None, "The folder to write.", required=True)
-  flags.DEFINE_integer("step", None, "The saved step to export (default: the latest).")
-  flags.DEFINE_enum("dtype", None, ["bfloat16", "float32", "float16"],
-                    "Tensor dtype to store (default: the dtype the run saved its model in).")
-  flags.DEFINE_bool("adapter-only", False, "Write the run's LoRA as a PEFT adapter instead.")
-  app.run(main)
+  cli.process(lambda: main(sys.argv))

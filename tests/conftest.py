@@ -1,8 +1,10 @@
 """Test setup: 8 fake CPU devices, float32 at highest matmul precision, tiny random AF3 checkpoints.
 
-The checkpoints are built with transformers from small configs and every tensor is re-drawn at random
-(biases and norm weights included), so a wrong transpose, bias or norm cannot hide behind the default
-init of zeros and ones.
+The checkpoints are written by `af3_jax.tiny_checkpoint` (what `python -m convert.tiny` writes for
+users), whose every tensor is drawn at random (biases and norm weights included), so a wrong transpose,
+bias or norm cannot hide behind an init of zeros and ones; PyTorch's reference model is transformers'
+`from_pretrained` of that folder. transformers' own tester config is built by transformers and redrawn
+alike.
 """
 
 import os
@@ -19,9 +21,9 @@ jax.config.update("jax_default_matmul_precision", "highest")
 import contextlib  # noqa: E402
 import dataclasses  # noqa: E402
 import json  # noqa: E402
-import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -30,13 +32,20 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import af3_jax  # noqa: E402
+from af3_jax import tiny_checkpoint  # noqa: E402
+from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig  # noqa: E402
 
 try:  # the PyTorch reference; tests that need it skip without it
   import torch
   import transformers
-  from safetensors.torch import save_file
+  from safetensors.torch import load_file, save_file
 except ImportError:
   torch = None
+
+
+# The tiny checkpoints' weights: a draw whose greedy answers do not collapse onto one repeated token, as a
+# random model's often do (test_generate needs varied reference paths, test_infer a printable answer).
+SEED = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,17 +67,22 @@ class Tiny:
   def audio_token_id(self) -> int:
     return self.vocab - 1
 
-  def hf_config(self):
-    return transformers.AudioFlamingo3Config(
-        audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=128, hidden_size=self.enc_width,
-                          num_hidden_layers=self.layers, num_attention_heads=self.enc_heads,
-                          intermediate_size=2 * self.enc_width, max_source_positions=1500),
-        text_config=dict(model_type="qwen2", vocab_size=self.vocab, hidden_size=self.dec_width,
-                         num_hidden_layers=self.layers, num_attention_heads=self.dec_heads,
-                         num_key_value_heads=self.kv_heads, head_dim=self.head_dim,
-                         intermediate_size=2 * self.dec_width, rope_theta=self.rope_theta,
-                         tie_word_embeddings=False),
+  def config(self) -> AF3Config:
+    return AF3Config(
+        encoder=EncoderConfig(hidden_size=self.enc_width, num_layers=self.layers, num_heads=self.enc_heads,
+                              intermediate_size=2 * self.enc_width),
+        decoder=DecoderConfig(vocab_size=self.vocab, hidden_size=self.dec_width, num_layers=self.layers,
+                              num_heads=self.dec_heads, num_kv_heads=self.kv_heads, head_dim=self.head_dim,
+                              intermediate_size=2 * self.dec_width, rope_theta=self.rope_theta),
         audio_token_id=self.audio_token_id)
+
+  def hf_config(self):
+    return transformers.AudioFlamingo3Config(**self.config().to_hf_dict())
+
+  def write(self, dst: Path, seed: int = SEED) -> Path:
+    """This shape as `convert.tiny` writes a checkpoint (tokenizer included), without its generation
+    defaults: decoding is greedy and stops only at max_new_tokens, so tests control both."""
+    return tiny_checkpoint.write(dst, config=self.config(), seed=seed, generation=None)
 
 
 TINY = [
@@ -108,7 +122,8 @@ class Tester:
 
 
 def randomize(model, seed: int) -> None:
-  """Redraws every tensor: weights ~ N(0, 0.1), biases ~ N(0, 0.1), norm weights ~ 1 + N(0, 0.1)."""
+  """Redraws every tensor as `tiny_checkpoint.random_params` draws them: weights and biases ~ N(0, 0.1),
+  norm weights ~ 1 + N(0, 0.1)."""
   g = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.state_dict().items():
@@ -116,19 +131,26 @@ def randomize(model, seed: int) -> None:
       p.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise)
 
 
-def build_torch_model(tiny: Tiny | Tester, seed: int = 0):
-  torch.manual_seed(seed)
-  model = transformers.AudioFlamingo3ForConditionalGeneration(tiny.hf_config())
-  randomize(model, seed)
+def build_torch_model(tiny: Tiny | Tester, seed: int = SEED):
+  """transformers' model of `tiny` with random weights: for a `Tiny`, read from the checkpoint
+  `Tiny.write` writes; transformers' tester config is built by transformers and redrawn."""
+  if isinstance(tiny, Tester):
+    torch.manual_seed(seed)
+    model = transformers.AudioFlamingo3ForConditionalGeneration(tiny.hf_config())
+    randomize(model, seed)
+    return model.eval()
+  with tempfile.TemporaryDirectory() as tmp:
+    return torch_model_of(tiny.write(Path(tmp) / tiny.name, seed))
+
+
+def torch_model_of(folder: Path):
+  """transformers' AF3 holding the tensors of a checkpoint `Tiny.write` wrote, every one of them (strict),
+  built from its config.json rather than by `from_pretrained`, which would make `save_pretrained` write
+  the names it read instead of transformers' own."""
+  config = transformers.AudioFlamingo3Config.from_pretrained(folder)
+  model = transformers.AudioFlamingo3ForConditionalGeneration(config)
+  model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
   return model.eval()
-
-
-def write_module_tree_layout(model, dst: Path) -> None:
-  """The transformers module-tree names (`model.language_model.*`, `lm_head.weight`) in one file."""
-  dst.mkdir(parents=True)
-  state = {k: v.contiguous() for k, v in model.state_dict().items()}
-  save_file(state, dst / "model.safetensors")
-  model.config.to_json_file(dst / "config.json")
 
 
 def write_nvidia_layout(model, dst: Path) -> None:
@@ -165,7 +187,7 @@ class Checkpoint:
   tiny: Tiny | Tester
   torch_model: object
   hf: Path  # what `save_pretrained` writes (legacy names), sharded with an index json
-  tree: Path  # module-tree names, one file
+  tree: Path  # module-tree names, one file: what `Tiny.write` (`convert.tiny`) writes
   nvidia: Path
 
 
@@ -173,23 +195,29 @@ class Checkpoint:
 def ckpt(request, tmp_path_factory) -> Checkpoint:
   pytest.importorskip("torch")
   tiny = request.param
-  model = build_torch_model(tiny)
   root = tmp_path_factory.mktemp(tiny.name)
+  model = torch_model_of(tiny.write(root / "tree"))
   model.save_pretrained(root / "hf", max_shard_size="100KB")
-  write_module_tree_layout(model, root / "tree")
   write_nvidia_layout(model, root / "nvidia")
   return Checkpoint(tiny, model, root / "hf", root / "tree", root / "nvidia")
 
 
 @pytest.fixture(scope="session")
-def gqa_ckpt(tmp_path_factory) -> Checkpoint:
-  """Only the first tiny config, for tests that need one checkpoint, not each."""
+def model_dir(tmp_path_factory) -> Path:
+  """The first tiny shape as `convert.tiny` writes it (tokenizer, chat template and processor config
+  included), without generation defaults (`Tiny.write`)."""
+  return TINY[0].write(tmp_path_factory.mktemp("cli") / "model")
+
+
+@pytest.fixture(scope="session")
+def gqa_ckpt(model_dir, tmp_path_factory) -> Checkpoint:
+  """Only the first tiny config, for tests that need one checkpoint, not each: `model_dir`'s model, and
+  the same saved by transformers."""
   pytest.importorskip("torch")
-  tiny = TINY[0]
-  model = build_torch_model(tiny)
+  model = torch_model_of(model_dir)
   root = tmp_path_factory.mktemp("single")
   model.save_pretrained(root / "hf")
-  return Checkpoint(tiny, model, root / "hf", root / "tree", root / "nvidia")
+  return Checkpoint(TINY[0], model, root / "hf", model_dir, root / "nvidia")
 
 
 @pytest.fixture(scope="session")
@@ -197,7 +225,7 @@ def tester_ckpt(tmp_path_factory) -> Checkpoint:
   """transformers' tester config (`Tester`), saved by `save_pretrained` (hf only)."""
   pytest.importorskip("torch")
   tester = Tester()
-  model = build_torch_model(tester)
+  model = build_torch_model(tester, seed=0)  # this draw's greedy answers vary (test_generate needs them to)
   root = tmp_path_factory.mktemp(tester.name)
   model.save_pretrained(root / "hf")
   return Checkpoint(tester, model, root / "hf", root / "tree", root / "nvidia")
@@ -301,54 +329,9 @@ def random_prompts(rng: np.random.Generator, tester: Tester, mel_frames: list[in
   return rows, feats, mask
 
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<vila/sentinel>", "[BOS]", "[PAD]", "<sound>"]
-_CORPUS = ("You are a helpful assistant. What is in this audio? Describe the sound. Transcribe the input "
-           "speech. The spoken content of the audio is a dog barking while music plays. Please think and "
-           "reason about the input audio before you respond. Compare the first and the second clip.")
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
-  """A byte-level BPE tokenizer trained here, Qwen-style specials last so `<sound>` is id 299."""
-  pytest.importorskip("torch")
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-  tok = Tokenizer(models.BPE())
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  vocab = TINY[0].vocab - len(SPECIAL_TOKENS)
-  trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                show_progress=False)
-  tok.train_from_iterator([_CORPUS] * 20, trainer)
-  assert tok.get_vocab_size() == vocab
-  tok.add_special_tokens(SPECIAL_TOKENS)
-  fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="<|im_end|>",
-                                              pad_token="[PAD]")
+  """The tiny checkpoints' tokenizer alone (`tiny_checkpoint.tokenizer`): byte-level BPE, `<sound>` id 299."""
   path = tmp_path_factory.mktemp("tokenizer")
-  fast.save_pretrained(path)
-  assert fast.convert_tokens_to_ids("<sound>") == TINY[0].audio_token_id
+  tiny_checkpoint.tokenizer(TINY[0].vocab).save_pretrained(path)
   return path
-
-
-@pytest.fixture(scope="session")
-def model_dir(gqa_ckpt, tokenizer_dir, tmp_path_factory):
-  """The tiny checkpoint with the test tokenizer beside it, as a released folder has."""
-  path = tmp_path_factory.mktemp("cli") / "model"
-  shutil.copytree(gqa_ckpt.hf, path)
-  for f in tokenizer_dir.iterdir():
-    shutil.copy(f, path)
-  return path
-
-
-# transformers' processor template (the one its AF3 converter writes), restated in our own jinja: a
-# default system turn, then each message as <|im_start|>role\n ... <|im_end|>\n, where a list content
-# renders one <sound> (if it has any audio) followed by all its text items joined with no separator.
-HF_TEMPLATE = (
-    "{% if messages[0].role != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "{% for m in messages %}<|im_start|>{{ m.role }}\n"
-    "{% if m.content is string %}{{ m.content }}{% else %}"
-    "{% if m.content | selectattr('type', 'equalto', 'audio') | list %}<sound>{% endif %}"
-    "{% for c in m.content if c.type == 'text' %}{{ c.text }}{% endfor %}"
-    "{% endif %}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)

@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from af3_jax.config import DecoderConfig
-from af3_jax.models import attention, kv_cache, layers, qwen2
+from af3_jax.models import attention, kv_cache, qwen2
 
 # (B, T, S, N, K, H): GQA, MQA and plain multi-head; T of 1030 leaves a part block (blocks overlap).
 CASES = {

@@ -22,7 +22,7 @@ from af3_jax import engine as engine_module
 from af3_jax import slots
 from af3_jax.buckets import window_bucket
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.engine import Engine, QueueFull, Request, Shape
+from af3_jax.engine import Engine, QueueFull, Request
 from af3_jax.pretrained import init_random
 
 SLOTS, MAX_LEN = 3, 256

@@ -18,7 +18,6 @@ import soundfile as sf
 import eval as eval_cli
 from af3_jax.evaluation import runner, tasks
 
-pytest.importorskip("torch")  # the tiny checkpoint is built with transformers
 
 ROOT = Path(__file__).resolve().parents[1]
 CHOICES = [["Man", "Woman", "Child", "Robot"], ["wind", "wharf"], ["A dog barking", "A cat", "Birds", "Rain", "Wind"],
@@ -69,15 +68,19 @@ def straight(model_dir, mmau, tmp_path_factory):
   eval_cli.FLAGS.unparse_flags()
   with pytest.raises(SystemExit) as exited:
     eval_cli.main(["eval.py", *mmau_args(model_dir, mmau[0], out, "--batch-size", "1")])
-  assert exited.value.code == 0
+  assert exited.value.code == 1  # q4's clip is missing
   return out, snapshot(out)
 
 
 def test_mmau_files_scores_and_a_rerun_that_writes_nothing(model_dir, mmau, tmp_path, capsys):
+  """A missing clip fails its item alone; the exit status says an item failed, as infer.py --batch's does
+  (also on a rerun that finds it so). --out's missing parents are made."""
   data, items = mmau
-  out = tmp_path / "run"
+  out = tmp_path / "runs" / "run"
   code, stdout, err = run_eval(mmau_args(model_dir, data, out, "--batch-size", "4"), capsys)
-  assert code == 0, err
+  failed = (f"1 item(s) failed (their messages are under 'error' in {out / 'predictions.json'}); fix them (a missing "
+            "audio file, say) and rerun with --retry-errors")
+  assert code == 1 and err.splitlines()[-1] == failed, err
   predictions = json.loads((out / "predictions.json").read_text())
   summary = json.loads((out / "summary.json").read_text())
   assert [{k: v for k, v in p.items() if k not in ("model_output", "error")} for p in predictions] == items
@@ -97,7 +100,7 @@ def test_mmau_files_scores_and_a_rerun_that_writes_nothing(model_dir, mmau, tmp_
   assert stdout.startswith(f"mmau: accuracy {summary['accuracy']:.2f}% over 6 scored of 7 items (1 errors)")
   before = snapshot(out)
   code, _, err = run_eval(mmau_args(model_dir, data, out, "--batch-size", "2"), capsys)
-  assert code == 0 and "nothing to do" in err
+  assert code == 1 and "nothing to do" in err and err.splitlines()[-1] == failed
   assert snapshot(out) == before
 
 
@@ -116,7 +119,7 @@ def test_a_killed_run_resumes_to_the_predictions_of_an_uninterrupted_one(model_d
   before = journal.read_text().splitlines()
   assert 1 <= len(before) < 7 and not (out / "predictions.json").exists()
   code, _, err = run_eval(args, capsys)
-  assert code == 0, err
+  assert code == 1 and "1 item(s) failed" in err, err
   assert (out / "predictions.json").read_bytes() == straight[1]["predictions.json"][0]
   summary = json.loads((out / "summary.json").read_text())
   assert summary["throughput"]["items"] == 6 - sum('"output"' in line for line in before)  # this session's
@@ -137,8 +140,7 @@ def test_two_processes_split_the_items_and_write_the_files_of_one(model_dir, mma
   finally:
     for p in procs:
       p.kill()
-  for p, (_, err) in zip(procs, results):
-    assert p.returncode == 0, err[-2000:]
+  assert [p.returncode for p in procs] == [1, 0], [err[-2000:] for _, err in results]  # process 0 reports q4
   assert "mmau: accuracy" in results[0][0] and "mmau:" not in results[1][0]  # process 0 alone reports
   assert (out / "predictions.json").read_bytes() == straight[1]["predictions.json"][0]
   assert sorted(p.name for p in out.glob("answers.*.jsonl")) == ["answers.0.jsonl", "answers.1.jsonl"]
@@ -166,15 +168,16 @@ def test_asr_aqa_and_manifest_runs(model_dir, mmau, tmp_path, capsys):
   files = {"asr": [{"audio": "clip0.wav", "text": "Twenty-five apples."}, {"audio": "clip1.wav", "text": ""}],
            "aqa": [{"id": "a", "audio": "clip2.wav", "question": "Is it raining?", "answer": "yes"}],
            "manifest": [{"id": "m", "sound": "clip3.wav", "conversations": [
-               {"from": "human", "value": "<sound>\nWhat is it?"}, {"from": "gpt", "value": "Noise."}]}]}
+               {"from": "human", "value": "<sound>\nWhat is it?"}, {"from": "gpt", "value": "Noise."}]},
+                        {"id": "free", "conversations": [{"from": "human", "value": "Say hi."}]}]}
   scores = {"asr": "wer", "aqa": "accuracy", "manifest": "exact_match"}
   templates = {"aqa": ["--prompt-template", r"Q: {question}\nA:"]}  # as typed in a shell: backslash, n
   for task, records in files.items():
     data = tmp_path / f"{task}.json"
     data.write_text(json.dumps(records))
     out = tmp_path / task
-    code, _, err = run_eval(["--task", task, "--data", str(data), "--audio-root", str(clips), "--model",
-                             str(model_dir), "--out", str(out), *FAST, *templates.get(task, [])], capsys)
+    code, stdout, err = run_eval(["--task", task, "--data", str(data), "--audio-root", str(clips), "--model",
+                                  str(model_dir), "--out", str(out), *FAST, *templates.get(task, [])], capsys)
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert summary["task"] == task and scores[task] in summary and summary["answered"] == len(records)
@@ -182,11 +185,14 @@ def test_asr_aqa_and_manifest_runs(model_dir, mmau, tmp_path, capsys):
   assert aqa["settings"]["prompt_template"] == "Q: {question}\nA:"
   assert summary["n"] == 1 and json.loads((tmp_path / "manifest" / "predictions.json").read_text())[0]["reference"] == \
       "Noise."
+  # The item without a reference turn is answered, not scored, and said so.
+  assert summary["no_reference"] == 1 and "over 1 scored of 2 items (0 errors; 1 answered without a reference)" in stdout
 
 
 @pytest.mark.parametrize("args, message", [
     (["--data", "{tmp}/mmau.json", "--out", "{tmp}/o"], "give --task (or --rescore OUT)"),
     (["--task", "mmau", "--data", "{tmp}/nope.json", "--out", "{tmp}/o"], "{tmp}/nope.json: no such data file"),
+    (["--task", "mmau", "--data", "{tmp}", "--out", "{tmp}/o"], "{tmp}: is a folder; --data takes a file"),
     (["--task", "mmlu"], "flag --task=mmlu: value should be one of <mmau|mmar|asr|aqa|manifest>"),
     (["--task", "mmau", "--data", "{tmp}/bad.json", "--out", "{tmp}/o"],
      "{tmp}/bad.json: not valid JSON (Expecting value: line 1 column 1 (char 0))"),

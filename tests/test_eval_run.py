@@ -78,7 +78,7 @@ def test_manifest_keeps_the_reference_beside_the_answer(tmp_path):
   assert bench.items[0].audio == (str(tmp_path / "clips" / "a.wav"),)
   (record,) = bench.predictions({"a": {"id": "a", "output": "A dog."}})
   assert record["reference"] == "A dog." and record["model_output"] == "A dog."
-  assert tasks.TASKS["manifest"].score([record]) == {"exact_match": 100.0, "n": 1, "correct": 1}
+  assert tasks.TASKS["manifest"].score([record]) == {"exact_match": 100.0, "n": 1, "correct": 1, "no_reference": 0}
 
 
 @pytest.mark.parametrize("task, content, template, message", [

@@ -38,6 +38,7 @@ class StandIn:
   def __init__(self, interrupt_at=None):
     self.stats = assistant.Stats()
     self.asked = []
+    self.conversations = []  # as `reply` got them
     self.interrupt_at = interrupt_at
 
   def encode(self, conversation):
@@ -59,7 +60,8 @@ class StandIn:
       self.stats.requests += 1
       yield f"ok: {question}"
 
-  def reply(self, conversation, out):
+  def reply(self, conversation, out, new_audio_s=None):
+    self.conversations.append(conversation)
     (answer,) = self.answers([conversation], 1)
     out.write(answer)
     return answer
@@ -85,7 +87,7 @@ def records(path):
     (["--batch-size", "0"], "error: flag --batch-size=0: 0 is not a positive integer"),
     (["--batch-size", "-1"], "error: flag --batch-size=-1: -1 is not a positive integer"),
     (["--max-new-tokens", "0"], "error: flag --max-new-tokens=0: 0 is not a positive integer"),
-    (["--temperature", "0"], "error: flag --temperature=0.0: must be a positive number"),
+    (["--temperature", "-1"], "error: flag --temperature=-1: -1.0 is not a non-negative number"),
     (["--top-p", "1.5"], "error: flag --top-p=1.5: 1.5 is not a number in the range [0, 1]"),
     (["--out", "{tmp}"], "error: {tmp}: is a folder; --out takes a results file such as {tmp}/results.jsonl"),
     (["--out", "{tmp}/no/r.jsonl"], "error: {tmp}/no/r.jsonl: --out's folder {tmp}/no does not exist"),
@@ -133,11 +135,12 @@ def test_rerun_keeps_one_line_per_id_and_mends_a_half_written_line(tmp_path, cap
     bot = StandIn()
     monkeypatch.setattr(infer, "_load", lambda bot=bot: bot)
     code, _, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
-    assert code == 1 and "1 item(s) failed" in err
+    assert code == 1 and "1 of 3 item(s) failed" in err
     assert bot.asked == (["A?", "C?"] if run == 0 else [])  # "b" fails before the model is asked
-    assert sorted(records(out), key=lambda r: r["id"]) == [
-        {"id": "a", "output": "ok: A?"}, {"id": "b", "error": "bad B?: not a readable audio file"},
-        {"id": "c", "output": "ok: C?"}, {"id": "gone", "error": "kept too"}, {"id": "other", "output": "kept"}]
+    # Other lines keep their places; this manifest's ids keep its order, the retried failure included.
+    assert records(out) == [
+        {"id": "other", "output": "kept"}, {"id": "gone", "error": "kept too"}, {"id": "a", "output": "ok: A?"},
+        {"id": "b", "error": "bad B?: not a readable audio file"}, {"id": "c", "output": "ok: C?"}]
     with open(out, "a") as f:
       f.write('{"id": "b", "outp')  # a crash mid-line, mended by the next run
 
@@ -187,4 +190,50 @@ def test_ctrl_c_ends_a_chat_with_the_summary(capsys, monkeypatch):
   monkeypatch.setattr(infer, "_load", StandIn)
   code, out, err = run_cli(["--chat", *NO_MODEL], typed(), capsys=capsys, monkeypatch=monkeypatch)
   assert (code, out) == (cli.INTERRUPTED, "ok: Hi\n")
-  assert err.startswith("\ninterrupted; 1 request(s) in") and len(err.splitlines()) == 2
+  assert err.splitlines()[-2:] == ["", err.splitlines()[-1]] and err.splitlines()[-1].startswith(
+      "interrupted; 1 request(s) in")
+  assert err.startswith("ready to chat: type a message") and len(err.splitlines()) == 3
+
+
+def test_a_rerun_with_every_item_answered_does_not_load_the_model(tmp_path, capsys, monkeypatch):
+  manifest = write_manifest(tmp_path / "m.json", [item("a", "A?"), item("b", "B?")])
+  out = tmp_path / "r.jsonl"
+  monkeypatch.setattr(infer, "_load", StandIn)
+  args = ["--batch", str(manifest), "--out", str(out), *NO_MODEL]
+  code, _, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
+  assert code == 0 and f"all 2 item(s) answered, in {out}" in err.splitlines()
+  monkeypatch.setattr(infer, "_load", lambda: pytest.fail("the model was loaded"))
+  code, _, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
+  assert (code, err.splitlines()) == (0, [f"all 2 item(s) answered, in {out}; nothing to do"])
+
+
+@pytest.mark.parametrize("args, sampling", [
+    (["--prompt", "Say hi."], {"temperature": None, "top_p": None}),
+    (["--prompt", "Say hi.", "--temperature", "0"], {"temperature": None, "top_p": None, "do_sample": False}),
+])
+def test_a_question_without_audio_and_temperature_0(args, sampling, capsys, monkeypatch):
+  """--prompt alone asks about no audio; --temperature 0 is greedy, as the server takes it."""
+  bot = StandIn()
+  monkeypatch.setattr(infer, "_load", lambda: bot)
+  code, out, _ = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
+  assert (code, out) == (0, "ok: Say hi.\n")
+  assert bot.conversations == [[{"role": "user", "content": [{"type": "text", "text": "Say hi."}]}]]
+  assert infer._sampling() == sampling
+
+
+def test_neither_audio_prompt_chat_nor_batch_is_refused(capsys, monkeypatch):
+  code, _, err = run_cli(NO_MODEL, capsys=capsys, monkeypatch=monkeypatch)
+  assert (code, err.splitlines()) == (1, ["error: give one of --audio (with --prompt, or not), --prompt alone (a "
+                                          "question without audio), --chat or --batch"])
+
+
+def test_the_summary_counts_the_time_spent_answering_only(monkeypatch):
+  """A chat waits on its user between turns: tokens/s is over the answering."""
+  clock = iter([10.0, 12.0, 100.0, 101.0])  # two answers, 88 s of typing between them
+  monkeypatch.setattr(assistant.time, "perf_counter", lambda: next(clock))
+  stats = assistant.Stats(requests=2, new_tokens=30)
+  for _ in range(2):
+    with stats.answering():
+      pass
+  assert stats.summary() == ("2 request(s) in 3.0 s: time to first token n/a (not streamed), 10.0 new tokens/s, "
+                             "0.0 s of audio")

@@ -184,8 +184,11 @@ def test_stray_params_folder_does_not_hijack_transformers_files(gqa_ckpt, tmp_pa
                      af3_jax.from_pretrained(stray, dtype=jnp.float32))
 
 
+# A restore that failed part-way left tensorstore reads running, to fail later against a closed loop.
+@pytest.mark.filterwarnings("error::pytest.PytestUnraisableExceptionWarning")
 def test_orbax_folders_that_cannot_load_say_why(gqa_ckpt, tmp_path):
-  """Orbax weights beside safetensors are ambiguous; a tree config.json does not describe is named."""
+  """Orbax weights beside safetensors are ambiguous; a tree config.json does not describe is named, with
+  the parameters that differ, before anything is read."""
   orbax = tmp_path / "orbax"
   from_hf.convert(str(gqa_ckpt.hf), orbax, jnp.float32)
   shutil.copy(gqa_ckpt.hf / "model.safetensors", orbax)
@@ -196,7 +199,8 @@ def test_orbax_folders_that_cannot_load_say_why(gqa_ckpt, tmp_path):
   config = json.loads((orbax / "config.json").read_text())
   config["text_config"]["intermediate_size"] += 1
   (orbax / "config.json").write_text(json.dumps(config))
-  restore = f"^{re.escape(str(orbax / 'params'))}: cannot restore this orbax checkpoint"
+  restore = (f"^{re.escape(str(orbax / 'params'))}: cannot restore this orbax checkpoint .*"
+             r"language_model/layers/mlp/down_proj/kernel: saved \(2, 128, 64\), config.json says \(2, 129, 64\)")
   with pytest.raises(ValueError, match=restore) as info:
     af3_jax.from_pretrained(orbax, dtype=jnp.float32)
   assert "\n" not in str(info.value)

@@ -17,7 +17,6 @@ from af3_jax.data import pipeline
 from af3_jax.data.manifest import Sample
 from af3_jax.train_step import IGNORE
 
-pytest.importorskip("torch")  # the tokenizer fixture is built with transformers
 
 
 def sample(id_: str, audio=None, answer: str | None = "A dog barking.") -> Sample:
@@ -64,6 +63,8 @@ def test_unusable_samples_are_replaced_counted_and_named(processor, clips, caplo
   assert sum(int(b["skipped"]) for b in out) in (11, 12)  # 3 unusable per pass, the last pass maybe cut short
   for name in ("bad1", "broken.wav", "noanswer", "no assistant answer", "bad2", "missing.wav"):
     assert name in caplog.text
+  # Each pass meets them again: one warning each all the same.
+  assert sorted(r.getMessage().split()[2] for r in caplog.records) == ["bad1", "bad2", "noanswer"]
 
 
 def test_nothing_usable_is_an_error_naming_the_source(processor, clips):

@@ -11,7 +11,7 @@ import soundfile as sf
 import af3_jax
 from af3_jax import Processor
 from af3_jax.audio import features
-from conftest import HF_TEMPLATE
+from af3_jax.tiny_checkpoint import CHAT_TEMPLATE as HF_TEMPLATE
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

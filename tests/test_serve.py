@@ -11,6 +11,7 @@ import base64
 import concurrent.futures
 import http.client
 import json
+import logging
 import os
 import signal
 import socket
@@ -32,6 +33,7 @@ from af3_jax import assistant
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
 from af3_jax.serving.app import Service, create_app  # noqa: E402
+from af3_jax.serving.chat import Translator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 NAME = "af3-tiny"
@@ -283,7 +285,9 @@ def test_a_bad_request_is_a_400_in_openais_shape(server, case):
   body, says = BAD[case]
   status, reply = post(server.port, "/v1/chat/completions", body)
   assert status == 400, reply
-  assert set(reply["error"]) >= {"message", "type", "code"} and says in reply["error"]["message"], reply
+  assert says in reply["error"]["message"], reply
+  assert reply == {"error": {"message": reply["error"]["message"], "type": "invalid_request_error", "param": None,
+                             "code": None}}
 
 
 def test_other_refusals_and_the_server_still_answers(server, media, monkeypatch):
@@ -294,17 +298,24 @@ def test_other_refusals_and_the_server_still_answers(server, media, monkeypatch)
   status, reply = post(server.port, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
       wav_part(_long_silence(media))]}]})
   assert status == 400 and "longer than 10 minutes" in reply["error"]["message"]
-  with pytest.raises(openai.NotFoundError, match="does not exist"):
+  status, reply = post(server.port, "/v1/chat/completions", {"messages": [{"role": "user", "content": [
+      {"type": "audio_url", "audio_url": {"url": f"file://{media}"}}]}]})  # a local folder: named
+  assert (status, reply["error"]["message"]) == (400, f"messages[0].content[0]: {media}: is a directory, not an audio file")
+  with pytest.raises(openai.NotFoundError, match="does not exist") as info:
     server.client.chat.completions.create(model="gpt-4o", messages=messages, max_tokens=2)
+  assert info.value.body == {"message": f"the model 'gpt-4o' does not exist; this server serves {NAME!r}",
+                             "type": "invalid_request_error", "param": None, "code": "model_not_found"}
   with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
     s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
               b"Content-Length: 300000000\r\n\r\n{")
     assert s.recv(4096).split(b"\r\n")[0] == b"HTTP/1.1 413 Request Entity Too Large"
   monkeypatch.setattr(server.service.engine, "max_queue", 0)
-  with pytest.raises(openai.RateLimitError):
+  with pytest.raises(openai.RateLimitError) as info:
     ask(server, messages, max_tokens=2)
+  assert (info.value.body["type"], info.value.body["code"]) == ("requests", "rate_limit_exceeded")
   monkeypatch.undo()
-  assert post(server.port, "/v1/nothing", {})[0] == 404
+  assert post(server.port, "/v1/nothing", {}) == (404, {"error": {"message": "Not Found: POST /v1/nothing", "type":
+                                                                 "invalid_request_error", "param": None, "code": None}})
   status, reply = post(server.port, "/v1/chat/completions", {"messages": messages},  # curl -d without -H
                        {"content-type": "application/x-www-form-urlencoded"})
   assert status == 400 and "content-type: application/json" in reply["error"]["message"], reply
@@ -354,6 +365,69 @@ def test_transcriptions(server, media):
     assert server.client.audio.transcriptions.create(model=NAME, file=f, response_format="text") == expected.strip()
   with pytest.raises(openai.BadRequestError, match="not a readable audio file"):
     server.client.audio.transcriptions.create(model=NAME, file=("broken.wav", b"RIFF not really"))
+
+
+def test_a_second_signal_cuts_running_requests_short_in_openais_shape(server, monkeypatch, caplog):
+  """serve.py's server: a first Ctrl-C drains; a second, with a stream and a whole answer still running
+  (each step slowed to 50 ms, 200 tokens asked), ends both at once: the whole answer is a 503 in OpenAI's
+  shape, the stream an error event and [DONE]; nothing is logged as an error and the server stops."""
+  import serve
+
+  app = create_app(NAME)
+  app.state.service = Service.start(server.model, server.processor, max_slots=SLOTS, max_len=MAX_LEN)
+  engine = app.state.service.engine
+  decode = engine._decode
+  monkeypatch.setattr(engine, "_decode", lambda window: time.sleep(0.05) or decode(window))
+  listener = socket.create_server(("127.0.0.1", 0))
+  port = listener.getsockname()[1]
+  http_server = serve._Server(uvicorn.Config(app, log_level="info"), app)
+  uvicorn_log = logging.getLogger("uvicorn")  # configured by uvicorn not to propagate to the root logger
+  uvicorn_log.addHandler(caplog.handler)
+  thread = threading.Thread(target=http_server.run, kwargs={"sockets": [listener]}, daemon=True)
+  thread.start()
+  while not http_server.started:
+    time.sleep(0.05)
+  body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 200}
+  results = {}
+
+  def stream():
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("POST", "/v1/chat/completions", json.dumps({**body, "stream": True}),
+                 {"content-type": "application/json"})
+    results["stream"] = [e for e in conn.getresponse().read().decode().split("\n\n") if e]
+
+  clients = [threading.Thread(target=stream),
+             threading.Thread(target=lambda: results.update(whole=post(port, "/v1/chat/completions", body, timeout=60)))]
+  for c in clients:
+    c.start()
+  deadline = time.time() + 60
+  while len(app.state.service.running) < 2 and time.time() < deadline:
+    time.sleep(0.02)
+  with caplog.at_level(logging.INFO):
+    http_server.handle_exit(signal.SIGINT, None)
+    time.sleep(0.3)
+    assert thread.is_alive()  # draining: both still answering
+    http_server.handle_exit(signal.SIGINT, None)
+    for c in clients:
+      c.join(timeout=60)
+    thread.join(timeout=60)
+  uvicorn_log.removeHandler(caplog.handler)
+  assert not thread.is_alive()
+  stopped = {"message": "the server stopped before the answer was done", "type": "server_error", "param": None,
+             "code": "shutting_down"}
+  assert results["whole"] == (503, {"error": stopped})
+  assert results["stream"][-1] == "data: [DONE]" and json.loads(results["stream"][-2][6:]) == {"error": stopped}
+  assert "cutting the running requests short; a third signal quits at once" in caplog.messages
+  assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info], caplog.text
+
+
+def test_a_transcription_takes_at_most_448_tokens_a_window(server, media, tmp_path):
+  """Bounded by its audio, not by the context: a model that never says its eos (as the tiny one) stops."""
+  translator = Translator(server.processor, max_len=32768)
+  sf.write(tmp_path / "long.wav", 0.1 * np.random.default_rng(0).standard_normal(45 * 16000), 16000)
+  for path, windows in ((media / "a.wav", 1), (tmp_path / "long.wav", 2)):
+    request = translator.transcription(path.read_bytes(), path.name, 0.0)
+    assert request.max_new_tokens == 448 * windows
 
 
 def _serve(model_dir, *args, log=subprocess.PIPE) -> subprocess.Popen:

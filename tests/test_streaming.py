@@ -10,7 +10,6 @@ from tokenizers.decoders import DecodeStream
 from af3_jax import assistant, decode
 from af3_jax.processor import Processor
 
-pytest.importorskip("torch")  # the tokenizer_dir fixture builds the tokenizer with transformers
 
 ANSWER = " héllo 世界 🎵 ok\n"  # the spaces and newline check that only the returned answer is stripped
 QUESTION = [{"role": "user", "content": "Describe the sound."}]

@@ -5,6 +5,7 @@ with our logits."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -30,13 +31,11 @@ ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device 
 
 
 @pytest.fixture(scope="module")
-def run_setup(gqa_ckpt, tokenizer_dir, tmp_path_factory):
+def run_setup(model_dir, tmp_path_factory):
   """(checkpoint with tokenizer, manifest of 8 short clips with answers, manifest with a corrupt file)."""
   root = tmp_path_factory.mktemp("train")
   model = root / "model"
-  shutil.copytree(gqa_ckpt.hf, model)
-  for f in tokenizer_dir.iterdir():
-    shutil.copy(f, model)
+  shutil.copytree(model_dir, model)
   rng = np.random.default_rng(0)
   items = []
   for i in range(8):
@@ -101,7 +100,7 @@ def test_loss_falls_and_the_export_loads_in_transformers(run_setup, tmp_path):
 
 def stop_and_resume(run_setup, tmp_path, save_every: int, stop, while_running=lambda: None):
   """Runs 6 steps straight, and again stopped by `stop(proc)` after 3 logged steps (having called
-  `while_running()` then) and then rerun; returns (the stopped process's stderr, its return code,
+  `while_running()` then) and then rerun; returns (the stopped process's stdout, its return code,
   straight losses, resumed losses). The resumed run's metrics.jsonl holds each step once. Rows take
   three windows, so each packs three samples."""
   model, manifest, _ = run_setup
@@ -115,37 +114,50 @@ def stop_and_resume(run_setup, tmp_path, save_every: int, stop, while_running=la
     time.sleep(0.05)
   while_running()
   stop(proc)
-  _, stop_err = proc.communicate(timeout=300)
+  stop_out, _ = proc.communicate(timeout=300)
   code, out, err = train(tmp_path / "cut", model, manifest, *args)
   assert code == 0 and "resumed from step" in out, err[-2000:]
   _, records = losses(tmp_path / "cut")
   assert [r["step"] for r in records] == list(range(1, 7))
-  return stop_err, proc.returncode, losses(tmp_path / "straight")[0], losses(tmp_path / "cut")[0]
+  return stop_out, proc.returncode, losses(tmp_path / "straight")[0], losses(tmp_path / "cut")[0]
 
 
 def test_sigterm_then_resume_matches_an_uninterrupted_run(run_setup, tmp_path):
-  err, code, straight, cut = stop_and_resume(run_setup, tmp_path, 2, lambda p: p.send_signal(signal.SIGTERM))
-  assert code == 0 and "stopped at step" in err, err[-2000:]
+  out, code, straight, cut = stop_and_resume(run_setup, tmp_path, 2, lambda p: p.send_signal(signal.SIGTERM))
+  assert code == 0 and out.splitlines()[-1].startswith("stopped at step "), out[-2000:]
   assert sorted(cut) == sorted(straight) == list(range(1, 7))
   np.testing.assert_allclose([cut[s] for s in range(1, 7)], [straight[s] for s in range(1, 7)], rtol=1e-6)
 
 
 def test_a_corrupt_file_is_skipped_and_counted(run_setup, tmp_path):
   model, _, corrupt = run_setup
-  code, _, err = train(tmp_path / "run", model, corrupt, "--config.total_steps=6")
+  code, out, err = train(tmp_path / "run", model, corrupt, "--config.total_steps=6")
   assert code == 0, err[-2000:]
   _, records = losses(tmp_path / "run")
-  assert sum(r["skipped"] for r in records) >= 1
-  assert "broken.wav" in err
+  skipped = sum(r["skipped"] for r in records)
+  assert skipped >= 1
+  # Each pass over the data meets the file again; it is named once. The last line sums the run up.
+  (named,) = [line for line in err.splitlines() if "broken.wav" in line]
+  assert named.startswith(f"warning: skipping sample bad (each time it comes up): {model.parent / 'broken.wav'}: "
+                          "not a readable audio file")
+  summary = re.fullmatch(r"done: step 6 of 6; the trained model is in (.+) \| this run: 6 step\(s\) in [\d.]+ s "
+                         r"\(compiles included\), ([\d,]+) real tokens/s, (\d+) unusable sample\(s\) skipped",
+                         out.splitlines()[-1])
+  assert summary and summary[1] == str(tmp_path / "run" / "model") and int(summary[3]) == skipped, out[-500:]
+  assert not [line for line in err.splitlines() if line.startswith(("I1", "info:", "W1"))], err[-2000:]
 
 
 @pytest.mark.parametrize("case, expected", [
     ("missing manifest", "missing.json: not a readable JSON manifest"),
     ("empty manifest", "empty.json: the manifest holds no samples"),
     ("workdir is a file", "--workdir is a file, not a folder"),
-    ("typo in an override", "no such config field in the --config overrides"),
+    ("typo in an override", 'error: --config overrides: no such field \'lrr\'; did you mean "lr" instead of "lrr"?'),
     ("negative total_steps", "total_steps must be >= 0"),
-    ("missing config file", "cannot load the --config file"),
+    ("missing config file", "error: cannot load the --config file ([Errno 2] No such file or directory: "
+                            "'configs/nope.py')"),
+    ("a config file that is not Python", "error: cannot load the --config file (SyntaxError: '(' was never closed"),
+    ("no such stage", "error: flag --config=configs/tiny.py:9: Error whilst parsing config file: ValueError: "
+                      "stage 9: the stages are 1, 2, 3, 4, 5"),
     ("no checkpoint in init_from", "no-model: not an AF3 checkpoint"),
     ("init_from a workdir with no step saved", "no-model: no step saved yet"),
 ])
@@ -170,6 +182,11 @@ def test_bad_input_is_one_line_before_the_model_loads(run_setup, tmp_path, case,
     extra = ["--config.total_steps=-1"]
   elif case == "missing config file":
     config = "configs/nope.py"
+  elif case == "a config file that is not Python":
+    config = tmp_path / "bad.py"
+    config.write_text("x = (\n")
+  elif case == "no such stage":
+    config = "configs/tiny.py:9"
   elif case == "init_from a workdir with no step saved":
     (tmp_path / "no-model" / "checkpoints").mkdir()
   else:
@@ -419,7 +436,7 @@ def test_sigterm_to_one_of_two_processes_saves_one_step_and_resumes(run_setup, t
     time.sleep(0.05)
   cut[1].send_signal(signal.SIGTERM)
   outs = finish(cut, timeout=300)
-  stopped = [[line for line in err.splitlines() if line.startswith("stopped at step")] for _, err in outs]
+  stopped = [[line for line in out.splitlines() if line.startswith("stopped at step")] for out, _ in outs]
   assert [p.returncode for p in cut] == [0, 0], [err[-2000:] for _, err in outs]
   assert len(stopped[0]) == 1 and stopped[0] == stopped[1], stopped  # the same step in both
   step = int(stopped[0][0].split()[3])

@@ -6,7 +6,7 @@ shapes: `rows` rows right-padded to the smallest length bucket that fits, and `r
 audio windows (unused ones empty), row-aligned: row r's audio is in windows r * windows_per_row on.
 A row holds one sample, or with packing (`pack`) as many as fit its tokens and windows, told apart by
 `segment_ids`. A sample that cannot be used (unreadable audio, too many windows, nothing left to learn
-from) is skipped with a warning that names it and replaced by the next usable one, so every row of
+from) is skipped, with one warning that names it, and replaced by the next usable one, so every row of
 every batch holds real samples; each batch counts the samples skipped to fill it in `skipped`. The
 iterator's state is checkpointable with `grain.checkpoint.CheckpointSave`, so a resumed run continues
 with the next unseen batch.
@@ -37,6 +37,9 @@ class Encode:
   processor: Processor
   windows_per_row: int
   max_length: int
+  # Samples warned about: each epoch meets an unusable sample again, but one warning per sample is
+  # enough (per process: each data worker holds its own copy).
+  warned: set = dataclasses.field(default_factory=set, compare=False)
 
   def __call__(self, sample: Sample) -> dict:
     try:
@@ -48,7 +51,9 @@ class Encode:
       if (labels == IGNORE).all():
         raise ValueError(f"no assistant answer to learn from in its first {self.max_length} tokens")
     except ValueError as err:
-      logging.warning("skipping sample %s: %s", sample.id, err)
+      if sample.id not in self.warned:
+        self.warned.add(sample.id)
+        logging.warning("skipping sample %s (each time it comes up): %s", sample.id, err)
       return {"skipped": sample.id}
     ids = np.asarray(e.ids[:self.max_length], np.int32)
     # Frames whose <sound> tokens were cut off with the tail are dropped too, keeping counts equal.

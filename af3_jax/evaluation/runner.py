@@ -136,8 +136,6 @@ class Run:
   def __init__(self, out: Path, benchmark: tasks.Benchmark, settings: dict, process: int = 0):
     if out.exists() and not out.is_dir():
       raise ValueError(f"{out}: --out is a file; it takes a folder")
-    if not out.parent.is_dir():
-      raise ValueError(f"{out}: --out's parent folder {out.parent} does not exist")
     self.out, self.benchmark, self.settings = out, benchmark, settings
     fixed = {k: v for k, v in settings.items() if k not in FREE_SETTINGS}
     if (out / SETTINGS).exists():
@@ -147,7 +145,8 @@ class Run:
       if changed:
         raise ValueError(f"{out}: holds answers made with other settings ({'; '.join(changed)}); "
                          "use another --out, or the same settings to resume")
-    out.mkdir(exist_ok=True)  # by every process: any may append to its journal before process 0 gets here
+    # By every process: any may append to its journal before process 0 gets here.
+    out.mkdir(parents=True, exist_ok=True)
     if process == 0 and not (out / SETTINGS).exists():
       files.write_text_atomic(out / SETTINGS, _dump(fixed))
 

@@ -64,10 +64,16 @@ TASKS = {t.name: t for t in [
          lambda rs: scoring.wer_summary(_answered(rs, "text", "model_output"))),
     Task("aqa", ("audio", "question", "answer"), "audio", "model_output", "{question}", frozenset({"question"}),
          lambda rs: scoring.match_summary(_answered(rs, "answer", "model_output"), normalized=True)),
-    Task("manifest", (), None, "model_output", None, frozenset(),
-         lambda rs: scoring.match_summary(_answered([r for r in rs if REFERENCE_KEY in r], REFERENCE_KEY,
-                                                    "model_output"), normalized=False)),
+    Task("manifest", (), None, "model_output", None, frozenset(), lambda rs: _manifest_summary(rs)),
 ]}
+
+
+def _manifest_summary(records: Sequence[dict]) -> dict:
+  """Exact match over the answered items that have a reference turn; `no_reference` counts the others."""
+  answered = [r for r in records if "model_output" in r]
+  scores = scoring.match_summary(_answered([r for r in answered if REFERENCE_KEY in r], REFERENCE_KEY, "model_output"),
+                                 normalized=False)
+  return {**scores, "no_reference": sum(REFERENCE_KEY not in r for r in answered)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,7 @@ class Service:
   # tokenizer refuses to be borrowed by two threads at once.
   decoder: Tokenizer
   warming: warmup.Background  # compiles the less common shapes while the service answers
+  running: set = dataclasses.field(default_factory=set)  # the engine handles of requests being answered
 
   @classmethod
   def start(cls, model: Model, processor: Processor, *, max_slots: int, max_len: int | None = None,
@@ -81,6 +82,12 @@ class Service:
     self.engine.stop(drain=True)
     self.worker.shutdown()
 
+  def cut_short(self) -> None:
+    """Ends every request being answered at the engine's next step, without waiting (a signal handler
+    calls it): each client gets a 503, or its stream an error event and [DONE]."""
+    for handle in list(self.running):
+      self.engine.cancel(handle)
+
 
 def create_app(model_name: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
   """The app, answering 503 until `app.state.service` is set; its shutdown drains the service."""
@@ -104,22 +111,22 @@ def create_app(model_name: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI
     return JSONResponse(ApiError(400, validation_message(e.errors())).body(), status_code=400)
 
   @app.exception_handler(HTTPException)
-  async def http_error(_, e: HTTPException):  # an unknown route, a wrong method
-    return JSONResponse(ApiError(e.status_code, str(e.detail)).body(), status_code=e.status_code)
+  async def http_error(request: Request, e: HTTPException):  # an unknown route, a wrong method
+    message = f"{e.detail}: {request.method} {request.url.path}"
+    return JSONResponse(ApiError(e.status_code, message).body(), status_code=e.status_code)
 
   @app.exception_handler(Exception)
   async def crashed(_, e: Exception):  # logged with its traceback by the server; the app goes on
-    return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}", "internal_server_error").body(), 500)
+    return JSONResponse(ApiError(500, f"internal error: {type(e).__name__}").body(), 500)
 
   def service() -> Service:
     if app.state.service is None:
-      raise ApiError(503, "the model is loading; try again when GET /health answers 200", "service_unavailable")
+      raise ApiError(503, "the model is loading; try again when GET /health answers 200", "model_loading")
     return app.state.service
 
   def check_model(name: str | None) -> None:
     if name is not None and name != model_name:
-      raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "NotFoundError",
-                     "model_not_found")
+      raise ApiError(404, f"the model {name!r} does not exist; this server serves {model_name!r}", "model_not_found")
 
   @app.get("/health")
   async def health():
@@ -170,18 +177,25 @@ async def _prepare(s: Service, translate, *args) -> EngineRequest:
     raise ApiError(400, str(e)) from None
 
 
-def _submit(engine: Engine, request: EngineRequest) -> tuple[object, asyncio.Queue]:
-  """Queues a request on the engine; its tokens, then None, arrive on the returned asyncio queue."""
+@contextlib.contextmanager
+def _submitted(s: Service, request: EngineRequest):
+  """Queues a request on the engine for the block: (its handle, the asyncio queue its tokens then None
+  arrive on). Leaving the block cancels it (a stop string, a client gone) and frees its slot."""
   loop, queue = asyncio.get_running_loop(), asyncio.Queue()
   try:
-    handle = engine.submit(request, listener=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
+    handle = s.engine.submit(request, listener=lambda item: loop.call_soon_threadsafe(queue.put_nowait, item))
   except QueueFull as e:
     raise ApiError(429, f"the server is busy ({e}); retry later", "rate_limit_exceeded") from None
   except ValueError as e:
     raise ApiError(400, str(e)) from None
   except RuntimeError:
-    raise ApiError(503, "the server is shutting down", "service_unavailable") from None
-  return handle, queue
+    raise ApiError(503, "the server is shutting down", "shutting_down") from None
+  s.running.add(handle)
+  try:
+    yield handle, queue
+  finally:
+    s.running.discard(handle)
+    s.engine.cancel(handle)
 
 
 async def _pieces(queue: asyncio.Queue, answer: Answer) -> AsyncIterator[str]:
@@ -197,37 +211,36 @@ async def _pieces(queue: asyncio.Queue, answer: Answer) -> AsyncIterator[str]:
 
 async def _until_done_or_gone(s: Service, request: EngineRequest, stops, http: Request):
   """(text, answer, handle) of a request answered whole; cancels it if the client disconnects first."""
-  handle, queue = _submit(s.engine, request)
   answer = s.answer(stops)
-
-  async def text() -> str:
-    return "".join([piece async for piece in _pieces(queue, answer)])
 
   async def gone() -> None:
     while (await http.receive())["type"] != "http.disconnect":
       pass
 
-  done, waiting = None, None
-  try:
-    done = asyncio.ensure_future(text())
-    waiting = asyncio.ensure_future(gone())
-    await asyncio.wait({done, waiting}, return_when=asyncio.FIRST_COMPLETED)
-  finally:
-    for task in (done, waiting):
-      if task is not None and not task.done():
-        task.cancel()
-    s.engine.cancel(handle)  # frees the slot of a request cut short (a stop string, a client gone)
+  with _submitted(s, request) as (handle, queue):
+    done, waiting = None, None
+    try:
+      done = asyncio.ensure_future(_text(queue, answer))
+      waiting = asyncio.ensure_future(gone())
+      await asyncio.wait({done, waiting}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+      for task in (done, waiting):
+        if task is not None and not task.done():
+          task.cancel()
   if not done.done() or done.cancelled():
     raise ApiError(499, "the client closed the connection")  # nobody reads this
   return done.result(), answer, handle
+
+
+async def _text(queue: asyncio.Queue, answer: Answer) -> str:
+  return "".join([piece async for piece in _pieces(queue, answer)])
 
 
 async def _events(s: Service, request: EngineRequest, body: ChatRequest, reply: _Reply) -> AsyncIterator[str]:
   """The server-sent events of a streamed chat completion: the role first, the content in pieces, one
   chunk with the finish reason, the usage if asked, then [DONE]. Closing it early (the client went
   away) cancels the request."""
-  handle, queue = _submit(s.engine, request)
-  try:
+  with _submitted(s, request) as (handle, queue):
     usage = {"usage": None} if body.include_usage else {}
     chunk = lambda delta, reason=None: _sse(reply.body(
         {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}, **usage))
@@ -244,8 +257,6 @@ async def _events(s: Service, request: EngineRequest, body: ChatRequest, reply: 
       if body.include_usage:
         yield _sse(reply.body(usage=_usage(handle, answer)))
     yield "data: [DONE]\n\n"
-  finally:
-    s.engine.cancel(handle)
 
 
 async def _prepend(first: str, rest: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -260,9 +271,9 @@ def _finish_reason(answer: Answer, handle) -> str:
     return "stop"
   result = handle.result()
   if result.finish_reason == "error":
-    raise ApiError(500, f"generation failed: {result.error}", "internal_server_error")
+    raise ApiError(500, f"generation failed: {result.error}")
   if result.finish_reason == "cancelled":
-    raise ApiError(503, "the server stopped before the answer was done", "service_unavailable")
+    raise ApiError(503, "the server stopped before the answer was done", "shutting_down")
   return result.finish_reason
 
 

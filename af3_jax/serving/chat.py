@@ -20,6 +20,11 @@ from af3_jax.processor import ASR_PROMPT, Processor
 from af3_jax.serving import media
 from af3_jax.serving.protocol import SEED_LIMIT, ChatRequest, InputAudioPart, TextPart
 
+# A transcription's most new tokens per 30 s window of audio: Whisper's decoder limit for a window (its
+# max_target_positions), about four times what the fastest speech needs, so a model that never says its
+# eos stops in proportion to the audio rather than at the end of the context.
+TRANSCRIPT_TOKENS = 448
+
 
 @dataclasses.dataclass(frozen=True)
 class Translator:
@@ -51,12 +56,14 @@ class Translator:
 
   def transcription(self, audio: bytes, filename: str, temperature: float) -> Request:
     """The engine request for a transcription of an uploaded file: the prompt `infer.py` and the ASR
-    evaluation use, greedy at temperature 0 (OpenAI's default for transcriptions)."""
+    evaluation use, greedy at temperature 0 (OpenAI's default for transcriptions), at most
+    TRANSCRIPT_TOKENS new tokens a window of audio."""
     suffix = Path(filename).suffix.lower().lstrip(".")
     wave = media.from_bytes(audio, suffix if suffix in media.FORMATS else "", "file", self.processor.style)
     conversation = [{"role": "user", "content": [{"type": "audio", "audio": wave}, {"type": "text", "text": ASR_PROMPT}]}]
     sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature}
-    return self._request(conversation, None, seed=secrets.randbelow(SEED_LIMIT), **sampling)
+    return self._request(conversation, None, seed=secrets.randbelow(SEED_LIMIT), per_window=TRANSCRIPT_TOKENS,
+                         **sampling)
 
   def _content(self, content, where: str) -> list[dict]:
     if isinstance(content, str):
@@ -75,7 +82,10 @@ class Translator:
       wave = media.from_url(part.audio_url.url, where, style, self.media_root)
     return {"type": "audio", "audio": wave}
 
-  def _request(self, conversation: list[dict], max_tokens: int | None, **settings) -> Request:
+  def _request(self, conversation: list[dict], max_tokens: int | None, per_window: int | None = None,
+               **settings) -> Request:
+    """The engine request; new tokens: `max_tokens`, else what the context leaves, at most `per_window`
+    for each 30 s window of audio when given."""
     encoded = self.processor.encode(conversation, think=self.think)
     inputs = self.processor.collate([encoded])
     windows = len(inputs.get("input_features", ()))
@@ -89,7 +99,9 @@ class Translator:
     if max_tokens is not None and n + max_tokens > self.max_len:
       raise ValueError(f"max_tokens (or max_completion_tokens) is {max_tokens}, but the prompt has {n} tokens "
                        f"(audio included) and the server's context is {self.max_len}, which leaves {self.max_len - n}")
-    return Request({k: np.asarray(v) for k, v in inputs.items()}, max_tokens or self.max_len - n, **settings)
+    if max_tokens is None:
+      max_tokens = self.max_len - n if per_window is None else min(self.max_len - n, per_window * max(windows, 1))
+    return Request({k: np.asarray(v) for k, v in inputs.items()}, max_tokens, **settings)
 
 
 def _text(text: str, where: str) -> dict:

@@ -26,13 +26,17 @@ _MIME = {"audio/wav": "wav", "audio/x-wav": "wav", "audio/wave": "wav", "audio/v
          "audio/mpeg": "mp3", "audio/mp3": "mp3", "audio/flac": "flac", "audio/x-flac": "flac", "audio/ogg": "ogg"}
 
 
-def from_file(path: str | os.PathLike, where: str, style: str) -> np.ndarray:
+def from_file(path: str | os.PathLike, where: str, style: str, named: bool = True) -> np.ndarray:
   """The waveform of an audio file, loaded by the processor's rules for `style`; ValueError when it
-  cannot be read or is longer than 10 minutes. Reading a second past the limit tells a longer file
-  from one of exactly 10 minutes, and any file within the limit is read whole, as the processor reads it."""
+  cannot be read or is longer than 10 minutes, naming the request's field `where` and, when `named`,
+  the file (a temporary file's name means nothing to a client). Reading a second past the limit tells a
+  longer file from one of exactly 10 minutes, and any file within the limit is read whole, as the
+  processor reads it."""
   try:
     wave = load_audio(path, max_seconds=MAX_SECONDS + 1, style=style)
-  except ValueError as e:  # named by the request's field; a temporary file's name means nothing to a client
+  except ValueError as e:
+    if named:
+      raise ValueError(f"{where}: {e}") from None
     path = os.fspath(path)
     raise ValueError(f"{where}: {str(e).removeprefix(f'{path}: ').replace(path, 'the file')}") from None
   if len(wave) > MAX_SECONDS * features.SAMPLE_RATE:
@@ -48,7 +52,7 @@ def from_bytes(data: bytes, fmt: str, where: str, style: str) -> np.ndarray:
   with tempfile.NamedTemporaryFile(suffix=f".{fmt}" if fmt else "") as f:
     f.write(data)
     f.flush()
-    return from_file(f.name, where, style)
+    return from_file(f.name, where, style, named=False)
 
 
 def from_base64(data: str, fmt: str, where: str, style: str) -> np.ndarray:

@@ -24,14 +24,18 @@ SEED_LIMIT = 2**31
 
 
 class ApiError(Exception):
-  """An error answered in OpenAI's shape, with its HTTP status."""
+  """An error answered in OpenAI's shape, with its HTTP status: `{"error": {"message", "type", "param",
+  "code"}}`, the type OpenAI gives the status ("invalid_request_error" for a client's mistake, "requests"
+  for a rate limit, "server_error" for ours) and `code` a short string or null (OpenAI's
+  "model_not_found", "rate_limit_exceeded"), never the status again."""
 
-  def __init__(self, status: int, message: str, kind: str = "invalid_request_error", code: str | None = None):
+  def __init__(self, status: int, message: str, code: str | None = None):
     super().__init__(message)
-    self.status, self.message, self.kind, self.code = status, message, kind, code
+    self.status, self.message, self.code = status, message, code
 
   def body(self) -> dict:
-    return {"error": {"message": self.message, "type": self.kind, "param": None, "code": self.code or self.status}}
+    kind = "server_error" if self.status >= 500 else "requests" if self.status == 429 else "invalid_request_error"
+    return {"error": {"message": self.message, "type": kind, "param": None, "code": self.code}}
 
 
 class _Body(BaseModel):
