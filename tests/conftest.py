@@ -51,13 +51,22 @@ class Tiny:
   rope_theta: float
   vocab: int = 300
   layers: int = 2
+  music: bool = False  # Music Flamingo: RoTE, and `<|sound_bos|>`, `<|sound_eos|>` just below `<sound>`
 
   @property
   def audio_token_id(self) -> int:
     return self.vocab - 1
 
+  @property
+  def audio_bos_token_id(self) -> int:
+    return self.vocab - 3
+
+  @property
+  def audio_eos_token_id(self) -> int:
+    return self.vocab - 2
+
   def hf_config(self):
-    return transformers.AudioFlamingo3Config(
+    kw = dict(
         audio_config=dict(model_type="audioflamingo3_encoder", num_mel_bins=128, hidden_size=self.enc_width,
                           num_hidden_layers=self.layers, num_attention_heads=self.enc_heads,
                           intermediate_size=2 * self.enc_width, max_source_positions=1500),
@@ -67,6 +76,10 @@ class Tiny:
                          intermediate_size=2 * self.dec_width, rope_theta=self.rope_theta,
                          tie_word_embeddings=False),
         audio_token_id=self.audio_token_id)
+    if not self.music:
+      return transformers.AudioFlamingo3Config(**kw)
+    return transformers.MusicFlamingoConfig(**kw, audio_bos_token_id=self.audio_bos_token_id,
+                                            audio_eos_token_id=self.audio_eos_token_id)
 
 
 TINY = [
@@ -75,6 +88,11 @@ TINY = [
     # Odd head counts everywhere, one kv head (MQA), head_dim != width / heads.
     Tiny("odd", enc_width=48, enc_heads=3, dec_width=48, dec_heads=3, kv_heads=1, head_dim=24, rope_theta=1e6),
 ]
+
+
+# Music Flamingo: an encoder of 48 channels turns 2 x 2 x ceil(int(9.6) / 2) = 20 of them (an odd R).
+MUSIC = Tiny("music", enc_width=48, enc_heads=3, dec_width=64, dec_heads=4, kv_heads=2, head_dim=16,
+             rope_theta=5000.0, music=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +134,9 @@ def randomize(model, seed: int) -> None:
 
 def build_torch_model(tiny: Tiny | Tester, seed: int = 0):
   torch.manual_seed(seed)
-  model = transformers.AudioFlamingo3ForConditionalGeneration(tiny.hf_config())
+  music = getattr(tiny, "music", False)
+  cls = transformers.MusicFlamingoForConditionalGeneration if music else transformers.AudioFlamingo3ForConditionalGeneration
+  model = cls(tiny.hf_config())
   randomize(model, seed)
   return model.eval()
 
@@ -201,6 +221,22 @@ def tester_ckpt(tmp_path_factory) -> Checkpoint:
   return Checkpoint(tester, model, root / "hf", root / "tree", root / "nvidia")
 
 
+@pytest.fixture(scope="session")
+def music_ckpt(tmp_path_factory) -> Checkpoint:
+  """A tiny random Music Flamingo (`MUSIC`), saved by `save_pretrained` (hf only)."""
+  pytest.importorskip("torch")
+  model = build_torch_model(MUSIC)
+  root = tmp_path_factory.mktemp(MUSIC.name)
+  model.save_pretrained(root / "hf")
+  return Checkpoint(MUSIC, model, root / "hf", root / "tree", root / "nvidia")
+
+
+@pytest.fixture(scope="module")
+def music_loaded(music_ckpt) -> af3_jax.Model:
+  """Our float32 copy of `music_ckpt`."""
+  return af3_jax.from_pretrained(music_ckpt.hf, dtype=jnp.float32)
+
+
 @pytest.fixture(scope="module")
 def loaded(ckpt) -> af3_jax.Model:
   """Our float32 copy of each tiny checkpoint."""
@@ -232,6 +268,17 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str
   finally:
     for p in procs:
       p.kill()
+
+
+def torch_logits(model, ids, mask, feats=None, feats_mask=None):
+  """transformers' logits; positions from the mask, as `generate` derives them (a plain forward would
+  count the pads)."""
+  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+  if feats is not None:
+    kw.update(input_features=torch.tensor(feats), input_features_mask=torch.tensor(feats_mask))
+  with torch.no_grad():
+    return model(**kw).logits.numpy()
 
 
 RTOL = 1e-4  # float32 parity bound, relative to the reference's largest magnitude
