@@ -37,8 +37,9 @@ _MAX_NEW = flags.DEFINE_integer("max-new-tokens", 128, "At most this many new to
 _TEMPLATE = flags.DEFINE_string("prompt-template", None, "The prompt, with {question}, {options} ('(A) ...' "
                                 "lines) and {choices} (plain lines) as the task allows; \\n is a newline "
                                 "(default: the task's).", flag_values=FLAGS)
-_STYLE = flags.DEFINE_enum("style", "nvidia", ["hf", "nvidia"], "Prompt style (see README); nvidia is how "
-                           "the paper's numbers were made.", flag_values=FLAGS)
+_STYLE = flags.DEFINE_enum("style", None, ["hf", "nvidia"], "Prompt style (see README); default: the one the "
+                           "checkpoint was trained with, nvidia for AF3 (how the paper's numbers were made), hf for "
+                           "Music Flamingo.", flag_values=FLAGS)
 _DTYPE, _QUANTIZE = cli.weight_flags(FLAGS)
 _RETRY = flags.DEFINE_bool("retry-errors", False, "Answer again the items that failed (a missing audio "
                            "file since put back).", flag_values=FLAGS)
@@ -71,9 +72,16 @@ def _settings() -> dict:
   return {"task": _TASK.value, "data": str(data),
           "audio_root": str(Path(_AUDIO_ROOT.value).resolve() if _AUDIO_ROOT.value else data.parent),
           "model": str(model.resolve()) if model.exists() else _MODEL.value, "prompt_template": template,
-          "style": _STYLE.value, "dtype": _DTYPE.value, "think": _THINK.value,
+          "style": _style(), "dtype": _DTYPE.value, "think": _THINK.value,
           "decoding": {"greedy": True, "repetition_penalty": 1.0, "max_new_tokens": _MAX_NEW.value},
           "limit": _LIMIT.value, "batch_size": _BATCH_SIZE.value, **quantize}
+
+
+def _style() -> str:
+  """--style, or the checkpoint family's own."""
+  from af3_jax import processor, weights
+
+  return _STYLE.value or processor.FAMILIES[weights.model_type(weights.resolve(_MODEL.value))].styles[0]
 
 
 def _load_assistant():
@@ -85,7 +93,7 @@ def _load_assistant():
 
   # Each process answers on its own first device (jax.devices()[0] is process 0's in a multi-process run).
   model, processor = assistant.load(weights.resolve(_MODEL.value), dtype=_DTYPE.value, think=_THINK.value,
-                                    style=_STYLE.value, quantize=_QUANTIZE.value,
+                                    style=_style(), quantize=_QUANTIZE.value,
                                     mesh=sharding.single_device_mesh(jax.local_devices()[0]))
   return assistant.Assistant(model, processor, max_new_tokens=_MAX_NEW.value, think=_THINK.value, do_sample=False,
                              repetition_penalty=1.0)

@@ -333,37 +333,60 @@ _CORPUS = ("You are a helpful assistant. What is in this audio? Describe the sou
            "reason about the input audio before you respond. Compare the first and the second clip.")
 
 
-@pytest.fixture(scope="session")
-def tokenizer_dir(tmp_path_factory):
-  """A byte-level BPE tokenizer trained here, Qwen-style specials last so `<sound>` is id 299."""
-  pytest.importorskip("torch")
+def train_tokenizer(path: Path, specials: list[str]) -> Path:
+  """A byte-level BPE tokenizer trained on a small corpus, saved in `path`, with `specials` last so that
+  the last of them (`<sound>`) is id 299, the tiny models' audio token."""
   from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
   tok = Tokenizer(models.BPE())
   tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
   tok.decoder = decoders.ByteLevel()
-  vocab = TINY[0].vocab - len(SPECIAL_TOKENS)
+  vocab = TINY[0].vocab - len(specials)
   trainer = trainers.BpeTrainer(vocab_size=vocab, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                 show_progress=False)
   tok.train_from_iterator([_CORPUS] * 20, trainer)
   assert tok.get_vocab_size() == vocab
-  tok.add_special_tokens(SPECIAL_TOKENS)
+  tok.add_special_tokens(specials)
   fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="[BOS]", eos_token="<|im_end|>",
                                               pad_token="[PAD]")
-  path = tmp_path_factory.mktemp("tokenizer")
   fast.save_pretrained(path)
   assert fast.convert_tokens_to_ids("<sound>") == TINY[0].audio_token_id
   return path
 
 
 @pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+  """The tests' tokenizer: Qwen-style specials last, `<sound>` id 299."""
+  pytest.importorskip("torch")
+  return train_tokenizer(tmp_path_factory.mktemp("tokenizer"), SPECIAL_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def music_tokenizer_dir(tmp_path_factory):
+  """The tests' tokenizer with Music Flamingo's audio bos/eos as ids 297 and 298 (`MUSIC`'s)."""
+  pytest.importorskip("torch")
+  specials = [*SPECIAL_TOKENS[:-1], "<|sound_bos|>", "<|sound_eos|>", "<sound>"]
+  return train_tokenizer(tmp_path_factory.mktemp("music_tokenizer"), specials)
+
+
+def with_tokenizer(checkpoint: Path, tokenizer: Path, dst: Path) -> Path:
+  """A copy of a checkpoint folder with the tokenizer files beside the weights, as a released folder has."""
+  shutil.copytree(checkpoint, dst)
+  for f in tokenizer.iterdir():
+    shutil.copy(f, dst)
+  return dst
+
+
+@pytest.fixture(scope="session")
 def model_dir(gqa_ckpt, tokenizer_dir, tmp_path_factory):
   """The tiny checkpoint with the test tokenizer beside it, as a released folder has."""
-  path = tmp_path_factory.mktemp("cli") / "model"
-  shutil.copytree(gqa_ckpt.hf, path)
-  for f in tokenizer_dir.iterdir():
-    shutil.copy(f, path)
-  return path
+  return with_tokenizer(gqa_ckpt.hf, tokenizer_dir, tmp_path_factory.mktemp("cli") / "model")
+
+
+@pytest.fixture(scope="session")
+def music_model_dir(music_ckpt, music_tokenizer_dir, tmp_path_factory):
+  """The tiny Music Flamingo with its tokenizer beside it."""
+  return with_tokenizer(music_ckpt.hf, music_tokenizer_dir, tmp_path_factory.mktemp("music_cli") / "model")
 
 
 # transformers' processor template (the one its AF3 converter writes), restated in our own jinja: a
@@ -378,3 +401,12 @@ HF_TEMPLATE = (
     "{% endif %}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+# Music Flamingo's processor template (transformers' convert_musicflamingo_to_hf.py) differs from AF3's only
+# in its default system turn.
+MUSIC_TEMPLATE = HF_TEMPLATE.replace(
+    "You are a helpful assistant.",
+    "You are Music Flamingo, a multimodal assistant for language and music. On each turn you receive an audio "
+    "clip which contains music and optional text, you will receive at least one or both; use your world "
+    "knowledge and reasoning to help the user with any task. Interpret the entirety of the content any input "
+    "music--regardlenss of whether the user calls it audio, music, or sound.")

@@ -48,16 +48,17 @@ log = logging.getLogger("uvicorn.error")  # beside uvicorn's own lines
 MAX_BODY_BYTES = 256 << 20
 
 
-def warm(engine: Engine) -> int:
+def warm(engine: Engine, max_windows: int = features.MAX_WINDOWS) -> int:
   """Compiles ahead the shapes requests take: every prompt bucket up to max_len with no audio and with
   one window (a clip up to 30 s, the common case), and for 2 windows or more the buckets a long clip of
   that many windows falls in (about 750 tokens a window). Rarer shapes (several short clips) compile at
-  their first request. Returns the (prompt, windows) pairs compiled."""
+  their first request; `max_windows` is the most a request has (the processor's). Returns the (prompt,
+  windows) pairs compiled."""
   lengths = [t for t in (decode.MIN_BUCKET << k for k in range(32)) if t < engine.max_len] + [engine.max_len]
   per_window = whisper.tokens_per_window(engine.model.config.encoder)
   engine.warmup(lengths, audio_windows=[0, 1])
   pairs = 2 * len(lengths)
-  ladder = sorted({window_bucket(n) for n in range(1, features.MAX_WINDOWS + 1)})  # 1 to 8, 10, ..., 20
+  ladder = sorted({window_bucket(n) for n in range(1, max_windows + 1)})  # 1 to 8, 10, ..., 20 (40)
   for fewer, w in zip(ladder, ladder[1:]):  # more than `fewer` windows: at least `fewer` full ones
     low, high = fewer * per_window + 1, w * per_window + decode.MIN_BUCKET
     fits = [t for t in lengths if bucket(low) <= t <= bucket(high)]
@@ -84,7 +85,7 @@ class Service:
     """Builds the engine, compiles its programs (`warm`) and starts its thread."""
     engine = Engine(model, max_slots=max_slots, max_len=max_len)
     started = time.perf_counter()
-    pairs = warm(engine)
+    pairs = warm(engine, processor.max_windows)
     log.info("compiled %d prompt shapes in %.1f s", pairs, time.perf_counter() - started)
     engine.start()
     root = Path(media_root).resolve() if media_root is not None else None
