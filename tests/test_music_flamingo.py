@@ -6,7 +6,9 @@ in one prompt and audios in two turns (the window index restarts for each audio)
 """
 
 import dataclasses
+import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -16,8 +18,10 @@ from flax import nnx
 from test_generate import MAX_NEW, torch_generate
 
 import af3_jax
+from af3_jax import Processor
 from af3_jax.config import AF3Config, RoTEConfig
 from af3_jax.models import rote
+from convert import from_hf
 
 torch = pytest.importorskip("torch")
 
@@ -79,6 +83,28 @@ def test_config_reads_and_writes_transformers(music_ckpt, music_loaded):
   custom = transformers.MusicFlamingoConfig(rope_parameters={"rope_type": "default", "rope_theta": 900.0},
                                             partial_rotary_factor=0.1, audio_frame_step=0.02)
   assert AF3Config.from_hf_dict(custom.to_dict()).rote == RoTEConfig(900.0, 0.1, 0.02)
+
+
+def test_loads_from_a_hub_id(music_model_dir, tmp_path, monkeypatch):
+  """A hub id found in the huggingface_hub cache (tests are offline) loads as Music Flamingo, its
+  processor too."""
+  huggingface_hub = pytest.importorskip("huggingface_hub")
+  repo = tmp_path / "models--nvidia--music-flamingo-tiny"
+  shutil.copytree(music_model_dir, repo / "snapshots" / ("0" * 40))
+  (repo / "refs").mkdir()
+  (repo / "refs" / "main").write_text("0" * 40)
+  monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+  model = af3_jax.from_pretrained("nvidia/music-flamingo-tiny", dtype=jnp.float32)
+  assert model.config.model_type == "musicflamingo"
+  assert Processor.from_pretrained("nvidia/music-flamingo-tiny").family.audio_bos == "<|sound_bos|>"
+
+
+def test_orbax_copy_keeps_the_config(music_ckpt, music_loaded, tmp_path):
+  from_hf.convert(str(music_ckpt.hf), tmp_path / "orbax", jnp.float32)
+  copy = af3_jax.from_pretrained(tmp_path / "orbax", dtype=jnp.float32)
+  assert copy.config == music_loaded.config
+  for x, y in zip(jax.tree.leaves(copy.state), jax.tree.leaves(music_loaded.state), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.mark.parametrize("d, message", [
