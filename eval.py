@@ -61,7 +61,8 @@ def _check_flags() -> None:
 
 
 def _settings() -> dict:
-  """What the answers depend on (recorded in run.json and summary.json), and what paces the run."""
+  """What the answers depend on (recorded in run.json and summary.json), and what paces the run; the
+  style is filled in by `run`."""
   from af3_jax.evaluation import tasks
 
   data = Path(_DATA.value).resolve()
@@ -72,19 +73,19 @@ def _settings() -> dict:
   return {"task": _TASK.value, "data": str(data),
           "audio_root": str(Path(_AUDIO_ROOT.value).resolve() if _AUDIO_ROOT.value else data.parent),
           "model": str(model.resolve()) if model.exists() else _MODEL.value, "prompt_template": template,
-          "style": _style(), "dtype": _DTYPE.value, "think": _THINK.value,
+          "style": _STYLE.value, "dtype": _DTYPE.value, "think": _THINK.value,
           "decoding": {"greedy": True, "repetition_penalty": 1.0, "max_new_tokens": _MAX_NEW.value},
           "limit": _LIMIT.value, "batch_size": _BATCH_SIZE.value, **quantize}
 
 
 def _style() -> str:
-  """--style, or the checkpoint family's own."""
+  """--style, or the checkpoint family's own (its config.json is read: the model folder must be there)."""
   from af3_jax import processor, weights
 
   return _STYLE.value or processor.FAMILIES[weights.model_type(weights.resolve(_MODEL.value))].styles[0]
 
 
-def _load_assistant():
+def _load_assistant(style: str):
   """The model and processor as an Assistant that decodes greedily with no repetition penalty (NVIDIA's
   eval decodes greedily; transformers' generation_config.json would sample with a penalty of 1.05)."""
   import jax
@@ -93,7 +94,7 @@ def _load_assistant():
 
   # Each process answers on its own first device (jax.devices()[0] is process 0's in a multi-process run).
   model, processor = assistant.load(weights.resolve(_MODEL.value), dtype=_DTYPE.value, think=_THINK.value,
-                                    style=_style(), quantize=_QUANTIZE.value,
+                                    style=style, quantize=_QUANTIZE.value,
                                     mesh=sharding.single_device_mesh(jax.local_devices()[0]))
   return assistant.Assistant(model, processor, max_new_tokens=_MAX_NEW.value, think=_THINK.value, do_sample=False,
                              repetition_penalty=1.0)
@@ -127,6 +128,7 @@ def run() -> int:
   train_run.initialize_distributed()
   process, count = jax.process_index(), jax.process_count()
   benchmark = tasks.load(_TASK.value, _DATA.value, settings["audio_root"], settings["prompt_template"], _LIMIT.value)
+  settings["style"] = _style()  # after the data file, whose errors come first: this reads the checkpoint
   out = Path(_OUT.value)
   run_dir = runner.Run(out, benchmark, settings, process)
   if run_dir.finished(_RETRY.value):
@@ -135,7 +137,7 @@ def run() -> int:
   todo = run_dir.todo(process, count, _RETRY.value)
   session = runner.Throughput()
   if todo:
-    bot = _load_assistant()
+    bot = _load_assistant(settings["style"])
     try:
       session = run_dir.answer(todo, lambda prompts: runner.answer(bot, prompts, _BATCH_SIZE.value), process)
     except KeyboardInterrupt:

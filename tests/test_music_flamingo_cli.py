@@ -1,0 +1,66 @@
+"""Music Flamingo through the programs, given the tiny checkpoint with its tokenizer (conftest
+`music_model_dir`) and no other model flag: infer.py's answer is transformers' greedy answer through
+MusicFlamingoProcessor; serve.py answers a chat with two audios in two turns as `generate` does alone;
+eval.py runs in the family's prompt style (hf); train.py runs stage 4's LoRA from it."""
+
+import json
+
+import af3_jax
+import jax.numpy as jnp
+import pytest
+from conftest import MUSIC_TEMPLATE
+from test_eval import FAST, mmau, run_eval  # noqa: F401 (mmau is a fixture)
+from test_infer import clips  # noqa: F401 (a fixture)
+from test_infer_input import run_cli
+from test_serve import alone, ask, conversations, media, serving  # noqa: F401 (media is a fixture)
+from test_train import run_setup, train  # noqa: F401 (run_setup is a fixture)
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+
+def test_infer_answer_equals_transformers_greedy(music_model_dir, clips, capsys, monkeypatch):  # noqa: F811
+  args = ["--model", str(music_model_dir), "--audio", str(clips / "b.flac"), "--prompt", "Describe the song.",
+          "--greedy", "--dtype", "float32", "--max-new-tokens", "12"]
+  code, out, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
+  assert code == 0 and "new tokens/s" in err
+  processor = transformers.MusicFlamingoProcessor(
+      feature_extractor=transformers.WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
+      tokenizer=transformers.AutoTokenizer.from_pretrained(music_model_dir), chat_template=MUSIC_TEMPLATE)
+  conv = [{"role": "user", "content": [{"type": "audio", "path": str(clips / "b.flac")},
+                                       {"type": "text", "text": "Describe the song."}]}]
+  inputs = processor.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
+  torch_model = transformers.MusicFlamingoForConditionalGeneration.from_pretrained(music_model_dir).eval()
+  with torch.no_grad():
+    new = torch_model.generate(**inputs, do_sample=False, max_new_tokens=12)[0, inputs["input_ids"].shape[1]:]
+  expected = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+  assert expected and out.strip() == expected
+
+
+@pytest.mark.slow  # about 30 s on 2 cores: the server's warm-up
+def test_serve_answers_as_generate(music_model_dir, media):  # noqa: F811
+  with serving(music_model_dir, media) as server:
+    assert server.processor.family.audio_bos == "<|sound_bos|>"
+    messages, conversation = conversations(media)["two turns"]
+    reply = ask(server, messages, max_tokens=8)
+    text, prompt_tokens, completion_tokens = alone(server, conversation, 8)
+    assert reply.choices[0].message.content == text
+    assert (reply.usage.prompt_tokens, reply.usage.completion_tokens) == (prompt_tokens, completion_tokens)
+
+
+def test_eval_takes_the_hf_style(music_model_dir, mmau, tmp_path, capsys):  # noqa: F811
+  data, _ = mmau
+  out = tmp_path / "run"
+  code, _, err = run_eval(["--task", "mmau", "--data", str(data), "--model", str(music_model_dir), "--out", str(out),
+                           "--limit", "2", *FAST], capsys)
+  assert code == 0, err
+  assert json.loads((out / "summary.json").read_text())["settings"]["style"] == "hf"
+
+
+@pytest.mark.slow  # about 30 s on 2 cores: a training process compiles its step
+def test_train_lora_stage(music_model_dir, run_setup, tmp_path):  # noqa: F811
+  _, manifest, _ = run_setup
+  code, _, err = train(tmp_path / "run", music_model_dir, manifest, "--config.total_steps=2", config="configs/tiny.py:4")
+  assert code == 0, err[-2000:]
+  trained = af3_jax.from_pretrained(tmp_path / "run" / "model", dtype=jnp.float32)
+  assert trained.config == af3_jax.from_pretrained(music_model_dir, dtype=jnp.float32).config
