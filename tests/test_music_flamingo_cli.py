@@ -5,15 +5,16 @@ eval.py runs in the family's prompt style (hf); train.py runs stage 4's LoRA fro
 
 import json
 
-import af3_jax
 import jax.numpy as jnp
 import pytest
 from conftest import MUSIC_TEMPLATE
 from test_eval import FAST, mmau, run_eval  # noqa: F401 (mmau is a fixture)
-from test_infer import clips  # noqa: F401 (a fixture)
+from test_infer import clips, transformers_answer  # noqa: F401 (clips is a fixture)
 from test_infer_input import run_cli
 from test_serve import alone, ask, conversations, media, serving  # noqa: F401 (media is a fixture)
 from test_train import run_setup, train  # noqa: F401 (run_setup is a fixture)
+
+import af3_jax
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -24,16 +25,8 @@ def test_infer_answer_equals_transformers_greedy(music_model_dir, clips, capsys,
           "--greedy", "--dtype", "float32", "--max-new-tokens", "12"]
   code, out, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
   assert code == 0 and "new tokens/s" in err
-  processor = transformers.MusicFlamingoProcessor(
-      feature_extractor=transformers.WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
-      tokenizer=transformers.AutoTokenizer.from_pretrained(music_model_dir), chat_template=MUSIC_TEMPLATE)
-  conv = [{"role": "user", "content": [{"type": "audio", "path": str(clips / "b.flac")},
-                                       {"type": "text", "text": "Describe the song."}]}]
-  inputs = processor.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
-  torch_model = transformers.MusicFlamingoForConditionalGeneration.from_pretrained(music_model_dir).eval()
-  with torch.no_grad():
-    new = torch_model.generate(**inputs, do_sample=False, max_new_tokens=12)[0, inputs["input_ids"].shape[1]:]
-  expected = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
+  expected = transformers_answer(transformers.MusicFlamingoProcessor, transformers.MusicFlamingoForConditionalGeneration,
+                                 music_model_dir, MUSIC_TEMPLATE, clips / "b.flac", "Describe the song.", 12)
   assert expected and out.strip() == expected
 
 
