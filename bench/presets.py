@@ -1,9 +1,10 @@
-"""What the benchmarks share: model sizes (random weights, so no download), transformers' AF3 built from
-one, and a tokenizer that needs no files."""
+"""What the benchmarks share: model sizes (random weights, so no download) of either family, transformers'
+model built from one, and a tokenizer that needs no files."""
 
+import dataclasses
 import time
 
-from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.config import MODEL_TYPES, AF3Config, DecoderConfig, EncoderConfig, RoTEConfig
 
 SPECIAL_TOKENS = ["<|im_start|>", "<|im_end|>", "<sound>", "[PAD]"]
 
@@ -24,6 +25,21 @@ MODELS = {
 }
 
 
+def model_config(size: str, model_type: str = "audioflamingo3") -> AF3Config:
+  """The `size` preset (MODELS) as AF3 or as Music Flamingo: the same sizes with rotary time embeddings,
+  its bos/eos the two ids below the audio token (the released ids: 151670 and 151671 for `<sound>`
+  151669 are above it, which the smaller vocabularies have no room for)."""
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"model type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+  cfg = MODELS[size]
+  if model_type == "audioflamingo3":
+    return cfg
+  if size == "full":
+    return AF3Config.music_flamingo()
+  return dataclasses.replace(cfg, rote=RoTEConfig(), audio_bos_token_id=cfg.audio_token_id - 2,
+                             audio_eos_token_id=cfg.audio_token_id - 1)
+
+
 def byte_tokenizer(vocab_size: int | None = None):
   """A byte-level tokenizer with no merges (one token per byte) and the chat template's specials, last.
   With `vocab_size`, filler tokens (never produced by encoding; they decode as `<id>`) make it that big,
@@ -41,14 +57,17 @@ def byte_tokenizer(vocab_size: int | None = None):
 
 
 def torch_model(cfg: AF3Config, dtype, device: str):
-  """transformers' AF3 with its own random init, built on `device` directly (no host copy of the weights)."""
+  """transformers' AF3 or Music Flamingo (as `cfg` is) with its own random init, built on `device` directly
+  (no host copy of the weights)."""
   import torch
   import transformers
 
-  config = transformers.AudioFlamingo3Config(**cfg.to_hf_dict())
+  music = cfg.rote is not None
+  config = (transformers.MusicFlamingoConfig if music else transformers.AudioFlamingo3Config)(**cfg.to_hf_dict())
+  cls = transformers.MusicFlamingoForConditionalGeneration if music else transformers.AudioFlamingo3ForConditionalGeneration
   torch.manual_seed(0)
   with torch.device(device):
-    model = transformers.AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype)
+    model = cls._from_config(config, dtype=dtype)
   return model.eval()
 
 

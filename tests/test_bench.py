@@ -39,19 +39,31 @@ def test_init_random_is_born_sharded():
   assert np.isfinite(np.asarray(logits, np.float32)).all()
 
 
-def test_bench_runs_at_tiny_size():
-  pytest.importorskip("torch")
-  # One cell (30 s, batch 2) and 4 tokens, JAX with its projections as loaded and fused: most of the time
-  # is JAX compiling its three programs for each.
-  args = ["--size", "tiny", "--new-tokens", "4", "--batch", "2", "--projections", "separate", "--projections", "fused"]
+def infer_bench_rows(args: list[str]) -> list[str]:
+  """The table rows `bench/bench_infer.py` prints with `args`."""
   run = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_infer.py"), *args], capture_output=True,
                        text=True, cwd=ROOT, timeout=300)
   assert run.returncode == 0, run.stderr[-3000:]
   lines = run.stdout.strip().splitlines()
   header = next(i for i, line in enumerate(lines) if line.startswith("| audio | batch |"))
-  rows = lines[header + 2:]
+  return lines[header + 2:]
+
+
+def test_bench_runs_at_tiny_size():
+  pytest.importorskip("torch")
+  # One cell (30 s, batch 2) and 4 tokens, JAX with its projections as loaded and fused: most of the time
+  # is JAX compiling its three programs for each.
+  args = ["--size", "tiny", "--new-tokens", "4", "--batch", "2", "--projections", "separate", "--projections", "fused"]
+  rows = infer_bench_rows(args)
   assert len(rows) == 2 and rows[0].startswith("| 30s | 2 | separate | ") and rows[1].startswith("| 30s | 2 | fused | "), \
-      run.stdout
+      rows
+
+
+@pytest.mark.slow  # about 30 s on 2 cores, mostly compiling
+def test_bench_runs_music_flamingo_at_tiny_size():
+  pytest.importorskip("torch")
+  rows = infer_bench_rows(["--size", "tiny", "--model-type", "musicflamingo", "--new-tokens", "4", "--batch", "1"])
+  assert len(rows) == 1 and rows[0].startswith("| 30s | 1 | separate | "), rows
 
 
 def test_train_bench_runs_at_tiny_size():
