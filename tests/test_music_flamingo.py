@@ -19,6 +19,7 @@ from test_generate import MAX_NEW, torch_generate
 
 import af3_jax
 from af3_jax import Processor
+from af3_jax.engine import Engine, Request
 from af3_jax.config import AF3Config, RoTEConfig
 from af3_jax.models import rote
 from convert import from_hf
@@ -136,6 +137,27 @@ def test_timestamps_and_angles_equal_transformers(music_ckpt, music_loaded, case
   angles = np.asarray(rote.angles(times, windows, cfg.rote, cfg.encoder.hidden_size)).repeat(2, axis=-1)
   np.testing.assert_allclose(np.cos(angles), cos.numpy(), atol=1e-6, rtol=0)
   np.testing.assert_allclose(np.sin(angles), sin.numpy(), atol=1e-6, rtol=0)
+
+
+def test_window_indices_restart_per_audio_and_pass_over_padding():
+  """Audio runs of 3 and 2 windows (a run is cut by any other token), then two windows of no tokens,
+  as generate and the engine pad windows: 0 1 2 0 1, and the padding takes the last audio's count on."""
+  is_audio = np.zeros((2, 40), bool)
+  is_audio[0, 2:30] = True  # audio 1: windows of 10, 10, 8 tokens
+  is_audio[1, 5:20] = True  # audio 2: 10 and 5, in the next row
+  windows = rote.window_indices(jnp.asarray(is_audio), jnp.asarray([10, 10, 8, 10, 5, 0, 0]))
+  assert windows.tolist()[:5] == [0, 1, 2, 0, 1]
+
+
+def test_engine_answers_as_generate(music_ckpt, music_loaded):
+  """The engine's prefill (right padded, its own window buckets) on two audios in two turns gives what
+  `generate` gives the prompt alone (which the tests above hold to transformers')."""
+  batch = case_batch(music_ckpt.tiny, "audios in two turns")
+  expected = af3_jax.generate(music_loaded, batch, 8, do_sample=False, repetition_penalty=2.0)[0].tolist()
+  with Engine(music_loaded, max_slots=2, max_len=2048) as engine:
+    done = engine.submit(Request({k: v[0] if k == "input_ids" else v for k, v in batch.items()
+                                  if k != "attention_mask"}, 8, do_sample=False, repetition_penalty=2.0)).result()
+  assert list(done.tokens) == expected
 
 
 @pytest.mark.parametrize("case", CASES)
