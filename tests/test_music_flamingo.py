@@ -19,6 +19,7 @@ from test_generate import MAX_NEW, torch_generate
 
 import af3_jax
 from af3_jax import Processor
+from af3_jax.buckets import bucket, window_bucket
 from af3_jax.engine import Engine, Request
 from af3_jax.config import AF3Config, RoTEConfig
 from af3_jax.models import rote
@@ -205,3 +206,15 @@ def test_greedy_matches_transformers(music_ckpt, music_loaded, case):
   ours = af3_jax.generate(music_loaded, batch, MAX_NEW, do_sample=False, repetition_penalty=2.0, eos_token_id=eos,
                           pad_token_id=0)
   np.testing.assert_array_equal(ours, ref)
+
+
+def test_forty_windows_pad_little():
+  """Every window count up to 20 minutes (40) pads by less than a quarter (the encoder's work), 20
+  minutes not at all; its prompt (30,000 audio tokens, bos, eos and some text) pads by less than a
+  tenth (generate's and the engine's prompt bucket) and stays within Qwen2's 32,768 positions."""
+  for n in range(1, 41):
+    assert n <= window_bucket(n) < 1.25 * n, n
+  assert window_bucket(40) == 40
+  for text in (16, 100, 400):
+    prompt = 40 * 750 + 2 + text
+    assert prompt <= bucket(prompt) < 1.1 * prompt and bucket(prompt) <= 32_768
