@@ -70,6 +70,9 @@ class AudioFlamingo3(nnx.Module):
     (W,) gives each window's index within its audio (`rote.window_indices`)."""
     x = self.audio_tower(input_features, input_features_mask)
     if self.cfg.rote is not None:
+      if window_index is None:
+        raise ValueError("Music Flamingo's audio frames need each window's index within its audio "
+                         "(rote.window_indices)")
       x = rote.rotate(x, window_index, self.cfg.rote)
     return self.multi_modal_projector(x)
 
