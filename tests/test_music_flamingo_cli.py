@@ -9,8 +9,7 @@ import jax.numpy as jnp
 import pytest
 from conftest import MUSIC_TEMPLATE
 from test_eval import FAST, mmau, run_eval  # noqa: F401 (mmau is a fixture)
-from test_infer import clips, transformers_answer  # noqa: F401 (clips is a fixture)
-from test_infer_input import run_cli
+from test_infer import assert_answers_as_transformers, clips  # noqa: F401 (clips is a fixture)
 from test_serve import alone, ask, conversations, media, serving  # noqa: F401 (media is a fixture)
 from test_train import run_setup, train  # noqa: F401 (run_setup is a fixture)
 
@@ -21,13 +20,9 @@ transformers = pytest.importorskip("transformers")
 
 
 def test_infer_answer_equals_transformers_greedy(music_model_dir, clips, capsys, monkeypatch):  # noqa: F811
-  args = ["--model", str(music_model_dir), "--audio", str(clips / "b.flac"), "--prompt", "Describe the song.",
-          "--greedy", "--dtype", "float32", "--max-new-tokens", "12"]
-  code, out, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
-  assert code == 0 and "new tokens/s" in err
-  expected = transformers_answer(transformers.MusicFlamingoProcessor, transformers.MusicFlamingoForConditionalGeneration,
-                                 music_model_dir, MUSIC_TEMPLATE, clips / "b.flac", "Describe the song.", 12)
-  assert expected and out.strip() == expected
+  assert_answers_as_transformers(music_model_dir, transformers.MusicFlamingoProcessor,
+                                 transformers.MusicFlamingoForConditionalGeneration, MUSIC_TEMPLATE, clips / "b.flac",
+                                 "Describe the song.", capsys, monkeypatch)
 
 
 @pytest.mark.slow  # about 30 s on 2 cores: the server's warm-up
