@@ -39,8 +39,9 @@ _MAX_NEW = flags.DEFINE_integer("max-new-tokens", 128, "At most this many new to
 _TEMPLATE = flags.DEFINE_string("prompt-template", None, "The prompt, with {question}, {options} ('(A) ...' "
                                 "lines) and {choices} (plain lines) as the task allows; \\n is a newline "
                                 "(default: the task's).", flag_values=FLAGS)
-_STYLE = flags.DEFINE_enum("style", "nvidia", ["hf", "nvidia"], "Prompt style (see README); nvidia is how "
-                           "the paper's numbers were made.", flag_values=FLAGS)
+_STYLE = flags.DEFINE_enum("style", None, ["hf", "nvidia"], "Prompt style (see README); default: the one the "
+                           "checkpoint was trained with, nvidia for AF3 (how the paper's numbers were made), hf for "
+                           "Music Flamingo.", flag_values=FLAGS)
 _DTYPE, _QUANTIZE = cli.weight_flags(FLAGS)
 _CACHE = cli.compilation_cache_flag(FLAGS)
 _RETRY = flags.DEFINE_bool("retry-errors", False, "Answer again the items that failed (a missing audio "
@@ -64,7 +65,8 @@ def _check_flags() -> None:
 
 
 def _settings() -> dict:
-  """What the answers depend on (recorded in run.json and summary.json), and what paces the run."""
+  """What the answers depend on (recorded in run.json and summary.json), and what paces the run; the
+  style is filled in by `run`."""
   from af3_jax.evaluation import tasks
 
   data = Path(_DATA.value).resolve()
@@ -80,7 +82,14 @@ def _settings() -> dict:
           "limit": _LIMIT.value, "batch_size": _BATCH_SIZE.value, **quantize}
 
 
-def _load_assistant():
+def _style() -> str:
+  """--style, or the checkpoint family's own (its config.json is read: the model folder must be there)."""
+  from af3_jax import processor, weights
+
+  return _STYLE.value or processor.FAMILIES[weights.model_type(weights.resolve(_MODEL.value))].styles[0]
+
+
+def _load_assistant(style: str):
   """The model and processor as an Assistant that decodes greedily with no repetition penalty (NVIDIA's
   eval decodes greedily; transformers' generation_config.json would sample with a penalty of 1.05)."""
   import jax
@@ -90,7 +99,7 @@ def _load_assistant():
   root = weights.resolve(_MODEL.value)
   with cli.loading(f"{root} ({cli.weights_label(_DTYPE.value, _QUANTIZE.value, _THINK.value)})"):
     # Each process answers on its own first device (jax.devices()[0] is process 0's in a multi-process run).
-    model, processor = assistant.load(root, dtype=_DTYPE.value, think=_THINK.value, style=_STYLE.value,
+    model, processor = assistant.load(root, dtype=_DTYPE.value, think=_THINK.value, style=style,
                                       quantize=_QUANTIZE.value, mesh=sharding.single_device_mesh(jax.local_devices()[0]))
   cli.note("each new prompt size compiles once, before its first answer")
   return assistant.Assistant(model, processor, max_new_tokens=_MAX_NEW.value, think=_THINK.value, do_sample=False,
@@ -136,6 +145,7 @@ def run() -> int:
   train_run.initialize_distributed()
   process, count = jax.process_index(), jax.process_count()
   benchmark = tasks.load(_TASK.value, _DATA.value, settings["audio_root"], settings["prompt_template"], _LIMIT.value)
+  settings["style"] = _style()  # after the data file, whose errors come first: this reads the checkpoint
   out = Path(_OUT.value)
   run_dir = runner.Run(out, benchmark, settings, process)
   if run_dir.finished(_RETRY.value):
@@ -144,7 +154,7 @@ def run() -> int:
   todo = run_dir.todo(process, count, _RETRY.value)
   session = runner.Throughput()
   if todo:
-    bot = _load_assistant()
+    bot = _load_assistant(settings["style"])
     try:
       session = run_dir.answer(todo, lambda prompts: runner.answer(bot, prompts, _BATCH_SIZE.value), process)
     except KeyboardInterrupt:

@@ -200,7 +200,7 @@ def _data(cfg, samples, init_from: str, rows: int):
   from af3_jax import train_run
   from af3_jax.data import pipeline
 
-  processor = af3_jax.Processor.from_pretrained(train_run.base_checkpoint(init_from), style=cfg.data.style,
+  processor = af3_jax.Processor.from_pretrained(train_run.base_checkpoint(init_from), style=cfg.data.style or None,
                                                 max_windows=cfg.data.max_windows)
   data = pipeline.train_batches(
       samples, processor, rows=rows, windows_per_row=cfg.data.max_windows, buckets=cfg.data.length_buckets,

@@ -1,7 +1,8 @@
 """Model configuration: frozen, hashable dataclasses read from a checkpoint's `config.json`.
 
 Mirrors transformers' `AudioFlamingo3Config` (audio_config = `AudioFlamingo3EncoderConfig`, text_config =
-`Qwen2Config`). Jitted code and modules only ever see these dataclasses, never a dict.
+`Qwen2Config`) and `MusicFlamingoConfig`, which is the same model plus rotary time embeddings (`RoTEConfig`)
+and audio bos/eos tokens. Jitted code and modules only ever see these dataclasses, never a dict.
 """
 
 from __future__ import annotations
@@ -53,24 +54,66 @@ class DecoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class RoTEConfig:
+  """Music Flamingo's rotary time embeddings on the encoder output (`MusicFlamingoRotaryEmbedding`):
+  `rope_parameters` and `audio_frame_step` of `MusicFlamingoConfig`, which also takes the theta for its
+  `max_position_embeddings` (the divisor of both angle axes)."""
+
+  theta: float = 1200.0
+  partial_rotary_factor: float = 0.2
+  mel_frame_seconds: float = 0.01  # one input mel frame (hop 160 at 16 kHz)
+
+  def pairs(self, width: int) -> int:
+    """Channel pairs each axis (window, frame) rotates: ceil(R / 2) frequencies for R = int(width * factor),
+    as upstream's `arange(0, R, 2)`; 2 axes x 2 channels each, so 4 x pairs channels turn (512 of 1280)."""
+    return -(-int(width * self.partial_rotary_factor) // 2)
+
+
+MODEL_TYPES = ("audioflamingo3", "musicflamingo")
+
+
+@dataclasses.dataclass(frozen=True)
 class AF3Config:
-  """The whole model. Defaults are the released AF3 (8,267,215,360 parameters)."""
+  """The whole model. Defaults are the released AF3 (8,267,215,360 parameters); with `rote` (and the audio
+  bos/eos ids, which only the processor uses) it is Music Flamingo, whose weights have the same names."""
 
   encoder: EncoderConfig = EncoderConfig()
   decoder: DecoderConfig = DecoderConfig()
   audio_token_id: int = 151669
   projector_bias: bool = True
+  rote: RoTEConfig | None = None
+  audio_bos_token_id: int | None = None
+  audio_eos_token_id: int | None = None
+
+  @property
+  def model_type(self) -> str:
+    return "musicflamingo" if self.rote is not None else "audioflamingo3"
+
+  @classmethod
+  def music_flamingo(cls, **kw) -> AF3Config:
+    """`MusicFlamingoConfig()`'s defaults (`nvidia/music-flamingo-2601-hf`): AF3's sizes with RoTE."""
+    return cls(**{"rote": RoTEConfig(), "audio_bos_token_id": 151670, "audio_eos_token_id": 151671, **kw})
 
   @classmethod
   def from_hf_dict(cls, d: dict[str, Any]) -> AF3Config:
-    """Reads transformers' `AudioFlamingo3Config.to_dict()` (what `config.json` holds)."""
+    """Reads transformers' `AudioFlamingo3Config.to_dict()` or `MusicFlamingoConfig.to_dict()` (what
+    `config.json` holds); a config without a model_type is AF3's."""
+    model_type = d.get("model_type") or "audioflamingo3"
+    if model_type not in MODEL_TYPES:
+      raise ValueError(f"model_type {model_type!r} is not supported (one of {', '.join(MODEL_TYPES)})")
     if d.get("projector_hidden_act", "gelu") != "gelu":
       raise ValueError(f"projector_hidden_act {d['projector_hidden_act']!r} is not supported (AF3 uses gelu)")
+    encoder = encoder_config(_section(d, "audio_config"))
+    music = {}
+    if model_type == "musicflamingo":
+      music = dict(rote=rote_config(d, encoder), audio_bos_token_id=d.get("audio_bos_token_id", 151670),
+                   audio_eos_token_id=d.get("audio_eos_token_id", 151671))
     return cls(
-        encoder=encoder_config(_section(d, "audio_config")),
+        encoder=encoder,
         decoder=decoder_config(_section(d, "text_config")),
         audio_token_id=d.get("audio_token_id", 151669),
         projector_bias=d.get("projector_bias", True),
+        **music,
     )
 
   @classmethod
@@ -80,9 +123,19 @@ class AF3Config:
   def to_hf_dict(self) -> dict[str, Any]:
     """The inverse of `from_hf_dict`: a `config.json` that transformers loads."""
     e, t = self.encoder, self.decoder
+    music = {}
+    if self.rote is not None:
+      music = {
+          "audio_bos_token_id": self.audio_bos_token_id,
+          "audio_eos_token_id": self.audio_eos_token_id,
+          "audio_frame_step": self.rote.mel_frame_seconds,
+          "rope_parameters": {"rope_type": "default", "rope_theta": self.rote.theta,
+                              "partial_rotary_factor": self.rote.partial_rotary_factor},
+      }
     return {
-        "model_type": "audioflamingo3",
-        "architectures": ["AudioFlamingo3ForConditionalGeneration"],
+        "model_type": self.model_type,
+        "architectures": ["MusicFlamingoForConditionalGeneration" if music else "AudioFlamingo3ForConditionalGeneration"],
+        **music,
         "audio_token_id": self.audio_token_id,
         "projector_hidden_act": "gelu",
         "projector_bias": self.projector_bias,
@@ -178,6 +231,28 @@ def encoder_config(d: dict[str, Any]) -> EncoderConfig:
       intermediate_size=_positive(d, "intermediate_size", "encoder_ffn_dim", default=5120),
       max_source_positions=_positive(d, "max_source_positions", default=1500),
   )
+
+
+def rote_config(d: dict[str, Any], encoder: EncoderConfig) -> RoTEConfig:
+  """From `MusicFlamingoConfig`'s `rope_parameters` (partial_rotary_factor may sit at the top level, as
+  its constructor takes it) and `audio_frame_step`."""
+  rope = _section(d, "rope_parameters")
+  if rope.get("rope_type", "default") != "default":
+    raise ValueError(f"rope_parameters.rope_type {rope['rope_type']!r} is not supported (Music Flamingo "
+                     "uses default rotary time embeddings)")
+  theta = _positive(rope, "rope_theta", default=1200.0, kind=float)
+  factor = _positive(rope, "partial_rotary_factor", default=_positive(d, "partial_rotary_factor", default=0.2,
+                                                                       kind=float), kind=float)
+  rote = RoTEConfig(theta=theta, partial_rotary_factor=factor,
+                    mel_frame_seconds=_positive(d, "audio_frame_step", default=0.01, kind=float))
+  if 4 * rote.pairs(encoder.hidden_size) > encoder.hidden_size:
+    raise ValueError(f"partial_rotary_factor {factor} turns more than the encoder's {encoder.hidden_size} channels "
+                     "(two axes of int(width * factor) each)")
+  frames = (encoder.max_source_positions - 2) // 2 + 1
+  if frames > int(theta):
+    # Upstream's frame-axis table has int(theta) rows, one per pooled frame of a window.
+    raise ValueError(f"rope_theta {theta} is below the {frames} audio frames of a window")
+  return rote
 
 
 def decoder_config(d: dict[str, Any]) -> DecoderConfig:

@@ -9,6 +9,10 @@ Two prompt styles (shared/UPSTREAM.md sections 2, 8, 12):
 Beyond transformers, both styles take several audios per message and audios in several turns
 (AF3-Chat); `<sound-k>` tags in the text place the k-th audio of the conversation (1-based, repeated
 tags repeat the audio); without tags a message's audios go before its text, in order.
+
+A checkpoint's family (`FAMILIES`, from its config.json's model_type) sets the default system prompt,
+the longest audio, and for Music Flamingo the `<|sound_bos|>` / `<|sound_eos|>` tokens around every
+audio's `<sound>` run (`MusicFlamingoProcessor`; hf style only).
 """
 
 from __future__ import annotations
@@ -32,6 +36,34 @@ SYSTEM_PROMPT = "You are a helpful assistant."
 ASR_PROMPT = "Transcribe the input speech."  # transformers' AF3 processor default for transcription
 THINK_SUFFIX = "\nPlease think and reason about the input audio before you respond."
 TOKENS_PER_WINDOW = int(pooled_lengths(features.FRAMES))  # audio tokens of a full window (750)
+# The default system turn of Music Flamingo's chat template (transformers' convert_musicflamingo_to_hf.py),
+# typos and the missing space before "--" included: it is what the model was prompted with.
+MUSIC_SYSTEM_PROMPT = (
+    "You are Music Flamingo, a multimodal assistant for language and music. On each turn you receive an audio "
+    "clip which contains music and optional text, you will receive at least one or both; use your world "
+    "knowledge and reasoning to help the user with any task. Interpret the entirety of the content any input "
+    "music--regardlenss of whether the user calls it audio, music, or sound.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What a model family's processor puts around the model: the prompt styles it takes (the first is the
+  one it was trained with), the system turn a conversation without one gets, the most 30 s windows an
+  audio keeps (`max_audio_len` upstream), and the tokens that frame each audio's `<sound>` run (none for
+  AF3)."""
+
+  styles: tuple[str, ...]
+  system_prompt: str
+  max_windows: int
+  audio_bos: str | None = None
+  audio_eos: str | None = None
+
+
+FAMILIES = {  # by config.json's model_type
+    "audioflamingo3": Family(("nvidia", "hf"), SYSTEM_PROMPT, features.MAX_WINDOWS),  # AudioFlamingo3Processor: 600 s
+    # MusicFlamingoProcessor: 1,200 s; its prompts are the only ones known for it.
+    "musicflamingo": Family(("hf",), MUSIC_SYSTEM_PROMPT, 40, "<|sound_bos|>", "<|sound_eos|>"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,24 +87,42 @@ class Encoded:
 class Processor:
   """Tokenizer + audio features + chat template, for one prompt style."""
 
-  def __init__(self, tokenizer, *, style: str = "hf", max_windows: int = features.MAX_WINDOWS,
-               audio_token: str = "<sound>"):
+  def __init__(self, tokenizer, *, style: str | None = "hf", family: str = "audioflamingo3",
+               max_windows: int | None = None, audio_token: str = "<sound>"):
+    """style None: the one the family was trained with (nvidia for AF3, hf for Music Flamingo);
+    max_windows None: the family's."""
+    if family not in FAMILIES:
+      raise ValueError(f"family must be one of {sorted(FAMILIES)}, got {family!r}")
+    self.family = FAMILIES[family]
+    style = self.family.styles[0] if style is None else style
     if style not in STYLES:
       raise ValueError(f"style must be one of {STYLES}, got {style!r}")
+    if style not in self.family.styles:
+      raise ValueError(f"{family} takes the {' or '.join(self.family.styles)} prompt style, not {style!r}")
     self.tokenizer = tokenizer
     self.style = style
-    self.max_windows = max_windows
+    self.max_windows = self.family.max_windows if max_windows is None else max_windows
     self.audio_token = audio_token
-    self.audio_token_id = tokenizer.convert_tokens_to_ids(audio_token)
-    if self.audio_token_id is None or self.audio_token_id == tokenizer.unk_token_id:
-      where = getattr(tokenizer, "name_or_path", "")  # the folder it was loaded from, if any
-      raise ValueError(f"{where + ': ' if where else ''}the tokenizer has no {audio_token} token")
+    self.audio_token_id = self._token_id(audio_token)
+    for token in (self.family.audio_bos, self.family.audio_eos):
+      if token is not None:
+        self._token_id(token)
+
+  def _token_id(self, token: str) -> int:
+    """The id of a token the prompts need; a ValueError naming the tokenizer's folder if it has none."""
+    token_id = self.tokenizer.convert_tokens_to_ids(token)
+    if token_id is None or token_id == self.tokenizer.unk_token_id:
+      where = getattr(self.tokenizer, "name_or_path", "")  # the folder it was loaded from, if any
+      raise ValueError(f"{where + ': ' if where else ''}the tokenizer has no {token} token")
+    return token_id
 
   @classmethod
   def from_pretrained(cls, path_or_hub_id: str | Path, **kwargs) -> Processor:
-    """The checkpoint's tokenizer (`llm/` in the NVIDIA layout) through transformers' AutoTokenizer.
-    Missing or unreadable tokenizer files are a one-line ValueError naming the folder."""
+    """The checkpoint's tokenizer (`llm/` in the NVIDIA layout) through transformers' AutoTokenizer, for
+    the family its config.json names (AF3 without one). Missing or unreadable tokenizer files are a
+    one-line ValueError naming the folder."""
     root = weights.resolve(path_or_hub_id)
+    kwargs.setdefault("family", weights.model_type(root))
     return cls(_load_tokenizer(weights.tokenizer_dir(root)), **kwargs)
 
   def apply_chat_template(self, conversations, add_generation_prompt: bool = True, *, think: bool = False,
@@ -132,7 +182,7 @@ class Processor:
       messages[last_user] = {**messages[last_user],
                              "content": [*messages[last_user]["content"], {"type": "text", "text": THINK_SUFFIX}]}
     if messages[0]["role"] != "system":
-      messages.insert(0, {"role": "system", "content": [{"type": "text", "text": SYSTEM_PROMPT}]})
+      messages.insert(0, {"role": "system", "content": [{"type": "text", "text": self.family.system_prompt}]})
     text, spans, placed, seen = "", [], [], 0
     for m in messages:
       body = "".join(item["text"] for item in m["content"] if item["type"] == "text")
@@ -159,7 +209,7 @@ class Processor:
   def _placeholder(self, a: _Audio) -> str:
     """The expanded audio tokens for one placement of an audio."""
     if self.style == "hf":
-      return self.audio_token * sum(a.frames)
+      return (self.family.audio_bos or "") + self.audio_token * sum(a.frames) + (self.family.audio_eos or "")
     return "\n".join(self.audio_token * n for n in a.frames)  # NVIDIA: ("<sound>\n" * W).rstrip()
 
   def _leading_placeholders(self, audios: Sequence[_Audio]) -> str:

@@ -88,6 +88,15 @@ def tokenizer_dir(root: Path) -> Path:
   return root / "llm" if all((root / f).is_dir() for f in names.NVIDIA_FOLDERS) else root
 
 
+def model_type(root: Path) -> str:
+  """The family of a checkpoint folder (`config.MODEL_TYPES`), from its config.json; AF3 for the NVIDIA
+  layout and for a folder without one (a bare tokenizer)."""
+  config = root / "config.json"
+  if tokenizer_dir(root) != root or not config.is_file():
+    return "audioflamingo3"
+  return AF3Config.from_json(config).model_type
+
+
 def read_config(root: Path) -> AF3Config:
   if layout(root) != "nvidia":
     return AF3Config.from_json(root / "config.json")

@@ -1,14 +1,17 @@
-"""Inference speed of af3_jax against transformers' PyTorch AF3, both with random weights, on one device.
+"""Inference speed of af3_jax against transformers' PyTorch AF3 or Music Flamingo, both with random weights,
+on one device.
 
   python bench/bench_infer.py --size tiny     # a small model: seconds on a CPU
   python bench/bench_infer.py --size full     # AF3Config() (8.27B) in bf16: one H100 or H200
+  python bench/bench_infer.py --size full --model-type musicflamingo --audio 30s --audio 20min
   (from the repo root, with af3_jax installed or PYTHONPATH=.)
 
-Cells: 30 s (1 window) or 10 min (20 windows) of audio per row, at batch 1 and 8 (--batch; 10 min
-cells at --batch-10min's batches if given). Every row is a short text prompt around 750 `<sound>`
-tokens per window; the features are random log-mel shaped as the processor gives them, masks full.
-Both sides decode exactly --new-tokens tokens greedily: a model with no checkpoint has no eos on our
-side, and transformers gets min_new_tokens as well.
+Cells: 30 s (1 window), 10 min (20 windows) or 20 min (40 windows, Music Flamingo's longest) of audio per
+row, at batch 1 and 8 (--batch; 10 min cells at --batch-10min's batches if given). Every row is a short
+text prompt around 750 `<sound>` tokens per window (Music Flamingo: between its audio bos and eos); the
+features are random log-mel shaped as the processor gives them, masks full. Both sides decode exactly
+--new-tokens tokens greedily: a model with no checkpoint has no eos on our side, and transformers gets
+min_new_tokens as well.
 
 Time to first token (TTFT): from host inputs until the first new token is on the host (audio encoder
 and prefill). Decode tokens/s: (N - 1) * batch / the time after the first token. JAX is timed on its
@@ -50,16 +53,19 @@ from af3_jax import decode, sharding
 from af3_jax.config import AF3Config
 from af3_jax.models.whisper import tokens_per_window
 from af3_jax.pretrained import Model, init_random
-from presets import MODELS, TokenClock, torch_model
+from af3_jax.config import MODEL_TYPES
+from presets import TokenClock, model_config, torch_model
 
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "A preset: the model and the defaults below.")
+_MODEL_TYPE = flags.DEFINE_enum("model-type", "audioflamingo3", MODEL_TYPES, "The family, as config.json's "
+                                "model_type: AF3, or Music Flamingo (rotary time embeddings on the encoder output).")
 _DEVICE = flags.DEFINE_enum("device", "auto", ["auto", "cpu", "gpu"], "Where both run (auto: gpu if torch sees one).")
 _DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype, both sides.")
 _QUANTIZE = flags.DEFINE_multi_enum("quantize", ["none"], ["none", "int8"], "JAX's weights as from_pretrained's "
                                     "quantize (int8: the decoder's linears), a row each; torch keeps --dtype.")
 _NEW = flags.DEFINE_integer("new-tokens", None, "Tokens each row decodes, at least 2 (default: the preset's).")
 _REPEATS = flags.DEFINE_integer("repeats", None, "Warm runs per cell, medians reported (default: the preset's).")
-_AUDIO = flags.DEFINE_multi_enum("audio", None, ["30s", "10min"], "Audio lengths (default: the preset's).")
+_AUDIO = flags.DEFINE_multi_enum("audio", None, ["30s", "10min", "20min"], "Audio lengths (default: the preset's).")
 _BATCH = flags.DEFINE_multi_integer("batch", [1, 8], "Batch sizes.")
 _BATCH_10MIN = flags.DEFINE_multi_integer("batch-10min", None, "Batch sizes of the 10 min cells (default: --batch).")
 _PROJECTIONS = flags.DEFINE_multi_enum(
@@ -67,23 +73,22 @@ _PROJECTIONS = flags.DEFINE_multi_enum(
     "JAX's decoder projections: as loaded (q/k/v and gate/up apart) and/or `Model.fused` (one matmul each); "
     "both: the same weights timed each way, one row each.")
 
-WINDOWS = {"30s": 1, "10min": 20}  # 30 s windows per row
+WINDOWS = {"30s": 1, "10min": 20, "20min": 40}  # 30 s windows per row
 PROMPT = (4, 12)  # text tokens before and after the audio, as a chat template adds
 
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
-  cfg: AF3Config
   audio: tuple[str, ...]
   new_tokens: int
   repeats: int
 
 
-PRESETS = {
+PRESETS = {  # the model is presets.MODELS[size], of --model-type's family
     # 10 min is left out at tiny size (--audio=10min runs it): on 2 CPU cores one such prefill takes
     # JAX ~25 s and torch ~8 s (bench_memory.py measures its memory).
-    "tiny": Preset(MODELS["tiny"], audio=("30s",), new_tokens=32, repeats=1),
-    "full": Preset(MODELS["full"], audio=("30s", "10min"), new_tokens=64, repeats=3),
+    "tiny": Preset(audio=("30s",), new_tokens=32, repeats=1),
+    "full": Preset(audio=("30s", "10min"), new_tokens=64, repeats=3),
 }
 
 
@@ -104,8 +109,11 @@ def make_batch(cfg: AF3Config, windows: int, rows: int, seed: int = 0) -> dict[s
   """transformers-named inputs: every row the same length, so nothing is padded."""
   rng = np.random.default_rng(seed)
   text = lambda n: rng.integers(0, cfg.audio_token_id, (rows, n))
-  ids = np.concatenate([text(PROMPT[0]), np.full((rows, windows * tokens_per_window(cfg.encoder)), cfg.audio_token_id),
-                        text(PROMPT[1])], axis=1).astype(np.int32)
+  audio = np.full((rows, windows * tokens_per_window(cfg.encoder)), cfg.audio_token_id)
+  if cfg.rote is not None:  # Music Flamingo's processor frames the audio
+    audio = np.pad(audio, ((0, 0), (1, 0)), constant_values=cfg.audio_bos_token_id)
+    audio = np.pad(audio, ((0, 0), (0, 1)), constant_values=cfg.audio_eos_token_id)
+  ids = np.concatenate([text(PROMPT[0]), audio, text(PROMPT[1])], axis=1).astype(np.int32)
   frames = cfg.encoder.mel_frames
   return dict(input_ids=ids, attention_mask=np.ones_like(ids),
               input_features=rng.standard_normal((rows * windows, cfg.encoder.num_mel_bins, frames), np.float32),
@@ -257,6 +265,7 @@ def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   preset = PRESETS[_SIZE.value]
+  cfg = model_config(_SIZE.value, _MODEL_TYPE.value)
   n = _NEW.value or preset.new_tokens
   repeats = _REPEATS.value or preset.repeats
   audios = _AUDIO.value or preset.audio
@@ -266,16 +275,17 @@ def main(argv: list[str]) -> int:
   platform = _DEVICE.value if _DEVICE.value != "auto" else ("gpu" if torch.cuda.is_available() else "cpu")
   torch_device = "cuda" if platform == "gpu" else "cpu"
   jax_device = jax.devices(platform)[0]
-  header = (f"{_SIZE.value} AF3, {_DTYPE.value}, JAX quantize {'/'.join(_QUANTIZE.value)}, {n} new tokens, "
+  family = "Music Flamingo" if cfg.rote is not None else "AF3"
+  header = (f"{_SIZE.value} {family}, {_DTYPE.value}, JAX quantize {'/'.join(_QUANTIZE.value)}, {n} new tokens, "
             f"{repeats} warm runs | "
             f"JAX {jax.__version__} on {jax_device.device_kind} | torch {torch.__version__} (transformers {transformers.__version__}) on "
             f"{torch.cuda.get_device_name() if torch_device == 'cuda' else 'cpu'} | "
             f"{datetime.datetime.now().isoformat(timespec='minutes')}")
   print(header, flush=True)
 
-  model = torch_model(preset.cfg, getattr(torch, _DTYPE.value), torch_device)
+  model = torch_model(cfg, getattr(torch, _DTYPE.value), torch_device)
   print(f"torch model: {sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
-  torch_t = run_cells("torch", lambda b: time_torch(model, b, n, repeats), preset.cfg, audios, _BATCH.value)
+  torch_t = run_cells("torch", lambda b: time_torch(model, b, n, repeats), cfg, audios, _BATCH.value)
   del model
   if torch_device == "cuda":
     torch.cuda.empty_cache()
@@ -283,7 +293,7 @@ def main(argv: list[str]) -> int:
   jax_t, variants = {}, {}
   for quantize in dict.fromkeys(_QUANTIZE.value):
     start = time.perf_counter()
-    jmodel = init_random(preset.cfg, dtype=jnp.dtype(_DTYPE.value), mesh=sharding.single_device_mesh(jax_device),
+    jmodel = init_random(cfg, dtype=jnp.dtype(_DTYPE.value), mesh=sharding.single_device_mesh(jax_device),
                          quantize=quantize)
     jax.block_until_ready(jmodel.state)
     params = sum(x.size for x in jax.tree.leaves(jmodel.state))
@@ -293,7 +303,7 @@ def main(argv: list[str]) -> int:
       label = f"{_DTYPE.value if quantize == 'none' else quantize} {projections}"
       variants[label] = quantize, projections
       model = jmodel if projections == "separate" else jmodel.fused()
-      jax_t[label] = run_cells(f"JAX {label}", lambda b: time_jax(model, b, n, repeats), preset.cfg, audios,
+      jax_t[label] = run_cells(f"JAX {label}", lambda b: time_jax(model, b, n, repeats), cfg, audios,
                                _BATCH.value)
       del model  # the fused copy's weights, before the next
     del jmodel

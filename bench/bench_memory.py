@@ -4,11 +4,13 @@
   python bench/bench_memory.py --size full --aot     # compiled memory only, at the released AF3 size
   python bench/bench_memory.py --size full --aot --dtype bfloat16 --quantize int8 --minutes 0.5
   python bench/bench_memory.py --size full --dtype bfloat16 --quantize int8 --minutes 10 --target v5e-1
+  python bench/bench_memory.py --model-type musicflamingo --minutes 5 --minutes 10 --minutes 20
   (from the repo root, with af3_jax installed or PYTHONPATH=.)
 
 Each length runs in a fresh process: random weights (no checkpoint), an NVIDIA-style prompt (`<sound>`
 and a newline per 30 s window, 750 audio frames each: 5 minutes is 7,500 audio tokens, 10 minutes
-15,000), then a few greedy tokens. Reported: the peak resident set size (`ru_maxrss`) before generating
+15,000; Music Flamingo: one run of them between its audio bos and eos, up to 20 minutes, 30,000), then
+a few greedy tokens. Reported: the peak resident set size (`ru_maxrss`) before generating
 (runtime and weights) and after, and the compiled memory of `generate`'s two programs: the prefill (audio
 encoder and prompt) and one decode step after it: the weights' bytes, the decode state's (KV cache), and
 each program's temporaries. Prompt and windows are padded to generate's buckets (10 minutes: 16,384
@@ -43,11 +45,14 @@ from af3_jax.config import AF3Config
 from af3_jax.generation import Sampling
 from af3_jax.models.whisper import tokens_per_window
 from af3_jax.pretrained import abstract_model, init_random
-from presets import MODELS
+from af3_jax.config import MODEL_TYPES
+from presets import model_config
 
 _SIZE = flags.DEFINE_enum("size", "test", ["test", "tiny", "full"], "A model preset (test: the tests' tiny model).")
+_MODEL_TYPE = flags.DEFINE_enum("model-type", "audioflamingo3", MODEL_TYPES, "The family, as config.json's model_type.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["bfloat16", "float32"], "Parameter and compute dtype.")
-_MINUTES = flags.DEFINE_multi_float("minutes", [5, 10], "Audio lengths in minutes (30 s windows, 0.5 to 10).")
+_MINUTES = flags.DEFINE_multi_float("minutes", [5, 10], "Audio lengths in minutes (30 s windows, 0.5 to 10; "
+                                    "Music Flamingo to 20).")
 _NEW = flags.DEFINE_integer("new-tokens", 4, "Tokens to generate.")
 _QUANTIZE = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "As from_pretrained's quantize.")
 _AOT = flags.DEFINE_bool("aot", False, "Only compile the prefill and a decode step from abstract weights and report "
@@ -61,12 +66,17 @@ NEWLINE = 3  # the token id that follows each window's `<sound>` tokens
 
 
 def nvidia_batch(cfg: AF3Config, minutes: float, seed: int = 0) -> dict[str, np.ndarray]:
-  """One row, padded to generate's buckets: text, then `<sound>` x 750 and a newline per window, then text."""
+  """One row, padded to generate's buckets: text, then `<sound>` x 750 and a newline per window, then text
+  (Music Flamingo: its audio bos, `<sound>` x 750 per window, its audio eos)."""
   rng = np.random.default_rng(seed)
   windows = round(2 * minutes)
   text = lambda n: rng.integers(NEWLINE + 1, cfg.audio_token_id, n)
   window = np.concatenate([np.full(tokens_per_window(cfg.encoder), cfg.audio_token_id), [NEWLINE]])
-  ids = np.concatenate([text(PROMPT[0]), *[window] * windows, text(PROMPT[1])])
+  audio = [window] * windows
+  if cfg.rote is not None:
+    audio = [[cfg.audio_bos_token_id], np.full(windows * tokens_per_window(cfg.encoder), cfg.audio_token_id),
+             [cfg.audio_eos_token_id]]
+  ids = np.concatenate([text(PROMPT[0]), *audio, text(PROMPT[1])])
   length, padded_windows = bucket(len(ids), decode.MIN_BUCKET), window_bucket(windows)
   frames = cfg.encoder.mel_frames
   real = np.arange(padded_windows) < windows
@@ -159,13 +169,14 @@ def row(r: dict) -> str:
 def main(argv: list[str]) -> int:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  cfg, dtype = MODELS[_SIZE.value], jnp.dtype(_DTYPE.value)
+  cfg, dtype = model_config(_SIZE.value, _MODEL_TYPE.value), jnp.dtype(_DTYPE.value)
   aot = _AOT.value or bool(_TARGET.value)
   if _CHILD.value:
     print(json.dumps(measure(cfg, dtype, _MINUTES.value[0], _NEW.value, aot, _QUANTIZE.value, _TARGET.value)))
     return 0
-  if not all(0.5 <= m <= 10 and (2 * m).is_integer() for m in _MINUTES.value):
-    print("--minutes must be whole 30 s windows from 0.5 to 10 (at most 20 windows)", file=sys.stderr)
+  most = 20 if cfg.rote is not None else 10
+  if not all(0.5 <= m <= most and (2 * m).is_integer() for m in _MINUTES.value):
+    print(f"--minutes must be whole 30 s windows from 0.5 to {most} (at most {2 * most} windows)", file=sys.stderr)
     return 1
   try:  # the target checked here, in one line, before any child starts
     target, devices = targets.compile_only(_TARGET.value) if _TARGET.value else (None, jax.devices())
@@ -176,7 +187,8 @@ def main(argv: list[str]) -> int:
     return 1
   kind = f"{target.name} ({devices[0].device_kind}, {target.hbm_bytes / 2**30:.1f} GiB)" if target else \
       devices[0].device_kind
-  print(f"{_SIZE.value} AF3, {_DTYPE.value}, quantize {_QUANTIZE.value}, {_NEW.value} new tokens | JAX {jax.__version__} "
+  family = "Music Flamingo" if cfg.rote is not None else "AF3"
+  print(f"{_SIZE.value} {family}, {_DTYPE.value}, quantize {_QUANTIZE.value}, {_NEW.value} new tokens | JAX {jax.__version__} "
         f"{'compiling for' if target else 'on'} {kind} | {datetime.datetime.now().isoformat(timespec='minutes')}",
         flush=True)
   lines = ["| audio | prompt tokens (padded) | RSS before GiB | peak RSS GiB | weights GiB | decode state GiB | "
@@ -184,8 +196,8 @@ def main(argv: list[str]) -> int:
            "|" + "---|" * 11]
   for minutes in _MINUTES.value:
     args = [sys.executable, Path(__file__).resolve(), "--child", f"--minutes={minutes}", f"--size={_SIZE.value}",
-            f"--dtype={_DTYPE.value}", f"--new-tokens={_NEW.value}", f"--aot={aot}", f"--quantize={_QUANTIZE.value}",
-            *([f"--target={_TARGET.value}"] if _TARGET.value else [])]
+            f"--model-type={_MODEL_TYPE.value}", f"--dtype={_DTYPE.value}", f"--new-tokens={_NEW.value}",
+            f"--aot={aot}", f"--quantize={_QUANTIZE.value}", *([f"--target={_TARGET.value}"] if _TARGET.value else [])]
     child = subprocess.run(args, capture_output=True, text=True)
     if child.returncode != 0:
       print(f"{minutes} min: the measuring process failed ({child.returncode}):\n{child.stderr[-3000:]}",

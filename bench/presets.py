@@ -1,15 +1,16 @@
-"""What the benchmarks share: model sizes (random weights, so no download), transformers' AF3 built from
-one, and the tiny checkpoints' tokenizer (`af3_jax.tiny_checkpoint.tokenizer`: it needs no files)."""
+"""What the benchmarks share: model sizes (random weights, so no download) of either family, transformers'
+model built from one, and the tiny checkpoints' tokenizer (`af3_jax.tiny_checkpoint.tokenizer`: it needs
+no files)."""
 
 import dataclasses
 import time
 
 from af3_jax import tiny_checkpoint
-from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.config import MODEL_TYPES, AF3Config, DecoderConfig, EncoderConfig, RoTEConfig
 
 MODELS = {
     # The tests' tiny model and `python -m convert.tiny`'s: 4 query heads share 2 kv heads.
-    "test": tiny_checkpoint.CONFIGS["af3"],
+    "test": tiny_checkpoint.CONFIGS["audioflamingo3"],
     # Wider than the test configs so the matmuls, not the dispatch, take the time on a CPU.
     "tiny": AF3Config(
         encoder=EncoderConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
@@ -27,15 +28,33 @@ def with_tokenizer(cfg: AF3Config):
   return dataclasses.replace(cfg, audio_token_id=tok.convert_tokens_to_ids("<sound>")), tok
 
 
+def model_config(size: str, model_type: str = "audioflamingo3") -> AF3Config:
+  """The `size` preset (MODELS) as AF3 or as Music Flamingo: the same sizes with rotary time embeddings,
+  its bos/eos the two ids below the audio token (the released ids: 151670 and 151671 for `<sound>`
+  151669 are above it, which the smaller vocabularies have no room for)."""
+  if model_type not in MODEL_TYPES:
+    raise ValueError(f"model type must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+  cfg = MODELS[size]
+  if model_type == "audioflamingo3":
+    return cfg
+  if size == "full":
+    return AF3Config.music_flamingo()
+  return dataclasses.replace(cfg, rote=RoTEConfig(), audio_bos_token_id=cfg.audio_token_id - 2,
+                             audio_eos_token_id=cfg.audio_token_id - 1)
+
+
 def torch_model(cfg: AF3Config, dtype, device: str):
-  """transformers' AF3 with its own random init, built on `device` directly (no host copy of the weights)."""
+  """transformers' AF3 or Music Flamingo (as `cfg` is) with its own random init, built on `device` directly
+  (no host copy of the weights)."""
   import torch
   import transformers
 
-  config = transformers.AudioFlamingo3Config(**cfg.to_hf_dict())
+  music = cfg.rote is not None
+  config = (transformers.MusicFlamingoConfig if music else transformers.AudioFlamingo3Config)(**cfg.to_hf_dict())
+  cls = transformers.MusicFlamingoForConditionalGeneration if music else transformers.AudioFlamingo3ForConditionalGeneration
   torch.manual_seed(0)
   with torch.device(device):
-    model = transformers.AudioFlamingo3ForConditionalGeneration._from_config(config, dtype=dtype)
+    model = cls._from_config(config, dtype=dtype)
   return model.eval()
 
 

@@ -15,7 +15,7 @@ def base() -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict()
   c.data.train = ""  # comma-separated upstream JSON manifests
-  c.data.style = "nvidia"  # the prompt style AF3 was trained with
+  c.data.style = ""  # prompt style; "": the one the checkpoint was trained with (AF3 nvidia, Music Flamingo hf)
   c.data.max_windows = 1  # 30 s windows per audio (upstream `audio_frames`): 1, 1, 5, 20, 20
   c.data.max_length = 8192  # tokens after audio expansion (upstream model_max_length)
   c.data.length_buckets = (512, 1024, 2048, 4096, 8192)  # padded lengths: few shapes, few compiles

@@ -1,11 +1,11 @@
 """Writes a tiny random checkpoint that every tool takes (infer.py, serve.py, eval.py, train.py's
 --config.init_from, the converters): try them without the released weights, offline, in seconds.
 
-  python -m convert.tiny OUT [--think] [--model-type=af3] [--seed=0]
+  python -m convert.tiny OUT [--think] [--model-type=audioflamingo3|musicflamingo] [--seed=0]
 
-OUT gets what the HF release holds, at a tiny size (2 + 2 layers, a 300-token vocabulary): config.json,
-model.safetensors, the tokenizer with its chat template, the processor's config and
-generation_config.json (the release's sampling settings); with --think, a random think-mode adapter in
+OUT gets what the HF release of AF3 (or Music Flamingo) holds, at a tiny size (2 + 2 layers, a 300-token
+vocabulary): config.json, model.safetensors, the tokenizer with its chat template, the processor's config
+and generation_config.json (the release's sampling settings); with --think, a random think-mode adapter in
 OUT/think. The weights are random: answers are strings of random tokens. An existing OUT is refused.
 """
 
@@ -20,7 +20,7 @@ import cli
 from af3_jax import tiny_checkpoint
 
 FLAGS = flags.FlagValues()
-_MODEL_TYPE = flags.DEFINE_enum("model-type", "af3", list(tiny_checkpoint.MODEL_TYPES), "The model family to write.",
+_MODEL_TYPE = flags.DEFINE_enum("model-type", "audioflamingo3", list(tiny_checkpoint.MODEL_TYPES), "The model family to write.",
                                 flag_values=FLAGS)
 _THINK = flags.DEFINE_bool("think", False, "Also write a random think-mode LoRA adapter in OUT/think.",
                            flag_values=FLAGS)
@@ -29,7 +29,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights.", lower_bou
 
 def run(out: Path) -> int:
   tiny_checkpoint.write(out, model_type=_MODEL_TYPE.value, seed=_SEED.value, think=_THINK.value)
-  print(f"wrote {out}: a tiny {_MODEL_TYPE.value} with random weights{' and a think adapter' if _THINK.value else ''}")
+  family = {"audioflamingo3": "AF3", "musicflamingo": "Music Flamingo"}[_MODEL_TYPE.value]
+  print(f"wrote {out}: a tiny {family} with random weights{' and a think adapter' if _THINK.value else ''}")
   return 0
 
 

@@ -33,7 +33,7 @@ import pytest  # noqa: E402
 
 import af3_jax  # noqa: E402
 from af3_jax import tiny_checkpoint  # noqa: E402
-from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig  # noqa: E402
+from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig, RoTEConfig  # noqa: E402
 
 try:  # the PyTorch reference; tests that need it skip without it
   import torch
@@ -62,22 +62,36 @@ class Tiny:
   rope_theta: float
   vocab: int = 300
   layers: int = 2
+  music: bool = False  # Music Flamingo: RoTE, and `<|sound_bos|>`, `<|sound_eos|>` just below `<sound>`
 
   @property
   def audio_token_id(self) -> int:
     return self.vocab - 1
 
+  @property
+  def audio_bos_token_id(self) -> int:
+    return self.vocab - 3
+
+  @property
+  def audio_eos_token_id(self) -> int:
+    return self.vocab - 2
+
   def config(self) -> AF3Config:
-    return AF3Config(
+    cfg = AF3Config(
         encoder=EncoderConfig(hidden_size=self.enc_width, num_layers=self.layers, num_heads=self.enc_heads,
                               intermediate_size=2 * self.enc_width),
         decoder=DecoderConfig(vocab_size=self.vocab, hidden_size=self.dec_width, num_layers=self.layers,
                               num_heads=self.dec_heads, num_kv_heads=self.kv_heads, head_dim=self.head_dim,
                               intermediate_size=2 * self.dec_width, rope_theta=self.rope_theta),
         audio_token_id=self.audio_token_id)
+    if not self.music:
+      return cfg
+    return dataclasses.replace(cfg, rote=RoTEConfig(), audio_bos_token_id=self.audio_bos_token_id,
+                               audio_eos_token_id=self.audio_eos_token_id)
 
   def hf_config(self):
-    return transformers.AudioFlamingo3Config(**self.config().to_hf_dict())
+    config_cls = transformers.MusicFlamingoConfig if self.music else transformers.AudioFlamingo3Config
+    return config_cls(**self.config().to_hf_dict())
 
   def write(self, dst: Path, seed: int = SEED) -> Path:
     """This shape as `convert.tiny` writes a checkpoint (tokenizer included), without its generation
@@ -91,6 +105,11 @@ TINY = [
     # Odd head counts everywhere, one kv head (MQA), head_dim != width / heads.
     Tiny("odd", enc_width=48, enc_heads=3, dec_width=48, dec_heads=3, kv_heads=1, head_dim=24, rope_theta=1e6),
 ]
+
+
+# Music Flamingo: an encoder of 48 channels turns 2 x 2 x ceil(int(9.6) / 2) = 20 of them (an odd R).
+MUSIC = Tiny("music", enc_width=48, enc_heads=3, dec_width=64, dec_heads=4, kv_heads=2, head_dim=16,
+             rope_theta=5000.0, music=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,11 +163,15 @@ def build_torch_model(tiny: Tiny | Tester, seed: int = SEED):
 
 
 def torch_model_of(folder: Path):
-  """transformers' AF3 holding the tensors of a checkpoint `Tiny.write` wrote, every one of them (strict),
-  built from its config.json rather than by `from_pretrained`, which would make `save_pretrained` write
-  the names it read instead of transformers' own."""
-  config = transformers.AudioFlamingo3Config.from_pretrained(folder)
-  model = transformers.AudioFlamingo3ForConditionalGeneration(config)
+  """transformers' AF3 or Music Flamingo (as config.json says) holding the tensors of a checkpoint
+  `Tiny.write` wrote, every one of them (strict), built from its config.json rather than by
+  `from_pretrained`, which would make `save_pretrained` write the names it read instead of transformers'
+  own."""
+  music = json.loads((folder / "config.json").read_text())["model_type"] == "musicflamingo"
+  config = (transformers.MusicFlamingoConfig if music else transformers.AudioFlamingo3Config).from_pretrained(folder)
+  model_cls = (transformers.MusicFlamingoForConditionalGeneration if music
+               else transformers.AudioFlamingo3ForConditionalGeneration)
+  model = model_cls(config)
   model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
   return model.eval()
 
@@ -231,6 +254,29 @@ def tester_ckpt(tmp_path_factory) -> Checkpoint:
   return Checkpoint(tester, model, root / "hf", root / "tree", root / "nvidia")
 
 
+@pytest.fixture(scope="session")
+def music_model_dir(tmp_path_factory) -> Path:
+  """The tiny Music Flamingo (`MUSIC`) as `convert.tiny --model-type musicflamingo` writes it, without
+  generation defaults (`Tiny.write`)."""
+  return MUSIC.write(tmp_path_factory.mktemp("music_cli") / "model")
+
+
+@pytest.fixture(scope="session")
+def music_ckpt(music_model_dir, tmp_path_factory) -> Checkpoint:
+  """`music_model_dir`'s model, and the same saved by transformers (no NVIDIA layout)."""
+  pytest.importorskip("torch")
+  model = torch_model_of(music_model_dir)
+  root = tmp_path_factory.mktemp(MUSIC.name)
+  model.save_pretrained(root / "hf")
+  return Checkpoint(MUSIC, model, root / "hf", music_model_dir, root / "nvidia")
+
+
+@pytest.fixture(scope="module")
+def music_loaded(music_ckpt) -> af3_jax.Model:
+  """Our float32 copy of `music_ckpt`."""
+  return af3_jax.from_pretrained(music_ckpt.hf, dtype=jnp.float32)
+
+
 @pytest.fixture(scope="module")
 def loaded(ckpt) -> af3_jax.Model:
   """Our float32 copy of each tiny checkpoint."""
@@ -281,6 +327,17 @@ def compiles():
     yield names
   finally:
     monitoring.unregister_event_duration_listener(listener)
+
+
+def torch_logits(model, ids, mask, feats=None, feats_mask=None):
+  """transformers' logits; positions from the mask, as `generate` derives them (a plain forward would
+  count the pads)."""
+  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
+  kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
+  if feats is not None:
+    kw.update(input_features=torch.tensor(feats), input_features_mask=torch.tensor(feats_mask))
+  with torch.no_grad():
+    return model(**kw).logits.numpy()
 
 
 RTOL = 1e-4  # float32 parity bound, relative to the reference's largest magnitude
@@ -334,4 +391,12 @@ def tokenizer_dir(tmp_path_factory):
   """The tiny checkpoints' tokenizer alone (`tiny_checkpoint.tokenizer`): byte-level BPE, `<sound>` id 299."""
   path = tmp_path_factory.mktemp("tokenizer")
   tiny_checkpoint.tokenizer(TINY[0].vocab).save_pretrained(path)
+  return path
+
+
+@pytest.fixture(scope="session")
+def music_tokenizer_dir(tmp_path_factory):
+  """The tiny Music Flamingo's tokenizer alone: its audio bos/eos are ids 297 and 298 (`MUSIC`'s)."""
+  path = tmp_path_factory.mktemp("music_tokenizer")
+  tiny_checkpoint.tokenizer(MUSIC.vocab, music=True).save_pretrained(path)
   return path

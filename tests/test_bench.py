@@ -48,20 +48,32 @@ def test_init_random_is_born_sharded():
   assert np.isfinite(np.asarray(logits, np.float32)).all()
 
 
+def infer_bench_rows(args: list[str]) -> list[str]:
+  """What `bench/bench_infer.py` prints with `args`, from its table's rows on."""
+  lines = run_bench("bench_infer.py", args)
+  header = next(i for i, line in enumerate(lines) if line.startswith("| audio | batch |"))
+  return lines[header + 2:]
+
+
 def test_bench_runs_at_tiny_size():
   pytest.importorskip("torch")
   # One cell (30 s, batch 2) and 4 tokens, JAX with its projections as loaded and fused: most of the time
   # is JAX compiling its three programs for each. Issue 21's figures follow, "-" for cells not run.
   args = ["--size", "tiny", "--new-tokens", "4", "--batch", "2", "--projections", "separate", "--projections", "fused"]
-  lines = run_bench("bench_infer.py", args)
-  header = next(i for i, line in enumerate(lines) if line.startswith("| audio | batch |"))
-  rows = lines[header + 2:]
-  assert rows[0].startswith("| 30s | 2 | bfloat16 separate | "), lines
-  assert rows[1].startswith("| 30s | 2 | bfloat16 fused | "), lines
+  rows = infer_bench_rows(args)
+  assert rows[0].startswith("| 30s | 2 | bfloat16 separate | "), rows
+  assert rows[1].startswith("| 30s | 2 | bfloat16 fused | "), rows
   figures = rows[rows.index("") + 1:]
-  assert figures[0] == "| figure | transformers | JAX bfloat16 separate | JAX bfloat16 fused |", lines
+  assert figures[0] == "| figure | transformers | JAX bfloat16 separate | JAX bfloat16 fused |", rows
   assert figures[2].startswith("| decode batch 1, tok/s (`generate` loop) | - | - | - |")
   assert figures[-2].startswith("| programs compiled (seconds) | - | 3 (") and figures[-2].count("3 (") == 2
+
+
+@pytest.mark.slow  # about 30 s on 2 cores, mostly compiling
+def test_bench_runs_music_flamingo_at_tiny_size():
+  pytest.importorskip("torch")
+  rows = infer_bench_rows(["--size", "tiny", "--model-type", "musicflamingo", "--new-tokens", "4", "--batch", "1"])
+  assert rows[0].startswith("| 30s | 1 | bfloat16 separate | "), rows
 
 
 def test_train_bench_runs_at_tiny_size():

@@ -32,23 +32,30 @@ def clips(tmp_path_factory):
   return folder
 
 
-def test_single_audio_answer_equals_transformers_greedy(model_dir, clips, capsys, monkeypatch):
-  args = ["--model", str(model_dir), "--audio", str(clips / "a.wav"), "--prompt", "What is in this audio?",
-          "--greedy", "--dtype", "float32", "--max-new-tokens", "12"]
+def assert_answers_as_transformers(model_dir, processor_cls, model_cls, template: str, audio, prompt: str,
+                                   capsys, monkeypatch) -> None:
+  """infer.py's greedy answer (12 new tokens) to one audio and a prompt is transformers' through its
+  processor and model classes (and `template`)."""
+  args = ["--model", str(model_dir), "--audio", str(audio), "--prompt", prompt, "--greedy", "--dtype", "float32",
+          "--max-new-tokens", "12"]
   code, out, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
   assert code == 0 and "new tokens/s" in err
-  processor = transformers.AudioFlamingo3Processor(
+  processor = processor_cls(
       feature_extractor=transformers.WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
-      tokenizer=transformers.AutoTokenizer.from_pretrained(model_dir))
-  conv = [{"role": "user", "content": [{"type": "audio", "path": str(clips / "a.wav")},
-                                       {"type": "text", "text": "What is in this audio?"}]}]
-  inputs = processor.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True,
-                                         chat_template=HF_TEMPLATE)
-  torch_model = transformers.AudioFlamingo3ForConditionalGeneration.from_pretrained(model_dir).eval()
+      tokenizer=transformers.AutoTokenizer.from_pretrained(model_dir), chat_template=template)
+  conv = [{"role": "user", "content": [{"type": "audio", "path": str(audio)}, {"type": "text", "text": prompt}]}]
+  inputs = processor.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
+  torch_model = model_cls.from_pretrained(model_dir).eval()
   with torch.no_grad():
     new = torch_model.generate(**inputs, do_sample=False, max_new_tokens=12)[0, inputs["input_ids"].shape[1]:]
   expected = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
   assert expected and out.strip() == expected
+
+
+def test_single_audio_answer_equals_transformers_greedy(model_dir, clips, capsys, monkeypatch):
+  assert_answers_as_transformers(model_dir, transformers.AudioFlamingo3Processor,
+                                 transformers.AudioFlamingo3ForConditionalGeneration, HF_TEMPLATE, clips / "a.wav",
+                                 "What is in this audio?", capsys, monkeypatch)
 
 
 def test_two_audios(model_dir, clips, capsys, monkeypatch):

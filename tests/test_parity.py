@@ -8,22 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, audio_tokens, left_pad, random_features, random_prompts, random_text
+from conftest import (assert_close, audio_tokens, left_pad, random_features, random_prompts, random_text,
+                      torch_logits)
 from flax import nnx
 
 import af3_jax
 
 torch = pytest.importorskip("torch")
-
-
-def torch_logits(model, ids, mask, feats=None, feats_mask=None):
-  # HF generate derives positions from the mask; a plain forward would count pads, so pass them.
-  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-  kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
-  if feats is not None:
-    kw.update(input_features=torch.tensor(feats), input_features_mask=torch.tensor(feats_mask))
-  with torch.no_grad():
-    return model(**kw).logits.numpy()
 
 
 def test_conv_front_end(ckpt, loaded):

@@ -2,6 +2,7 @@
 
 import re
 import shutil
+import warnings
 
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +13,7 @@ import af3_jax
 from af3_jax import Processor
 from af3_jax.audio import features
 from af3_jax.tiny_checkpoint import CHAT_TEMPLATE as HF_TEMPLATE
+from af3_jax.tiny_checkpoint import MUSIC_CHAT_TEMPLATE as MUSIC_TEMPLATE
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -177,6 +179,56 @@ def test_file_to_logits_matches_transformers(ours, reference, gqa_ckpt, tmp_path
   with torch.no_grad():
     expected = gqa_ckpt.torch_model(**ref).logits.numpy()
   assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+@pytest.fixture(scope="module")
+def music(music_model_dir):
+  return Processor.from_pretrained(music_model_dir)  # config.json says musicflamingo
+
+
+@pytest.fixture(scope="module")
+def music_reference(music_tokenizer_dir):
+  return transformers.MusicFlamingoProcessor(
+      feature_extractor=transformers.WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
+      tokenizer=transformers.AutoTokenizer.from_pretrained(music_tokenizer_dir), chat_template=MUSIC_TEMPLATE)
+
+
+LONG = "20 minutes and 10 s"  # past the 40 windows
+MUSIC_CASES = {**CASES, LONG: [[user(text("Describe the song."), audio(wave(1210.0, 13)))]]}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c == LONG else c for c in MUSIC_CASES])
+def test_music_flamingo_matches_transformers(music, music_reference, case):
+  """bos, `<sound>` x frames, eos for each audio; its system turn; 40 windows (1,200 s) at most."""
+  conversations = MUSIC_CASES[case]
+  ref = music_reference.apply_chat_template(conversations, tokenize=True, add_generation_prompt=True,
+                                            return_dict=True)
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    out = music.apply_chat_template(conversations)
+  assert_matches_reference(out, ref)
+  if case == LONG:
+    assert out["input_features"].shape[0] == 40
+    assert any("only the first 40 windows (1200 s) are used" in str(w.message) for w in caught)
+
+
+def test_music_flamingo_frames_each_audio(music):
+  """Audios in one message and in two turns (beyond transformers, which takes one audio a
+  conversation): each is `<|sound_bos|>`, its run, `<|sound_eos|>`."""
+  a, b, c = wave(2.0, 14), wave(31.0, 15), wave(5.0, 16)
+  conv = [user(audio(a), audio(b), text("Compare them.")), {"role": "assistant", "content": "Done."},
+          user(audio(c), text("And this?"))]
+  decoded = music.tokenizer.decode(music.apply_chat_template(conv)["input_ids"][0])
+  framed = lambda seconds: "<|sound_bos|>" + "<sound>" * sum(exact_tokens(seconds)) + "<|sound_eos|>"
+  assert f"user\n{framed(2.0)}{framed(31.0)}Compare them.<|im_end|>" in decoded
+  assert f"user\n{framed(5.0)}And this?<|im_end|>" in decoded
+
+
+def test_music_flamingo_needs_its_tokens_and_style(music_model_dir, tokenizer_dir):
+  with pytest.raises(ValueError, match="takes the hf prompt style"):
+    Processor.from_pretrained(music_model_dir, style="nvidia")
+  with pytest.raises(ValueError, match=f"^{re.escape(str(tokenizer_dir))}: the tokenizer has no <\\|sound_bos\\|> token"):
+    Processor.from_pretrained(tokenizer_dir, family="musicflamingo")
 
 
 def test_missing_tokenizer_files_are_named(gqa_ckpt):

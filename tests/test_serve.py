@@ -9,6 +9,7 @@ model has no eos, so every answer runs to its max_tokens (finish_reason "length"
 
 import base64
 import concurrent.futures
+import contextlib
 import http.client
 import json
 import logging
@@ -50,9 +51,9 @@ def media(tmp_path_factory):
   return folder
 
 
-@pytest.fixture(scope="module")
-def server(model_dir, media):
-  """A warm server in a thread of this process; `model` and `processor` are the ones it serves."""
+@contextlib.contextmanager
+def serving(model_dir, media):
+  """A warm server of `model_dir` in a thread of this process; `model` and `processor` are the ones it serves."""
   model, processor = assistant.load(model_dir, dtype="float32", think=False, style="hf")
   app = create_app(NAME)
   app.state.service = Service.start(model, processor, max_slots=SLOTS, max_len=MAX_LEN, media_root=media)
@@ -64,9 +65,17 @@ def server(model_dir, media):
   while not http_server.started:
     time.sleep(0.05)
   client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-  yield SimpleNamespace(port=port, client=client, model=model, processor=processor, service=app.state.service)
-  http_server.should_exit = True
-  thread.join(timeout=60)
+  try:
+    yield SimpleNamespace(port=port, client=client, model=model, processor=processor, service=app.state.service)
+  finally:
+    http_server.should_exit = True
+    thread.join(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, media):
+  with serving(model_dir, media) as running:
+    yield running
 
 
 def b64(path: Path) -> str:

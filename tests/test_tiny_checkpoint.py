@@ -27,7 +27,7 @@ def written(tmp_path_factory):
   run = subprocess.run([sys.executable, "-c", WITHOUT_TORCH, str(out), "--think"], cwd=ROOT, capture_output=True,
                        text=True)
   assert (run.returncode, run.stderr) == (0, ""), run.stderr[-2000:]
-  assert run.stdout == f"wrote {out}: a tiny af3 with random weights and a think adapter\n"
+  assert run.stdout == f"wrote {out}: a tiny AF3 with random weights and a think adapter\n"
   return out
 
 
@@ -38,7 +38,7 @@ def test_the_folder_holds_what_the_release_holds(written):
   assert sorted(p.name for p in (written / "think").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
   gen = read_generation_config(written)
   assert gen.eos_token_id == (295, 293) and (gen.do_sample, gen.temperature, gen.top_k, gen.top_p) == (True, 0.7, 20, 0.8)
-  assert af3_jax.from_pretrained(written, dtype=jnp.float32).config == tiny_checkpoint.CONFIGS["af3"]
+  assert af3_jax.from_pretrained(written, dtype=jnp.float32).config == tiny_checkpoint.CONFIGS["audioflamingo3"]
 
 
 def test_transformers_reads_it_with_our_logits_and_tokens(written):
@@ -79,7 +79,7 @@ def test_peft_reads_the_think_adapter_with_our_merged_logits(written):
 @pytest.mark.parametrize("args, message", [
     (["{out}"], "error: {out}: already exists; choose a new folder"),
     ([], "error: give OUT (see --help)"),
-    (["{out}2", "--model-type", "qwen"], "error: flag --model-type=qwen: value should be one of <af3>"),
+    (["{out}2", "--model-type", "qwen"], "error: flag --model-type=qwen: value should be one of <audioflamingo3|musicflamingo>"),
     (["{out}/config.json/x"], "error: {out}/config.json/x: {out}/config.json is a file, not a folder"),
 ])
 def test_bad_input_is_one_line(written, args, message):
@@ -89,7 +89,7 @@ def test_bad_input_is_one_line(written, args, message):
 
 
 def test_a_config_whose_audio_id_is_not_the_last_is_refused(tmp_path):
-  cfg = tiny_checkpoint.CONFIGS["af3"]
+  cfg = tiny_checkpoint.CONFIGS["audioflamingo3"]
   with pytest.raises(ValueError, match="audio_token_id 7: the tokenizer puts <sound> at the last id, 299"):
     tiny_checkpoint.write(tmp_path / "x", config=type(cfg)(cfg.encoder, cfg.decoder, audio_token_id=7))
   assert not list(tmp_path.iterdir())

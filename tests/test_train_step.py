@@ -26,13 +26,14 @@ PEFT_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_p
 ZERO_GRAD = "self_attn.k_proj.bias"
 
 
-def make_batch(tiny, seed=0):
-  """Two rows, one audio window each (100 and 50 tokens), right padded; only the answers are labels."""
+def make_batch(tiny, seed=0, windows=((400,), (200,))):
+  """Two rows, each one audio of the given windows' mel frames (by default one window each, 100 and 50
+  tokens), right padded; only the answers are labels."""
   rng = np.random.default_rng(seed)
-  frames, answers = [400, 200], [6, 10]
-  feats, fmask = random_features(rng, frames)
-  rows = [np.concatenate([random_text(rng, tiny, 5), np.full(audio_tokens(n), tiny.audio_token_id),
-                          random_text(rng, tiny, 3 + a)]) for n, a in zip(frames, answers)]
+  answers = [6, 10]
+  feats, fmask = random_features(rng, [n for row in windows for n in row])
+  rows = [np.concatenate([random_text(rng, tiny, 5), np.full(sum(map(audio_tokens, row)), tiny.audio_token_id),
+                          random_text(rng, tiny, 3 + a)]) for row, a in zip(windows, answers)]
   width = max(map(len, rows)) + 2
   ids = np.stack([np.pad(r, (0, width - len(r))) for r in rows])
   mask = np.stack([np.pad(np.ones_like(r), (0, width - len(r))) for r in rows])
@@ -93,16 +94,21 @@ def test_full_finetune_loss_and_grads(gqa_loaded, batch, torch_full):
   assert seen == set(grads)  # every trainable parameter (embed_positions is frozen on both sides)
 
 
-@pytest.fixture(scope="module")
-def peft_model(gqa_ckpt):
+def make_peft(torch_model):
+  """peft's LoRA on a copy of `torch_model`, with random A and B."""
   config = peft.LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=PEFT_TARGETS, lora_dropout=0.0)
-  model = peft.get_peft_model(copy.deepcopy(gqa_ckpt.torch_model), config)
+  model = peft.get_peft_model(copy.deepcopy(torch_model), config)
   g = torch.Generator().manual_seed(3)
   with torch.no_grad():
     for name, p in model.named_parameters():
       if "lora_" in name:
         p.copy_(torch.randn(p.shape, generator=g) * 0.1)  # lora_B non-zero, so lora_A gets gradients
   return model
+
+
+@pytest.fixture(scope="module")
+def peft_model(gqa_ckpt):
+  return make_peft(gqa_ckpt.torch_model)
 
 
 def peft_key(path, layer):
@@ -126,15 +132,27 @@ def lora_module(loaded, peft_model):
   return module
 
 
-def test_lora_loss_and_grads(gqa_loaded, peft_model, batch, torch_lora):
+def assert_lora_matches(loaded, peft_model, batch, torch_lora):
+  """Our LoRA loss and gradients (peft's weights copied in) equal peft's."""
   ref_loss, ref_grads = torch_lora
   assert all("lora_" in n for n in ref_grads)
-  loss, grads = ours_loss_and_grads(lora_module(gqa_loaded, peft_model), "lora", batch)
+  loss, grads = ours_loss_and_grads(lora_module(loaded, peft_model), "lora", batch)
   assert abs(loss - ref_loss) <= RTOL * abs(ref_loss)
   assert len(grads) == 14
   for path, g in grads.items():
     for i in range(g.shape[0]):
       assert_close(g[i], ref_grads[peft_key(path, i)].T)
+
+
+def test_lora_loss_and_grads(gqa_loaded, peft_model, batch, torch_lora):
+  assert_lora_matches(gqa_loaded, peft_model, batch, torch_lora)
+
+
+def test_music_flamingo_lora_loss_and_grads(music_ckpt, music_loaded):
+  """Music Flamingo: the first row's audio has two windows, the second turned by window index 1."""
+  batch = make_batch(music_ckpt.tiny, windows=((3000, 400), (200,)))
+  model = make_peft(music_ckpt.torch_model)
+  assert_lora_matches(music_loaded, model, batch, torch_loss_and_grads(model, batch))
 
 
 def test_add_lora_keeps_the_base(gqa_loaded):

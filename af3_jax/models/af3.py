@@ -1,4 +1,6 @@
-"""Audio Flamingo 3: mirrors transformers' `AudioFlamingo3ForConditionalGeneration`.
+"""Audio Flamingo 3: mirrors transformers' `AudioFlamingo3ForConditionalGeneration`, and with a RoTE
+config `MusicFlamingoForConditionalGeneration` (the encoder output turned by time, `rote.py`, before the
+projector; nothing else differs in the model).
 
 Encoder windows -> projector -> frames that replace the `<sound>` tokens of the prompt in order
 (window-major, then row-major over batch and sequence, as HF's `masked_scatter`), then the Qwen2
@@ -16,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from af3_jax.config import AF3Config
-from af3_jax.models import layers, whisper
+from af3_jax.models import layers, rote, whisper
 from af3_jax.models.projector import Projector
 from af3_jax.models.qwen2 import Decoder
 
@@ -64,9 +66,17 @@ class AudioFlamingo3(nnx.Module):
     self.lm_head = layers.Linear(cfg.decoder.hidden_size, cfg.decoder.vocab_size, use_bias=False,
                                  axes=("embed", "vocab"), **kw)
 
-  def audio_frames(self, input_features: jax.Array, input_features_mask: jax.Array) -> jax.Array:
-    """(W, M, F) features -> (W, P, D) projected frames, before any selection."""
-    return self.multi_modal_projector(self.audio_tower(input_features, input_features_mask))
+  def audio_frames(self, input_features: jax.Array, input_features_mask: jax.Array,
+                   window_index: jax.Array | None = None) -> jax.Array:
+    """(W, M, F) features -> (W, P, D) projected frames, before any selection. With RoTE, window_index
+    (W,) gives each window's index within its audio (`rote.window_indices`)."""
+    x = self.audio_tower(input_features, input_features_mask)
+    if self.cfg.rote is not None:
+      if window_index is None:
+        raise ValueError("Music Flamingo's audio frames need each window's index within its audio "
+                         "(rote.window_indices)")
+      x = rote.rotate(x, window_index, self.cfg.rote)
+    return self.multi_modal_projector(x)
 
   def embed(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,
             input_features: jax.Array | None = None, input_features_mask: jax.Array | None = None,
@@ -76,10 +86,14 @@ class AudioFlamingo3(nnx.Module):
     x = self.language_model.embed_tokens(input_ids)
     if input_features is None:
       return x
-    frames = self.audio_frames(input_features, input_features_mask)
     if audio_embed_mask is None:
-      audio_embed_mask = audio_embed_mask_from_features(input_features_mask, frames.shape[1])
+      audio_embed_mask = audio_embed_mask_from_features(input_features_mask,
+                                                        whisper.tokens_per_window(self.cfg.encoder))
     is_audio = audio_positions(input_ids, attention_mask, self.cfg.audio_token_id)
+    window_index = None
+    if self.cfg.rote is not None:
+      window_index = rote.window_indices(is_audio, audio_embed_mask.astype(jnp.int32).sum(-1))
+    frames = self.audio_frames(input_features, input_features_mask, window_index)
     return merge_audio(x, is_audio, frames, audio_embed_mask)
 
   def hidden_states(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,

@@ -65,7 +65,7 @@ class Service:
     """Builds the engine, compiles what common requests need, starts its thread, the rest compiling in the
     background (`warmup.start`)."""
     engine = Engine(model, max_slots=max_slots, max_len=max_len, decode_steps=decode_steps)
-    warming = warmup.start(engine, log)
+    warming = warmup.start(engine, log, processor.max_windows)
     engine.start()
     root = Path(media_root).resolve() if media_root is not None else None
     return cls(engine, Translator(processor, engine.max_len, think, root),

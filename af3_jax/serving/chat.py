@@ -59,7 +59,8 @@ class Translator:
     evaluation use, greedy at temperature 0 (OpenAI's default for transcriptions), at most
     TRANSCRIPT_TOKENS new tokens a window of audio."""
     suffix = Path(filename).suffix.lower().lstrip(".")
-    wave = media.from_bytes(audio, suffix if suffix in media.FORMATS else "", "file", self.processor.style)
+    wave = media.from_bytes(audio, suffix if suffix in media.FORMATS else "", "file", self.processor.style,
+                            self._max_seconds)
     conversation = [{"role": "user", "content": [{"type": "audio", "audio": wave}, {"type": "text", "text": ASR_PROMPT}]}]
     sampling = {"do_sample": False} if temperature == 0 else {"do_sample": True, "temperature": temperature}
     return self._request(conversation, None, seed=secrets.randbelow(SEED_LIMIT), per_window=TRANSCRIPT_TOKENS,
@@ -77,10 +78,15 @@ class Translator:
     if isinstance(part, InputAudioPart):
       if part.input_audio.data.startswith("data:"):
         raise ValueError(f"{where}: input_audio.data takes bare base64; send a data: URL as an audio_url part")
-      wave = media.from_base64(part.input_audio.data, part.input_audio.format, where, style)
+      wave = media.from_base64(part.input_audio.data, part.input_audio.format, where, style, self._max_seconds)
     else:
-      wave = media.from_url(part.audio_url.url, where, style, self.media_root)
+      wave = media.from_url(part.audio_url.url, where, style, self.media_root, self._max_seconds)
     return {"type": "audio", "audio": wave}
+
+  @property
+  def _max_seconds(self) -> int:
+    """The longest audio the processor keeps whole (10 minutes for AF3, 20 for Music Flamingo)."""
+    return self.processor.max_windows * features.WINDOW_SAMPLES // features.SAMPLE_RATE
 
   def _request(self, conversation: list[dict], max_tokens: int | None, per_window: int | None = None,
                **settings) -> Request:
@@ -89,9 +95,9 @@ class Translator:
     encoded = self.processor.encode(conversation, think=self.think)
     inputs = self.processor.collate([encoded])
     windows = len(inputs.get("input_features", ()))
-    if windows > features.MAX_WINDOWS:
+    if windows > self.processor.max_windows:
       raise ValueError(f"the request's audio fills {windows} windows of 30 s; the model takes at most "
-                       f"{features.MAX_WINDOWS} (10 minutes) per request")
+                       f"{self.processor.max_windows} ({self._max_seconds // 60} minutes) per request")
     n = len(encoded.ids)
     if n >= self.max_len:
       raise ValueError(f"the prompt has {n} tokens (audio included), which fills the server's context of "

@@ -43,8 +43,9 @@ class Plan:
   later: list[Program]
 
 
-def plan(engine: Engine) -> Plan:
-  """The programs to compile before serving, and after, in order (see the module docstring)."""
+def plan(engine: Engine, max_windows: int = features.MAX_WINDOWS) -> Plan:
+  """The programs to compile before serving, and after, in order (see the module docstring); `max_windows`:
+  the most audio windows a request has (the processor's)."""
   limit = engine.max_len
   clip = whisper.tokens_per_window(engine.model.config.encoder) + QUESTION_TOKENS  # 30 s and a question
   prompts = sorted({requests.prompt_bucket(n, limit) for n in range(1, limit + 1)})
@@ -57,7 +58,7 @@ def plan(engine: Engine) -> Plan:
   now = _new([Shape.of(1, QUESTION_TOKENS, 0, limit), Shape.of(1, clip, 1, limit)], seen)
   later = _new([Shape(1, t, 1) for t in reversed(short)] + [Shape(1, t, 0) for t in short]
                + [Shape.of(r, n, w, limit) for r in rows for n, w in ((clip, r), (QUESTION_TOKENS, 0))], seen)
-  longest = _new([Shape(1, t, w) for t in prompts if t not in short for w in (0, 1)] + _long_audio(engine, prompts),
+  longest = _new([Shape(1, t, w) for t in prompts if t not in short for w in (0, 1)] + _long_audio(engine, prompts, max_windows),
                  seen)
   return Plan(_prefills(engine, now) + _decodes(engine, first),
               _prefills(engine, later) + _decodes(engine, [w for w in windows if w not in first])
@@ -79,11 +80,11 @@ def _decodes(engine: Engine, windows: list[int]) -> list[Program]:
   return [Program(f"decode window {w} tokens", functools.partial(engine.compile_decode, w)) for w in windows]
 
 
-def _long_audio(engine: Engine, prompts: list[int]) -> list[Shape]:
+def _long_audio(engine: Engine, prompts: list[int], max_windows: int) -> list[Shape]:
   """Single clips of 2 windows or more: for each window bucket, the prompt buckets a clip of that many
   windows (about 750 tokens a window) falls in."""
   per_window = whisper.tokens_per_window(engine.model.config.encoder)
-  ladder = sorted({window_bucket(n) for n in range(1, features.MAX_WINDOWS + 1)})  # 1 to 8, 10, ..., 20
+  ladder = sorted({window_bucket(n) for n in range(1, max_windows + 1)})  # 1 to 8, 10, ..., 20 (40)
   shapes = []
   for fewer, w in zip(ladder, ladder[1:]):  # more than `fewer` windows: at least `fewer` full ones
     if fewer * per_window >= engine.max_len:
@@ -94,12 +95,12 @@ def _long_audio(engine: Engine, prompts: list[int]) -> list[Shape]:
   return shapes
 
 
-def start(engine: Engine, log: logging.Logger) -> Background:
+def start(engine: Engine, log: logging.Logger, max_windows: int = features.MAX_WINDOWS) -> Background:
   """Grows the engine's cache to its full length, compiles `plan(engine).now` in this thread, then starts
   compiling the rest in the background; a log line for each phase, with counts, and for each program now."""
   started = time.perf_counter()
   engine.reserve(engine.max_len)  # the programs compiled ahead are for the cache's length
-  programs = plan(engine)
+  programs = plan(engine, max_windows)
   log.info("warm-up: compiling %d programs for common requests (a question, a clip of up to 30 s, answers up to "
            "%d tokens)", len(programs.now), ANSWER_TOKENS)
   for i, program in enumerate(programs.now, 1):

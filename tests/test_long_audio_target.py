@@ -1,0 +1,66 @@
+"""Music Flamingo's longest audio on one GPU: the prefill of 20 minutes (40 windows of 750 frames, between
+its audio bos and eos, in the 32,768-token prompt bucket) at full size in bfloat16, compiled for an H100
+without one (deviceless, `af3_jax.targets`), fits the card's 80 GB: weights, the decode state it returns
+(the KV cache of 32,768 + 64 slots) and the compiler's temporaries. bench/RESULTS.md has the figures.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from af3_jax import decode, sharding, targets
+from af3_jax.buckets import bucket, window_bucket
+from af3_jax.config import AF3Config
+from af3_jax.generation import Sampling
+from af3_jax.models.whisper import tokens_per_window
+from af3_jax.pretrained import abstract_model
+
+WINDOWS = 40  # 20 minutes
+NEW_TOKENS = 64  # the smallest new-token bucket
+
+
+def twenty_minutes(cfg: AF3Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """The prefill's inputs as the engine pads them, as abstract arrays on `mesh`'s device."""
+  prompt = 16 + WINDOWS * tokens_per_window(cfg.encoder) + 2  # text around the framed audio
+  length, windows = bucket(prompt, decode.MIN_BUCKET), window_bucket(WINDOWS)
+  assert (length, windows) == (32768, 40)
+  e = cfg.encoder
+  shapes = {"input_ids": ((1, length), jnp.int32), "attention_mask": ((1, length), jnp.int32),
+            "input_features": ((windows, e.num_mel_bins, e.mel_frames), jnp.float32),
+            "input_features_mask": ((windows, e.mel_frames), jnp.int32),
+            "audio_embed_mask": ((windows, tokens_per_window(e)), jnp.bool_)}
+  on = jax.NamedSharding(mesh, jax.P())
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=on) for k, (shape, dtype) in shapes.items()}
+
+
+@pytest.mark.accelerator
+@pytest.mark.slow
+def test_twenty_minutes_prefill_fits_one_h100():
+  target = targets.parse("h100")
+  mesh = sharding.single_device_mesh(targets.devices(target)[0])
+  cfg = AF3Config.music_flamingo()
+  graphdef, abstract, shardings = abstract_model(cfg, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16,
+                                                 mesh=mesh)
+  weights = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  batch = twenty_minutes(cfg, mesh)
+  eos = np.full(4, -1, np.int32)
+
+  def prefill_fn(state, batch):
+    return decode.prefill(nnx.merge(graphdef, state), batch, NEW_TOKENS, Sampling(), jax.random.key(0), eos,
+                          np.int32(0))
+
+  with jax.set_mesh(mesh):
+    lowered = jax.jit(prefill_fn).lower(weights, batch)
+    state = jax.eval_shape(prefill_fn, weights, batch)
+  memory = lowered.compile().memory_analysis()
+  nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
+  weights_b, state_b, temp_b = nbytes(weights), nbytes(state), memory.temp_size_in_bytes
+  total = weights_b + state_b + temp_b
+  gib = 2**30
+  print(f"H100 prefill of 20 min (Music Flamingo, bf16): weights {weights_b / gib:.2f} GiB, decode state "
+        f"{state_b / gib:.2f} GiB, temporaries {temp_b / gib:.2f} GiB, total {total / gib:.2f} GiB of "
+        f"{target.hbm_bytes / gib:.1f} GiB")
+  assert weights_b == 2 * 8_267_215_360  # every parameter of the released model, in bf16
+  assert total < target.hbm_bytes
