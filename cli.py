@@ -30,7 +30,7 @@ flags.declare_key_flag("verbosity")
 
 def weight_flags(values: flags.FlagValues = flags.FLAGS) -> tuple[flags.FlagHolder, flags.FlagHolder]:
   """--dtype and --quantize, as infer.py, eval.py and serve.py load the model (`assistant.load`). The modes
-  are `af3_jax.quantization.MODES`, written out here because the flags are parsed before jax loads."""
+  are `af3_jax.checkpoints.quantization.MODES`, written out here because the flags are parsed before jax loads."""
   dtype = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.",
                             flag_values=values)
   quantize = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: the decoder's linears as int8 weights "

@@ -84,9 +84,10 @@ def _settings() -> dict:
 
 def _style() -> str:
   """--style, or the checkpoint family's own (its config.json is read: the model folder must be there)."""
-  from af3_jax import processor, weights
+  from af3_jax.checkpoints import locate
+  from af3_jax.data import processor
 
-  return _STYLE.value or processor.FAMILIES[weights.model_type(weights.resolve(_MODEL.value))].styles[0]
+  return _STYLE.value or processor.FAMILIES[locate.model_type(locate.resolve(_MODEL.value))].styles[0]
 
 
 def _load_assistant(style: str):
@@ -94,9 +95,11 @@ def _load_assistant(style: str):
   eval decodes greedily; transformers' generation_config.json would sample with a penalty of 1.05)."""
   import jax
 
-  from af3_jax import assistant, sharding, weights
+  from af3_jax import sharding
+  from af3_jax.checkpoints import locate
+  from af3_jax.inference import assistant
 
-  root = weights.resolve(_MODEL.value)
+  root = locate.resolve(_MODEL.value)
   with cli.loading(f"{root} ({cli.weights_label(_DTYPE.value, _QUANTIZE.value, _THINK.value)})"):
     # Each process answers on its own first device (jax.devices()[0] is process 0's in a multi-process run).
     model, processor = assistant.load(root, dtype=_DTYPE.value, think=_THINK.value, style=style,
@@ -137,12 +140,12 @@ def run() -> int:
   cli.use_compilation_cache(_CACHE.value)
   import jax
 
-  from af3_jax import train_run
+  from af3_jax import distributed
   from af3_jax.config import read_json
   from af3_jax.evaluation import tasks
 
   settings = _settings()
-  train_run.initialize_distributed()
+  distributed.initialize_distributed()
   process, count = jax.process_index(), jax.process_count()
   benchmark = tasks.load(_TASK.value, _DATA.value, settings["audio_root"], settings["prompt_template"], _LIMIT.value)
   settings["style"] = _style()  # after the data file, whose errors come first: this reads the checkpoint

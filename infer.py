@@ -17,8 +17,8 @@ from absl import app, flags
 import cli
 
 if TYPE_CHECKING:  # imported for real only after the flags pass: jax takes seconds to load
-  from af3_jax.assistant import Assistant
   from af3_jax.data.manifest import Sample
+  from af3_jax.inference.assistant import Assistant
 
 _MODEL = flags.DEFINE_string("model", "nvidia/audio-flamingo-3-hf", "Checkpoint folder or hub id.")
 _AUDIO = flags.DEFINE_multi_string("audio", [], "Audio file(s) for a single question, in order.")
@@ -71,9 +71,10 @@ def _check_flags() -> None:
 
 def _load() -> Assistant:
   """The model and processor, with the decoding flags, as an Assistant."""
-  from af3_jax import assistant, weights
+  from af3_jax.checkpoints import locate
+  from af3_jax.inference import assistant
 
-  root = weights.resolve(_MODEL.value)
+  root = locate.resolve(_MODEL.value)
   with cli.loading(f"{root} ({cli.weights_label(_DTYPE.value, _QUANTIZE.value, _THINK.value)})"):
     model, processor = assistant.load(root, dtype=_DTYPE.value, think=_THINK.value, style=_STYLE.value,
                                       quantize=_QUANTIZE.value)
@@ -92,7 +93,7 @@ def _sampling() -> dict:
 
 def _answer(bot: Assistant, items: list[Sample] | None) -> int:
   """Answers as the mode flag says (`items`: the batch prompts); returns the exit status."""
-  from af3_jax import assistant
+  from af3_jax.inference import assistant
 
   if _CHAT.value:
     cli.note(f"ready to chat: {assistant.CHAT_HELP}")
@@ -123,15 +124,16 @@ def run() -> int:
   _check_flags()
   cli.use_compilation_cache(_CACHE.value)
   import af3_jax
-  from af3_jax import assistant
+  from af3_jax import results
+  from af3_jax.data.manifest import batch_items
 
   for path in _AUDIO.value:
     af3_jax.load_audio(path, max_seconds=1.0)  # a header and a second: missing or corrupt files fail now
   items = None
   if _BATCH.value is not None:
-    items = assistant.batch_items(af3_jax.read_manifest(_BATCH.value), _BATCH.value)
+    items = batch_items(af3_jax.read_manifest(_BATCH.value), _BATCH.value)
     # Mends a crash's half line, puts the lines in manifest order; refuses a file not ours.
-    answered = assistant.compact_results(Path(_OUT.value), [s.id for s in items])
+    answered = results.compact_results(Path(_OUT.value), [s.id for s in items])
     if all(s.id in answered for s in items):
       cli.note(f"{_batch_outcome(len(items), 0)}; nothing to do")
       return 0

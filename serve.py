@@ -60,12 +60,13 @@ def run() -> int:
     raise ValueError(f"{_MEDIA.value}: --allowed-local-media-path is not a folder")
   listener = socket.create_server((_HOST.value, _PORT.value))  # a port in use fails here, in one line
   cache = cli.use_compilation_cache(_CACHE.value)
-  from af3_jax import assistant, weights
+  from af3_jax.checkpoints import locate
+  from af3_jax.inference import assistant
   from af3_jax.serving import app as serving
 
-  root = weights.resolve(_MODEL.value)
+  root = locate.resolve(_MODEL.value)
   if _THINK.value:
-    weights.think_adapter(root)  # a missing adapter fails now, not after the server is up
+    locate.think_adapter(root)  # a missing adapter fails now, not after the server is up
   name = _NAME.value or _MODEL.value
   app = serving.create_app(name)
   server = _Server(uvicorn.Config(app, log_level="info"), app)

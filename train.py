@@ -13,7 +13,6 @@ One run at a time may use a workdir.
 from __future__ import annotations
 
 import contextlib
-import signal
 import sys
 import time
 from pathlib import Path
@@ -36,47 +35,10 @@ _CACHE = cli.compilation_cache_flag()
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-class _Stop:
-  """SIGTERM or SIGINT to any process of the run: every process saves the same step and exits 0.
-
-  One process: from its first step, a handler notes the signal and the loop stops after the current
-  step. Several: from `join`, the preemption notifier that `jax.distributed.initialize` starts owns
-  SIGTERM (a Python handler would replace its own, and the notice would stay in this process); it
-  tells every process, and JAX's preemption sync point is then reached at the same step in all of
-  them, the first step that each can still reach, wherever each one was when the signal came.
-  """
-
-  requested = False
-
-  @classmethod
-  def join(cls, start: int) -> None:
-    """Right after `jax.distributed.initialize`: SIGINT is handed on to the notifier as SIGTERM, and
-    the preemption service learns the step training resumes from (it counts the steps passed to
-    `after` from 0, so a notice while the model loads would name step 1, which a resumed run never
-    passes)."""
-    signal.signal(signal.SIGINT, lambda *_: signal.raise_signal(signal.SIGTERM))
-    cls.after(start)
-
-  @classmethod
-  def install(cls) -> None:
-    """Before the first step of a single-process run (a multi-process run has joined)."""
-    import jax
-
-    if jax.process_count() == 1:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: setattr(cls, "requested", True))
-
-  @classmethod
-  def after(cls, step: int) -> bool:
-    """Whether to save `step` and stop. Every process calls it once per step, in order: the
-    preemption service picks the step from the last ones each process passed here."""
-    from jax.experimental import multihost_utils
-
-    return multihost_utils.reached_preemption_sync_point(step) or cls.requested  # the call first: never skipped
-
-
 def run(cfg, workdir: Path, compile_only: bool = False, target: str | None = None) -> int:
-  from af3_jax import checkpoint, targets, train_run
+  from af3_jax import distributed, targets
+  from af3_jax.training import checkpoint, run as train_run
+  from af3_jax.training.preemption import Stop
 
   if compile_only:
     # The target's devices before anything else: jax must not have started a backend yet.
@@ -93,8 +55,8 @@ def run(cfg, workdir: Path, compile_only: bool = False, target: str | None = Non
   init_from = train_run.start_checkpoint(workdir, cfg.init_from)
   # The step training resumes from, read before joining so that `join` tells it at once.
   start = max(checkpoint.saved_steps(workdir / train_run.CHECKPOINTS), default=0)
-  if train_run.initialize_distributed():
-    _Stop.join(start)
+  if distributed.initialize_distributed():
+    Stop.join(start)
   with train_run.WorkdirLock(workdir):
     return _train(cfg, workdir, samples, init_from, start)
 
@@ -105,7 +67,7 @@ def load(cfg, init_from: str, mesh):
   with its remat policy."""
   import numpy as np
 
-  from af3_jax import train_run
+  from af3_jax.training import run as train_run
 
   return train_run.load_model(init_from, dtype=np.dtype(cfg.compute_dtype), mesh=mesh, remat=cfg.remat)
 
@@ -117,7 +79,7 @@ def build(cfg, model, mesh, total_steps: int, abstract: bool = False):
   import jax
   import numpy as np
 
-  from af3_jax import optim, train_run, train_step
+  from af3_jax.training import optimizer as optim, run as train_run, step as train_step
 
   graphdef, trainable, frozen = train_run.prepare(model, cfg.trainable, train_run.lora_spec(cfg), cfg.seed)
   optimizer = optim.make_optimizer(cfg.optim.lr, total_steps, warmup_ratio=cfg.optim.warmup_ratio,
@@ -150,14 +112,15 @@ def _plan(cfg, workdir: Path, init_from: str, on=None) -> int:
   import jax
   import numpy as np
 
-  from af3_jax import files, sharding, targets, train_run, weights
-  from af3_jax.data import pipeline
-  from af3_jax.pretrained import Model, abstract_model
+  from af3_jax import files, sharding, targets
+  from af3_jax.checkpoints import locate
+  from af3_jax.checkpoints.pretrained import Model, abstract_model
+  from af3_jax.training import pipeline, run as train_run
 
   target, devices = on or (None, jax.devices())
   capacity = target.hbm_bytes if target else targets.device_memory(devices[0])
   mesh = _mesh(cfg, devices)
-  model_cfg = weights.read_config(train_run.base_checkpoint(init_from))
+  model_cfg = locate.read_config(train_run.base_checkpoint(init_from))
   compute = np.dtype(cfg.compute_dtype)  # as `load` keeps the weights
   graphdef, abstract, _ = abstract_model(model_cfg, param_dtype=compute, compute_dtype=compute, mesh=mesh,
                                          remat=cfg.remat)
@@ -197,8 +160,8 @@ def _data(cfg, samples, init_from: str, rows: int):
   import jax
 
   import af3_jax
-  from af3_jax import train_run
-  from af3_jax.data import pipeline
+  from af3_jax import distributed
+  from af3_jax.training import pipeline, run as train_run
 
   processor = af3_jax.Processor.from_pretrained(train_run.base_checkpoint(init_from), style=cfg.data.style or None,
                                                 max_windows=cfg.data.max_windows)
@@ -212,7 +175,7 @@ def _data(cfg, samples, init_from: str, rows: int):
   except pipeline.NothingUsable:
     data.close()  # stops grain's worker processes now, not noisily at interpreter exit
     raise
-  per_step, real, slots = train_run.all_hosts(pipeline.samples_in(first), int(first["attention_mask"].sum()),
+  per_step, real, slots = distributed.all_hosts(pipeline.samples_in(first), int(first["attention_mask"].sum()),
                                               first["attention_mask"].size).sum(axis=0).tolist()
   per_epoch = len(samples) // per_step
   print(f"first step: {per_step} sample(s) ({'packed' if cfg.data.packing else 'one a row'}), real tokens in "
@@ -229,8 +192,9 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
   import numpy as np
   from tqdm import tqdm
 
-  from af3_jax import checkpoint, metrics, sharding, targets, train_run
-  from af3_jax.data import pipeline
+  from af3_jax import distributed, sharding, targets
+  from af3_jax.training import checkpoint, metrics, pipeline, run as train_run
+  from af3_jax.training.preemption import Stop
 
   print(cfg)
   mesh = _mesh(cfg)
@@ -261,7 +225,7 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
   log = metrics.MetricsLog(workdir, model=model.config, every=cfg.log_every, after_step=start,
                            peak_flops=cfg.peak_tflops * 1e12 * jax.device_count(), trainable=cfg.trainable,
                            lora_rank=cfg.lora.rank if cfg.trainable == "lora" else 0) if primary else None
-  _Stop.install()
+  Stop.install()
   compiled = {}  # one program per batch shape (length bucket)
   capacity = targets.device_memory(mesh.devices.flat[0])
   tally = _Tally(start)
@@ -278,7 +242,7 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
         data.close()  # stops grain's worker processes now, not noisily at interpreter exit
         raise ValueError(str(e)) from None
       # Each host chose its length bucket from its own rows: all take the longest.
-      hosts = train_run.all_hosts(int(host.pop("skipped")), host["input_ids"].shape[1])
+      hosts = distributed.all_hosts(int(host.pop("skipped")), host["input_ids"].shape[1])
       skipped, length = int(hosts[:, 0].sum()), int(hosts[:, 1].max())
       host = pipeline.pad_length(host, length, pad_id)
       batch = sharding.global_batch(host, mesh, cfg.accum_steps)
@@ -298,7 +262,7 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
         ckpt.close()
         return 1
       tally.add(step, m, skipped)
-      stop = _Stop.after(step)
+      stop = Stop.after(step)
       stopping = stop or step == total
       if log:
         log.add(step, {**m, "skipped": skipped}, flush=stopping)

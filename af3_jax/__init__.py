@@ -2,14 +2,14 @@
 
 import importlib
 
+from af3_jax.checkpoints.pretrained import Model, from_pretrained
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 from af3_jax.data.manifest import read_manifest
-from af3_jax.decode import generate, generate_stream
-from af3_jax.pretrained import Model, from_pretrained
+from af3_jax.inference.decode import generate, generate_stream
 
 # Audio decoding pulls in librosa and soundfile, which model-only users (benchmarks, the GPU image)
 # may lack: these names load on first use.
-_LAZY = {"Processor": "af3_jax.processor", "load_audio": "af3_jax.audio.loading"}
+_LAZY = {"Processor": "af3_jax.data.processor", "load_audio": "af3_jax.audio.loading"}
 
 
 def __getattr__(name: str):

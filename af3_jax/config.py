@@ -25,7 +25,6 @@ class EncoderConfig:
   num_heads: int = 20
   intermediate_size: int = 5120
   max_source_positions: int = 1500
-  layer_norm_eps: float = 1e-5
 
   @property
   def head_dim(self) -> int:

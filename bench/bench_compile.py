@@ -39,9 +39,11 @@ import numpy as np
 from absl import app, flags
 from flax import nnx, traverse_util
 
-from af3_jax import decode, engine, hlo, pretrained, sharding, slots, targets
+from af3_jax import hlo, sharding, targets
 from af3_jax.buckets import prompt_bucket
+from af3_jax.checkpoints import pretrained
 from af3_jax.generation import Sampling
+from af3_jax.inference import decode, engine, slots
 from af3_jax.models import kv_cache, layers
 from af3_jax.models.whisper import tokens_per_window
 from presets import MODELS

@@ -28,11 +28,11 @@ import numpy as np
 import soundfile as sf
 from absl import app, flags
 
-from af3_jax import slots
-from af3_jax.assistant import Assistant
+from af3_jax.checkpoints.pretrained import init_random
+from af3_jax.data.processor import Processor
 from af3_jax.evaluation import runner, tasks
-from af3_jax.pretrained import init_random
-from af3_jax.processor import Processor
+from af3_jax.inference import slots
+from af3_jax.inference.assistant import Assistant
 from presets import MODELS, with_tokenizer
 
 _ITEMS = flags.DEFINE_integer("items", 1000, "Items (MMAU test-mini has 1,000).", lower_bound=1)

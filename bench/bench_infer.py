@@ -49,11 +49,11 @@ import torch
 import transformers
 from absl import app, flags
 
-from af3_jax import decode, sharding
-from af3_jax.config import AF3Config
+from af3_jax import sharding
+from af3_jax.checkpoints.pretrained import Model, init_random
+from af3_jax.config import AF3Config, MODEL_TYPES
+from af3_jax.inference import decode
 from af3_jax.models.whisper import tokens_per_window
-from af3_jax.pretrained import Model, init_random
-from af3_jax.config import MODEL_TYPES
 from presets import TokenClock, model_config, torch_model
 
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "A preset: the model and the defaults below.")

@@ -39,13 +39,14 @@ from absl import app, flags
 from flax import nnx
 
 import af3_jax
-from af3_jax import decode, sharding, targets, train_run
+from af3_jax import sharding, targets
 from af3_jax.buckets import bucket, window_bucket
-from af3_jax.config import AF3Config
+from af3_jax.checkpoints.pretrained import abstract_model, init_random
+from af3_jax.config import AF3Config, MODEL_TYPES
 from af3_jax.generation import Sampling
+from af3_jax.inference import decode
 from af3_jax.models.whisper import tokens_per_window
-from af3_jax.pretrained import abstract_model, init_random
-from af3_jax.config import MODEL_TYPES
+from af3_jax.training import run as train_run
 from presets import model_config
 
 _SIZE = flags.DEFINE_enum("size", "test", ["test", "tiny", "full"], "A model preset (test: the tests' tiny model).")

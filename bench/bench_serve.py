@@ -52,10 +52,9 @@ from absl import app, flags
 
 from af3_jax import sharding
 from af3_jax.buckets import bucket
-from af3_jax.engine import Engine
-from af3_jax.engine import Request as EngineRequest
-from af3_jax.pretrained import init_random
-from af3_jax.processor import Processor
+from af3_jax.checkpoints.pretrained import init_random
+from af3_jax.data.processor import Processor
+from af3_jax.inference.engine import Engine, Request as EngineRequest
 from af3_jax.serving.app import Service, create_app
 from presets import MODELS, TokenClock, torch_model, with_tokenizer
 

@@ -18,7 +18,7 @@ it, 8 rows of 774 tokens with every weight trainable ran out of an H200's memory
 Forward, backward and AdamW, bf16 compute with float32 trainable weights on our side, and on torch's a
 bf16 model whose trainable parameters are float32 (the same split). Step time is the median of warm
 steps; JAX's compile time is reported apart. Tokens/s counts real tokens (the bench pads nothing); MFU
-is the model's FLOPs for the micro-batch and the stage (`af3_jax.flops.train_flops`: the forward pass,
+is the model's FLOPs for the micro-batch and the stage (`af3_jax.training.flops.train_flops`: the forward pass,
 and a backward only through what follows the first trained weight, with weight gradients for the
 trained ones; not what remat recomputes) / time / --peak-tflops. Memory: XLA's plan for the compiled
 step (per device) beside torch's peak allocation on CUDA. The full 8B model with AdamW does not fit one
@@ -43,9 +43,11 @@ import torch
 import transformers
 from absl import app, flags
 
-from af3_jax import flops, lora, optim, train_run, train_step
+from af3_jax.checkpoints import lora
+from af3_jax.checkpoints.pretrained import init_random
+from af3_jax.data import processor
 from af3_jax.models.whisper import tokens_per_window
-from af3_jax.pretrained import init_random
+from af3_jax.training import flops, optimizer as optim, run as train_run, step as train_step
 from configs import common
 from presets import MODELS
 
@@ -99,7 +101,7 @@ def batch(cfg, cell: Cell, rng: np.random.Generator) -> dict[str, np.ndarray]:
   audio, frames = cell.windows * tokens_per_window(cfg.encoder), cfg.encoder.mel_frames
   ids = rng.integers(0, cfg.audio_token_id, (cell.rows, TEXT[0] + audio + TEXT[1])).astype(np.int32)
   ids[:, TEXT[0]:TEXT[0] + audio] = cfg.audio_token_id
-  labels = np.where(ids == cfg.audio_token_id, train_step.IGNORE, ids)
+  labels = np.where(ids == cfg.audio_token_id, processor.IGNORE, ids)
   windows = cell.rows * cell.windows
   return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels,
           "input_features": rng.standard_normal((windows, cfg.encoder.num_mel_bins, frames)).astype(np.float32),

@@ -1,16 +1,16 @@
 """What the benchmarks share: model sizes (random weights, so no download) of either family, transformers'
-model built from one, and the tiny checkpoints' tokenizer (`af3_jax.tiny_checkpoint.tokenizer`: it needs
+model built from one, and the tiny checkpoints' tokenizer (`af3_jax.checkpoints.tiny.tokenizer`: it needs
 no files)."""
 
 import dataclasses
 import time
 
-from af3_jax import tiny_checkpoint
-from af3_jax.config import MODEL_TYPES, AF3Config, DecoderConfig, EncoderConfig, RoTEConfig
+from af3_jax.checkpoints import tiny
+from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig, MODEL_TYPES, RoTEConfig
 
 MODELS = {
     # The tests' tiny model and `python -m convert.tiny`'s: 4 query heads share 2 kv heads.
-    "test": tiny_checkpoint.CONFIGS["audioflamingo3"],
+    "test": tiny.CONFIGS["audioflamingo3"],
     # Wider than the test configs so the matmuls, not the dispatch, take the time on a CPU.
     "tiny": AF3Config(
         encoder=EncoderConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
@@ -24,7 +24,7 @@ MODELS = {
 def with_tokenizer(cfg: AF3Config):
   """(cfg with its audio id where the tokenizer puts `<sound>`, a tokenizer of cfg's vocabulary). The
   tokenizer's `<sound>` is its last id, which every preset but "full" already uses."""
-  tok = tiny_checkpoint.tokenizer(cfg.decoder.vocab_size)
+  tok = tiny.tokenizer(cfg.decoder.vocab_size)
   return dataclasses.replace(cfg, audio_token_id=tok.convert_tokens_to_ids("<sound>")), tok
 
 

@@ -17,7 +17,7 @@ from absl import flags
 
 import af3_jax
 import cli
-from af3_jax import weights
+from af3_jax.checkpoints import locate, orbax
 
 # Flags of their own, not absl's global set: tests import `convert` beside infer.py, which has a --dtype.
 FLAGS = flags.FlagValues()
@@ -29,11 +29,11 @@ def convert(src: str, dst: Path, dtype) -> None:
   if dst.exists():  # checked before the (long) load, and again by save_model
     raise ValueError(f"{dst}: already exists; choose a new output folder")
   model = af3_jax.from_pretrained(src, dtype=dtype)
-  weights.save_model(dst, model.config, model.state, weights.tokenizer_dir(model.path))
+  orbax.save_model(dst, model.config, model.state, locate.tokenizer_dir(model.path))
 
 
 def run(src: str, dst: str) -> int:
-  cli.note(f"loading {weights.resolve(src)} ...")  # a missing SRC fails here, in one line
+  cli.note(f"loading {locate.resolve(src)} ...")  # a missing SRC fails here, in one line
   convert(src, Path(dst), jnp.dtype(_DTYPE.value))
   print(f"wrote {dst}")
   return 0

@@ -17,10 +17,10 @@ from pathlib import Path
 from absl import flags
 
 import cli
-from af3_jax import tiny_checkpoint
+from af3_jax.checkpoints import tiny
 
 FLAGS = flags.FlagValues()
-_MODEL_TYPE = flags.DEFINE_enum("model-type", "audioflamingo3", list(tiny_checkpoint.MODEL_TYPES), "The model family to write.",
+_MODEL_TYPE = flags.DEFINE_enum("model-type", "audioflamingo3", list(tiny.MODEL_TYPES), "The model family to write.",
                                 flag_values=FLAGS)
 _THINK = flags.DEFINE_bool("think", False, "Also write a random think-mode LoRA adapter in OUT/think.",
                            flag_values=FLAGS)
@@ -28,7 +28,7 @@ _SEED = flags.DEFINE_integer("seed", 0, "Seed of the random weights.", lower_bou
 
 
 def run(out: Path) -> int:
-  tiny_checkpoint.write(out, model_type=_MODEL_TYPE.value, seed=_SEED.value, think=_THINK.value)
+  tiny.write(out, model_type=_MODEL_TYPE.value, seed=_SEED.value, think=_THINK.value)
   family = {"audioflamingo3": "AF3", "musicflamingo": "Music Flamingo"}[_MODEL_TYPE.value]
   print(f"wrote {out}: a tiny {family} with random weights{' and a think adapter' if _THINK.value else ''}")
   return 0

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from absl import flags
 
 import cli
-from af3_jax import lora, train_run, weights
+from af3_jax.checkpoints import locate, lora, orbax, safetensors
+from af3_jax.training import run as train_run
 
 # Flags of their own, not absl's global set: tests import `convert` beside infer.py and train.py.
 FLAGS = flags.FlagValues()
@@ -59,10 +60,10 @@ def write_hf_model(source: Path, dst: Path, dtype) -> None:
   dtype = train_run.saved_dtype(source) if dtype is None else jnp.dtype(dtype)
   model = train_run.load_model(source, dtype=dtype)
   dst.mkdir()
-  weights.save_safetensors(model.state, dst)
+  safetensors.save_safetensors(model.state, dst)
   config = {**model.config.to_hf_dict(), "dtype": dtype.name}
   (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-  weights.copy_side_files(weights.tokenizer_dir(model.path), dst)
+  orbax.copy_side_files(locate.tokenizer_dir(model.path), dst)
 
 
 def export(workdir: Path, out: Path, *, step: int | None, dtype, adapter_only: bool) -> None:

@@ -16,8 +16,10 @@ import re
 
 import jax
 
-from af3_jax import pretrained, sharding, targets, train_run
+from af3_jax import sharding, targets
+from af3_jax.checkpoints import pretrained
 from af3_jax.config import AF3Config
+from af3_jax.training import run as train_run
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """Test setup: 8 fake CPU devices, float32 at highest matmul precision, tiny random AF3 checkpoints.
 
-The checkpoints are written by `af3_jax.tiny_checkpoint` (what `python -m convert.tiny` writes for
+The checkpoints are written by `af3_jax.checkpoints.tiny` (what `python -m convert.tiny` writes for
 users), whose every tensor is drawn at random (biases and norm weights included), so a wrong transpose,
 bias or norm cannot hide behind an init of zeros and ones; PyTorch's reference model is transformers'
 `from_pretrained` of that folder. transformers' own tester config is built by transformers and redrawn
@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import af3_jax  # noqa: E402
-from af3_jax import tiny_checkpoint  # noqa: E402
+from af3_jax.checkpoints import tiny as tiny_checkpoint
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig, RoTEConfig  # noqa: E402
 
 try:  # the PyTorch reference; tests that need it skip without it
@@ -291,7 +291,7 @@ def gqa_loaded(gqa_ckpt) -> af3_jax.Model:
 
 def start_processes(args: list[str], cwd: Path, n: int = 2) -> list[subprocess.Popen]:
   """`python *args` as the `n` processes of one jax.distributed run on this machine, one CPU device
-  each (the variables `train_run.initialize_distributed` reads), with stdout and stderr piped."""
+  each (the variables `distributed.initialize_distributed` reads), with stdout and stderr piped."""
   portpicker = pytest.importorskip("portpicker")
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": str(n),
          "JAX_COORDINATOR_ADDRESS": f"localhost:{portpicker.pick_unused_port()}"}

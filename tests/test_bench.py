@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 
 from af3_jax import sharding
+from af3_jax.checkpoints.pretrained import abstract_model, init_random
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.pretrained import abstract_model, init_random
 
 ROOT = Path(__file__).resolve().parents[1]
 CFG = AF3Config(encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),

@@ -19,7 +19,7 @@ import cli
 def run(name):
   logging.getLogger("jax._src.xla_bridge").info("Unable to initialize backend 'tpu'")
   absl_logging.info("orbax: saving step 1")
-  logging.getLogger("af3_jax.data.pipeline").warning("skipping sample %s:\\n  unreadable", name)
+  logging.getLogger("af3_jax.training.pipeline").warning("skipping sample %s:\\n  unreadable", name)
   warnings.warn("clip.wav: the header promises 3.0 s,\\nthe file holds 1.0 s")
   print("answer")
   return 0
@@ -47,7 +47,7 @@ def test_verbosity_shows_the_info_lines(how):
   code, _, err = program("s1", *args, env=env)
   assert code == 0
   assert err[:3] == ["info: jax._src.xla_bridge: Unable to initialize backend 'tpu'", "info: absl: orbax: saving step 1",
-                     "warning: af3_jax.data.pipeline: skipping sample s1: unreadable"]
+                     "warning: af3_jax.training.pipeline: skipping sample s1: unreadable"]
 
 
 @pytest.mark.parametrize("args, env, message", [

@@ -19,9 +19,11 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from af3_jax import decode, engine, hlo, quantization, sharding, slots, targets
+from af3_jax import hlo, sharding, targets
+from af3_jax.checkpoints import quantization
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 from af3_jax.generation import Sampling
+from af3_jax.inference import decode, engine, slots
 from af3_jax.models import kv_cache
 from af3_jax.models.af3 import AudioFlamingo3
 

@@ -18,12 +18,11 @@ import pytest
 from conftest import audio_tokens, compiles, random_features, random_text
 
 import af3_jax
-from af3_jax import engine as engine_module
-from af3_jax import slots
 from af3_jax.buckets import window_bucket
+from af3_jax.checkpoints.pretrained import init_random
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.engine import Engine, QueueFull, Request
-from af3_jax.pretrained import init_random
+from af3_jax.inference import engine as engine_module, slots
+from af3_jax.inference.engine import Engine, QueueFull, Request
 
 SLOTS, MAX_LEN = 3, 256
 SAMPLED = dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9)

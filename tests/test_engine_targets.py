@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from af3_jax import sharding, slots, targets
+from af3_jax import sharding, targets
+from af3_jax.checkpoints.pretrained import abstract_model
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.pretrained import abstract_model
+from af3_jax.inference import slots
 
 pytestmark = pytest.mark.accelerator
 

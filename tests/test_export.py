@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import af3_jax
-from af3_jax import train_run, weights
+from af3_jax.checkpoints import orbax
+from af3_jax.training import run as train_run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device per run
@@ -21,10 +22,10 @@ ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device 
 
 @pytest.fixture(scope="module")
 def float32_run(gqa_ckpt, tokenizer_dir, tmp_path_factory):
-  """A workdir whose model/ is what training writes (`weights.save_model`, and the step it holds), in float32."""
+  """A workdir whose model/ is what training writes (`orbax.save_model`, and the step it holds), in float32."""
   workdir = tmp_path_factory.mktemp("run")
   model = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
-  weights.save_model(workdir / "model", model.config, model.state, tokenizer_dir)
+  orbax.save_model(workdir / "model", model.config, model.state, tokenizer_dir)
   (workdir / "model" / train_run.TRAINER_STATE).write_text(json.dumps({"step": 1}))
   return workdir
 

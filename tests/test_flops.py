@@ -1,4 +1,4 @@
-"""`af3_jax.flops` against two independent counts: XLA's cost analysis of the compiled forward pass and
+"""`af3_jax.training.flops` against two independent counts: XLA's cost analysis of the compiled forward pass and
 train step, and the parameter shapes of the full-size model."""
 
 import jax
@@ -7,9 +7,11 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from af3_jax import flops, lora, optim, sharding, train_run, train_step
+from af3_jax import sharding
+from af3_jax.checkpoints import lora
+from af3_jax.checkpoints.pretrained import abstract_model, init_random
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.pretrained import abstract_model, init_random
+from af3_jax.training import flops, optimizer as optim, run as train_run, step as train_step
 
 # One layer each (XLA counts a scanned layer stack's body once), wide enough that matmuls dominate.
 CFG = AF3Config(encoder=EncoderConfig(hidden_size=128, num_layers=1, num_heads=2, intermediate_size=512,

@@ -12,9 +12,11 @@ import pytest
 from conftest import assert_close, audio_tokens, left_pad, random_features, random_text
 
 import af3_jax
-from af3_jax import lora, sharding, slots, weights
+from af3_jax import sharding
+from af3_jax.checkpoints import lora, safetensors
+from af3_jax.checkpoints.pretrained import init_random
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.pretrained import init_random
+from af3_jax.inference import slots
 
 
 def audio_batch(rng, tiny):
@@ -52,7 +54,7 @@ def test_an_int8_model_fuses_its_int8_kernels_and_scales(gqa_ckpt):
 
 def test_a_fused_model_is_neither_exported_nor_adapted(fused):
   with pytest.raises(ValueError, match="language_model.layers.mlp.gate_up_proj.kernel is a fused inference weight"):
-    list(weights.torch_tensors(fused.state))
+    list(safetensors.torch_tensors(fused.state))
   adapted = lora.add(fused.module(), lora.Spec(rank=2, alpha=4.0), jax.random.key(0))
   assert not any("qkv_proj" in name or "gate_up_proj" in name for name in adapted)
 

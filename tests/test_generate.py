@@ -18,10 +18,10 @@ from conftest import assert_close, audio_tokens, left_pad, random_features, rand
 from flax import nnx
 
 import af3_jax
-from af3_jax import decode
+from af3_jax.checkpoints.pretrained import read_generation_config
 from af3_jax.generation import Sampling, Settings
+from af3_jax.inference import decode
 from af3_jax.models import kv_cache
-from af3_jax.pretrained import read_generation_config
 
 torch = pytest.importorskip("torch")
 

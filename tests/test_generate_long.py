@@ -20,10 +20,11 @@ from conftest import Tiny, build_torch_model, random_text
 from flax import nnx
 
 import af3_jax
-from af3_jax import decode, sharding
+from af3_jax import sharding
+from af3_jax.checkpoints.pretrained import abstract_model
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 from af3_jax.generation import Sampling
-from af3_jax.pretrained import abstract_model
+from af3_jax.inference import decode
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_memory.py"
 

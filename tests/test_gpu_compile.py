@@ -16,11 +16,13 @@ import pytest
 from accelerators import abstract_model, compile_for
 from flax import nnx
 
-from af3_jax import decode, engine, optim, pretrained, requests, sharding, slots, train_run, train_step
+from af3_jax import sharding
+from af3_jax.checkpoints import pretrained
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.data import pipeline
 from af3_jax.generation import Sampling
+from af3_jax.inference import decode, engine, requests, slots
 from af3_jax.models import whisper
+from af3_jax.training import optimizer as optim, pipeline, run as train_run, step as train_step
 
 pytestmark = pytest.mark.accelerator
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import soundfile as sf
-from af3_jax.tiny_checkpoint import CHAT_TEMPLATE as HF_TEMPLATE
+from af3_jax.checkpoints.tiny import CHAT_TEMPLATE as HF_TEMPLATE
 from test_infer_input import run_cli
 
 torch = pytest.importorskip("torch")

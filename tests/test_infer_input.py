@@ -13,7 +13,7 @@ from absl import flags
 
 import cli
 import infer
-from af3_jax import assistant
+from af3_jax.inference import assistant
 
 ROOT = Path(__file__).resolve().parents[1]
 NO_MODEL = ["--model", "/nonexistent/af3"]  # an error about the model would mean it was loaded first

@@ -10,12 +10,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from af3_jax import decode, sharding, targets
+from af3_jax import sharding, targets
 from af3_jax.buckets import bucket, window_bucket
+from af3_jax.checkpoints.pretrained import abstract_model
 from af3_jax.config import AF3Config
 from af3_jax.generation import Sampling
+from af3_jax.inference import decode
 from af3_jax.models.whisper import tokens_per_window
-from af3_jax.pretrained import abstract_model
 
 WINDOWS = 40  # 20 minutes
 NEW_TOKENS = 64  # the smallest new-token bucket

@@ -14,17 +14,18 @@ _MEASURE = textwrap.dedent("""
     import math, sys, threading
     import jax, jax.numpy as jnp
     import af3_jax
-    from af3_jax import sharding, weights
-    from af3_jax.pretrained import abstract_model
+    from af3_jax import sharding
+    from af3_jax.checkpoints import locate
+    from af3_jax.checkpoints.pretrained import abstract_model
 
     def anon():
         for line in open("/proc/self/status"):
             if line.startswith("RssAnon"):
                 return int(line.split()[1]) * 1024
 
-    root = weights.resolve(sys.argv[1])
+    root = locate.resolve(sys.argv[1])
     mesh = sharding.single_device_mesh()
-    _, abstract, _ = abstract_model(weights.read_config(root), param_dtype=jnp.bfloat16,
+    _, abstract, _ = abstract_model(locate.read_config(root), param_dtype=jnp.bfloat16,
                                     compute_dtype=jnp.bfloat16, mesh=mesh)
     size = sum(math.prod(x.shape) * 2 for x in jax.tree.leaves(abstract))
     base, peak, done = anon(), [0], threading.Event()

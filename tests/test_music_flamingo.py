@@ -20,8 +20,8 @@ from test_generate import MAX_NEW, torch_generate
 import af3_jax
 from af3_jax import Processor
 from af3_jax.buckets import bucket, window_bucket
-from af3_jax.engine import Engine, Request
 from af3_jax.config import AF3Config, RoTEConfig
+from af3_jax.inference.engine import Engine, Request
 from af3_jax.models import rote
 from convert import from_hf
 

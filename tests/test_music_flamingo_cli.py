@@ -13,7 +13,7 @@ from test_serve import alone, ask, conversations, media, serving  # noqa: F401 (
 from test_train import run_setup, train  # noqa: F401 (run_setup is a fixture)
 
 import af3_jax
-from af3_jax.tiny_checkpoint import MUSIC_CHAT_TEMPLATE as MUSIC_TEMPLATE
+from af3_jax.checkpoints.tiny import MUSIC_CHAT_TEMPLATE as MUSIC_TEMPLATE
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

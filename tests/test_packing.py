@@ -13,9 +13,9 @@ import pytest
 from conftest import audio_tokens, random_features, random_text
 from flax import nnx, traverse_util
 
-from af3_jax import optim, sharding, train_step
-from af3_jax.data import pipeline
-from af3_jax.train_step import IGNORE
+from af3_jax import sharding
+from af3_jax.data.processor import IGNORE
+from af3_jax.training import optimizer, pipeline, step as train_step
 
 pytest.importorskip("torch")  # the tiny checkpoint is built with transformers
 
@@ -100,7 +100,7 @@ def test_the_window_token_mean_is_that_of_the_samples_padded(gqa_loaded, records
   metrics = {}
   for name, (batch, accum) in {"packed": (packed[0], 2), "padded": (collate(records, 4, packed=False), 2)}.items():
     graphdef, params, frozen = train_step.split(gqa_loaded.module(), "projector")  # the cheapest to compile
-    tx = optim.make_optimizer(1e-3, 10, warmup_ratio=0.0, clip_norm=1.0)
+    tx = optimizer.make_optimizer(1e-3, 10, warmup_ratio=0.0, clip_norm=1.0)
     mesh = gqa_loaded.mesh
     state = train_step.init_state(params, tx, mesh)
     step_fn = train_step.jit_train_step(graphdef, tx, state, frozen, mesh, accum_steps=accum)

@@ -13,9 +13,9 @@ import soundfile as sf
 from absl import flags
 
 from af3_jax import Processor
-from af3_jax.data import pipeline
 from af3_jax.data.manifest import Sample
-from af3_jax.train_step import IGNORE
+from af3_jax.data.processor import IGNORE
+from af3_jax.training import pipeline
 
 
 

@@ -1,5 +1,5 @@
 """A multi-process run's stop and counts, on 2 processes of one jax.distributed run on this machine:
-SIGTERM or SIGINT to either process alone stops both after the same step (train.py's `_Stop` over
+SIGTERM or SIGINT to either process alone stops both after the same step (`preemption.Stop` over
 JAX's preemption sync point), and per-host counts sum over the processes."""
 
 import signal
@@ -14,21 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 # collective each), process 1 taking twice as long, so a signal finds the processes at different points.
 _LOOP = """
 import time
-from af3_jax import train_run
-assert train_run.initialize_distributed()
+from af3_jax import distributed
+assert distributed.initialize_distributed()
 import jax
 from jax.experimental import multihost_utils
-import train
+from af3_jax.training.preemption import Stop
 
-train._Stop.join(5)
+Stop.join(5)
 print("joined", flush=True)
 time.sleep(3)
-train._Stop.install()
+Stop.install()
 for step in range(6, 10_000):
   multihost_utils.sync_global_devices(f"step {step}")
   time.sleep(0.05 * (1 + jax.process_index()))
   print(step, flush=True)
-  if train._Stop.after(step):
+  if Stop.after(step):
     print(f"stopped after step {step}")
     break
 """
@@ -51,14 +51,14 @@ def test_a_signal_to_one_process_stops_every_process_after_the_same_step(sig, ta
     assert last[0] == "stopped after step 6"
 
 
-def test_all_hosts_sum_adds_every_process():
-  """Under the train loop's transfer guard, as `skipped` is summed there each step."""
+def test_all_hosts_gathers_every_process():
+  """Under the train loop's transfer guard, as `skipped` is gathered and summed there each step."""
   code = """
 import jax
-from af3_jax import train_run
-train_run.initialize_distributed()
+from af3_jax import distributed
+distributed.initialize_distributed()
 with jax.transfer_guard("disallow"):
-  print(train_run.all_hosts_sum([3, 5][jax.process_index()]))
+  print(int(distributed.all_hosts([3, 5][jax.process_index()]).sum()))
 """
   procs = start_processes(["-c", code], ROOT)
   outs = finish(procs, timeout=120)

@@ -12,8 +12,7 @@ import soundfile as sf
 import af3_jax
 from af3_jax import Processor
 from af3_jax.audio import features
-from af3_jax.tiny_checkpoint import CHAT_TEMPLATE as HF_TEMPLATE
-from af3_jax.tiny_checkpoint import MUSIC_CHAT_TEMPLATE as MUSIC_TEMPLATE
+from af3_jax.checkpoints.tiny import CHAT_TEMPLATE as HF_TEMPLATE, MUSIC_CHAT_TEMPLATE as MUSIC_TEMPLATE
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

@@ -14,10 +14,11 @@ from test_sharding import assert_specs_divide, mesh_222
 from flax import nnx, traverse_util
 
 import af3_jax
-from af3_jax import names, quantization, slots
+from af3_jax.checkpoints import names, quantization
+from af3_jax.checkpoints.pretrained import abstract_model
 from af3_jax.config import AF3Config
-from af3_jax.engine import Engine
-from af3_jax.pretrained import abstract_model
+from af3_jax.inference import slots
+from af3_jax.inference.engine import Engine
 
 STEPS = 24  # greedy tokens per prompt
 

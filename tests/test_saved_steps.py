@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from af3_jax import train_run
+from af3_jax.training import run as train_run
 from configs import tiny
 
 

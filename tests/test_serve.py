@@ -29,7 +29,7 @@ import soundfile as sf
 from conftest import audio_tokens
 
 import af3_jax
-from af3_jax import assistant
+from af3_jax.inference import assistant
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")

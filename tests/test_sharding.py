@@ -12,9 +12,10 @@ from conftest import assert_close, audio_tokens, random_features, random_text
 from flax import nnx, traverse_util
 
 import af3_jax
-from af3_jax import names, sharding
+from af3_jax import sharding
+from af3_jax.checkpoints import names
 from jax.sharding import PartitionSpec as P
-from af3_jax.pretrained import abstract_model
+from af3_jax.checkpoints.pretrained import abstract_model
 
 
 def mesh_222():
@@ -102,7 +103,7 @@ def test_full_config_matches_upstream_shapes(full_abstract):
 def test_full_size_train_step_lowers_on_a_222_mesh(full_abstract, trainable):
   """The 8B training step (bf16 compute, float32 trainable copies, AdamW, remat) lowers with explicit
   shardings on 8 fake devices: shapes only, no memory."""
-  from af3_jax import optim, train_step
+  from af3_jax.training import optimizer as optim, step as train_step
 
   graphdef, state, shardings = full_abstract
   mesh = mesh_222()

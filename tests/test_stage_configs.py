@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import pytest
 
 import af3_jax
-from af3_jax import lora, optim, train_run, train_step
+from af3_jax.checkpoints import lora
+from af3_jax.training import optimizer as optim, run as train_run, step as train_step
 from configs import tiny
 
 
@@ -74,7 +75,7 @@ def test_compile_only_plans_memory_from_the_config_alone(gqa_ckpt, tmp_path):
 
   import train as train_py
   from af3_jax import sharding
-  from af3_jax.data import pipeline
+  from af3_jax.training import pipeline
 
   bare = tmp_path / "bare"
   bare.mkdir()

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from tokenizers.decoders import DecodeStream
 
-from af3_jax import assistant, decode
-from af3_jax.processor import Processor
+from af3_jax.data.processor import Processor
+from af3_jax.inference import assistant, decode
 
 
 ANSWER = " héllo 世界 🎵 ok\n"  # the spaces and newline check that only the returned answer is stripped

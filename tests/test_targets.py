@@ -7,11 +7,11 @@ import pytest
 
 import af3_jax
 from af3_jax import sharding, targets
+from af3_jax.checkpoints.pretrained import init_random
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.engine import Engine, Request
+from af3_jax.inference.engine import Engine, Request
 from af3_jax.models import attention
 from af3_jax.models.whisper import tokens_per_window
-from af3_jax.pretrained import init_random
 
 
 @pytest.mark.parametrize("name, platform, count", [
@@ -75,7 +75,7 @@ def test_every_entry_point_traces_attention_under_the_models_mesh(monkeypatch):
       "Model.__call__": lambda: model(input_ids=ids, **audio),
       "generate": lambda: af3_jax.generate(model, {"input_ids": ids, **audio}, 2),
       "generate_stream": lambda: list(af3_jax.generate_stream(model, {"input_ids": ids, **audio}, 2)),
-      "engine": lambda: (engine.insert(engine.prefill(Request({"input_ids": ids[0], **audio}, 2)), 0), engine.generate()),
+      "engine": lambda: list(engine.map([Request({"input_ids": ids[0], **audio}, 2)], lambda request: request)),
   }
   for name, run in paths.items():
     seen.clear()

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
 
-from af3_jax import flops
 from af3_jax.config import AF3Config
-from af3_jax.metrics import MetricsLog
+from af3_jax.training import flops
+from af3_jax.training.metrics import MetricsLog
 
 
 def read_events(path):

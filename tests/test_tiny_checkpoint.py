@@ -1,4 +1,4 @@
-"""`python -m convert.tiny` and `af3_jax.tiny_checkpoint`: a complete random checkpoint written without
+"""`python -m convert.tiny` and `af3_jax.checkpoints.tiny`: a complete random checkpoint written without
 torch, that transformers reads as the release (model, processor, generation settings, think adapter),
 with our logits; and the benchmarks' presets agree with its tokenizer."""
 
@@ -12,8 +12,8 @@ import pytest
 from conftest import assert_close
 
 import af3_jax
-from af3_jax import tiny_checkpoint
-from af3_jax.pretrained import read_generation_config
+from af3_jax.checkpoints import tiny
+from af3_jax.checkpoints.pretrained import read_generation_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # convert.tiny as a user without torch runs it: transformers sees no torch at all.
@@ -38,7 +38,7 @@ def test_the_folder_holds_what_the_release_holds(written):
   assert sorted(p.name for p in (written / "think").iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
   gen = read_generation_config(written)
   assert gen.eos_token_id == (295, 293) and (gen.do_sample, gen.temperature, gen.top_k, gen.top_p) == (True, 0.7, 20, 0.8)
-  assert af3_jax.from_pretrained(written, dtype=jnp.float32).config == tiny_checkpoint.CONFIGS["audioflamingo3"]
+  assert af3_jax.from_pretrained(written, dtype=jnp.float32).config == tiny.CONFIGS["audioflamingo3"]
 
 
 def test_transformers_reads_it_with_our_logits_and_tokens(written):
@@ -89,9 +89,9 @@ def test_bad_input_is_one_line(written, args, message):
 
 
 def test_a_config_whose_audio_id_is_not_the_last_is_refused(tmp_path):
-  cfg = tiny_checkpoint.CONFIGS["audioflamingo3"]
+  cfg = tiny.CONFIGS["audioflamingo3"]
   with pytest.raises(ValueError, match="audio_token_id 7: the tokenizer puts <sound> at the last id, 299"):
-    tiny_checkpoint.write(tmp_path / "x", config=type(cfg)(cfg.encoder, cfg.decoder, audio_token_id=7))
+    tiny.write(tmp_path / "x", config=type(cfg)(cfg.encoder, cfg.decoder, audio_token_id=7))
   assert not list(tmp_path.iterdir())
 
 

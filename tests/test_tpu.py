@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from af3_jax import decode, sharding, targets
+from af3_jax import sharding, targets
 from af3_jax.buckets import bucket, window_bucket
+from af3_jax.checkpoints.pretrained import Model, abstract_model
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.data import pipeline
 from af3_jax.generation import Sampling
+from af3_jax.inference import decode
 from af3_jax.models.whisper import tokens_per_window
-from af3_jax.pretrained import Model, abstract_model
+from af3_jax.training import pipeline
 
 pytestmark = pytest.mark.accelerator
 

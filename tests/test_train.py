@@ -292,7 +292,7 @@ def test_export_of_a_saved_step_is_our_model_at_that_step(run_setup, gqa_ckpt, l
   with LoRA added and step 2's LoRA weights put in (applied unmerged). The workdir is only read."""
   from test_export import to_hf
 
-  from af3_jax import lora
+  from af3_jax.checkpoints import lora
   from configs import tiny
 
   before = files_of(lora_run)

@@ -13,7 +13,10 @@ from conftest import RTOL, assert_close, audio_tokens, random_features, random_t
 from flax import nnx, traverse_util
 
 import af3_jax
-from af3_jax import lora, names, optim, sharding, train_step
+from af3_jax import sharding
+from af3_jax.checkpoints import lora, names
+from af3_jax.data import processor
+from af3_jax.training import optimizer, step as train_step
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -37,7 +40,7 @@ def make_batch(tiny, seed=0, windows=((400,), (200,))):
   width = max(map(len, rows)) + 2
   ids = np.stack([np.pad(r, (0, width - len(r))) for r in rows])
   mask = np.stack([np.pad(np.ones_like(r), (0, width - len(r))) for r in rows])
-  labels = np.full_like(ids, train_step.IGNORE)
+  labels = np.full_like(ids, processor.IGNORE)
   for i, (r, a) in enumerate(zip(rows, answers)):
     labels[i, len(r) - a:len(r)] = r[-a:]
   return dict(input_ids=ids, attention_mask=mask, input_features=feats, input_features_mask=fmask, labels=labels)
@@ -195,7 +198,7 @@ def test_trainable_sets_match_torch(gqa_ckpt, gqa_loaded, peft_model):
 
 def test_schedule_matches_hf():
   total, lr = 100, 2e-5
-  schedule = optim.make_schedule(lr, total, warmup_ratio=0.03)  # warmup ceil(3.0) = 3
+  schedule = optimizer.make_schedule(lr, total, warmup_ratio=0.03)  # warmup ceil(3.0) = 3
   p = torch.nn.Parameter(torch.zeros(1))
   opt = torch.optim.AdamW([p], lr=lr)
   hf = transformers.get_cosine_schedule_with_warmup(opt, num_warmup_steps=3, num_training_steps=total)
@@ -209,7 +212,7 @@ def test_adamw_updates_match_torch(gqa_loaded):
   """Three updates (lr 0 at step 0 in warmup, then peak, then cosine) with clipping at 1.0."""
   _, params, _ = train_step.split(gqa_loaded.module(), "projector")
   total, lr = 10, 1e-2
-  tx = optim.make_optimizer(lr, total, warmup_ratio=0.1, clip_norm=1.0)
+  tx = optimizer.make_optimizer(lr, total, warmup_ratio=0.1, clip_norm=1.0)
   rng = np.random.default_rng(0)
   draw = lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32)
   grads = [jax.tree.map(draw, params) for _ in range(3)]
@@ -241,7 +244,7 @@ def split_micro(batch):
 
 def run_steps(module, trainable, batches, mesh, accum_steps, total=10):
   graphdef, params, frozen = train_step.split(module, trainable)
-  tx = optim.make_optimizer(1e-3, total, warmup_ratio=0.0, clip_norm=1.0)
+  tx = optimizer.make_optimizer(1e-3, total, warmup_ratio=0.0, clip_norm=1.0)
   state = train_step.init_state(params, tx, mesh)
   step_fn = train_step.jit_train_step(graphdef, tx, state, frozen, mesh, accum_steps=accum_steps)
   metrics = []

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from af3_jax import requests
-from af3_jax.engine import Engine, Shape
+from af3_jax.inference import requests
+from af3_jax.inference.engine import Engine, Shape
 from af3_jax.models import whisper
 from af3_jax.serving import warmup
 
@@ -56,7 +56,7 @@ def test_the_plan_follows_the_buckets(gqa_loaded, monkeypatch):
 def test_each_phase_is_a_line(gqa_ckpt, tokenizer_dir, gqa_loaded, monkeypatch, caplog):
   """Service.start says what it compiles, a line per program before it serves, how many follow in the
   background and that --max-model-len shortens them; the background says how far it got."""
-  from af3_jax.processor import Processor
+  from af3_jax.data.processor import Processor
 
   compiled = []
   monkeypatch.setattr(Engine, "compile_prefill", lambda self, shape: compiled.append(shape))

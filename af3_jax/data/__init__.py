@@ -1,1 +1,1 @@
-"""Data: the upstream manifest format (grain pipelines for training come with train.py)."""
+"""Data: the upstream manifest format (`manifest`) and conversations into model inputs (`processor`)."""

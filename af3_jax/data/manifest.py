@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,3 +86,23 @@ def _strip_literals(question: str) -> str:
     for form in (literal + "\n", "\n" + literal, literal):
       question = question.replace(form, "")
   return question
+
+
+def batch_items(samples: Sequence[Sample], manifest: str | Path) -> list[Sample]:
+  """A manifest's samples as prompts: each conversation up to its last user turn (the reference answers
+  that follow are not prompts). Refuses in one ValueError, naming them all, ids that repeat once made
+  strings (`read_manifest` makes 1 and "1" one id and null "None"; results are keyed by id) and items
+  with no user turn to answer. Sample i is the manifest's item i."""
+  where: dict[str, list[int]] = {}
+  for index, sample in enumerate(samples):
+    where.setdefault(sample.id, []).append(index)
+  repeated = [f"{id_!r} (items {', '.join(map(str, at))})" for id_, at in where.items() if len(at) > 1]
+  if repeated:
+    raise ValueError(f"{manifest}: ids must be unique as strings (1 and \"1\" are one id, null is 'None'); "
+                     f"repeated: {'; '.join(repeated)}")
+  last_user = [max((i for i, m in enumerate(s.conversation) if m["role"] == "user"), default=None)
+               for s in samples]
+  unasked = [f"{i} ({s.id!r})" for i, (s, last) in enumerate(zip(samples, last_user)) if last is None]
+  if unasked:
+    raise ValueError(f"{manifest}: item(s) with no human turn to answer: {', '.join(unasked)}")
+  return [Sample(s.id, s.conversation[:last + 1]) for s, last in zip(samples, last_user)]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TypeVar
 
-from af3_jax.assistant import compact_results, parse_results
+from af3_jax.results import compact_results, parse_results
 
 T = TypeVar("T")
 

@@ -22,11 +22,12 @@ import numpy as np
 import soundfile as sf
 from tqdm import tqdm
 
-from af3_jax import assistant, files
+from af3_jax import files
 from af3_jax.audio import features
 from af3_jax.config import read_json
 from af3_jax.data.manifest import Sample
 from af3_jax.evaluation import journal, tasks
+from af3_jax.inference import assistant
 
 SETTINGS = "run.json"
 PREDICTIONS = "predictions.json"

@@ -23,10 +23,9 @@ import string
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from af3_jax.assistant import batch_items
-from af3_jax.data.manifest import Sample, read_manifest
+from af3_jax.data.manifest import Sample, batch_items, read_manifest
+from af3_jax.data.processor import ASR_PROMPT
 from af3_jax.evaluation import scoring
-from af3_jax.processor import ASR_PROMPT
 
 # NVIDIA's multiple-choice prompt: Sreyan88's answer in NVIDIA/audio-flamingo issue #29 (MMAU) and every
 # prompt of static/mmar.json on the audio_flamingo_3 branch (MMAR).

@@ -6,7 +6,7 @@ Encoder windows -> projector -> frames that replace the `<sound>` tokens of the 
 (window-major, then row-major over batch and sequence, as HF's `masked_scatter`), then the Qwen2
 decoder and an untied LM head. Unlike HF, a padded position (attention mask 0) is never audio, even
 when its id is the audio token's. Everything here has static shapes and runs under `jax.jit`; inputs are
-checked on the host by `af3_jax.pretrained.Model` before they get here.
+checked on the host by `af3_jax.checkpoints.pretrained.Model` before they get here.
 Shape letters: B batch, T sequence, W windows, F mel frames, P pooled frames per window (750), D width.
 """
 

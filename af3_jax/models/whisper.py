@@ -16,6 +16,10 @@ from af3_jax import sharding
 from af3_jax.config import EncoderConfig
 from af3_jax.models import attention, layers
 
+# Every LayerNorm of the encoder is torch's `nn.LayerNorm(width)` upstream, at its default eps: no
+# config.json field sets it.
+LAYER_NORM_EPS = 1e-5
+
 
 def conv_lengths(mel_lengths: jax.Array) -> jax.Array:
   """Valid positions after conv2 (stride 2, pad 1) for `mel_lengths` valid mel frames."""
@@ -58,7 +62,7 @@ class EncoderLayer(nnx.Module):
 
   def __init__(self, cfg: EncoderConfig, *, compute_dtype, param_dtype, rngs: nnx.Rngs):
     d, kw = cfg.hidden_size, dict(compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=rngs)
-    norm = dict(eps=cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    norm = dict(eps=LAYER_NORM_EPS, param_dtype=param_dtype, rngs=rngs)
     self.self_attn = Attention(cfg, **kw)
     self.self_attn_layer_norm = layers.LayerNorm(d, **norm)
     self.fc1 = layers.Linear(d, cfg.intermediate_size, use_bias=True, axes=("embed", "mlp"), **kw)
@@ -88,7 +92,7 @@ class AudioEncoder(nnx.Module):
     self.embed_positions = layers.Embed(cfg.max_source_positions, d, axes=("audio_len", "embed"), **kw)
     self.layers = layers.stack(lambda r: EncoderLayer(cfg, compute_dtype=compute_dtype, param_dtype=param_dtype, rngs=r),
                                cfg.num_layers, rngs)
-    self.layer_norm = layers.LayerNorm(d, eps=cfg.layer_norm_eps, param_dtype=param_dtype, rngs=rngs)
+    self.layer_norm = layers.LayerNorm(d, eps=LAYER_NORM_EPS, param_dtype=param_dtype, rngs=rngs)
 
   def embed(self, features: jax.Array) -> jax.Array:
     """Conv front end plus positions: (W, M, F) -> (W, T, D)."""

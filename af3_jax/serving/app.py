@@ -32,10 +32,9 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
-from af3_jax.engine import DECODE_STEPS, Engine, QueueFull
-from af3_jax.engine import Request as EngineRequest
-from af3_jax.pretrained import Model
-from af3_jax.processor import Processor
+from af3_jax.checkpoints.pretrained import Model
+from af3_jax.data.processor import Processor
+from af3_jax.inference.engine import DECODE_STEPS, Engine, QueueFull, Request as EngineRequest
 from af3_jax.serving import warmup
 from af3_jax.serving.chat import Translator
 from af3_jax.serving.protocol import ApiError, ChatRequest, validation_message

@@ -15,10 +15,10 @@ from pathlib import Path
 import numpy as np
 
 from af3_jax.audio import features
-from af3_jax.engine import Request
-from af3_jax.processor import ASR_PROMPT, Processor
+from af3_jax.data.processor import ASR_PROMPT, Processor
+from af3_jax.inference.engine import Request
 from af3_jax.serving import media
-from af3_jax.serving.protocol import SEED_LIMIT, ChatRequest, InputAudioPart, TextPart
+from af3_jax.serving.protocol import ChatRequest, InputAudioPart, SEED_LIMIT, TextPart
 
 # A transcription's most new tokens per 30 s window of audio: Whisper's decoder limit for a window (its
 # max_target_positions), about four times what the fastest speech needs, so a model that never says its

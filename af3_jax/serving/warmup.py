@@ -19,10 +19,10 @@ import threading
 import time
 from collections.abc import Callable
 
-from af3_jax import requests
 from af3_jax.audio import features
 from af3_jax.buckets import bucket, window_bucket
-from af3_jax.engine import Engine, Shape
+from af3_jax.inference import requests
+from af3_jax.inference.engine import Engine, Shape
 from af3_jax.models import whisper
 
 QUESTION_TOKENS = 64  # a chat turn's template and a short question

@@ -1,12 +1,12 @@
 """Continuous batching: requests come and go while up to `max_slots` of them decode together in one
 shared KV cache (`slots.py`), each getting the tokens `decode.generate` would give it alone.
 
-`Engine` follows JetStream's engine API (`engine_api.py`): `prefill` runs requests' audio encoder and
-prompts and chooses their first tokens, `insert` puts them into free slots, `generate` decodes for every
-slot. `step` is one turn of the loop over them (JetStream's orchestrator): it frees cancelled requests'
-slots, prefills waiting requests into free slots (a free-slot queue), several at once (one encoder call
-over all their windows, one prefill call over their rows, up to `prefill_tokens` padded prompt tokens),
-starts a decode dispatch, and hands out the tokens of the dispatch before, freeing each slot whose request
+`Engine` follows JetStream's engine and orchestrator (`engine_api.py`): requests are prefilled (their
+audio encoder and prompts run, their first tokens chosen), inserted into free slots, and decoded for
+every slot together. `step` is one turn of that loop: it frees cancelled requests' slots, prefills
+waiting requests into free slots (a free-slot queue), several at once (one encoder call over all their
+windows, one prefill call over their rows, up to `prefill_tokens` padded prompt tokens), starts a
+decode dispatch, and hands out the tokens of the dispatch before, freeing each slot whose request
 is done (an eos id, or max_new_tokens) at once. A dispatch decodes up to `decode_steps` tokens for every
 slot (vLLM's multi-step scheduling): the host reads tokens once per dispatch, and a slot stops on the
 device at its eos or its budget. So the device decodes while the host reads tokens and schedules, never
@@ -39,11 +39,11 @@ from typing import TypeVar
 import jax
 import numpy as np
 
-from af3_jax import requests, slots
 from af3_jax.buckets import bucket
-from af3_jax.pretrained import Model
-from af3_jax.requests import Completion, Handle, Job, QueueFull, Request, Shape
-from af3_jax.slots import Prefix
+from af3_jax.checkpoints.pretrained import Model
+from af3_jax.inference import requests, slots
+from af3_jax.inference.requests import Completion, Handle, Job, QueueFull, Request, Shape
+from af3_jax.inference.slots import Prefix
 
 __all__ = ["Completion", "Engine", "Handle", "QueueFull", "Request", "Shape"]
 
@@ -104,25 +104,6 @@ class Engine:
   def cache_len(self) -> int:
     """The cache's length now (slots per row; 0 before the first request)."""
     return self._cache_len
-
-  # The device API (JetStream's): one thread at a time.
-
-  def prefill(self, request: Request) -> Prefix:
-    """Encodes the request's audio, writes its prompt into a cache of its own and chooses its first token."""
-    return self._prefill([self._prepare(request)])
-
-  def insert(self, prefix: Prefix, slot: int | Sequence[int]) -> None:
-    """Puts prefilled requests into free slots (one slot per prefix row), growing the cache if they need
-    more; they decode until their max_new_tokens."""
-    slot_ids = [slot] if isinstance(slot, int) else list(slot)
-    need, length = jax.device_get((prefix.need, prefix.length))
-    self._insert(prefix, slot_ids, length[:len(slot_ids)], need[:len(slot_ids)])
-
-  def generate(self) -> np.ndarray:
-    """Decodes one token for every slot that holds a request (-1 for the others, and for a request that
-    met its eos); returns them (max_slots,)."""
-    live = self._ends != FREE
-    return np.asarray(self._decode(live.astype(np.int32)))[0] if live.any() else np.full(self.max_slots, -1)
 
   def reserve(self, need: int) -> None:
     """Makes the cache at least `need` slots long (a bucket, at most max_len): before compiling ahead, its

@@ -23,8 +23,7 @@ import numpy as np
 
 from af3_jax.audio import features
 from af3_jax.data.manifest import Sample
-from af3_jax.processor import TOKENS_PER_WINDOW, Processor
-from af3_jax.train_step import IGNORE
+from af3_jax.data.processor import IGNORE, Processor, TOKENS_PER_WINDOW
 
 
 @dataclasses.dataclass(frozen=True)

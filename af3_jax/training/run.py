@@ -18,31 +18,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import nnx, traverse_util
-from jax.experimental import multihost_utils
 
-from af3_jax import checkpoint, files, lora, train_step, weights
+from af3_jax import distributed, files
+from af3_jax.checkpoints import locate, lora, orbax
+from af3_jax.checkpoints.pretrained import Model, from_pretrained
 from af3_jax.data.manifest import Sample, read_manifest
 from af3_jax.models import layers
-from af3_jax.pretrained import Model, from_pretrained
+from af3_jax.training import checkpoint, step as train_step
 
 TRAINER_STATE = "trainer_state.json"  # in a run's model/: the step it holds
 CHECKPOINTS = "checkpoints"  # in a workdir: one folder per saved step (`checkpoint.Checkpointer`)
 SETTINGS = "train_config.json"  # in a workdir: the run's settings (`record_settings`)
-
-
-def initialize_distributed() -> bool:
-  """Joins a multi-process run described by JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and
-  JAX_PROCESS_ID (set them in every process), and says whether it did (not for a single process).
-  Must run first."""
-  n = int(os.environ.get("JAX_NUM_PROCESSES", "1"))
-  if n > 1:
-    if os.environ.get("JAX_PLATFORMS", "").startswith("cpu"):
-      jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU hosts need it to talk
-    # On by default: its notifier takes SIGTERM in any process to every process (train.py's stop).
-    jax.config.update("jax_enable_preemption_service", True)
-    jax.distributed.initialize(coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"], num_processes=n,
-                               process_id=int(os.environ["JAX_PROCESS_ID"]))
-  return n > 1
 
 
 def check_config(cfg, needs_data: bool = True) -> None:
@@ -158,8 +144,8 @@ def resolve_init(init_from: str) -> str:
     path = saved_model(*found) if found else saved_model(path)
     if step_of(path):
       return str(path.absolute())
-  root = weights.resolve(path)
-  weights.layout(root)
+  root = locate.resolve(path)
+  locate.layout(root)
   return str(root.absolute())
 
 
@@ -230,7 +216,7 @@ def saved_dtype(source: str | Path) -> np.dtype:
   """The dtype a run's model at `source` (`saved_model`) is kept in: its orbax `model/`'s, or for a
   step the run's compute_dtype (its frozen weights', which `write_model` would keep)."""
   found = step_of(source)
-  return np.dtype(read_settings(found[0]).compute_dtype) if found else weights.orbax_dtype(Path(source))
+  return np.dtype(read_settings(found[0]).compute_dtype) if found else orbax.orbax_dtype(Path(source))
 
 
 def base_checkpoint(source: str | Path) -> Path:
@@ -267,20 +253,6 @@ def count(state: nnx.State) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(state))
 
 
-def all_hosts(*values: int) -> np.ndarray:
-  """Every process's `values` (per-host counts and sizes), one row per process: one collective for
-  all of them, so a step pays one host sync however many it gathers."""
-  mine = np.asarray([values], np.int32)
-  if jax.process_count() == 1:
-    return mine
-  return np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), len(values))
-
-
-def all_hosts_sum(n: int) -> int:
-  """The sum of `n` over every process (a per-host count, like skipped samples)."""
-  return int(all_hosts(n).sum())
-
-
 def merged_state(graphdef: nnx.GraphDef, params: nnx.State, frozen: nnx.State) -> nnx.State:
   """The whole model's state with trained params in the frozen weights' dtype and LoRA merged away."""
   dtypes = {k: x.dtype for k, x in traverse_util.flatten_dict(nnx.to_pure_dict(frozen)).items()}
@@ -309,9 +281,9 @@ def write_model(workdir: Path, step: int, model: Model, graphdef: nnx.GraphDef, 
   Both replace what a shorter earlier run left there. Each is written beside its place, then swapped
   in by two renames, so an interruption leaves the old folder, or the new one, never a mix.
   """
-  side_files = weights.tokenizer_dir(model.path)
+  side_files = locate.tokenizer_dir(model.path)
   primary = jax.process_index() == 0
-  writes = [("model", lambda dst: weights.save_model(dst, model.config, merged_state(graphdef, params, frozen),
+  writes = [("model", lambda dst: orbax.save_model(dst, model.config, merged_state(graphdef, params, frozen),
                                                      side_files))]
   if adapter is not None:
     writes.append(("adapter", lambda dst: lora.write_peft(dst, params, adapter)))
@@ -320,7 +292,7 @@ def write_model(workdir: Path, step: int, model: Model, graphdef: nnx.GraphDef, 
     if primary:
       for leftover in (new, old):
         shutil.rmtree(leftover, ignore_errors=True)
-    weights.sync_processes(f"write_{name}_start")
+    distributed.sync_processes(f"write_{name}_start")
     write(new)
     if primary:
       if name == "model":
@@ -329,7 +301,7 @@ def write_model(workdir: Path, step: int, model: Model, graphdef: nnx.GraphDef, 
         dst.rename(old)
       new.rename(dst)
       shutil.rmtree(old, ignore_errors=True)
-    weights.sync_processes(f"write_{name}_done")
+    distributed.sync_processes(f"write_{name}_done")
 
 
 def memory_plan(compiled, capacity: int | None = None) -> dict[str, float] | None:

@@ -22,7 +22,7 @@ import re
 import jax
 from flax import nnx, traverse_util
 
-from af3_jax import lora, names
+from af3_jax.checkpoints import lora, names
 from af3_jax.models import layers
 
 MODES = ("none", "int8")  # what `from_pretrained(quantize=...)` and the CLIs' --quantize take

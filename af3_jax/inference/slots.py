@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 
-from af3_jax import decode, sharding
+from af3_jax import sharding
 from af3_jax.generation import Sampling
+from af3_jax.inference import decode
 from af3_jax.models import kv_cache, layers
 
 TRACES: collections.Counter[str] = collections.Counter()  # traces of each jitted function, for recompile tests

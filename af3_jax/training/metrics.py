@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import tensorboardX
 
-from af3_jax import files, flops
+from af3_jax import files
 from af3_jax.config import AF3Config
+from af3_jax.training import flops
 
 _SUMMED = ("label_tokens", "real_tokens", "token_slots", "attention_pairs", "audio_windows", "skipped")
 _LAST = ("lr",)

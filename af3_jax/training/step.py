@@ -29,9 +29,10 @@ import optax
 from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from af3_jax import flops, optim, sharding
+from af3_jax import sharding
+from af3_jax.data.processor import IGNORE
+from af3_jax.training import flops, optimizer as optim
 
-IGNORE = -100  # labels that are not supervised (transformers' ignore_index)
 
 # The Whisper position table is never trained upstream (`embed_positions.requires_grad_(False)`).
 _POSITIONS = nnx.PathContains("embed_positions")

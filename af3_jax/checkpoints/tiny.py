@@ -22,9 +22,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx, traverse_util
 
-from af3_jax import lora, sharding, weights
+from af3_jax import sharding
+from af3_jax.checkpoints import lora, safetensors
+from af3_jax.checkpoints.pretrained import abstract_model
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig, RoTEConfig
-from af3_jax.pretrained import abstract_model
 
 # The model each model type (config.json's `model_type`) writes by default: 2 layers each side, 4 query
 # heads sharing 2 kv heads, a non-default RoPE theta, and a 300-token vocabulary whose last id is
@@ -129,7 +130,7 @@ def random_adapter(params: nnx.State, spec: lora.Spec, seed: int) -> dict[tuple[
 
 
 def write(dst: str | Path, *, model_type: str = "audioflamingo3", config: AF3Config | None = None, seed: int = 0,
-          think: bool = False, generation: dict | None = RELEASE_SAMPLING, shard_bytes: int = weights.SHARD_BYTES) -> Path:
+          think: bool = False, generation: dict | None = RELEASE_SAMPLING, shard_bytes: int = safetensors.SHARD_BYTES) -> Path:
   """Writes a complete random checkpoint of `model_type` (one of `MODEL_TYPES`) to the new folder `dst`.
 
   config: the model's shape (default: `CONFIGS[model_type]`; a config with `rote` is a Music Flamingo);
@@ -162,7 +163,7 @@ def write(dst: str | Path, *, model_type: str = "audioflamingo3", config: AF3Con
   tmp.mkdir(parents=True)
   (tmp / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2) + "\n")
   params = random_params(cfg, seed)
-  weights.save_safetensors(params, tmp, shard_bytes)
+  safetensors.save_safetensors(params, tmp, shard_bytes)
   tok.save_pretrained(tmp)
   _write_processor_config(tmp, music)
   if generation is not None:

@@ -19,13 +19,14 @@ from typing import Any
 import jax
 import numpy as np
 
-from af3_jax import buckets, decode, slots
+from af3_jax import buckets
 from af3_jax.buckets import bucket, window_bucket
+from af3_jax.checkpoints.pretrained import Model, check_inputs
 from af3_jax.generation import Sampling
+from af3_jax.inference import decode, slots
+from af3_jax.inference.slots import AUDIO, Rows
 from af3_jax.models import whisper
 from af3_jax.models.af3 import audio_embed_mask_from_features
-from af3_jax.pretrained import Model, check_inputs
-from af3_jax.slots import AUDIO, Rows
 
 
 class QueueFull(Exception):

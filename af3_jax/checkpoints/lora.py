@@ -24,10 +24,10 @@ from flax import nnx, traverse_util
 from jax.experimental import multihost_utils
 from safetensors.numpy import save_file
 
-from af3_jax import names
+from af3_jax.checkpoints import names
+from af3_jax.checkpoints.safetensors import SafetensorsFile
 from af3_jax.config import read_json
 from af3_jax.models import layers
-from af3_jax.safetensors_file import SafetensorsFile
 
 # Every decoder linear, not lm_head (UPSTREAM.md 10: NVIDIA's `find_all_linear_names` on the LLM).
 TARGET = r"language_model\.layers\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"

@@ -19,13 +19,15 @@ import numpy as np
 from tokenizers.decoders import DecodeStream
 from tqdm import tqdm
 
-from af3_jax import decode, files, weights
+from af3_jax import results
 from af3_jax.audio import features
 from af3_jax.audio.loading import load_audio
+from af3_jax.checkpoints import locate
+from af3_jax.checkpoints.pretrained import Model, from_pretrained
 from af3_jax.data.manifest import Sample
-from af3_jax.engine import Completion, Engine, Request
-from af3_jax.pretrained import Model, from_pretrained
-from af3_jax.processor import Encoded, Processor
+from af3_jax.data.processor import Encoded, Processor
+from af3_jax.inference import decode
+from af3_jax.inference.engine import Completion, Engine, Request
 
 
 @dataclasses.dataclass
@@ -61,7 +63,7 @@ def load(root: Path, *, dtype: str, think: bool, style: str, quantize: str = "no
   """A resolved checkpoint folder's model (its think adapter merged with `think`, quantised as
   `quantize` says) and processor, as the command-line programs load them. The processor loads first: a broken tokenizer fails in a second, not
   after the weights."""
-  adapter = weights.think_adapter(root) if think else None
+  adapter = locate.think_adapter(root) if think else None
   processor = Processor.from_pretrained(root, style=style)
   return from_pretrained(root, dtype=jnp.dtype(dtype), adapter=adapter, quantize=quantize, mesh=mesh), processor
 
@@ -144,91 +146,16 @@ class Assistant:
     return Request(self._inputs([self.encode(conversation)]), self.max_new_tokens, **self.sampling)
 
 
-def batch_items(samples: Sequence[Sample], manifest: str | Path) -> list[Sample]:
-  """A manifest's samples as prompts: each conversation up to its last user turn (the reference answers
-  that follow are not prompts). Refuses in one ValueError, naming them all, ids that repeat once made
-  strings (`read_manifest` makes 1 and "1" one id and null "None"; results are keyed by id) and items
-  with no user turn to answer. Sample i is the manifest's item i."""
-  where: dict[str, list[int]] = {}
-  for index, sample in enumerate(samples):
-    where.setdefault(sample.id, []).append(index)
-  repeated = [f"{id_!r} (items {', '.join(map(str, at))})" for id_, at in where.items() if len(at) > 1]
-  if repeated:
-    raise ValueError(f"{manifest}: ids must be unique as strings (1 and \"1\" are one id, null is 'None'); "
-                     f"repeated: {'; '.join(repeated)}")
-  last_user = [max((i for i, m in enumerate(s.conversation) if m["role"] == "user"), default=None)
-               for s in samples]
-  unasked = [f"{i} ({s.id!r})" for i, (s, last) in enumerate(zip(samples, last_user)) if last is None]
-  if unasked:
-    raise ValueError(f"{manifest}: item(s) with no human turn to answer: {', '.join(unasked)}")
-  return [Sample(s.id, s.conversation[:last + 1]) for s, last in zip(samples, last_user)]
-
-
-_RECORD_START = '{"id": '  # how every line run_batch writes begins (json.dumps of {"id", ...})
-
-
-def parse_results(path: Path, text: str) -> list[tuple[str, bool, str]]:
-  """(id, answered, line) for each record of a results file's `text`, in file order.
-
-  A last line that a crash cut short (no newline, not JSON, begun as run_batch begins its lines) is
-  left out. Any other line that is not an {"id", "output"|"error"} object raises ValueError naming the
-  file and line: it is not ours to drop, and the file may not be a results file at all."""
-  lines = text.split("\n")  # the last piece is "" when the file ends with a newline
-  records = []
-  for number, line in enumerate(lines, 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError:
-      record = None
-    if isinstance(record, dict) and "id" in record and ("output" in record or "error" in record):
-      records.append((str(record["id"]), "output" in record, line))
-    elif not (number == len(lines) and record is None and _RECORD_START.startswith(line[:len(_RECORD_START)])):
-      raise ValueError(f"{path}: line {number} is not a results record ({{\"id\", \"output\"|\"error\"}}); "
-                       "move the file or fix that line")
-  return records
-
-
-def compact_results(path: Path, order: Sequence[str] = ()) -> set[str]:
-  """Rewrites a JSONL results file to one line per id; returns the answered ids (none if no file).
-
-  Whichever manifest an id came from, it keeps its "output" line (answers are never dropped) or, if
-  it has none, its newest "error" line; a half-written last line is dropped. The ids in `order` (a
-  manifest's, in its order) are written in that order, where the first of them stood; other lines keep
-  their places. The rewrite is atomic (a crash leaves the old file or the new one) and skipped when
-  nothing changes."""
-  if not path.exists():
-    return set()
-  try:
-    text = path.read_text()
-  except UnicodeDecodeError as e:
-    raise ValueError(f"{path}: not a results file ({e})") from None
-  records = parse_results(path, text)
-  answered = {id_ for id_, ok, _ in records if ok}
-  newest_error = {id_: n for n, (id_, ok, _) in enumerate(records) if not ok}
-  kept = [(id_, line) for n, (id_, ok, line) in enumerate(records)
-          if ok or (id_ not in answered and newest_error[id_] == n)]
-  rank = {id_: i for i, id_ in enumerate(order)}
-  ours = iter([line for _, line in sorted((rank[id_], line) for id_, line in kept if id_ in rank)])
-  # Each of our lines' places is taken, in turn, by our lines in manifest order: the block stays put.
-  lines = [next(ours) if id_ in rank else line for id_, line in kept]
-  new = "".join(line + "\n" for line in lines)
-  if new != text:
-    files.write_text_atomic(path, new)
-  return answered
-
-
 def run_batch(assistant: Assistant, items: Sequence[Sample], out_path: Path, batch_size: int) -> int:
-  """Answers the prompts in `items` (see `batch_items`) not yet answered in `out_path`, `batch_size` at
+  """Answers the prompts in `items` (see `manifest.batch_items`) not yet answered in `out_path`, `batch_size` at
   a time on the engine, appending a {"id", "output"} line per item, or {"id", "error"} for an item whose
   audio or prompt is bad (the others are still answered); returns the failures.
 
-  However the run ends (Ctrl-C included), `out_path` is then compacted (`compact_results`): one valid
+  However the run ends (Ctrl-C included), `out_path` is then compacted (`results.compact_results`): one valid
   JSONL line per id, the manifest's ids in manifest order, so a failed item retried on every rerun still
   has one line, in its place."""
   order = [s.id for s in items]
-  done = compact_results(out_path, order)  # also drops a line half-written by a crash before we append
+  done = results.compact_results(out_path, order)  # also drops a line half-written by a crash before we append
   todo = [s for s in items if s.id not in done]
   failures = 0
   try:
@@ -242,7 +169,7 @@ def run_batch(assistant: Assistant, items: Sequence[Sample], out_path: Path, bat
         out.flush()
         bar.update()
   finally:
-    compact_results(out_path, order)
+    results.compact_results(out_path, order)
   return failures
 
 

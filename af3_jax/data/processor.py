@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from af3_jax import weights
 from af3_jax.audio import features
 from af3_jax.audio.loading import load_audio
+from af3_jax.checkpoints import locate
 from af3_jax.data.manifest import SOUND_TAG
 from af3_jax.models.whisper import pooled_lengths
-from af3_jax.train_step import IGNORE  # the label the loss skips
 
+IGNORE = -100  # labels that are not supervised (transformers' ignore_index): the loss skips them
 STYLES = ("hf", "nvidia")
 SYSTEM_PROMPT = "You are a helpful assistant."
 ASR_PROMPT = "Transcribe the input speech."  # transformers' AF3 processor default for transcription
@@ -121,9 +121,9 @@ class Processor:
     """The checkpoint's tokenizer (`llm/` in the NVIDIA layout) through transformers' AutoTokenizer, for
     the family its config.json names (AF3 without one). Missing or unreadable tokenizer files are a
     one-line ValueError naming the folder."""
-    root = weights.resolve(path_or_hub_id)
-    kwargs.setdefault("family", weights.model_type(root))
-    return cls(_load_tokenizer(weights.tokenizer_dir(root)), **kwargs)
+    root = locate.resolve(path_or_hub_id)
+    kwargs.setdefault("family", locate.model_type(root))
+    return cls(_load_tokenizer(locate.tokenizer_dir(root)), **kwargs)
 
   def apply_chat_template(self, conversations, add_generation_prompt: bool = True, *, think: bool = False,
                           return_labels: bool = False) -> dict[str, np.ndarray]:

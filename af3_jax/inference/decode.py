@@ -23,10 +23,10 @@ import numpy as np
 from flax import nnx, struct
 
 from af3_jax.buckets import bucket, prompt_bucket, window_bucket
+from af3_jax.checkpoints.pretrained import Model, check_inputs
 from af3_jax.generation import Sampling
 from af3_jax.models import kv_cache, layers
 from af3_jax.models.af3 import AudioFlamingo3
-from af3_jax.pretrained import Model, check_inputs
 
 TRACES: collections.Counter[str] = collections.Counter()  # traces of each jitted function, for recompile tests
 MIN_BUCKET = 64  # the smallest prompt-length and new-token bucket

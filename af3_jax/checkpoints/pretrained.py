@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from af3_jax import lora, quantization, sharding, weights
+from af3_jax import sharding
+from af3_jax.checkpoints import locate, lora, orbax, quantization, safetensors
 from af3_jax.config import AF3Config, read_json
 from af3_jax.generation import GenerationConfig
 from af3_jax.models import layers, whisper
@@ -138,17 +139,17 @@ def from_pretrained(path_or_hub_id: str | Path, dtype=jnp.bfloat16, mesh: jax.sh
   quantize = quantization.mode(quantize)
   if quantize and remat is not None:
     raise ValueError(f"quantize={quantize!r} is for decoding; training (remat={remat!r}) needs the float weights")
-  root = weights.resolve(path_or_hub_id)
-  cfg = weights.read_config(root)
+  root = locate.resolve(path_or_hub_id)
+  cfg = locate.read_config(root)
   generation = read_generation_config(root)
   mesh = mesh if mesh is not None else sharding.single_device_mesh()
   kw = dict(param_dtype=dtype, compute_dtype=compute_dtype or dtype, mesh=mesh, remat=remat)
   graphdef, abstract_state, shardings = abstract_model(cfg, **kw, quantize=quantize)
-  load = weights.load_orbax if weights.layout(root) == "orbax" else weights.load_safetensors
+  load = orbax.load_orbax if locate.layout(root) == "orbax" else safetensors.load_safetensors
   # Safetensors are quantised on the host as they stream in, so the float weights never reach the device.
   # An orbax copy restores whole, and an adapter merges into float weights: those load the float model
   # onto the device first and quantise it there.
-  streamed = not quantize or (load is weights.load_safetensors and adapter is None)
+  streamed = not quantize or (load is safetensors.load_safetensors and adapter is None)
   if streamed:
     state = load(root, abstract_state, shardings)
   else:
@@ -167,7 +168,7 @@ def read_generation_config(root: Path) -> GenerationConfig:
   for transformers' AF3)."""
   gen_file = root / "generation_config.json"
   gen = read_json(gen_file) if gen_file.is_file() else {}
-  config = read_json(weights.tokenizer_dir(root) / "config.json")
+  config = read_json(locate.tokenizer_dir(root) / "config.json")
   config_eos = config.get("eos_token_id", (config.get("text_config") or {}).get("eos_token_id"))
   try:
     return GenerationConfig.from_dict(gen, config_eos)
