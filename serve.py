@@ -63,6 +63,7 @@ def run() -> int:
   from af3_jax.checkpoints import locate
   from af3_jax.inference import assistant
   from af3_jax.serving import app as serving
+  from af3_jax.serving.service import Service, log
 
   root = locate.resolve(_MODEL.value)
   if _THINK.value:
@@ -75,18 +76,17 @@ def run() -> int:
   def load() -> None:
     try:
       started = time.perf_counter()
-      serving.log.info("loading %s (%s); compiled programs are kept in %s", root,
-                       cli.weights_label(_DTYPE.value, _QUANTIZE.value, _THINK.value),
-                       cache or "no folder (--compilation-cache off)")
+      log.info("loading %s (%s); compiled programs are kept in %s", root,
+               cli.weights_label(_DTYPE.value, _QUANTIZE.value, _THINK.value),
+               cache or "no folder (--compilation-cache off)")
       model, processor = assistant.load(root, dtype=_DTYPE.value, think=_THINK.value, style="hf",
                                         quantize=_QUANTIZE.value)
-      serving.log.info("loaded in %.1f s", time.perf_counter() - started)
-      app.state.service = serving.Service.start(model, processor, max_slots=_MAX_SLOTS.value,
-                                                max_len=_MAX_LEN.value, think=_THINK.value, media_root=_MEDIA.value,
-                                                decode_steps=_STEPS.value)
+      log.info("loaded in %.1f s", time.perf_counter() - started)
+      app.state.service = Service.start(model, processor, max_slots=_MAX_SLOTS.value, max_len=_MAX_LEN.value,
+                                        think=_THINK.value, media_root=_MEDIA.value, decode_steps=_STEPS.value)
       host, port = listener.getsockname()[:2]
-      serving.log.info("ready: %r on http://%s:%d/v1, %d slots, context %d tokens", name, host, port,
-                       _MAX_SLOTS.value, app.state.service.engine.max_len)
+      log.info("ready: %r on http://%s:%d/v1, %d slots, context %d tokens", name, host, port, _MAX_SLOTS.value,
+               app.state.service.engine.max_len)
     except Exception as e:  # noqa: BLE001: whatever failed, the server must not stay up unready
       failed.append(e)
       server.should_exit = True
@@ -105,7 +105,7 @@ def run() -> int:
     # Stopped while the model loads: the loader is inside jax (reading weights, compiling), which cannot
     # be interrupted, and tearing the interpreter down under it aborts the process (a C++ terminate,
     # exit 134). Nothing is served or written yet, so leave without the teardown.
-    serving.log.info("stopped while loading")
+    log.info("stopped while loading")
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(stopped_by[-1])

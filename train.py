@@ -37,120 +37,28 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def run(cfg, workdir: Path, compile_only: bool = False, target: str | None = None) -> int:
   from af3_jax import distributed, targets
-  from af3_jax.training import checkpoint, run as train_run
+  from af3_jax.training import checkpoint, plans, setup, workdirs
   from af3_jax.training.preemption import Stop
 
   if compile_only:
     # The target's devices before anything else: jax must not have started a backend yet.
     on = targets.compile_only(target) if target else None
-    train_run.check_config(cfg, needs_data=False)
-    train_run.check_workdir(workdir)
-    return _plan(cfg, workdir, train_run.resolve_init(cfg.init_from), on)
+    setup.check_config(cfg, needs_data=False)
+    workdirs.check_workdir(workdir)
+    return plans.stage_plan(cfg, workdir, workdirs.resolve_init(cfg.init_from), on)
   if target:
     raise ValueError("--target names the accelerator a memory plan is for: use it with --compile_only")
   # Everything that can be checked without the model first: loading the 8B model takes minutes.
-  train_run.check_config(cfg)
-  samples = train_run.read_samples(cfg.data.train)
-  train_run.check_workdir(workdir)
-  init_from = train_run.start_checkpoint(workdir, cfg.init_from)
+  setup.check_config(cfg)
+  samples = setup.read_samples(cfg.data.train)
+  workdirs.check_workdir(workdir)
+  init_from = workdirs.start_checkpoint(workdir, cfg.init_from)
   # The step training resumes from, read before joining so that `join` tells it at once.
-  start = max(checkpoint.saved_steps(workdir / train_run.CHECKPOINTS), default=0)
+  start = max(checkpoint.saved_steps(workdir / workdirs.CHECKPOINTS), default=0)
   if distributed.initialize_distributed():
     Stop.join(start)
-  with train_run.WorkdirLock(workdir):
+  with workdirs.WorkdirLock(workdir):
     return _train(cfg, workdir, samples, init_from, start)
-
-
-def load(cfg, init_from: str, mesh):
-  """The model to train from `init_from` (a checkpoint `train_run.resolve_init` names), as `cfg` says:
-  frozen weights stay in the compute dtype (the trainable ones get param_dtype copies in `build`),
-  with its remat policy."""
-  import numpy as np
-
-  from af3_jax.training import run as train_run
-
-  return train_run.load_model(init_from, dtype=np.dtype(cfg.compute_dtype), mesh=mesh, remat=cfg.remat)
-
-
-def build(cfg, model, mesh, total_steps: int, abstract: bool = False):
-  """(graphdef, frozen weights, step-0 train state, jitted train step) as `cfg` says: its trainable set,
-  dtypes, optimizer and accumulation. `abstract`: the model's state holds shapes only, and so does the
-  train state (for compiling ahead of time)."""
-  import jax
-  import numpy as np
-
-  from af3_jax.training import optimizer as optim, run as train_run, step as train_step
-
-  graphdef, trainable, frozen = train_run.prepare(model, cfg.trainable, train_run.lora_spec(cfg), cfg.seed)
-  optimizer = optim.make_optimizer(cfg.optim.lr, total_steps, warmup_ratio=cfg.optim.warmup_ratio,
-                                   weight_decay=cfg.optim.weight_decay, clip_norm=cfg.optim.clip_norm or None)
-  init = lambda p: train_step.init_state(p, optimizer, mesh, cfg.seed, dtype=np.dtype(cfg.param_dtype))
-  with jax.set_mesh(mesh):
-    state = jax.eval_shape(init, trainable) if abstract else init(trainable)
-    step_fn = train_step.jit_train_step(graphdef, optimizer, state, frozen, mesh, accum_steps=cfg.accum_steps)
-  return graphdef, frozen, state, step_fn
-
-
-def _mesh(cfg, devices=None):
-  """The config's (data, fsdp, tensor) mesh over `devices` (default: every device present)."""
-  import jax
-
-  from af3_jax import sharding
-
-  devices = jax.devices() if devices is None else devices
-  return sharding.make_mesh(sharding.resolve_shape(cfg.mesh, len(devices)), devices)
-
-
-def _plan(cfg, workdir: Path, init_from: str, on=None) -> int:
-  """--compile_only: the stage's train step compiled for each length bucket at the stage's global batch
-  (rows x accumulation, max_windows audio windows per row) on the config's mesh, from `init_from`'s
-  config alone; prints the per-device plan and writes `workdir/memory.json`. `on`: (target, its
-  compile-only devices) from `targets.compile_only`, planned by that accelerator's compiler; None: the
-  devices present."""
-  import json
-
-  import jax
-  import numpy as np
-
-  from af3_jax import files, sharding, targets
-  from af3_jax.checkpoints import locate
-  from af3_jax.checkpoints.pretrained import Model, abstract_model
-  from af3_jax.training import pipeline, run as train_run
-
-  target, devices = on or (None, jax.devices())
-  capacity = target.hbm_bytes if target else targets.device_memory(devices[0])
-  mesh = _mesh(cfg, devices)
-  model_cfg = locate.read_config(train_run.base_checkpoint(init_from))
-  compute = np.dtype(cfg.compute_dtype)  # as `load` keeps the weights
-  graphdef, abstract, _ = abstract_model(model_cfg, param_dtype=compute, compute_dtype=compute, mesh=mesh,
-                                         remat=cfg.remat)
-  _, frozen, state, step_fn = build(cfg, Model(model_cfg, graphdef, abstract, mesh), mesh, total_steps=1000,
-                                    abstract=True)
-  rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] * cfg.accum_steps
-  print(f"{target.name if target else 'devices present'}: {len(devices)} x {devices[0].device_kind}"
-        f"{f' ({capacity / 2**30:.1f} GiB each)' if capacity else ''}; mesh {dict(mesh.shape)}; {rows} "
-        f"{'packed ' if cfg.data.packing else ''}rows a step ({cfg.per_device_batch} per device x {cfg.accum_steps} "
-        f"accumulated), {cfg.data.max_windows} window(s) a row; per device:")
-  plan = []
-  for length in pipeline.length_buckets(cfg.data.length_buckets, cfg.data.max_length):
-    template = pipeline.batch_shapes(rows, cfg.data.max_windows, length, packed=cfg.data.packing)
-    shapes = {k: jax.ShapeDtypeStruct(sharding.micro_batched(shape, cfg.accum_steps), dtype)
-              for k, (shape, dtype) in template.items()}
-    shardings = sharding.batch_shardings(shapes, mesh, cfg.accum_steps)
-    batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[k]) for k, x in shapes.items()}
-    with jax.set_mesh(mesh):
-      memory = train_run.compiled_plan(step_fn.lower(state, frozen, batch), capacity)
-    if memory is None:
-      raise ValueError(f"the {devices[0].platform} compiler reports no memory plan")
-    plan.append({"length": length, **memory})
-    print(f"  length {length:>6}: {train_run.memory_summary(memory)}", flush=True)
-  workdir.mkdir(parents=True, exist_ok=True)
-  files.write_text_atomic(workdir / "memory.json", json.dumps(plan, indent=2) + "\n")
-  print(f"wrote {workdir / 'memory.json'}")
-  over = [p["length"] for p in plan if not train_run.fits(p)]
-  if over:
-    print(f"error: at length {', '.join(map(str, over))} the step does not fit the device", file=sys.stderr)
-  return 1 if over else 0
 
 
 def _data(cfg, samples, init_from: str, rows: int):
@@ -193,30 +101,31 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
   from tqdm import tqdm
 
   from af3_jax import distributed, sharding, targets
-  from af3_jax.training import checkpoint, metrics, pipeline, run as train_run
+  from af3_jax.training import checkpoint, metrics, pipeline, plans, run as train_run, setup, workdirs
+  from af3_jax.training import step as train_step
   from af3_jax.training.preemption import Stop
 
   print(cfg)
-  mesh = _mesh(cfg)
+  mesh = setup.mesh(cfg)
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
   rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
   data, total, pad_id = _data(cfg, samples, init_from, rows * cfg.accum_steps)
 
-  ckpt = checkpoint.Checkpointer(workdir / train_run.CHECKPOINTS, keep=cfg.keep_checkpoints, save_every=cfg.save_every)
+  ckpt = checkpoint.Checkpointer(workdir / workdirs.CHECKPOINTS, keep=cfg.keep_checkpoints, save_every=cfg.save_every)
   if start > total:
     ckpt.close()
     data.close()
     raise ValueError(f"{workdir}: its checkpoints reach step {start}, past total_steps={total}; "
                      "raise total_steps or choose another --workdir")
-  changed = train_run.record_settings(workdir, cfg, init_from)
+  changed = workdirs.record_settings(workdir, cfg, init_from)
   if start and changed:
     print(f"warning: resuming step {start} with settings that differ from the run that saved it: "
           f"{'; '.join(changed)}", file=sys.stderr)
 
   print(f"loading the model from {init_from} ...", flush=True)
-  model = load(cfg, init_from, mesh)
-  graphdef, frozen, state, step_fn = build(cfg, model, mesh, total)
-  n_train, n_frozen = train_run.count(state.params), train_run.count(frozen)
+  model = setup.load(cfg, init_from, mesh)
+  graphdef, frozen, state, step_fn = setup.build(cfg, model, mesh, total)
+  n_train, n_frozen = setup.count(state.params), setup.count(frozen)
   print(f"parameters: {n_train:,} trainable, {n_frozen:,} frozen ({cfg.trainable}); remat {cfg.remat}")
   if start:
     state = ckpt.restore(start, state, data)
@@ -253,7 +162,7 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
                      "bucket) ...")
           compiled[shapes] = step_fn.lower(state, frozen, batch).compile()
           tqdm.write(f"compiled train step for input_ids {batch['input_ids'].shape}: "
-                     f"{train_run.memory_summary(train_run.memory_plan(compiled[shapes], capacity))}")
+                     f"{plans.memory_summary(plans.memory_plan(compiled[shapes], capacity))}")
         state, m = compiled[shapes](state, frozen, batch)
       m = jax.device_get(m)
       if not np.isfinite(m["loss"]):
@@ -275,8 +184,8 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
                             "resume"))
         return 0
   ckpt.close()
-  if train_run.model_step(workdir) != total:  # a rerun of a finished run finds its model already written
-    train_run.write_model(workdir, total, model, graphdef, state.params, frozen, train_run.lora_spec(cfg))
+  if workdirs.model_step(workdir) != total:  # a rerun of a finished run finds its model already written
+    train_run.write_model(workdir, total, model, graphdef, state.params, frozen, train_step.lora_spec(cfg))
   print(tally.summary(f"done: step {total} of {total}; the trained model is in {workdir / 'model'}"))
   return 0
 

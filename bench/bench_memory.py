@@ -46,7 +46,7 @@ from af3_jax.config import AF3Config, MODEL_TYPES
 from af3_jax.generation import Sampling
 from af3_jax.inference import decode
 from af3_jax.models.whisper import tokens_per_window
-from af3_jax.training import run as train_run
+from af3_jax.training import plans as memory_plans
 from presets import model_config
 
 _SIZE = flags.DEFINE_enum("size", "test", ["test", "tiny", "full"], "A model preset (test: the tests' tiny model).")
@@ -112,8 +112,8 @@ def compiled_memory(cfg: AF3Config, dtype, batch: dict, new_tokens: int, quantiz
 
   with jax.set_mesh(mesh):
     decoding = jax.tree.map(on, jax.eval_shape(prefill_fn, abstract, batch))
-    plans = {"prefill_temp": train_run.compiled_plan(jax.jit(prefill_fn).lower(abstract, batch)),
-             "step_temp": train_run.compiled_plan(jax.jit(step_fn, donate_argnums=1).lower(abstract, decoding))}
+    plans = {"prefill_temp": memory_plans.compiled_plan(jax.jit(prefill_fn).lower(abstract, batch)),
+             "step_temp": memory_plans.compiled_plan(jax.jit(step_fn, donate_argnums=1).lower(abstract, decoding))}
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   out = dict(weights=nbytes(abstract), state=nbytes(decoding))
   for key, plan in plans.items():

@@ -55,7 +55,8 @@ from af3_jax.buckets import bucket
 from af3_jax.checkpoints.pretrained import init_random
 from af3_jax.data.processor import Processor
 from af3_jax.inference.engine import Engine, Request as EngineRequest
-from af3_jax.serving.app import Service, create_app
+from af3_jax.serving.app import create_app
+from af3_jax.serving.service import Service
 from presets import MODELS, TokenClock, torch_model, with_tokenizer
 
 _SIZE = flags.DEFINE_enum("size", "test", list(MODELS), "The model (bench/presets.py), random weights.")

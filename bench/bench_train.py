@@ -47,7 +47,7 @@ from af3_jax.checkpoints import lora
 from af3_jax.checkpoints.pretrained import init_random
 from af3_jax.data import processor
 from af3_jax.models.whisper import tokens_per_window
-from af3_jax.training import flops, optimizer as optim, run as train_run, step as train_step
+from af3_jax.training import flops, optimizer as optim, plans, setup, step as train_step
 from configs import common
 from presets import MODELS
 
@@ -111,7 +111,7 @@ def batch(cfg, cell: Cell, rng: np.random.Generator) -> dict[str, np.ndarray]:
 def time_jax(cfg, cell: Cell, host: dict) -> tuple[float, float, float | None, int]:
   """(median warm step s, compile s, planned peak GiB per device, trainable parameters)."""
   model = init_random(cfg, dtype=jnp.bfloat16, remat=cell.remat)
-  graphdef, params, frozen = train_run.prepare(model, cell.stage, cell.adapter)
+  graphdef, params, frozen = train_step.prepare(model, cell.stage, cell.adapter)
   optimizer = optim.make_optimizer(1e-5, 1000, clip_norm=1.0)
   with jax.set_mesh(model.mesh):
     state = train_step.init_state(params, optimizer, model.mesh)
@@ -125,8 +125,8 @@ def time_jax(cfg, cell: Cell, host: dict) -> tuple[float, float, float | None, i
       state, m = step(state, frozen, data)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - start)
-  plan = train_run.memory_plan(step)
-  return statistics.median(times[1:]), compile_s, plan and plan["peak_gib"], train_run.count(params)
+  plan = plans.memory_plan(step)
+  return statistics.median(times[1:]), compile_s, plan and plan["peak_gib"], setup.count(params)
 
 
 def time_torch(cfg, cell: Cell, host: dict, device: str) -> tuple[float, float | None]:

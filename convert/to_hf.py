@@ -27,7 +27,7 @@ from absl import flags
 
 import cli
 from af3_jax.checkpoints import locate, lora, orbax, safetensors
-from af3_jax.training import run as train_run
+from af3_jax.training import run as train_run, workdirs
 
 # Flags of their own, not absl's global set: tests import `convert` beside infer.py and train.py.
 FLAGS = flags.FlagValues()
@@ -41,8 +41,8 @@ _ADAPTER_ONLY = flags.DEFINE_bool("adapter-only", False, "Write the run's LoRA a
 
 
 def write_adapter(workdir: Path, source: Path, dst: Path) -> None:
-  """The LoRA of the run's model at `source` (`train_run.saved_model`) as a PEFT adapter folder."""
-  found = train_run.step_of(source)
+  """The LoRA of the run's model at `source` (`workdirs.saved_model`) as a PEFT adapter folder."""
+  found = workdirs.step_of(source)
   if found is None:  # the finished model/: its adapter/ was written beside it
     if not (workdir / "adapter").is_dir():
       raise ValueError(f"{workdir}: has no adapter/ (only a LoRA run writes one)")
@@ -50,12 +50,12 @@ def write_adapter(workdir: Path, source: Path, dst: Path) -> None:
     return
   saved = train_run.load_step(*found, dtype=train_run.saved_dtype(source))
   if saved.adapter is None:
-    raise ValueError(f"{workdir}: not a LoRA run (it trains {train_run.read_settings(workdir).trainable!r})")
+    raise ValueError(f"{workdir}: not a LoRA run (it trains {workdirs.read_settings(workdir).trainable!r})")
   lora.write_peft(dst, saved.params, saved.adapter)
 
 
 def write_hf_model(source: Path, dst: Path, dtype) -> None:
-  """The run's model at `source` (`train_run.saved_model`) in transformers' layout, tensors in `dtype`
+  """The run's model at `source` (`workdirs.saved_model`) in transformers' layout, tensors in `dtype`
   (None: as the run keeps them)."""
   dtype = train_run.saved_dtype(source) if dtype is None else jnp.dtype(dtype)
   model = train_run.load_model(source, dtype=dtype)
@@ -73,7 +73,7 @@ def export(workdir: Path, out: Path, *, step: int | None, dtype, adapter_only: b
     raise ValueError(f"{out}: already exists; choose a new output folder")
   if not workdir.is_dir():
     raise ValueError(f"{workdir}: no such workdir")
-  source = train_run.saved_model(workdir, step)
+  source = workdirs.saved_model(workdir, step)
   out.parent.mkdir(parents=True, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
     dst = Path(tmp) / out.name

@@ -19,7 +19,7 @@ import jax
 from af3_jax import sharding, targets
 from af3_jax.checkpoints import pretrained
 from af3_jax.config import AF3Config
-from af3_jax.training import run as train_run
+from af3_jax.training import plans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +46,7 @@ class CudnnAttention:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  """A compiled program: `hlo`, its optimised HLO text; `memory`, `train_run.memory_plan`'s figures."""
+  """A compiled program: `hlo`, its optimised HLO text; `memory`, `plans.memory_plan`'s figures."""
 
   hlo: str
   memory: dict[str, float] | None
@@ -90,4 +90,4 @@ def compile_for(mesh: jax.sharding.Mesh, fn, *args, compiler_options: dict | Non
   the devices of `mesh` (`compiler_options`: XLA options for this compile, e.g. a GPU flag)."""
   with jax.set_mesh(mesh):
     compiled = fn.lower(*args, **kwargs).compile(compiler_options)
-  return Program(compiled.as_text(), train_run.memory_plan(compiled))
+  return Program(compiled.as_text(), plans.memory_plan(compiled))

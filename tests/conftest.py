@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import af3_jax  # noqa: E402
-from af3_jax.checkpoints import tiny as tiny_checkpoint
+from af3_jax.checkpoints import tiny as tiny_checkpoint  # noqa: E402
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig, RoTEConfig  # noqa: E402
 
 try:  # the PyTorch reference; tests that need it skip without it

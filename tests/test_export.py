@@ -14,7 +14,7 @@ import pytest
 
 import af3_jax
 from af3_jax.checkpoints import orbax
-from af3_jax.training import run as train_run
+from af3_jax.training import workdirs
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device per run
@@ -26,7 +26,7 @@ def float32_run(gqa_ckpt, tokenizer_dir, tmp_path_factory):
   workdir = tmp_path_factory.mktemp("run")
   model = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
   orbax.save_model(workdir / "model", model.config, model.state, tokenizer_dir)
-  (workdir / "model" / train_run.TRAINER_STATE).write_text(json.dumps({"step": 1}))
+  (workdir / "model" / workdirs.TRAINER_STATE).write_text(json.dumps({"step": 1}))
   return workdir
 
 

@@ -11,7 +11,7 @@ from af3_jax import sharding
 from af3_jax.checkpoints import lora
 from af3_jax.checkpoints.pretrained import abstract_model, init_random
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.training import flops, optimizer as optim, run as train_run, step as train_step
+from af3_jax.training import flops, optimizer as optim, step as train_step
 
 # One layer each (XLA counts a scanned layer stack's body once), wide enough that matmuls dominate.
 CFG = AF3Config(encoder=EncoderConfig(hidden_size=128, num_layers=1, num_heads=2, intermediate_size=512,
@@ -46,7 +46,7 @@ def test_the_train_count_is_what_xla_compiles_for_the_stage(trainable, rank):
   Three forward passes, the count for training everything, is far over what XLA compiles for LoRA or
   the projector alone (about 1.55x at this size)."""
   model = init_random(CFG, dtype=jnp.float32)
-  graphdef, params, frozen = train_run.prepare(model, trainable, lora.Spec(rank, 2.0 * rank) if rank else None)
+  graphdef, params, frozen = train_step.prepare(model, trainable, lora.Spec(rank, 2.0 * rank) if rank else None)
   optimizer = optim.make_optimizer(1e-3, 10)
   batch = {**inputs(CFG), "labels": jnp.ones((ROWS, LENGTH), jnp.int32)}
   with jax.set_mesh(model.mesh):

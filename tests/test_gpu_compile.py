@@ -22,7 +22,7 @@ from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 from af3_jax.generation import Sampling
 from af3_jax.inference import decode, engine, requests, slots
 from af3_jax.models import whisper
-from af3_jax.training import optimizer as optim, pipeline, run as train_run, step as train_step
+from af3_jax.training import optimizer as optim, pipeline, step as train_step
 
 pytestmark = pytest.mark.accelerator
 
@@ -93,7 +93,7 @@ def engine_step(m):
 
 
 def _train_step(m, packed: bool):
-  graphdef, params, frozen = train_run.prepare(m, "all")
+  graphdef, params, frozen = train_step.prepare(m, "all")
   optimizer = optim.make_optimizer(1e-5, 100)
   with jax.set_mesh(m.mesh):
     state = jax.eval_shape(lambda p: train_step.init_state(p, optimizer, m.mesh), params)

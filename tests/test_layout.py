@@ -155,7 +155,7 @@ def test_no_import_cycles():
 def test_the_checks_see_a_wrong_import():
   """The checks themselves: an upward import and a cycle added to the real graph are both named."""
   edges = graph()
-  assert "af3_jax.inference.engine" in {t for t, _ in edges["af3_jax.serving.app"]}  # the graph is read
+  assert "af3_jax.inference.engine" in {t for t, _ in edges["af3_jax.serving.service"]}  # the graph is read
   edges["af3_jax.models.qwen2"] = [*edges["af3_jax.models.qwen2"], ("af3_jax.training.step", 1)]
   edges["af3_jax.config"] = [*edges["af3_jax.config"], ("af3_jax.sharding", 1)]
   edges["af3_jax.sharding"] = [*edges["af3_jax.sharding"], ("af3_jax.config", 1)]

@@ -33,7 +33,8 @@ from af3_jax.inference import assistant
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
-from af3_jax.serving.app import Service, create_app  # noqa: E402
+from af3_jax.serving.app import create_app  # noqa: E402
+from af3_jax.serving.service import Service  # noqa: E402
 from af3_jax.serving.chat import Translator  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

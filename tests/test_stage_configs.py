@@ -1,22 +1,22 @@
 """The stage configs' train steps, lowered and compiled in this process on the tiny checkpoint: stage
 5's remat shrinks the compiled step, and each stage compiles with its trainable set."""
 
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import pytest
+from helpers import ROOT
 
 import af3_jax
 from af3_jax.checkpoints import lora
-from af3_jax.training import optimizer as optim, run as train_run, step as train_step
+from af3_jax.training import optimizer as optim, step as train_step
 from configs import tiny
 
 
 def test_the_stage_configs_remat_reaches_the_compiled_step(gqa_ckpt):
   """Stage 5's remat policy, built the way train.py builds it, shrinks the compiled step's temporaries
   against the same config with remat "none"."""
-  import train as train_py
+  from af3_jax.training import setup as run_setup
   from af3_jax import sharding
   from configs import stage5
 
@@ -25,7 +25,7 @@ def test_the_stage_configs_remat_reaches_the_compiled_step(gqa_ckpt):
   for remat in (stage5.get_config().remat, "none"):
     cfg = stage5.get_config()
     cfg.remat, cfg.accum_steps = remat, 1
-    _, frozen, state, step_fn = train_py.build(cfg, train_py.load(cfg, str(gqa_ckpt.hf), mesh), mesh, total_steps=10)
+    _, frozen, state, step_fn = run_setup.build(cfg, run_setup.load(cfg, str(gqa_ckpt.hf), mesh), mesh, total_steps=10)
     t = 1024
     batch = {"input_ids": jnp.zeros((2, t), jnp.int32), "attention_mask": jnp.ones((2, t), jnp.int32),
              "labels": jnp.ones((2, t), jnp.int32)}
@@ -46,7 +46,7 @@ def test_each_stage_compiles_with_its_trainable_set(gqa_ckpt, stage, expected):
   cfg = tiny.get_config(stage)
   model = af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
   adapter = lora.Spec(cfg.lora.rank, cfg.lora.alpha) if cfg.trainable == "lora" else None
-  graphdef, params, frozen = train_run.prepare(model, cfg.trainable, adapter, cfg.seed)
+  graphdef, params, frozen = train_step.prepare(model, cfg.trainable, adapter, cfg.seed)
   assert set(params) == expected
   if stage == "4":
     leaves = jax.tree_util.tree_flatten_with_path(params)[0]
@@ -73,7 +73,7 @@ def test_compile_only_plans_memory_from_the_config_alone(gqa_ckpt, tmp_path):
   import subprocess
   import sys
 
-  import train as train_py
+  from af3_jax.training import setup as run_setup
   from af3_jax import sharding
   from af3_jax.training import pipeline
 
@@ -82,7 +82,7 @@ def test_compile_only_plans_memory_from_the_config_alone(gqa_ckpt, tmp_path):
   shutil.copy(gqa_ckpt.hf / "config.json", bare)
   run = subprocess.run([sys.executable, "train.py", "--config=configs/tiny.py:5", f"--config.init_from={bare}",
                         f"--workdir={tmp_path / 'w'}", "--compile_only"], capture_output=True, text=True,
-                       cwd=Path(train_py.__file__).parent)
+                       cwd=ROOT)
   assert run.returncode == 0, run.stderr[-3000:]
   plan = json.loads((tmp_path / "w" / "memory.json").read_text())
   assert [p["length"] for p in plan] == [256, 512, 1024] and "peak" in run.stdout
@@ -91,7 +91,7 @@ def test_compile_only_plans_memory_from_the_config_alone(gqa_ckpt, tmp_path):
 
   cfg = tiny.get_config("5")  # the same step from the loaded checkpoint, at the first bucket
   mesh = sharding.make_mesh(sharding.resolve_shape(cfg.mesh, jax.device_count()))
-  _, frozen, state, step_fn = train_py.build(cfg, train_py.load(cfg, str(gqa_ckpt.hf), mesh), mesh, total_steps=1000)
+  _, frozen, state, step_fn = run_setup.build(cfg, run_setup.load(cfg, str(gqa_ckpt.hf), mesh), mesh, total_steps=1000)
   rows = cfg.per_device_batch * jax.device_count()
   template = pipeline.batch_shapes(rows, cfg.data.max_windows, 256, packed=cfg.data.packing)
   batch = {k: jnp.zeros(shape, dtype) for k, (shape, dtype) in template.items()}
@@ -109,13 +109,12 @@ def test_stage5_at_full_size_plans_under_72_gib(tmp_path):
   import subprocess
   import sys
 
-  import train as train_py
   from af3_jax.config import AF3Config
 
   (tmp_path / "config.json").write_text(json.dumps(AF3Config().to_hf_dict()))
   run = subprocess.run([sys.executable, "train.py", "--config=configs/stage5.py", f"--config.init_from={tmp_path}",
                         "--config.data.length_buckets=(8192,)", f"--workdir={tmp_path / 'w'}", "--compile_only"],
-                       capture_output=True, text=True, cwd=Path(train_py.__file__).parent)
+                       capture_output=True, text=True, cwd=ROOT)
   assert run.returncode == 0, run.stderr[-3000:]
   [plan] = json.loads((tmp_path / "w" / "memory.json").read_text())
   assert plan["length"] == 8192 and plan["peak_gib"] <= 72, plan

@@ -13,7 +13,7 @@ from flax import nnx
 
 from af3_jax import sharding, targets
 from af3_jax.buckets import bucket, window_bucket
-from af3_jax.checkpoints.pretrained import Model, abstract_model
+from af3_jax.checkpoints.pretrained import abstract_model
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 from af3_jax.generation import Sampling
 from af3_jax.inference import decode
@@ -84,23 +84,13 @@ def _prefill_and_step(cfg: AF3Config, target: str, windows: int, dtype=jnp.bfloa
 def _train_step(cfg, model_cfg: AF3Config, target: str, length: int):
   """The stage config's train step for `length`-token rows, built as `train.py --compile_only` builds it
   (the config's mesh, batch, accumulation, remat, dtypes), compiled for `target`."""
-  import train as train_py
+  from af3_jax.training import plans
 
   devices = targets.devices(target)
   mesh = sharding.make_mesh(sharding.resolve_shape(cfg.mesh, len(devices)), devices)
-  compute = np.dtype(cfg.compute_dtype)
-  graphdef, abstract, _ = abstract_model(model_cfg, param_dtype=compute, compute_dtype=compute, mesh=mesh,
-                                         remat=cfg.remat)
-  _, frozen, state, step_fn = train_py.build(cfg, Model(model_cfg, graphdef, abstract, mesh), mesh, total_steps=1000,
-                                             abstract=True)
-  rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] * cfg.accum_steps
-  template = pipeline.batch_shapes(rows, cfg.data.max_windows, length, packed=cfg.data.packing)
-  shapes = {k: jax.ShapeDtypeStruct(sharding.micro_batched(shape, cfg.accum_steps), dt)
-            for k, (shape, dt) in template.items()}
-  shardings = sharding.batch_shardings(shapes, mesh, cfg.accum_steps)
-  batch = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=shardings[k]) for k, x in shapes.items()}
+  frozen, state, step_fn = plans.abstract_step(cfg, model_cfg, mesh)
   with jax.set_mesh(mesh):
-    return step_fn.lower(state, frozen, batch).compile()
+    return step_fn.lower(state, frozen, plans.abstract_batch(cfg, mesh, length)).compile()
 
 
 @pytest.mark.parametrize("target", ["v5e-4", "v5p-8"])

@@ -12,7 +12,7 @@ from af3_jax.models import whisper
 from af3_jax.serving import warmup
 
 uvicorn = pytest.importorskip("uvicorn")  # the serving extra
-from af3_jax.serving.app import Service  # noqa: E402
+from af3_jax.serving.service import Service  # noqa: E402
 
 
 def shapes(programs) -> list[Shape]:

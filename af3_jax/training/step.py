@@ -1,5 +1,6 @@
-"""The train step: per-stage trainable sets, the loss, and one pure, jitted update (`train_run.py`
-has a run's plumbing around it: config, workdir, final model).
+"""The train step: per-stage trainable sets (LoRA added for the "lora" stage), the loss, and one pure,
+jitted update (`setup.py`, `workdirs.py` and `run.py` hold a run's plumbing around it: config,
+workdir, final model).
 
 Usage (shared/STYLE.md rule 8):
 
@@ -30,6 +31,8 @@ from flax import nnx, struct
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from af3_jax import sharding
+from af3_jax.checkpoints import lora
+from af3_jax.checkpoints.pretrained import Model
 from af3_jax.data.processor import IGNORE
 from af3_jax.training import flops, optimizer as optim
 
@@ -195,3 +198,18 @@ def jit_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformati
   step = functools.partial(train_step, graphdef=graphdef, optimizer=optimizer, accum_steps=accum_steps)
   return jax.jit(step, in_shardings=(state_sharding, sharding.state_shardings(frozen, mesh), None),
                  out_shardings=(state_sharding, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+
+def lora_spec(cfg) -> lora.Spec | None:
+  """The LoRA a stage trains (its "lora" trainable set), or None."""
+  return lora.Spec(cfg.lora.rank, cfg.lora.alpha) if cfg.trainable == "lora" else None
+
+
+def prepare(model: Model, trainable: str, adapter: lora.Spec | None = None,
+            seed: int = 0) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, trainable params, frozen rest) for a stage's trainable set (`TRAINABLE`),
+  with a new LoRA `adapter` added first (the "lora" stage), initialised from `seed`."""
+  module = model.module()
+  if adapter is not None:
+    lora.add(module, adapter, jax.random.key(seed))
+  return split(module, trainable)
