@@ -1,4 +1,6 @@
-"""Test setup: 8 fake CPU devices, float32 at highest matmul precision, tiny random AF3 checkpoints.
+"""Test setup and fixtures: 8 fake CPU devices, float32 at highest matmul precision, tiny random AF3
+checkpoints, and the files the program tests share (clips, an MMAU set, a training manifest). Helpers
+the tests import are in helpers.py and programs.py.
 
 The checkpoints are written by `af3_jax.checkpoints.tiny` (what `python -m convert.tiny` writes for
 users), whose every tensor is drawn at random (biases and norm weights included), so a wrong transpose,
@@ -18,200 +20,19 @@ import jax  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-import contextlib  # noqa: E402
-import dataclasses  # noqa: E402
 import json  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
+import shutil  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import soundfile as sf  # noqa: E402
+from helpers import (CHOICES, CLIPS, MUSIC, TINY, Checkpoint, Tester, build_torch_model, torch_model_of,  # noqa: E402
+                     write_nvidia_layout)
 
 import af3_jax  # noqa: E402
 from af3_jax.checkpoints import tiny as tiny_checkpoint  # noqa: E402
-from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig, RoTEConfig  # noqa: E402
-
-try:  # the PyTorch reference; tests that need it skip without it
-  import torch
-  import transformers
-  from safetensors.torch import load_file, save_file
-except ImportError:
-  torch = None
-
-
-# The tiny checkpoints' weights: a draw whose greedy answers do not collapse onto one repeated token, as a
-# random model's often do (test_generate needs varied reference paths, test_infer a printable answer).
-SEED = 4
-
-
-@dataclasses.dataclass(frozen=True)
-class Tiny:
-  """One tiny model shape. Audio token id is the last vocab entry."""
-
-  name: str
-  enc_width: int
-  enc_heads: int
-  dec_width: int
-  dec_heads: int
-  kv_heads: int
-  head_dim: int
-  rope_theta: float
-  vocab: int = 300
-  layers: int = 2
-  music: bool = False  # Music Flamingo: RoTE, and `<|sound_bos|>`, `<|sound_eos|>` just below `<sound>`
-
-  @property
-  def audio_token_id(self) -> int:
-    return self.vocab - 1
-
-  @property
-  def audio_bos_token_id(self) -> int:
-    return self.vocab - 3
-
-  @property
-  def audio_eos_token_id(self) -> int:
-    return self.vocab - 2
-
-  def config(self) -> AF3Config:
-    cfg = AF3Config(
-        encoder=EncoderConfig(hidden_size=self.enc_width, num_layers=self.layers, num_heads=self.enc_heads,
-                              intermediate_size=2 * self.enc_width),
-        decoder=DecoderConfig(vocab_size=self.vocab, hidden_size=self.dec_width, num_layers=self.layers,
-                              num_heads=self.dec_heads, num_kv_heads=self.kv_heads, head_dim=self.head_dim,
-                              intermediate_size=2 * self.dec_width, rope_theta=self.rope_theta),
-        audio_token_id=self.audio_token_id)
-    if not self.music:
-      return cfg
-    return dataclasses.replace(cfg, rote=RoTEConfig(), audio_bos_token_id=self.audio_bos_token_id,
-                               audio_eos_token_id=self.audio_eos_token_id)
-
-  def hf_config(self):
-    config_cls = transformers.MusicFlamingoConfig if self.music else transformers.AudioFlamingo3Config
-    return config_cls(**self.config().to_hf_dict())
-
-  def write(self, dst: Path, seed: int = SEED) -> Path:
-    """This shape as `convert.tiny` writes a checkpoint (tokenizer included), without its generation
-    defaults: decoding is greedy and stops only at max_new_tokens, so tests control both."""
-    return tiny_checkpoint.write(dst, config=self.config(), seed=seed, generation=None)
-
-
-TINY = [
-    # GQA (4 query heads share 2 kv heads), a non-default rope theta.
-    Tiny("gqa", enc_width=32, enc_heads=2, dec_width=64, dec_heads=4, kv_heads=2, head_dim=16, rope_theta=5000.0),
-    # Odd head counts everywhere, one kv head (MQA), head_dim != width / heads.
-    Tiny("odd", enc_width=48, enc_heads=3, dec_width=48, dec_heads=3, kv_heads=1, head_dim=24, rope_theta=1e6),
-]
-
-
-# Music Flamingo: an encoder of 48 channels turns 2 x 2 x ceil(int(9.6) / 2) = 20 of them (an odd R).
-MUSIC = Tiny("music", enc_width=48, enc_heads=3, dec_width=64, dec_heads=4, kv_heads=2, head_dim=16,
-             rope_theta=5000.0, music=True)
-
-
-@dataclasses.dataclass(frozen=True)
-class Tester:
-  """The config of transformers' own `AudioFlamingo3ModelTester` (tests/models/audioflamingo3/
-  test_modeling_audioflamingo3.py): `<sound>` is id 0 and padding id 1, so padding written as 0 looks
-  like audio; 80 mel bins and 30 source positions make 60-frame windows of 15 audio tokens."""
-
-  name: str = "tester"
-  vocab: int = 99
-  audio_token_id: int = 0
-  pad_token_id: int = 1
-  num_mel_bins: int = 80
-  window: int = 60  # mel frames per window: 2 * max_source_positions
-
-  def hf_config(self):
-    return transformers.AudioFlamingo3Config(
-        audio_config=dict(model_type="audioflamingo3_encoder", hidden_size=16, num_attention_heads=4,
-                          intermediate_size=16, num_hidden_layers=2, num_mel_bins=self.num_mel_bins,
-                          max_source_positions=self.window // 2),
-        text_config=dict(model_type="qwen2", vocab_size=self.vocab, hidden_size=32, intermediate_size=36,
-                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=52, pad_token_id=self.pad_token_id),
-        audio_token_id=self.audio_token_id)
-
-  def text(self, rng: np.random.Generator, n: int) -> np.ndarray:
-    """Random ids other than `<sound>` and padding, as the tester draws them."""
-    return rng.integers(2, self.vocab, n)
-
-
-def randomize(model, seed: int) -> None:
-  """Redraws every tensor as `tiny_checkpoint.random_params` draws them: weights and biases ~ N(0, 0.1),
-  norm weights ~ 1 + N(0, 0.1)."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.state_dict().items():
-      noise = torch.randn(p.shape, generator=g) * 0.1
-      p.copy_(1.0 + noise if "norm" in name and name.endswith("weight") else noise)
-
-
-def build_torch_model(tiny: Tiny | Tester, seed: int = SEED):
-  """transformers' model of `tiny` with random weights: for a `Tiny`, read from the checkpoint
-  `Tiny.write` writes; transformers' tester config is built by transformers and redrawn."""
-  if isinstance(tiny, Tester):
-    torch.manual_seed(seed)
-    model = transformers.AudioFlamingo3ForConditionalGeneration(tiny.hf_config())
-    randomize(model, seed)
-    return model.eval()
-  with tempfile.TemporaryDirectory() as tmp:
-    return torch_model_of(tiny.write(Path(tmp) / tiny.name, seed))
-
-
-def torch_model_of(folder: Path):
-  """transformers' AF3 or Music Flamingo (as config.json says) holding the tensors of a checkpoint
-  `Tiny.write` wrote, every one of them (strict), built from its config.json rather than by
-  `from_pretrained`, which would make `save_pretrained` write the names it read instead of transformers'
-  own."""
-  music = json.loads((folder / "config.json").read_text())["model_type"] == "musicflamingo"
-  config = (transformers.MusicFlamingoConfig if music else transformers.AudioFlamingo3Config).from_pretrained(folder)
-  model_cls = (transformers.MusicFlamingoForConditionalGeneration if music
-               else transformers.AudioFlamingo3ForConditionalGeneration)
-  model = model_cls(config)
-  model.load_state_dict(load_file(folder / "model.safetensors"), strict=True)
-  return model.eval()
-
-
-def write_nvidia_layout(model, dst: Path) -> None:
-  """The original release layout: llm/, sound_tower/ (Whisper field names), sound_mm_projector/."""
-  state = {k: v.contiguous() for k, v in model.state_dict().items()}
-  cfg = model.config
-  folders = {"llm": {}, "sound_tower": {}, "sound_mm_projector": {}}
-  for key, value in state.items():
-    if key.startswith("model.language_model."):
-      folders["llm"]["model." + key.removeprefix("model.language_model.")] = value
-    elif key == "lm_head.weight":
-      folders["llm"][key] = value
-    elif key.startswith("model.audio_tower."):
-      folders["sound_tower"][key.removeprefix("model.audio_tower.")] = value
-    else:
-      short = key.removeprefix("model.multi_modal_projector.")
-      folders["sound_mm_projector"][short.replace("linear_1", "layers.0").replace("linear_2", "layers.2")] = value
-  for folder, tensors in folders.items():
-    (dst / folder).mkdir(parents=True)
-    save_file(tensors, dst / folder / "model.safetensors")
-  cfg.text_config.to_json_file(dst / "llm" / "config.json")
-  (dst / "llm" / "added_tokens.json").write_text(json.dumps({"<sound>": cfg.audio_token_id}))
-  a = cfg.audio_config
-  (dst / "sound_tower" / "config.json").write_text(json.dumps(dict(
-      model_type="qwen2_audio_encoder", num_mel_bins=a.num_mel_bins, d_model=a.hidden_size,
-      encoder_layers=a.num_hidden_layers, encoder_attention_heads=a.num_attention_heads,
-      encoder_ffn_dim=a.intermediate_size, max_source_positions=a.max_source_positions,
-      activation_function="gelu")))
-  (dst / "sound_mm_projector" / "config.json").write_text(json.dumps({"model_type": "sound_mm_projector"}))
-
-
-@dataclasses.dataclass
-class Checkpoint:
-  tiny: Tiny | Tester
-  torch_model: object
-  hf: Path  # what `save_pretrained` writes (legacy names), sharded with an index json
-  tree: Path  # module-tree names, one file: what `Tiny.write` (`convert.tiny`) writes
-  nvidia: Path
 
 
 @pytest.fixture(scope="session", params=TINY, ids=lambda t: t.name)
@@ -289,103 +110,6 @@ def gqa_loaded(gqa_ckpt) -> af3_jax.Model:
   return af3_jax.from_pretrained(gqa_ckpt.hf, dtype=jnp.float32)
 
 
-def start_processes(args: list[str], cwd: Path, n: int = 2) -> list[subprocess.Popen]:
-  """`python *args` as the `n` processes of one jax.distributed run on this machine, one CPU device
-  each (the variables `distributed.initialize_distributed` reads), with stdout and stderr piped."""
-  portpicker = pytest.importorskip("portpicker")
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu", "JAX_NUM_PROCESSES": str(n),
-         "JAX_COORDINATOR_ADDRESS": f"localhost:{portpicker.pick_unused_port()}"}
-  return [subprocess.Popen([sys.executable, *args], cwd=cwd, env={**env, "JAX_PROCESS_ID": str(i)},
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(n)]
-
-
-def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str]]:
-  """Each process's (stdout, stderr) once all have ended; any still running after `timeout` seconds
-  is killed and raises, so a hang fails the test instead of blocking the suite."""
-  deadline = time.time() + timeout
-  try:
-    return [p.communicate(timeout=max(deadline - time.time(), 1)) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
-
-
-@contextlib.contextmanager
-def compiles():
-  """The names of the programs XLA compiles inside the block (jax's backend compile events, from any
-  thread; a persistent cache hit counts too)."""
-  from jax import monitoring
-
-  names = []
-
-  def listener(event, _, fun_name=None, **__):
-    if event == "/jax/core/compile/backend_compile_duration":
-      names.append(fun_name)
-
-  monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield names
-  finally:
-    monitoring.unregister_event_duration_listener(listener)
-
-
-def torch_logits(model, ids, mask, feats=None, feats_mask=None):
-  """transformers' logits; positions from the mask, as `generate` derives them (a plain forward would
-  count the pads)."""
-  pos = np.maximum(np.cumsum(mask, -1) - 1, 0)
-  kw = dict(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask), position_ids=torch.tensor(pos))
-  if feats is not None:
-    kw.update(input_features=torch.tensor(feats), input_features_mask=torch.tensor(feats_mask))
-  with torch.no_grad():
-    return model(**kw).logits.numpy()
-
-
-RTOL = 1e-4  # float32 parity bound, relative to the reference's largest magnitude
-
-
-def assert_close(ours, ref, rtol: float = RTOL, scale: float | None = None) -> None:
-  """max |ours - ref| <= rtol * scale, the scale being max |ref| unless given; shapes must be equal."""
-  ours, ref = np.asarray(ours, np.float32), np.asarray(ref, np.float32)
-  assert ours.shape == ref.shape, (ours.shape, ref.shape)
-  scale = np.abs(ref).max() if scale is None else scale
-  err = np.abs(ours - ref).max()
-  assert err <= rtol * scale, f"max |diff| {err:.3g} > {rtol} * {scale:.3g}"
-
-
-def audio_tokens(mel_frames: int) -> int:
-  """Upstream's token count for a window with `mel_frames` valid frames (conv2, then the pool)."""
-  conv = (mel_frames - 1) // 2 + 1
-  return max((conv - 2) // 2 + 1, 0)
-
-
-def random_features(rng: np.random.Generator, mel_frames: list[int], mel_bins: int = 128,
-                    window: int = 3000) -> tuple[np.ndarray, np.ndarray]:
-  """(windows, mel_bins, window) features and the (windows, window) mask for the given valid frame counts."""
-  feats = rng.standard_normal((len(mel_frames), mel_bins, window)).astype(np.float32)
-  mask = (np.arange(window)[None, :] < np.asarray(mel_frames)[:, None]).astype(np.int32)
-  return feats, mask
-
-
-def random_text(rng: np.random.Generator, tiny: Tiny, n: int) -> np.ndarray:
-  return rng.integers(0, tiny.audio_token_id, n)
-
-
-def left_pad(rows: list[np.ndarray], pad_id: int = 0, extra: int = 0) -> dict[str, np.ndarray]:
-  """`input_ids` and `attention_mask` (batch, longest + extra): rows left padded with `pad_id`."""
-  width = max(map(len, rows)) + extra
-  return dict(input_ids=np.stack([np.pad(r, (width - len(r), 0), constant_values=pad_id) for r in rows]),
-              attention_mask=np.stack([np.pad(np.ones_like(r), (width - len(r), 0)) for r in rows]))
-
-
-def random_prompts(rng: np.random.Generator, tester: Tester, mel_frames: list[int]):
-  """One unpadded prompt per window (4 + 3i text ids, the window's `<sound>` tokens, 5 text ids), and
-  the windows' (windows, mel bins, window) features and (windows, window) mask."""
-  feats, mask = random_features(rng, mel_frames, tester.num_mel_bins, tester.window)
-  rows = [np.concatenate([tester.text(rng, 4 + 3 * i), np.full(audio_tokens(n), tester.audio_token_id),
-                          tester.text(rng, 5)]) for i, n in enumerate(mel_frames)]
-  return rows, feats, mask
-
-
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory):
   """The tiny checkpoints' tokenizer alone (`tiny_checkpoint.tokenizer`): byte-level BPE, `<sound>` id 299."""
@@ -400,3 +124,63 @@ def music_tokenizer_dir(tmp_path_factory):
   path = tmp_path_factory.mktemp("music_tokenizer")
   tiny_checkpoint.tokenizer(MUSIC.vocab, music=True).save_pretrained(path)
   return path
+
+
+@pytest.fixture(scope="module")
+def mmau(tmp_path_factory):
+  """mmau-test-mini.json with 7 questions on 4 clips of 1 to 2.5 s (q0 and q1 share clip 0, q5 and q6
+  clip 3; q4's clip is missing), beside test-mini-audios/ as the dataset ships."""
+  folder = tmp_path_factory.mktemp("mmau")
+  (folder / "test-mini-audios").mkdir()
+  rng = np.random.default_rng(0)
+  for clip, seconds in enumerate((1.0, 1.5, 2.5, 2.0)):
+    sf.write(folder / "test-mini-audios" / f"clip{clip}.wav", 0.1 * rng.standard_normal(int(seconds * 16000)), 16000)
+  clips = [0, 0, 1, 2, "missing", 3, 3]
+  items = [{"id": f"q{i}", "audio_id": f"./test-mini-audios/clip{c}.wav", "question": f"Question {i}?",
+            "choices": CHOICES[i % 4], "answer": CHOICES[i % 4][i % 2], "dataset": "synthetic",
+            "task": ("sound", "music", "speech")[i % 3], "split": "test-mini", "category": "Reasoning",
+            "sub-category": "Counting", "difficulty": ("easy", "medium", "hard")[i % 3]} for i, c in enumerate(clips)]
+  (folder / "mmau-test-mini.json").write_text(json.dumps(items))
+  return folder / "mmau-test-mini.json", items
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("clips")
+  rng = np.random.default_rng(0)
+  for name, seconds in (("a.wav", 3.0), ("b.flac", 6.5)):
+    sf.write(folder / name, 0.2 * rng.standard_normal(int(seconds * 16000)), 16000)
+  (folder / "broken.wav").write_bytes(b"RIFF not really")
+  return folder
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory):
+  folder = tmp_path_factory.mktemp("media")
+  rng = np.random.default_rng(0)
+  for name, seconds in CLIPS.items():
+    sf.write(folder / name, 0.2 * rng.standard_normal(int(seconds * 16000)), 16000)
+  return folder
+
+
+@pytest.fixture(scope="module")
+def run_setup(model_dir, tmp_path_factory):
+  """(checkpoint with tokenizer, manifest of 8 short clips with answers, manifest with a corrupt file)."""
+  root = tmp_path_factory.mktemp("train")
+  model = root / "model"
+  shutil.copytree(model_dir, model)
+  rng = np.random.default_rng(0)
+  items = []
+  for i in range(8):
+    path = root / f"clip{i}.wav"
+    sf.write(path, 0.3 * rng.standard_normal(int((1.0 + i / 4) * 16000)), 16000)
+    answer = ["A dog barking.", "Music plays.", "Someone speaks.", "Rain falls."][i % 4]
+    items.append({"id": f"c{i}", "sound": str(path),
+                  "conversations": [{"from": "human", "value": "<sound>\nWhat is in this audio?"},
+                                    {"from": "gpt", "value": answer}]})
+  manifest = root / "train.json"
+  manifest.write_text(json.dumps(items))
+  (root / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
+  corrupt = root / "corrupt.json"
+  corrupt.write_text(json.dumps(items[:3] + [{**items[3], "id": "bad", "sound": str(root / "broken.wav")}]))
+  return model, manifest, corrupt

@@ -7,18 +7,18 @@ No timings are checked: the bench only has to run and print its table.
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx, traverse_util
+from helpers import ROOT
 
 from af3_jax import sharding
 from af3_jax.checkpoints.pretrained import abstract_model, init_random
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 
-ROOT = Path(__file__).resolve().parents[1]
 CFG = AF3Config(encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
                 decoder=DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
                                       head_dim=16, intermediate_size=128),
@@ -37,10 +37,14 @@ def run_bench(script: str, args: list[str], timeout: int = 300) -> list[str]:
 def test_init_random_is_born_sharded():
   mesh = sharding.make_mesh((1, 4, 2))
   model = init_random(CFG, mesh=mesh)
-  _, abstract, shardings = abstract_model(CFG, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16, mesh=mesh)
-  for x, a, s in zip(jax.tree.leaves(model.state), jax.tree.leaves(abstract), jax.tree.leaves(shardings), strict=True):
-    assert x.shape == a.shape and x.dtype == jnp.bfloat16
-    assert x.sharding == s
+  _, abstract, _ = abstract_model(CFG, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16, mesh=mesh)
+  flat, shapes = (traverse_util.flatten_dict(nnx.to_pure_dict(s)) for s in (model.state, abstract))
+  assert flat.keys() == shapes.keys()
+  for path, x in flat.items():
+    assert x.shape == shapes[path].shape and x.dtype == jnp.bfloat16
+    if path[-1] in ("kernel", "embedding") and "conv" not in path[-2] and path[-2] != "embed_positions":
+      # Every matmul weight and the token table: each of the 8 devices holds an eighth (fsdp x tensor).
+      assert [s.data.size * 8 for s in x.addressable_shards] == [x.size] * 8, ("/".join(path), x.sharding.spec)
   assert len(model.state["lm_head"]["kernel"][...].sharding.device_set) == 8
   assert model.path is None
   logits = model(input_ids=np.random.default_rng(0).integers(0, 299, (2, 7)))

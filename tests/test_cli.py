@@ -4,11 +4,10 @@ lines hidden unless --verbosity or $AF3_VERBOSITY asks for them; warnings as one
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # A program on its own flags, as eval.py and serve.py are, that logs what the libraries log.
 PROGRAM = """

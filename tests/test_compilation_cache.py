@@ -5,14 +5,13 @@ the child process by bench/counting.py: every compile is a cache hit)."""
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import pytest
+from helpers import ROOT
 
 import cli
 
-ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = ("jax_compilation_cache_dir", "jax_enable_compilation_cache", "jax_persistent_cache_min_compile_time_secs",
             "jax_persistent_cache_min_entry_size_bytes")
 # Small, quick programs, which jax's default thresholds would not keep.

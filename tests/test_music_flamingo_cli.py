@@ -7,10 +7,7 @@ import json
 
 import jax.numpy as jnp
 import pytest
-from test_eval import FAST, mmau, run_eval  # noqa: F401 (mmau is a fixture)
-from test_infer import assert_answers_as_transformers, clips  # noqa: F401 (clips is a fixture)
-from test_serve import alone, ask, conversations, media, serving  # noqa: F401 (media is a fixture)
-from test_train import run_setup, train  # noqa: F401 (run_setup is a fixture)
+from programs import FAST, alone, ask, assert_answers_as_transformers, conversations, run_eval, serving, train
 
 import af3_jax
 from af3_jax.checkpoints.tiny import MUSIC_CHAT_TEMPLATE as MUSIC_TEMPLATE

@@ -162,7 +162,7 @@ class Conv1d(nnx.Module):
 
 
 # For jitted programs that run unrolled stacks (`scan` with remat None): two XLA passes that would
-# otherwise copy stacked weights on a GPU (tests/test_decode_gpu.py shows both). SliceSinker sees each
+# otherwise copy stacked weights on a GPU (tests/inference/test_decode_gpu.py shows both). SliceSinker sees each
 # layer convert its slice of a stacked int8 kernel to the compute dtype and merges those L converts
 # into one convert of the whole stack, written to memory before the first layer, where each would
 # otherwise sit inside its layer's matmul (XLA's Triton GEMM reads s8 and converts in registers).

@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import RTOL, assert_close, audio_tokens, random_features, random_text
 from flax import nnx, traverse_util
+from helpers import RTOL, assert_close, audio_tokens, random_features, random_text
 
 import af3_jax
 from af3_jax import sharding

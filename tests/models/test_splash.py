@@ -7,10 +7,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import case_inputs
 
 from af3_jax import sharding
 from af3_jax.models import attention, splash
-from test_attention import case_inputs
 
 # (B, T, S, N, K, H) and the masks of each caller; lengths that no block (128 or 512) divides.
 CASES = {

@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
 from af3_jax import targets
 from af3_jax.config import AF3Config
 
-ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench" / "bench_memory.py"
 # Each plan runs in its own process (the accelerator's compiler registers before jax starts a backend),
 # with this checkout's af3_jax, and no fake CPU devices: a target brings its own.

@@ -1,23 +1,18 @@
 """convert.to_hf on a run's model folder: tensors keep the dtype the model was saved in, or take --dtype."""
 
 import json
-import os
 import struct
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from programs import to_hf
 
 import af3_jax
 from af3_jax.checkpoints import orbax
 from af3_jax.training import workdirs
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device per run
 
 
 @pytest.fixture(scope="module")
@@ -28,13 +23,6 @@ def float32_run(gqa_ckpt, tokenizer_dir, tmp_path_factory):
   orbax.save_model(workdir / "model", model.config, model.state, tokenizer_dir)
   (workdir / "model" / workdirs.TRAINER_STATE).write_text(json.dumps({"step": 1}))
   return workdir
-
-
-def to_hf(workdir, out, *flags):
-  run = subprocess.run([sys.executable, "-m", "convert.to_hf", f"--workdir={workdir}", f"--out={out}", *flags],
-                       cwd=ROOT, env=ENV, capture_output=True, text=True)
-  assert run.returncode == 0, run.stderr[-2000:]
-  return out
 
 
 def stored_dtypes(path) -> set[str]:

@@ -3,12 +3,10 @@ SIGTERM or SIGINT to either process alone stops both after the same step (`preem
 JAX's preemption sync point), and per-host counts sum over the processes."""
 
 import signal
-from pathlib import Path
 
 import pytest
-from conftest import finish, start_processes
+from helpers import ROOT, finish, start_processes
 
-ROOT = Path(__file__).resolve().parents[1]
 
 # A run resumed at step 5: it joins, loads for a while, then steps in lockstep as train steps do (a
 # collective each), process 1 taking twice as long, so a signal finds the processes at different points.

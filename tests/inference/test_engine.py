@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import audio_tokens, compiles, random_features, random_text
+from helpers import audio_tokens, compiles, random_features, random_text
 
 import af3_jax
 from af3_jax.buckets import window_bucket

@@ -3,7 +3,7 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import audio_tokens, build_torch_model, random_features, random_text
+from helpers import audio_tokens, build_torch_model, random_features, random_text
 
 import af3_jax
 

@@ -6,29 +6,16 @@ import io
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
-from absl import flags
+from helpers import ROOT
+from programs import run_cli
 
 import cli
 import infer
 from af3_jax.inference import assistant
 
-ROOT = Path(__file__).resolve().parents[1]
 NO_MODEL = ["--model", "/nonexistent/af3"]  # an error about the model would mean it was loaded first
-
-
-def run_cli(args, stdin="", capsys=None, monkeypatch=None):
-  """Runs infer.main in this process (shared jit caches keep the suite fast); returns (code, out, err).
-  `stdin` is the text to read, or any iterable of lines (one can raise KeyboardInterrupt)."""
-  flags.FLAGS.unparse_flags()
-  infer._parse_flags(["infer.py", *args])
-  monkeypatch.setattr(sys, "stdin", io.StringIO(stdin) if isinstance(stdin, str) else stdin)
-  with pytest.raises(SystemExit) as exited:
-    infer.main(["infer.py"])
-  captured = capsys.readouterr()
-  return exited.value.code, captured.out, captured.err
 
 
 class StandIn:

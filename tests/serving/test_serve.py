@@ -9,7 +9,6 @@ model has no eos, so every answer runs to its max_tokens (finish_reason "length"
 
 import base64
 import concurrent.futures
-import contextlib
 import http.client
 import json
 import logging
@@ -21,15 +20,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile as sf
-from conftest import audio_tokens
+from helpers import CLIPS, ROOT, audio_tokens
+from programs import MAX_LEN, NAME, SLOTS, alone, ask, conversations, serving, text, wav_part
 
 import af3_jax
-from af3_jax.inference import assistant
 
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -37,96 +35,12 @@ from af3_jax.serving.app import create_app  # noqa: E402
 from af3_jax.serving.service import Service  # noqa: E402
 from af3_jax.serving.chat import Translator  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
-NAME = "af3-tiny"
-SLOTS, MAX_LEN = 4, 256
-CLIPS = {"a.wav": 3.0, "b.flac": 2.0}  # seconds: 300 and 200 mel frames
-
-
-@pytest.fixture(scope="module")
-def media(tmp_path_factory):
-  folder = tmp_path_factory.mktemp("media")
-  rng = np.random.default_rng(0)
-  for name, seconds in CLIPS.items():
-    sf.write(folder / name, 0.2 * rng.standard_normal(int(seconds * 16000)), 16000)
-  return folder
-
-
-@contextlib.contextmanager
-def serving(model_dir, media):
-  """A warm server of `model_dir` in a thread of this process; `model` and `processor` are the ones it serves."""
-  model, processor = assistant.load(model_dir, dtype="float32", think=False, style="hf")
-  app = create_app(NAME)
-  app.state.service = Service.start(model, processor, max_slots=SLOTS, max_len=MAX_LEN, media_root=media)
-  listener = socket.create_server(("127.0.0.1", 0))
-  port = listener.getsockname()[1]
-  http_server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-  thread = threading.Thread(target=http_server.run, kwargs={"sockets": [listener]}, daemon=True)
-  thread.start()
-  while not http_server.started:
-    time.sleep(0.05)
-  client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
-  try:
-    yield SimpleNamespace(port=port, client=client, model=model, processor=processor, service=app.state.service)
-  finally:
-    http_server.should_exit = True
-    thread.join(timeout=60)
 
 
 @pytest.fixture(scope="module")
 def server(model_dir, media):
   with serving(model_dir, media) as running:
     yield running
-
-
-def b64(path: Path) -> str:
-  return base64.b64encode(path.read_bytes()).decode()
-
-
-def wav_part(path: Path, wrap: bool = False) -> dict:
-  """An input_audio part; `wrap`: its base64 in lines of 76 characters, as the `base64` command writes it."""
-  data = b64(path)
-  if wrap:
-    data = "\n".join(data[i:i + 76] for i in range(0, len(data), 76))
-  return {"type": "input_audio", "input_audio": {"data": data, "format": path.suffix[1:]}}
-
-
-def text(t: str) -> dict:
-  return {"type": "text", "text": t}
-
-
-def conversations(media: Path) -> dict[str, tuple[list, list]]:
-  """name -> (OpenAI messages, the same conversation for our processor with file paths)."""
-  a, b = media / "a.wav", media / "b.flac"
-  audio = lambda p: {"type": "audio", "path": str(p)}
-  data_url = {"type": "audio_url", "audio_url": {"url": f"data:audio/flac;base64,{b64(b)}"}}
-  local = {"type": "audio_url", "audio_url": {"url": f"file://{a}"}}
-  return {
-      "text": ([{"role": "user", "content": "Say hi."}], [{"role": "user", "content": "Say hi."}]),
-      "audio": ([{"role": "user", "content": [wav_part(a, wrap=True), text("What is in this audio?")]}],
-                [{"role": "user", "content": [audio(a), text("What is in this audio?")]}]),
-      "two audios": ([{"role": "user", "content": [wav_part(a), data_url, text("Compare them.")]}],
-                     [{"role": "user", "content": [audio(a), audio(b), text("Compare them.")]}]),
-      "two turns": ([{"role": "system", "content": "You are a careful listener."},
-                     {"role": "user", "content": [local, text("Describe the sound.")]},
-                     {"role": "assistant", "content": "A dog."},
-                     {"role": "user", "content": [text("And this one?"), data_url]}],
-                    [{"role": "system", "content": "You are a careful listener."},
-                     {"role": "user", "content": [audio(a), text("Describe the sound.")]},
-                     {"role": "assistant", "content": "A dog."},
-                     {"role": "user", "content": [text("And this one?"), audio(b)]}]),
-  }
-
-
-def alone(server, conversation: list, max_tokens: int) -> tuple[str, int, int]:
-  """(text, prompt tokens, completion tokens) of greedy `generate` on the conversation by itself."""
-  batch = server.processor.apply_chat_template(conversation)
-  tokens = af3_jax.generate(server.model, batch, max_tokens, do_sample=False)[0].tolist()
-  return server.processor.tokenizer.decode(tokens, skip_special_tokens=True), batch["input_ids"].shape[1], len(tokens)
-
-
-def ask(server, messages, **kwargs):
-  return server.client.chat.completions.create(model=NAME, messages=messages, temperature=0, **kwargs)
 
 
 def post(port: int, path: str, body, headers: dict | None = None, timeout: float = 120) -> tuple[int, dict | str]:

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import audio_tokens, random_features, random_text
 from flax import nnx, traverse_util
+from helpers import audio_tokens, random_features, random_text
 
 from af3_jax import sharding
 from af3_jax.data.processor import IGNORE

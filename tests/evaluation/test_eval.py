@@ -9,48 +9,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
+from helpers import ROOT
+from programs import FAST, run_eval
 
 import eval as eval_cli
 from af3_jax.evaluation import runner, tasks
 
 
-ROOT = Path(__file__).resolve().parents[1]
-CHOICES = [["Man", "Woman", "Child", "Robot"], ["wind", "wharf"], ["A dog barking", "A cat", "Birds", "Rain", "Wind"],
-           ["Lake", "A cooking competition", "A motorsport racing event", "A live concert", "A political rally",
-            "Forest", "Desert", "Sea"]]
-FAST = ["--dtype", "float32", "--max-new-tokens", "3"]
-
-
-@pytest.fixture(scope="module")
-def mmau(tmp_path_factory):
-  """mmau-test-mini.json with 7 questions on 4 clips of 1 to 2.5 s (q0 and q1 share clip 0, q5 and q6
-  clip 3; q4's clip is missing), beside test-mini-audios/ as the dataset ships."""
-  folder = tmp_path_factory.mktemp("mmau")
-  (folder / "test-mini-audios").mkdir()
-  rng = np.random.default_rng(0)
-  for clip, seconds in enumerate((1.0, 1.5, 2.5, 2.0)):
-    sf.write(folder / "test-mini-audios" / f"clip{clip}.wav", 0.1 * rng.standard_normal(int(seconds * 16000)), 16000)
-  clips = [0, 0, 1, 2, "missing", 3, 3]
-  items = [{"id": f"q{i}", "audio_id": f"./test-mini-audios/clip{c}.wav", "question": f"Question {i}?",
-            "choices": CHOICES[i % 4], "answer": CHOICES[i % 4][i % 2], "dataset": "synthetic",
-            "task": ("sound", "music", "speech")[i % 3], "split": "test-mini", "category": "Reasoning",
-            "sub-category": "Counting", "difficulty": ("easy", "medium", "hard")[i % 3]} for i, c in enumerate(clips)]
-  (folder / "mmau-test-mini.json").write_text(json.dumps(items))
-  return folder / "mmau-test-mini.json", items
-
-
-def run_eval(args, capsys):
-  """eval.py's main in this process (jit caches shared across tests); returns (code, out, err)."""
-  eval_cli.FLAGS.unparse_flags()
-  with pytest.raises(SystemExit) as exited:
-    eval_cli.main(["eval.py", *args])
-  captured = capsys.readouterr()
-  return exited.value.code, captured.out, captured.err
 
 
 def mmau_args(model_dir, data, out, *extra):

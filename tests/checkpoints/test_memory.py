@@ -5,6 +5,7 @@ import sys
 import textwrap
 
 import pytest
+from helpers import Tiny
 
 torch = pytest.importorskip("torch")
 
@@ -48,8 +49,6 @@ _MEASURE = textwrap.dedent("""
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_load_peak_host_memory(tmp_path):
   import transformers
-
-  from conftest import Tiny
 
   # ~120M parameters (240 MB in bf16), stored in float32 as transformers saves by default.
   tiny = Tiny("mem", enc_width=256, enc_heads=4, dec_width=512, dec_heads=8, kv_heads=2, head_dim=64,

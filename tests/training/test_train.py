@@ -4,63 +4,26 @@ skipped, and the export of the finished model or of any saved step loads in tran
 with our logits."""
 
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import soundfile as sf
+from helpers import ROOT, assert_close, finish, read_scalars, start_processes
+from programs import ENV, to_hf, train
 
 import af3_jax
-from conftest import assert_close, finish, start_processes
 from flax import nnx
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}  # one CPU device per run
-
-
-@pytest.fixture(scope="module")
-def run_setup(model_dir, tmp_path_factory):
-  """(checkpoint with tokenizer, manifest of 8 short clips with answers, manifest with a corrupt file)."""
-  root = tmp_path_factory.mktemp("train")
-  model = root / "model"
-  shutil.copytree(model_dir, model)
-  rng = np.random.default_rng(0)
-  items = []
-  for i in range(8):
-    path = root / f"clip{i}.wav"
-    sf.write(path, 0.3 * rng.standard_normal(int((1.0 + i / 4) * 16000)), 16000)
-    answer = ["A dog barking.", "Music plays.", "Someone speaks.", "Rain falls."][i % 4]
-    items.append({"id": f"c{i}", "sound": str(path),
-                  "conversations": [{"from": "human", "value": "<sound>\nWhat is in this audio?"},
-                                    {"from": "gpt", "value": answer}]})
-  manifest = root / "train.json"
-  manifest.write_text(json.dumps(items))
-  (root / "broken.wav").write_bytes(b"RIFF....WAVEjunk")
-  corrupt = root / "corrupt.json"
-  corrupt.write_text(json.dumps(items[:3] + [{**items[3], "id": "bad", "sound": str(root / "broken.wav")}]))
-  return model, manifest, corrupt
-
-
-def train(workdir, model, manifest, *extra, wait=True, config="configs/tiny.py"):
-  cmd = [sys.executable, "train.py", f"--config={config}", f"--workdir={workdir}",
-         f"--config.init_from={model}", f"--config.data.train={manifest}", *extra]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-  if not wait:
-    return proc
-  out, err = proc.communicate(timeout=600)
-  return proc.returncode, out, err
 
 
 def losses(workdir):
@@ -78,7 +41,6 @@ def test_loss_falls_and_the_export_loads_in_transformers(run_setup, tmp_path):
   assert last < 0.7 * first, (first, last)
   assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu", "skipped", "packing_efficiency"} <= set(records[0])
   assert all(0 < r["packing_efficiency"] <= 1 for r in records)
-  from test_tensorboard import read_scalars
 
   (events,) = (tmp_path / "run").glob("events.out.tfevents.*")
   logged = {s: v for s, tag, v in read_scalars(events) if tag == "loss"}
@@ -261,7 +223,6 @@ def peft_logits(base_dir, adapter_dir, ids) -> tuple[np.ndarray, np.ndarray]:
 def test_lora_run_exports_a_peft_adapter(gqa_ckpt, lora_run, tmp_path):
   """Stage 4's LoRA on the tiny model: peft applies the exported adapter to the base torch model and
   gives the logits of our merged model."""
-  from test_export import to_hf
 
   out = to_hf(lora_run, tmp_path / "adapter", "--adapter-only")
   ids = np.random.default_rng(2).integers(0, 290, (1, 12))
@@ -290,7 +251,6 @@ def test_export_of_a_saved_step_is_our_model_at_that_step(run_setup, gqa_ckpt, l
   """--step 2 of the LoRA run, which is not its finished model: the export's logits in transformers,
   and peft's over the base with the --adapter-only export, equal our model from the run's init_from
   with LoRA added and step 2's LoRA weights put in (applied unmerged). The workdir is only read."""
-  from test_export import to_hf
 
   from af3_jax.checkpoints import lora
   from configs import tiny

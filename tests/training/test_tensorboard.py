@@ -3,34 +3,16 @@ metrics.jsonl, on disk before the writer closes, and a resumed run's purge marke
 efficiency."""
 
 import json
-import struct
 import time
 
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
+from helpers import read_events, read_scalars
 
 from af3_jax.config import AF3Config
 from af3_jax.training import flops
 from af3_jax.training.metrics import MetricsLog
-
-
-def read_events(path):
-  """The `Event`s of one file of TFRecords (u64 length, its CRC, the bytes, their CRC); a record the
-  writer has not finished yet ends the list."""
-  data, i, events = path.read_bytes(), 0, []
-  while i + 16 <= len(data):
-    (n,) = struct.unpack_from("<Q", data, i)
-    if i + 16 + n > len(data):
-      break
-    events.append(event_pb2.Event.FromString(data[i + 12:i + 12 + n]))
-    i += 16 + n
-  return events
-
-
-def read_scalars(path):
-  """(step, tag, value) of every scalar in one event file, in the order written."""
-  return [(e.step, v.tag, v.simple_value) for e in read_events(path) for v in e.summary.value]
 
 
 def markers(path):

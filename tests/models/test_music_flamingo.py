@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import RTOL, assert_close, audio_tokens, left_pad, random_features, random_text, torch_logits
 from flax import nnx
-from test_generate import MAX_NEW, torch_generate
+from helpers import MAX_NEW, RTOL, assert_close, audio_tokens, left_pad, random_features, random_text, torch_generate, torch_logits
 
 import af3_jax
 from af3_jax import Processor

@@ -10,14 +10,13 @@ whole (T, S) score matrix, about 1 GiB in float32 per head at 16,000 tokens.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import Tiny, build_torch_model, random_text
 from flax import nnx
+from helpers import ROOT, Tiny, build_torch_model, random_text
 
 import af3_jax
 from af3_jax import sharding
@@ -26,7 +25,7 @@ from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 from af3_jax.generation import Sampling
 from af3_jax.inference import decode
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_memory.py"
+BENCH = ROOT / "bench" / "bench_memory.py"
 
 PROMPT = 16_000
 NEW = 1_024

@@ -8,9 +8,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import (assert_close, audio_tokens, left_pad, random_features, random_prompts, random_text,
-                      torch_logits)
 from flax import nnx
+from helpers import assert_close, audio_tokens, left_pad, random_features, random_prompts, random_text, torch_logits
 
 import af3_jax
 

@@ -8,48 +8,15 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-import soundfile as sf
+from helpers import ROOT
+from programs import assert_answers_as_transformers, run_cli
 from af3_jax.checkpoints.tiny import CHAT_TEMPLATE as HF_TEMPLATE
-from test_infer_input import run_cli
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory):
-  folder = tmp_path_factory.mktemp("clips")
-  rng = np.random.default_rng(0)
-  for name, seconds in (("a.wav", 3.0), ("b.flac", 6.5)):
-    sf.write(folder / name, 0.2 * rng.standard_normal(int(seconds * 16000)), 16000)
-  (folder / "broken.wav").write_bytes(b"RIFF not really")
-  return folder
-
-
-def assert_answers_as_transformers(model_dir, processor_cls, model_cls, template: str, audio, prompt: str,
-                                   capsys, monkeypatch) -> None:
-  """infer.py's greedy answer (12 new tokens) to one audio and a prompt is transformers' through its
-  processor and model classes (and `template`)."""
-  args = ["--model", str(model_dir), "--audio", str(audio), "--prompt", prompt, "--greedy", "--dtype", "float32",
-          "--max-new-tokens", "12"]
-  code, out, err = run_cli(args, capsys=capsys, monkeypatch=monkeypatch)
-  assert code == 0 and "new tokens/s" in err
-  processor = processor_cls(
-      feature_extractor=transformers.WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
-      tokenizer=transformers.AutoTokenizer.from_pretrained(model_dir), chat_template=template)
-  conv = [{"role": "user", "content": [{"type": "audio", "path": str(audio)}, {"type": "text", "text": prompt}]}]
-  inputs = processor.apply_chat_template(conv, tokenize=True, add_generation_prompt=True, return_dict=True)
-  torch_model = model_cls.from_pretrained(model_dir).eval()
-  with torch.no_grad():
-    new = torch_model.generate(**inputs, do_sample=False, max_new_tokens=12)[0, inputs["input_ids"].shape[1]:]
-  expected = processor.tokenizer.decode(new, skip_special_tokens=True).strip()
-  assert expected and out.strip() == expected
 
 
 def test_single_audio_answer_equals_transformers_greedy(model_dir, clips, capsys, monkeypatch):

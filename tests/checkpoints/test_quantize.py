@@ -9,9 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import audio_tokens, left_pad, random_features, random_text
-from test_sharding import assert_specs_divide, mesh_222
 from flax import nnx, traverse_util
+from helpers import assert_specs_divide, audio_tokens, left_pad, mesh_222, random_features, random_text
 
 import af3_jax
 from af3_jax.checkpoints import names, quantization

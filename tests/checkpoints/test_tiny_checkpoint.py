@@ -4,18 +4,16 @@ with our logits; and the benchmarks' presets agree with its tokenizer."""
 
 import subprocess
 import sys
-from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
+from helpers import ROOT, assert_close
 
 import af3_jax
 from af3_jax.checkpoints import tiny
 from af3_jax.checkpoints.pretrained import read_generation_config
 
-ROOT = Path(__file__).resolve().parents[1]
 # convert.tiny as a user without torch runs it: transformers sees no torch at all.
 WITHOUT_TORCH = ("import runpy, sys; sys.modules['torch'] = None; sys.argv = ['convert.tiny', *sys.argv[1:]]; "
                  "runpy.run_module('convert.tiny', run_name='__main__')")

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from conftest import assert_close, audio_tokens, left_pad, random_features, random_prompts, random_text
 from flax import nnx
+from helpers import MAX_NEW, PAD, assert_close, audio_tokens, left_pad, random_features, random_prompts, random_text, torch_generate
 
 import af3_jax
 from af3_jax.checkpoints.pretrained import read_generation_config
@@ -24,9 +24,6 @@ from af3_jax.inference import decode
 from af3_jax.models import kv_cache
 
 torch = pytest.importorskip("torch")
-
-MAX_NEW = 16
-PAD = 0
 
 
 def audio_batch(rng, tiny, frames: list[int]) -> dict[str, np.ndarray]:
@@ -67,14 +64,6 @@ def multi_turn(rng, tiny):
 
 
 CASES = {f.__name__: f for f in (single_audio, two_audios, two_windows, text, multi_turn)}
-
-
-def torch_generate(model, batch, **kw) -> np.ndarray:
-  """New tokens from transformers' greedy generate; positions come from the attention mask."""
-  with torch.no_grad():
-    out = model.generate(**{k: torch.tensor(v) for k, v in batch.items()}, do_sample=False,
-                         max_new_tokens=MAX_NEW, pad_token_id=PAD, **kw)
-  return out[:, batch["input_ids"].shape[1]:].numpy()
 
 
 @pytest.mark.parametrize("case", CASES)
