@@ -1,5 +1,6 @@
 """Decoding settings: a checkpoint's generation defaults (`GenerationConfig`, read once by
-`from_pretrained`), combined with a call's arguments into the `Settings` that `decode` runs with.
+`from_pretrained`), combined with a call's arguments into the `Settings` that a request decodes with,
+whose `Sampling` the device takes as per-row arrays (`Rows`).
 
 transformers' meanings and defaults: greedy unless do_sample; when sampling, temperature 1, top_k 50,
 top_p 1; repetition_penalty 1.0, top_k 0 and top_p 1.0 are off. pad falls back to the first eos id.
@@ -9,11 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+import numpy as np
+from flax import struct
+
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
-  """How the next token is chosen: static under jit. (eos and pad ids are data, not settings: changing
-  them never recompiles.)"""
+  """How one request's next token is chosen (the device takes it as data, `Rows`)."""
 
   do_sample: bool = False
   temperature: float = 1.0
@@ -27,9 +31,29 @@ class Sampling:
                        "repetition_penalty > 0")
 
 
+@struct.dataclass
+class Rows:
+  """Each row's `Sampling`, (B,) each, so that rows of any settings share one program: do_sample bool;
+  temperature; top_k (0: off); tail, the mass top-p drops (1 - top_p; 0: off); repetition_penalty (1: off)."""
+
+  do_sample: jax.Array
+  temperature: jax.Array
+  top_k: jax.Array
+  tail: jax.Array
+  repetition_penalty: jax.Array
+
+  @classmethod
+  def of(cls, *rows: Sampling) -> Rows:
+    """A row for each Sampling, in numpy (1 - top_p taken in Python's float64, then float32, as
+    transformers' TopPLogitsWarper compares it)."""
+    return cls(np.array([s.do_sample for s in rows], bool), np.array([s.temperature for s in rows], np.float32),
+               np.array([s.top_k for s in rows], np.int32), np.array([1 - s.top_p for s in rows], np.float32),
+               np.array([s.repetition_penalty for s in rows], np.float32))
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-  """What one `generate` call decodes with."""
+  """What one request decodes with."""
 
   sampling: Sampling
   eos_ids: tuple[int, ...]  # empty: only max_new_tokens stops
@@ -70,7 +94,7 @@ class GenerationConfig:
     eos = _ids(eos_token_id) if eos_token_id is not None else self.eos_token_id
     pad = int(pick(pad_token_id, self.pad_token_id, eos[0] if eos else 0))
     penalty = float(pick(repetition_penalty, self.repetition_penalty, 1.0))
-    if not pick(do_sample, self.do_sample, False):  # the warpers are unused: keep them out of the jit key
+    if not pick(do_sample, self.do_sample, False):  # greedy: the warpers are unused, their defaults kept
       return Settings(Sampling(repetition_penalty=penalty), eos, pad)
     sampling = Sampling(True, float(pick(temperature, self.temperature, 1.0)), int(pick(top_k, self.top_k, 50)),
                         float(pick(top_p, self.top_p, 1.0)), penalty)

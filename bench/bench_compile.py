@@ -5,11 +5,11 @@
   (from the repo root, with af3_jax installed or PYTHONPATH=.)
 
 Nothing runs and nothing is allocated: each program is compiled from abstract weights for --target, a
-GPU that need not be here (`targets.devices`), as the tests check it. Programs: `generate`'s decode
-step (`decode.step`, batch --batch, a cache of a 30 s prompt's bucket (`buckets.prompt_bucket`) plus
-64 new tokens), the engine's (`slots.generate_fn`, 8 slots, a 1,024-slot window: 30 s requests) and
-the prefill of 30 s or 10 min of audio (`decode.prefill`: audio encoder, projector, the prompt into
-the cache).
+GPU that need not be here (`targets.devices`), as the tests check it. Programs: `generate_stream`'s
+decode step (`slots.decode_fn`, batch --batch, one step, a cache of a 30 s prompt's bucket
+(`buckets.prompt_bucket`) plus 64 new tokens: the body of `generate`'s loop), the engine's
+(`slots.decode_fn`, 8 slots, a 1,024-slot window: 30 s requests) and the prefill of 30 s or 10 min of
+audio (`slots.prefill_fn`: audio encoder, projector, the prompt into a cache of its own).
 
 Layouts: `unrolled` (inference: each layer reads its weights at a static index of the stacks), `rolled`
 (training's `lax.scan`: a dynamic slice of the stacks per layer, as inference ran before), `per-layer`
@@ -42,9 +42,8 @@ from flax import nnx, traverse_util
 from af3_jax import hlo, sharding, targets
 from af3_jax.buckets import prompt_bucket
 from af3_jax.checkpoints import pretrained
-from af3_jax.generation import Sampling
-from af3_jax.inference import decode, engine, slots
-from af3_jax.models import kv_cache, layers
+from af3_jax.inference import engine, requests, slots
+from af3_jax.models import layers
 from af3_jax.models.whisper import tokens_per_window
 from presets import MODELS
 
@@ -85,26 +84,15 @@ def program(name: str, cfg, mesh):
   """(the jitted library function, its arguments after graphdef and weights, its static keywords)."""
   replicated = lambda tree: jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh, jax.P())), tree)
-  prompt = prompt_bucket(tokens_per_window(cfg.encoder) * AUDIO.get(name, 1) + PROMPT, decode.MIN_BUCKET)
-  if name == "decode":
-    b = _BATCH.value
-    state = jax.eval_shape(lambda: decode.State(
-        cache=kv_cache.init(cfg.decoder, b, prompt + NEW_TOKENS, jnp.bfloat16), token=jnp.zeros(b, jnp.int32),
-        position=jnp.zeros(b, jnp.int32), done=jnp.zeros(b, bool), seen=jnp.zeros((b, cfg.decoder.vocab_size), bool),
-        step=jnp.zeros((), jnp.int32), key=jax.random.key(0), eos=jnp.zeros(4, jnp.int32),
-        pad=jnp.zeros((), jnp.int32)))
-    return decode._step_fn, (replicated(state),), dict(s=Sampling())
-  if name == "engine":
-    state = jax.eval_shape(lambda: slots.empty_fn(cfg, batch=SLOTS, length=1024, dtype=jnp.bfloat16))
-    return slots.generate_fn, (replicated(state), np.ones(SLOTS, np.int32)), dict(window=1024,
-                                                                                  steps=engine.DECODE_STEPS)
-  e, w = cfg.encoder, AUDIO[name]
-  args = jax.eval_shape(lambda: (
-      {"input_ids": jnp.zeros((1, prompt), jnp.int32), "attention_mask": jnp.ones((1, prompt), jnp.int32),
-       "input_features": jnp.zeros((w, e.num_mel_bins, e.mel_frames)),
-       "input_features_mask": jnp.ones((w, e.mel_frames), jnp.int32)},
-      jax.random.key(0), jnp.zeros(4, jnp.int32), jnp.zeros((), jnp.int32)))
-  return decode._prefill_fn, replicated(args), dict(s=Sampling(), new_len=NEW_TOKENS)
+  prompt = prompt_bucket(tokens_per_window(cfg.encoder) * AUDIO.get(name, 1) + PROMPT, requests.MIN_BUCKET)
+  if name in ("decode", "engine"):
+    b, length, steps = (_BATCH.value, prompt + NEW_TOKENS, 1) if name == "decode" else (SLOTS, 1024,
+                                                                                         engine.DECODE_STEPS)
+    state = jax.eval_shape(lambda: slots.empty_fn(cfg, batch=b, length=length, dtype=jnp.bfloat16))
+    return slots.decode_fn, (replicated(state), np.ones(b, np.int32)), dict(window=length, steps=steps)
+  shape = requests.Shape(1, prompt, AUDIO[name])
+  model = pretrained.Model(cfg, None, None, mesh)  # `requests.dummy` reads its config
+  return slots.prefill_fn, replicated(requests.batch([requests.dummy(model, shape)], shape, 0)), {}
 
 
 def options() -> dict | None:
@@ -127,7 +115,7 @@ def per_layer(fn, graphdef, weights):
                         is_leaf=lambda p: isinstance(p, tuple))
     return fn.__wrapped__(graphdef, tree, *args, **static)
 
-  jitted = jax.jit(restacked, static_argnames=("s", "new_len", "window"), compiler_options=options())
+  jitted = jax.jit(restacked, static_argnames=("window", "steps"), compiler_options=options())
   return jitted, jax.tree_util.tree_map_with_path(split, weights)
 
 

@@ -54,7 +54,7 @@ from af3_jax.checkpoints.pretrained import Model, init_random
 from af3_jax.config import AF3Config, MODEL_TYPES
 from af3_jax.inference import decode
 from af3_jax.models.whisper import tokens_per_window
-from presets import TokenClock, model_config, torch_model
+from presets import TokenClock, compiles, model_config, torch_model
 
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "A preset: the model and the defaults below.")
 _MODEL_TYPE = flags.DEFINE_enum("model-type", "audioflamingo3", MODEL_TYPES, "The family, as config.json's "
@@ -151,15 +151,15 @@ def jax_loop(model: Model, batch: dict, n: int) -> float:
 
 def time_jax(model: Model, batch: dict, n: int, repeats: int) -> Timing:
   rows = len(batch["input_ids"])
-  traced = sum(decode.TRACES.values())
-  stream_first = sum(jax_stream(model, batch, n))
-  ttft, dt = _median_split([jax_stream(model, batch, n) for _ in range(repeats)])
-  loop_first = jax_loop(model, batch, n)
-  first, full = _median_split([(jax_loop(model, batch, 1), jax_loop(model, batch, n)) for _ in range(repeats)])
+  with compiles() as compiled:
+    stream_first = sum(jax_stream(model, batch, n))
+    ttft, dt = _median_split([jax_stream(model, batch, n) for _ in range(repeats)])
+    loop_first = jax_loop(model, batch, n)
+    first, full = _median_split([(jax_loop(model, batch, 1), jax_loop(model, batch, n)) for _ in range(repeats)])
   compile_s = (stream_first - ttft - dt) + (loop_first - full)
   # NaN: the prefill's jitter outweighed the decode (tiny models on a CPU); more tokens or repeats help.
   loop_tok_s = (n - 1) * rows / (full - first) if full > first else float("nan")
-  return Timing(ttft, (n - 1) * rows / dt, loop_tok_s, compile_s, sum(decode.TRACES.values()) - traced)
+  return Timing(ttft, (n - 1) * rows / dt, loop_tok_s, compile_s, len(compiled))
 
 
 def torch_run(model, batch: dict, n: int) -> tuple[float, float]:

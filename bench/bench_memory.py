@@ -41,10 +41,9 @@ from flax import nnx
 import af3_jax
 from af3_jax import sharding, targets
 from af3_jax.buckets import bucket, window_bucket
-from af3_jax.checkpoints.pretrained import abstract_model, init_random
+from af3_jax.checkpoints.pretrained import Model, abstract_model, init_random
 from af3_jax.config import AF3Config, MODEL_TYPES
-from af3_jax.generation import Sampling
-from af3_jax.inference import decode
+from af3_jax.inference import decode, requests, slots
 from af3_jax.models.whisper import tokens_per_window
 from af3_jax.training import plans as memory_plans
 from presets import model_config
@@ -78,7 +77,7 @@ def nvidia_batch(cfg: AF3Config, minutes: float, seed: int = 0) -> dict[str, np.
     audio = [[cfg.audio_bos_token_id], np.full(windows * tokens_per_window(cfg.encoder), cfg.audio_token_id),
              [cfg.audio_eos_token_id]]
   ids = np.concatenate([text(PROMPT[0]), *audio, text(PROMPT[1])])
-  length, padded_windows = bucket(len(ids), decode.MIN_BUCKET), window_bucket(windows)
+  length, padded_windows = bucket(len(ids), requests.MIN_BUCKET), window_bucket(windows)
   frames = cfg.encoder.mel_frames
   real = np.arange(padded_windows) < windows
   return dict(
@@ -92,23 +91,25 @@ def nvidia_batch(cfg: AF3Config, minutes: float, seed: int = 0) -> dict[str, np.
 def compiled_memory(cfg: AF3Config, dtype, batch: dict, new_tokens: int, quantize: str,
                     device: jax.Device | None = None) -> dict:
   """Bytes of the weights and of the decode state (KV cache and the rest, as the prefill returns it), and
-  the compiled temporaries of `decode.prefill` for `batch` and of one `decode.step` after it (donating
-  the state, as `generate_stream` does), from abstract weights: nothing is allocated. `device`: compile
+  the compiled temporaries of `generate`'s start (`decode.start`: the prefill into a cache with room for
+  the new tokens) for `batch` and of one decode step after it (`slots.decode_fn`, donating the state, as
+  `generate_stream` runs it), from abstract weights: nothing is allocated. `device`: compile
   for it (a compile-only target's); a compiler that refuses a program too big for it gives `error`."""
   mesh = sharding.single_device_mesh(device)
   graphdef, abstract, shardings = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh,
                                                  quantize=quantize)
   on = lambda x, s=jax.NamedSharding(mesh, jax.P()): jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
   abstract, batch = jax.tree.map(on, abstract, shardings), jax.tree.map(on, batch)
-  new_len = bucket(new_tokens, decode.MIN_BUCKET)
-  eos = np.full(4, -1, np.int32)
+  new_len = bucket(new_tokens, requests.MIN_BUCKET)
+  shape = requests.Shape(1, batch["input_ids"].shape[1], batch["input_features"].shape[0])
+  _, *rest = requests.batch([requests.dummy(Model(cfg, graphdef, abstract, mesh), shape)], shape, 0)
 
   def prefill_fn(state, batch):
-    return decode.prefill(nnx.merge(graphdef, state), batch, new_len, Sampling(), jax.random.key(0), eos,
-                          np.int32(0))
+    return decode.start(nnx.merge(graphdef, state), batch, *rest, new_len=new_len)
 
   def step_fn(state, decoding):
-    return decode.step(nnx.merge(graphdef, state), decoding, Sampling())
+    return slots.decode(nnx.merge(graphdef, state), decoding, np.ones(1, np.int32),
+                        window=decoding.cache.k.shape[2], steps=1)
 
   with jax.set_mesh(mesh):
     decoding = jax.tree.map(on, jax.eval_shape(prefill_fn, abstract, batch))

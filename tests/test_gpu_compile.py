@@ -19,7 +19,6 @@ from flax import nnx
 from af3_jax import sharding
 from af3_jax.checkpoints import pretrained
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.generation import Sampling
 from af3_jax.inference import decode, engine, requests, slots
 from af3_jax.models import whisper
 from af3_jax.training import optimizer as optim, pipeline, step as train_step
@@ -62,19 +61,25 @@ def forward(m):
   return pretrained._forward, (m.graphdef, m.state, _prompt(ROWS, LENGTH) | _audio(WINDOWS)), {}
 
 
+@functools.partial(jax.jit, static_argnums=0, static_argnames="new_len")
+def _start_fn(graphdef, state, *args, new_len):
+  return decode.start(nnx.merge(graphdef, state), *args, new_len=new_len)
+
+
 def prefill(m):
-  """`generate`'s prefill: the audio, then a left-padded prompt into an empty cache."""
-  args = (m.graphdef, m.state, _prompt(ROWS, LENGTH) | _audio(WINDOWS), jax.eval_shape(lambda: jax.random.key(0)),
-          S((4,), jnp.int32), S((), jnp.int32))
-  return decode._prefill_fn, args, dict(s=Sampling(), new_len=NEW)
+  """`generate`'s start (`decode.start`): the audio, then the right-padded prompts of ROWS rows into a
+  cache with room for NEW tokens."""
+  shape = requests.Shape(ROWS, LENGTH, WINDOWS)
+  args = requests.batch([requests.dummy(m, shape)], shape, 0)  # a row and a padding row
+  return _start_fn, (m.graphdef, m.state, *args), dict(new_len=NEW)
 
 
 def decode_step(m):
-  """`generate`'s decode step after that prefill."""
+  """`generate`'s decode step after that start (`generate_stream` dispatches it as `slots.decode_fn`)."""
   fn, args, kw = prefill(m)
   with jax.set_mesh(m.mesh):
     state = jax.eval_shape(functools.partial(fn, **kw), *args)
-  return decode._step_fn, (m.graphdef, m.state, state), dict(s=Sampling())
+  return slots.decode_fn, (m.graphdef, m.state, state, S((ROWS,), jnp.int32)), dict(window=LENGTH + NEW, steps=1)
 
 
 def engine_prefill(m):
@@ -88,7 +93,7 @@ def engine_step(m):
   dtype = m.state["lm_head"]["kernel"].dtype
   with jax.set_mesh(m.mesh):
     state = jax.eval_shape(lambda: slots.empty_fn(CFG, batch=4, length=2 * LENGTH, dtype=dtype))
-  return slots.generate_fn, (m.graphdef, m.state, state, S((4,), jnp.int32)), dict(window=LENGTH,
+  return slots.decode_fn, (m.graphdef, m.state, state, S((4,), jnp.int32)), dict(window=LENGTH,
                                                                                    steps=engine.DECODE_STEPS)
 
 
@@ -123,7 +128,7 @@ def compile_program(program, m, **compiler_options):
 EXPECTED = {
     encoder: (None, True),
     forward: (("CAUSAL", True), True),  # left padding: a mask
-    prefill: (("CAUSAL", True), True),
+    prefill: (("PADDING_CAUSAL", False), True),  # right padding: cuDNN's lengths
     decode_step: (("NO_MASK", True), False),  # causality after a cache: a mask
     engine_prefill: (("PADDING_CAUSAL", False), True),
     engine_step: (("NO_MASK", True), False),

@@ -75,7 +75,7 @@ def test_every_entry_point_traces_attention_under_the_models_mesh(monkeypatch):
       "Model.__call__": lambda: model(input_ids=ids, **audio),
       "generate": lambda: af3_jax.generate(model, {"input_ids": ids, **audio}, 2),
       "generate_stream": lambda: list(af3_jax.generate_stream(model, {"input_ids": ids, **audio}, 2)),
-      "engine": lambda: list(engine.map([Request({"input_ids": ids[0], **audio}, 2)], lambda request: request)),
+      "engine": lambda: list(engine.map([Request({"input_ids": ids[0], **audio}, 2)], lambda r: r)),
   }
   for name, run in paths.items():
     seen.clear()

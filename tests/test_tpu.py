@@ -13,10 +13,9 @@ from flax import nnx
 
 from af3_jax import sharding, targets
 from af3_jax.buckets import bucket, window_bucket
-from af3_jax.checkpoints.pretrained import abstract_model
+from af3_jax.checkpoints.pretrained import Model, abstract_model
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.generation import Sampling
-from af3_jax.inference import decode
+from af3_jax.inference import decode, requests, slots
 from af3_jax.models.whisper import tokens_per_window
 from af3_jax.training import pipeline
 
@@ -28,7 +27,7 @@ TINY = AF3Config(
     decoder=DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                           intermediate_size=128),
     audio_token_id=299)
-NEW_TOKENS = 64  # decode.MIN_BUCKET: the cache's room after the prompt
+NEW_TOKENS = 64  # requests.MIN_BUCKET: the cache's room after the prompt
 
 
 @pytest.fixture(autouse=True)
@@ -54,25 +53,26 @@ def _fits(compiled, target: str, what: str) -> None:
 
 
 def _prefill_and_step(cfg: AF3Config, target: str, windows: int, dtype=jnp.bfloat16):
-  """`decode.prefill` of one NVIDIA-style prompt (text, then `<sound>` x 750 and a newline a window),
-  padded to generate's buckets, and one `decode.step` after it, compiled for `target` with the model
-  split over every device by heads (tensor parallel: mesh (1, 1, n))."""
+  """`generate`'s start (`decode.start`: the prefill of one NVIDIA-style prompt, text, then `<sound>` x
+  750 and a newline a window, padded to the buckets) and one decode step after it (`slots.decode`),
+  compiled for `target` with the model split over every device by heads (tensor parallel: mesh (1, 1, n))."""
   devices = targets.devices(target)
   mesh = sharding.make_mesh((1, 1, len(devices)), devices)
   graphdef, abstract, shardings = abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh)
-  length = bucket(16 + windows * (tokens_per_window(cfg.encoder) + 1), decode.MIN_BUCKET)
+  length = bucket(16 + windows * (tokens_per_window(cfg.encoder) + 1), requests.MIN_BUCKET)
   shapes = pipeline.batch_shapes(1, window_bucket(windows), length, packed=False)
   del shapes["labels"]
   batch_shardings = sharding.batch_shardings({k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}, mesh)
   batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_shardings[k]) for k, (shape, dt) in shapes.items()}
-  eos = np.full(4, -1, np.int32)
+  shape = requests.Shape(1, length, window_bucket(windows))
+  _, *rest = requests.batch([requests.dummy(Model(cfg, graphdef, abstract, mesh), shape)], shape, 0)
 
   def prefill_fn(state, batch):
-    return decode.prefill(nnx.merge(graphdef, state), batch, NEW_TOKENS, Sampling(), jax.random.key(0), eos,
-                          np.int32(0))
+    return decode.start(nnx.merge(graphdef, state), batch, *rest, new_len=NEW_TOKENS)
 
   def step_fn(state, decoding):
-    return decode.step(nnx.merge(graphdef, state), decoding, Sampling())
+    return slots.decode(nnx.merge(graphdef, state), decoding, np.ones(1, np.int32), window=length + NEW_TOKENS,
+                        steps=1)
 
   with jax.set_mesh(mesh):
     prefill = jax.jit(prefill_fn, in_shardings=(shardings, None)).lower(abstract, batch).compile()

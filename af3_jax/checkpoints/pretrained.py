@@ -4,7 +4,9 @@ with random weights, for benchmarks)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -82,42 +84,64 @@ class Model:
                  input_features_mask=input_features_mask, audio_embed_mask=audio_embed_mask,
                  position_ids=position_ids)
     batch = {k: v for k, v in batch.items() if v is not None}
-    check_inputs(self.config, **batch)
+    check_inputs(self.config, batch)
     with jax.set_mesh(self.mesh):
       return _forward(self.graphdef, self.state, batch)
 
 
-def check_inputs(cfg: AF3Config, *, input_ids, attention_mask=None, input_features=None,
-                 input_features_mask=None, audio_embed_mask=None, position_ids=None) -> None:
-  """Raises ValueError for inputs the model would silently get wrong (shapes, audio token counts)."""
-  ids = np.asarray(input_ids)
+AUDIO_INPUTS = ("input_features", "input_features_mask", "audio_embed_mask")
+
+
+def check_inputs(cfg: AF3Config, inputs: Mapping[str, Any], *, prompts: bool = False) -> dict[str, np.ndarray]:
+  """The one check of transformers-named inputs, which every entry point calls (the forward, `generate`,
+  `generate_stream`, the engine's requests): numpy copies of those given (None dropped). Raises
+  ValueError for inputs the model would silently get wrong (unknown names, shapes, audio token counts)
+  and, for `prompts` (rows that generation continues from their last column, as transformers does),
+  position_ids (the mask gives positions) and an attention_mask that is not left padding or leaves a
+  row without a token."""
+  names = {"input_ids", "attention_mask", *AUDIO_INPUTS} | (set() if prompts else {"position_ids"})
+  inputs = {k: np.asarray(v) for k, v in inputs.items() if v is not None}
+  unknown = set(inputs) - names
+  if unknown or "input_ids" not in inputs:
+    raise ValueError(f"unknown batch entries {sorted(unknown)}: the inputs are input_ids and optionally "
+                     f"{', '.join(sorted(names - {'input_ids'}))}" if unknown else "input_ids must be given")
+  ids = inputs["input_ids"]
   if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
     raise ValueError(f"input_ids must be integer (batch, seq), got {ids.dtype} {ids.shape}")
-  for name, x in (("attention_mask", attention_mask), ("position_ids", position_ids)):
-    if x is not None and np.shape(x) != ids.shape:
-      raise ValueError(f"{name} must have the shape of input_ids {ids.shape}, got {np.shape(x)}")
-  if input_features is None:
-    if input_features_mask is not None or audio_embed_mask is not None:
+  for name in ("attention_mask", "position_ids"):
+    if name in inputs and inputs[name].shape != ids.shape:
+      raise ValueError(f"{name} must have the shape of input_ids {ids.shape}, got {inputs[name].shape}")
+  mask = inputs.get("attention_mask")
+  if prompts:
+    if ids.shape[1] == 0:
+      raise ValueError("the prompt is empty")
+    left_padded = lambda m: np.isin(m, (0, 1)).all() and (np.diff(m, axis=1) >= 0).all() and m[:, -1].all()
+    if mask is not None and not left_padded(mask):
+      raise ValueError("attention_mask must be left padding (zeros, then ones) with a token in every row")
+  if "input_features" not in inputs:
+    if set(AUDIO_INPUTS) & set(inputs):
       raise ValueError("input_features_mask / audio_embed_mask given without input_features")
-    return
+    return inputs
   e = cfg.encoder
-  windows = np.shape(input_features)[0]
+  features, features_mask = inputs["input_features"], inputs.get("input_features_mask")
+  windows = features.shape[0] if features.ndim else 0
   frames, tokens = e.mel_frames, whisper.tokens_per_window(e)
-  if np.shape(input_features) != (windows, e.num_mel_bins, frames):
-    raise ValueError(f"input_features must be (windows, {e.num_mel_bins}, {frames}), got {np.shape(input_features)}")
-  if input_features_mask is None or np.shape(input_features_mask) != (windows, frames):
+  if features.shape != (windows, e.num_mel_bins, frames):
+    raise ValueError(f"input_features must be (windows, {e.num_mel_bins}, {frames}), got {features.shape}")
+  if features_mask is None or features_mask.shape != (windows, frames):
     raise ValueError(f"input_features_mask must be given with shape ({windows}, {frames})")
-  if audio_embed_mask is None:
-    n_frames = int(np.maximum(whisper.pooled_lengths(np.asarray(input_features_mask).astype(np.int64).sum(-1)), 0).sum())
-  elif np.shape(audio_embed_mask) != (windows, tokens):
-    raise ValueError(f"audio_embed_mask must be ({windows}, {tokens}), got {np.shape(audio_embed_mask)}")
+  embed_mask = inputs.get("audio_embed_mask")
+  if embed_mask is None:
+    n_frames = int(np.maximum(whisper.pooled_lengths(features_mask.astype(np.int64).sum(-1)), 0).sum())
+  elif embed_mask.shape != (windows, tokens):
+    raise ValueError(f"audio_embed_mask must be ({windows}, {tokens}), got {embed_mask.shape}")
   else:
-    n_frames = int(np.asarray(audio_embed_mask).astype(bool).sum())
-  mask = None if attention_mask is None else np.asarray(attention_mask)
+    n_frames = int(embed_mask.astype(bool).sum())
   n_tokens = int(audio_positions(ids, mask, cfg.audio_token_id).sum())
   if n_tokens != n_frames:
     raise ValueError(f"input_ids hold {n_tokens} <sound> tokens (id {cfg.audio_token_id}, padding not "
                      f"counted) but the audio gives {n_frames} frames; they must be equal")
+  return inputs
 
 
 def from_pretrained(path_or_hub_id: str | Path, dtype=jnp.bfloat16, mesh: jax.sharding.Mesh | None = None, *,

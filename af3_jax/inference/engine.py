@@ -1,17 +1,18 @@
 """Continuous batching: requests come and go while up to `max_slots` of them decode together in one
 shared KV cache (`slots.py`), each getting the tokens `decode.generate` would give it alone.
 
-`Engine` follows JetStream's engine and orchestrator (`engine_api.py`): requests are prefilled (their
-audio encoder and prompts run, their first tokens chosen), inserted into free slots, and decoded for
-every slot together. `step` is one turn of that loop: it frees cancelled requests' slots, prefills
-waiting requests into free slots (a free-slot queue), several at once (one encoder call over all their
-windows, one prefill call over their rows, up to `prefill_tokens` padded prompt tokens), starts a
-decode dispatch, and hands out the tokens of the dispatch before, freeing each slot whose request
-is done (an eos id, or max_new_tokens) at once. A dispatch decodes up to `decode_steps` tokens for every
-slot (vLLM's multi-step scheduling): the host reads tokens once per dispatch, and a slot stops on the
-device at its eos or its budget. So the device decodes while the host reads tokens and schedules, never
-waiting for it; the price is decoding a slot whose request ended in the dispatch before, whose tokens
-are dropped (a new request in that slot is inserted after it, in device order).
+`Engine` drives `slots`' programs, which follow JetStream's engine API (`engine_api.py`): the prefill runs
+requests' audio encoder and prompts and chooses their first tokens, the insert puts them into free slots,
+the decode step decodes for every slot. `step` is one turn of the loop over them (JetStream's
+orchestrator): it frees cancelled requests' slots, prefills waiting requests into free slots (a free-slot
+queue), several at once (one encoder call over all their windows, one prefill call over their rows, up to
+`prefill_tokens` padded prompt tokens), starts a decode dispatch, and hands out the tokens of the dispatch
+before, freeing each slot whose request is done (an eos id, or max_new_tokens) at once. A dispatch decodes
+up to `decode_steps` tokens for every slot (vLLM's multi-step scheduling): the host reads tokens once per
+dispatch, and a slot stops on the device at its eos or its budget. So the device decodes while the host
+reads tokens and schedules, never waiting for it; the price is decoding a slot whose request ended in the
+dispatch before, whose tokens are dropped (a new request in that slot is inserted after it, in device
+order).
 
 Shapes: prefill batches are padded to a few shapes (`requests.Shape`), slots are fixed, and the cache
 grows by buckets (at least `MIN_CACHE`) up to `max_len`. A dispatch reads only a window of the cache,
@@ -64,9 +65,9 @@ class Engine:
   cache grows to it by buckets as requests need. max_queue: requests that may wait for a slot before
   `submit` raises QueueFull. decode_steps: the most tokens a slot decodes per dispatch (1: one host
   round trip per token). prefill_tokens: the most padded prompt tokens one prefill call takes (rows x
-  prompt bucket); a longer request goes alone. `prefill`, `insert`, `generate` and `step` run in one
-  thread at a time: the loop's once `start` is called; `submit` and `cancel` may be called from any
-  thread, `compile_prefill` and `compile_decode` too.
+  prompt bucket); a longer request goes alone. `step` runs in one thread at a time, the loop's once
+  `start` is called; `submit` and `cancel` may be called from any thread, `compile_prefill` and
+  `compile_decode` too.
   """
 
   def __init__(self, model: Model, *, max_slots: int = 8, max_len: int | None = None, max_queue: int = 64,
@@ -155,7 +156,7 @@ class Engine:
   def compile_decode(self, window: int) -> None:
     """Compiles (without running) a decode dispatch reading `window` slots. Any thread, as `compile_prefill`."""
     with jax.set_mesh(self.model.mesh):
-      _compiled(slots.generate_fn, self.model.graphdef, self.model.state, self._abstract_slots,
+      _compiled(slots.decode_fn, self.model.graphdef, self.model.state, self._abstract_slots,
                 np.zeros(self.max_slots, np.int32), window=window, steps=self.decode_steps)
 
   # The scheduler.
@@ -262,8 +263,8 @@ class Engine:
     n = min(self.decode_steps, int(left.max()))
     window = min(self.length_bucket(int(self._ends[left > 0].max()) + n), self._cache_len)
     with jax.set_mesh(self.model.mesh):
-      self._slots, tokens = slots.generate_fn(self.model.graphdef, self.model.state, self._slots,
-                                              left.astype(np.int32), window=window, steps=self.decode_steps)
+      self._slots, tokens = slots.decode_fn(self.model.graphdef, self.model.state, self._slots,
+                                            left.astype(np.int32), window=window, steps=self.decode_steps)
     self._ends[self._ends != FREE] += n  # every row moves on with the dispatch, stopped ones too
     self._left -= np.minimum(self._left, n)
     return tokens

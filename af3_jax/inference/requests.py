@@ -1,6 +1,7 @@
-"""A request's life on the host, around the engine (`engine.Engine`): what callers submit (`Request`), its
-checked form (`Job`, made by `prepare`), how several waiting jobs become one prefill batch (`Shape`,
-`batch`), the `Handle` a caller follows and the `Completion` it ends with.
+"""A request's life on the host: what callers submit to the engine (`engine.Engine`) (`Request`), its
+checked form (`Job`, made by `jobs`, the one path from inputs to the device for the engine and
+`decode.generate` alike), how several jobs become one prefill batch (`Shape`, `batch`), the `Handle` a
+caller follows and the `Completion` it ends with.
 
 A prefill batch is padded to a few shapes, each one compiled program: rows to a power of two, prompts
 (right padded) to the prompt bucket of the longest (`buckets.prompt_bucket`), and the audio windows of every row, row after row,
@@ -21,12 +22,13 @@ import numpy as np
 
 from af3_jax import buckets
 from af3_jax.buckets import bucket, window_bucket
-from af3_jax.checkpoints.pretrained import Model, check_inputs
-from af3_jax.generation import Sampling
-from af3_jax.inference import decode, slots
-from af3_jax.inference.slots import AUDIO, Rows
+from af3_jax.checkpoints.pretrained import AUDIO_INPUTS as AUDIO, Model, check_inputs
+from af3_jax.generation import Rows, Sampling, Settings
+from af3_jax.inference import slots
 from af3_jax.models import whisper
 from af3_jax.models.af3 import audio_embed_mask_from_features
+
+MIN_BUCKET = 64  # the smallest prompt bucket (and `generate`'s smallest new-token bucket)
 
 
 class QueueFull(Exception):
@@ -69,12 +71,12 @@ class Completion:
 
 @dataclasses.dataclass
 class Job:
-  """A request checked for the jitted functions (`prepare`): its prompt ids (n,) and audio (its own
-  windows, fixed dtypes, the embed mask always given), unpadded."""
+  """A prompt checked for the programs (`jobs`): its ids (n,) and audio (its own windows, fixed dtypes,
+  the embed mask always given), unpadded."""
 
   ids: np.ndarray | None  # dropped, with the audio, once prefilled
   audio: dict[str, np.ndarray] | None
-  rows: Rows  # one row
+  sampling: Sampling
   key_data: np.ndarray  # jax.random.key_data of its seed
   eos: frozenset[int]
   max_new_tokens: int
@@ -96,37 +98,51 @@ class Job:
 
 
 def prepare(model: Model, request: Request, max_len: int) -> Job:
-  """Checks a request on the host; ValueError says what is wrong."""
-  if request.max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be at least 1, got {request.max_new_tokens}")
+  """Checks a request on the host (its settings, then its inputs as `jobs` checks every prompt);
+  ValueError says what is wrong."""
   settings = model.generation.resolve(
       do_sample=request.do_sample, temperature=request.temperature, top_k=request.top_k, top_p=request.top_p,
       repetition_penalty=request.repetition_penalty, eos_token_id=request.eos_token_id)
-  inputs = {k: np.asarray(v) for k, v in request.inputs.items() if v is not None}
-  unknown = set(inputs) - {"input_ids", "attention_mask", *AUDIO}
-  if unknown or "input_ids" not in inputs:
-    raise ValueError(f"a request's inputs are input_ids and optionally attention_mask and {', '.join(AUDIO)}; "
-                     f"got {sorted(inputs)}")
-  ids = inputs.pop("input_ids")
-  ids = ids[0] if ids.ndim == 2 and len(ids) == 1 else ids
-  if ids.ndim != 1:
-    raise ValueError(f"input_ids must be one row, (n,) or (1, n); got shape {ids.shape}")
-  if "attention_mask" in inputs:  # padding is dropped: the engine pads to its own buckets
-    ids = ids[np.broadcast_to(inputs.pop("attention_mask"), (1, len(ids)))[0].astype(bool)]
-  check_inputs(model.config, input_ids=ids[None], **inputs)
-  n = len(ids)
-  if n < 1 or n + request.max_new_tokens > max_len:
-    raise ValueError(f"the prompt has {n} tokens; with {request.max_new_tokens} new tokens that is more than "
-                     f"the engine's max_len of {max_len}" if n else "the prompt is empty")
-  audio = None
+  inputs = dict(request.inputs)
+  for name in ("input_ids", "attention_mask"):  # one row: (n,) or (1, n)
+    if inputs.get(name) is not None and np.ndim(inputs[name]) == 1:
+      inputs[name] = np.asarray(inputs[name])[None]
+  if np.ndim(inputs.get("input_ids")) == 2 and len(inputs["input_ids"]) != 1:
+    raise ValueError(f"input_ids must be one row, (n,) or (1, n); got shape {np.shape(inputs['input_ids'])}")
+  (job,) = jobs(model, inputs, request.max_new_tokens, request.seed, settings, max_len)
+  return job
+
+
+def jobs(model: Model, inputs: Mapping[str, Any], max_new_tokens: int, seed: int, settings: Settings,
+         max_len: int | None = None) -> list[Job]:
+  """A batch of prompts (transformers' names, left padded) checked (`check_inputs`) and taken apart, a
+  Job a row with its padding dropped; row i samples with the key of seed + i. A row's audio windows are
+  those whose first frame fills one of its `<sound>` tokens: the frames fill the tokens in order, row
+  after row, and a batch's jobs are prefilled together in that order (`batch`), so the prefill gets
+  transformers' audio even for a window split between rows. ValueError says what is wrong."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+  inputs = check_inputs(model.config, inputs, prompts=True)
+  ids = inputs["input_ids"]
+  mask = inputs.get("attention_mask", np.ones_like(ids)).astype(bool)
+  prompts = [row[keep].astype(np.int32) for row, keep in zip(ids, mask)]
+  for n in {len(p) for p in prompts}:
+    if max_len is not None and n + max_new_tokens > max_len:
+      raise ValueError(f"the prompt has {n} tokens; with {max_new_tokens} new tokens that is more than the "
+                       f"engine's max_len of {max_len}")
+  audio = [None] * len(prompts)
   if "input_features" in inputs:
     if "audio_embed_mask" not in inputs:  # one program for both prompt styles: the mask is always given
       inputs["audio_embed_mask"] = audio_embed_mask_from_features(
           inputs["input_features_mask"], whisper.tokens_per_window(model.config.encoder))
-    audio = {name: np.asarray(inputs[name], dtype) for name, dtype in zip(AUDIO, (np.float32, np.int32, bool))}
-  key_data = np.asarray(jax.random.key_data(jax.random.key(request.seed)))
-  return Job(ids.astype(np.int32), audio, Rows.of(settings.sampling), key_data, frozenset(settings.eos_ids),
-             request.max_new_tokens)
+    windows = {name: np.asarray(inputs[name], dtype) for name, dtype in zip(AUDIO, (np.float32, np.int32, bool))}
+    frames = windows["audio_embed_mask"].sum(-1)
+    tokens = np.cumsum([(p == model.config.audio_token_id).sum() for p in prompts])
+    owner = np.minimum(np.searchsorted(tokens, np.cumsum(frames) - frames, side="right"), len(prompts) - 1)
+    audio = [{k: v[owner == i] for k, v in windows.items()} if (owner == i).any() else None
+             for i in range(len(prompts))]
+  return [Job(p, a, settings.sampling, np.asarray(jax.random.key_data(jax.random.key(seed + i))),
+              frozenset(settings.eos_ids), max_new_tokens) for i, (p, a) in enumerate(zip(prompts, audio))]
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -138,7 +154,7 @@ class Shape:
   windows: int
 
   @classmethod
-  def of(cls, rows: int, longest: int, windows: int, max_len: int) -> Shape:
+  def of(cls, rows: int, longest: int, windows: int, max_len: int | None = None) -> Shape:
     """The shape that `rows` prompts of at most `longest` tokens with `windows` windows in all take."""
     rows = bucket(rows)
     return cls(rows, prompt_bucket(longest, max_len), window_bucket(max(windows, rows)) if windows else 0)
@@ -148,12 +164,13 @@ class Shape:
     return f"{self.rows} x {self.prompt} prompt tokens, {audio}"
 
 
-def prompt_bucket(n: int, max_len: int) -> int:
-  """The padded length of an n-token prompt."""
-  return min(buckets.prompt_bucket(n, decode.MIN_BUCKET), max_len)
+def prompt_bucket(n: int, max_len: int | None = None) -> int:
+  """The padded length of an n-token prompt (at most max_len, if given)."""
+  padded = buckets.prompt_bucket(n, MIN_BUCKET)
+  return padded if max_len is None else min(padded, max_len)
 
 
-def shape_of(jobs: Sequence[Job], max_len: int) -> Shape:
+def shape_of(jobs: Sequence[Job], max_len: int | None = None) -> Shape:
   return Shape.of(len(jobs), max(j.length for j in jobs), sum(j.windows for j in jobs), max_len)
 
 
@@ -174,7 +191,7 @@ def batch(jobs: Sequence[Job], shape: Shape, filler: int) -> tuple:
   extra = p - len(jobs)
   length = np.array([j.length for j in jobs] + [1] * extra, np.int32)
   need = np.array([j.need for j in jobs] + [1] * extra, np.int32)
-  rows = jax.tree.map(lambda *x: np.concatenate(x), *[j.rows for j in jobs], *[Rows.of(Sampling())] * extra)
+  rows = Rows.of(*[j.sampling for j in jobs], *[Sampling()] * extra)
   key_data = np.stack([j.key_data for j in jobs] + [np.zeros_like(jobs[0].key_data)] * extra)
   eos = np.stack([slots.eos_row(sorted(j.eos)) for j in jobs] + [slots.eos_row(())] * extra)
   return inputs, length, need, rows, key_data, eos
@@ -189,8 +206,9 @@ def dummy(model: Model, shape: Shape) -> Job:
     audio = {"input_features": np.zeros((shape.windows, e.num_mel_bins, e.mel_frames), np.float32),
              "input_features_mask": np.zeros((shape.windows, e.mel_frames), np.int32),
              "audio_embed_mask": np.zeros((shape.windows, whisper.tokens_per_window(e)), bool)}
-  key_data = np.asarray(jax.random.key_data(jax.random.key(0)))
-  return Job(np.full(shape.prompt, filler_id(model), np.int32), audio, Rows.of(Sampling()), key_data, frozenset(), 1)
+  key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # no device: compiling for a target
+  return Job(np.full(shape.prompt, filler_id(model), np.int32), audio, Sampling(), np.zeros(key.shape, key.dtype),
+             frozenset(), 1)
 
 
 def filler_id(model: Model) -> int:

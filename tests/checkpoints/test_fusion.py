@@ -77,8 +77,8 @@ def test_tensor_parallel_shards_hold_whole_kv_groups():
   def collectives(m):
     state = jax.eval_shape(lambda: slots.empty_fn(cfg, batch=2, length=64, dtype=jnp.float32))
     with jax.set_mesh(mesh):
-      hlo = slots.generate_fn.lower(m.graphdef, m.state, state, np.ones(2, np.int32), window=64,
-                                    steps=8).compile().as_text()
+      hlo = slots.decode_fn.lower(m.graphdef, m.state, state, np.ones(2, np.int32), window=64,
+                                  steps=8).compile().as_text()
     return collections.Counter(re.findall(r"(all-gather|all-reduce|all-to-all|collective-permute)(?:-start)?\(", hlo))
 
   separate = collectives(model)

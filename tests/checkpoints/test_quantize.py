@@ -111,8 +111,8 @@ def test_the_compiled_decode_step_reads_int8_weights(models):
     engine = Engine(model, max_slots=2)
     state = jax.eval_shape(lambda: slots.empty_fn(model.config, batch=2, length=1024, dtype=engine._dtype))
     with jax.set_mesh(model.mesh):
-      compiled = slots.generate_fn.lower(model.graphdef, model.state, state, np.ones(2, np.int32), window=1024,
-                                         steps=engine.decode_steps).compile()
+      compiled = slots.decode_fn.lower(model.graphdef, model.state, state, np.ones(2, np.int32), window=1024,
+                                       steps=engine.decode_steps).compile()
     sizes[model is int8] = compiled.memory_analysis().argument_size_in_bytes
   hlo = compiled.as_text()
   for q, _ in int8_kernels(int8.state).values():

@@ -21,10 +21,9 @@ from flax import nnx, traverse_util
 
 from af3_jax import hlo, sharding, targets
 from af3_jax.checkpoints import quantization
+from af3_jax.checkpoints.pretrained import Model
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.generation import Sampling
-from af3_jax.inference import decode, engine, slots
-from af3_jax.models import kv_cache
+from af3_jax.inference import engine, requests, slots
 from af3_jax.models.af3 import AudioFlamingo3
 
 pytestmark = pytest.mark.accelerator
@@ -64,25 +63,17 @@ def compiled(program: str, quantize: str | None = None, fused: bool = False):
   # The suite computes float32 at "highest" precision (conftest.py), which XLA:GPU turns into other
   # kernels; inference runs at the default.
   with jax.set_mesh(mesh()), jax.default_matmul_precision("default"):
-    if program == "generate":  # generate_stream's step, the body of generate's loop
-      state = jax.eval_shape(lambda: decode.State(
-          cache=kv_cache.init(d, 1, PROMPT + NEW, jnp.bfloat16), token=jnp.zeros(1, jnp.int32),
-          position=jnp.zeros(1, jnp.int32), done=jnp.zeros(1, bool), seen=jnp.zeros((1, d.vocab_size), bool),
-          step=jnp.zeros((), jnp.int32), key=jax.random.key(0), eos=jnp.zeros(4, jnp.int32),
-          pad=jnp.zeros((), jnp.int32)))
-      lowered = decode._step_fn.lower(graphdef, weights, _replicated(state), s=Sampling())
-    elif program == "engine":
-      state = jax.eval_shape(lambda: slots.empty_fn(CFG, batch=SLOTS, length=WINDOW, dtype=jnp.bfloat16))
-      lowered = slots.generate_fn.lower(graphdef, weights, _replicated(state), np.ones(SLOTS, np.int32), window=WINDOW,
-                                        steps=engine.DECODE_STEPS)
+    if program in ("generate", "engine"):
+      # generate_stream's step, the body of generate's loop: one row, a cache of the prompt and the new
+      # tokens; the engine's: SLOTS rows, a dispatch of DECODE_STEPS steps over a window of its cache.
+      rows, length, steps = (1, PROMPT + NEW, 1) if program == "generate" else (SLOTS, WINDOW, engine.DECODE_STEPS)
+      state = jax.eval_shape(lambda: slots.empty_fn(CFG, batch=rows, length=length, dtype=jnp.bfloat16))
+      lowered = slots.decode_fn.lower(graphdef, weights, _replicated(state), np.ones(rows, np.int32), window=length,
+                                      steps=steps)
     else:  # the prefill of 30 s of audio
-      e = CFG.encoder
-      inputs = jax.eval_shape(lambda: (
-          {"input_ids": jnp.zeros((1, PROMPT), jnp.int32), "attention_mask": jnp.ones((1, PROMPT), jnp.int32),
-           "input_features": jnp.zeros((1, e.num_mel_bins, e.mel_frames)),
-           "input_features_mask": jnp.ones((1, e.mel_frames), jnp.int32)},
-          jax.random.key(0), jnp.zeros(4, jnp.int32), jnp.zeros((), jnp.int32)))
-      lowered = decode._prefill_fn.lower(graphdef, weights, *_replicated(inputs), s=Sampling(), new_len=NEW)
+      shape = requests.Shape(1, PROMPT, 1)
+      args = requests.batch([requests.dummy(Model(CFG, graphdef, weights, mesh()), shape)], shape, 0)
+      lowered = slots.prefill_fn.lower(graphdef, weights, *_replicated(args))
     program = lowered.compile()
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(weights))
   kernels = {x.shape[1:] for path, x in flat.items() if "layers" in path and path[-1] == "kernel"}

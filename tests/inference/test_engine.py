@@ -57,13 +57,13 @@ def run(engine, handles):
 
 def spy_windows(monkeypatch) -> list[int]:
   """The window of every decode dispatch the engine runs from now on, in order."""
-  windows, generate = [], slots.generate_fn
+  windows, decode = [], slots.decode_fn
 
   def spy(*args, window, steps):
     windows.append(window)
-    return generate(*args, window=window, steps=steps)
+    return decode(*args, window=window, steps=steps)
 
-  monkeypatch.setattr(slots, "generate_fn", spy)
+  monkeypatch.setattr(slots, "decode_fn", spy)
   return windows
 
 
@@ -133,7 +133,7 @@ def test_a_step_reads_the_dispatch_before_once_the_next_one_is_made(gqa_loaded, 
   decodes for requests that ended before it was read (eos, max_new_tokens) are dropped: each request
   still gets its tokens alone, one token per dispatch or several."""
   requests, expected = mix
-  generate, dispatched, reads = slots.generate_fn, [], []
+  decode, dispatched, reads = slots.decode_fn, [], []
 
   class Tokens:  # a dispatch's tokens, noting when the host reads them
     def __init__(self, tokens, index):
@@ -144,11 +144,11 @@ def test_a_step_reads_the_dispatch_before_once_the_next_one_is_made(gqa_loaded, 
       return np.asarray(self.tokens, dtype)
 
   def spy(*args, window, steps):
-    state, tokens = generate(*args, window=window, steps=steps)
+    state, tokens = decode(*args, window=window, steps=steps)
     dispatched.append(window)
     return state, Tokens(tokens, len(dispatched) - 1)
 
-  monkeypatch.setattr(slots, "generate_fn", spy)
+  monkeypatch.setattr(slots, "decode_fn", spy)
   engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN, decode_steps=decode_steps)
   done = run(engine, [engine.submit(r) for r in requests])
   assert [list(c.tokens) for c in done] == expected
@@ -219,14 +219,14 @@ def test_requests_end_inside_a_dispatch(gqa_ckpt, gqa_loaded, mix, monkeypatch):
   cancelled one a prefix of them)."""
   requests, expected = mix
   rng, tiny = np.random.default_rng(7), gqa_ckpt.tiny
-  generate, outputs = slots.generate_fn, []
+  decode, outputs = slots.decode_fn, []
 
   def spy(*args, window, steps):
-    state, tokens = generate(*args, window=window, steps=steps)
+    state, tokens = decode(*args, window=window, steps=steps)
     outputs.append(tokens)
     return state, tokens
 
-  monkeypatch.setattr(slots, "generate_fn", spy)
+  monkeypatch.setattr(slots, "decode_fn", spy)
   engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
   assert engine.decode_steps == 8
   others = [text_request(rng, tiny, 9, max_new=11), text_request(rng, tiny, 20, max_new=40)]
@@ -290,7 +290,7 @@ def test_nothing_compiles_once_warm(monkeypatch):
   with compiles() as warming:
     engine.warmup(prompt_lengths=[200], audio_windows=[0, 1, 3], rows=[1, 2, 4])
     engine.warmup(prompt_lengths=[20], rows=[1, 2])
-  assert {f"jit({name})" for name in ("prefill_fn", "choose_fn", "insert_fn", "generate_fn")} <= set(warming)
+  assert {f"jit({name})" for name in ("prefill_fn", "choose_fn", "insert_fn", "decode_fn")} <= set(warming)
   rng = np.random.default_rng(2)
   first = [audio_request(rng, tiny, 700, max_new=8), text_request(rng, tiny, 240, max_new=6, seed=3, **SAMPLED),
            text_request(rng, tiny, 150, max_new=5, eos_token_id=[5, 6, 7, 8, 9], repetition_penalty=1.3)]
@@ -373,8 +373,8 @@ def test_the_decode_step_writes_the_cache_in_place(gqa_loaded):
   k = state.cache.k
   for w in (length, window):
     with jax.set_mesh(gqa_loaded.mesh):
-      compiled = slots.generate_fn.lower(gqa_loaded.graphdef, gqa_loaded.state, state, np.ones(SLOTS, np.int32),
-                                         window=w, steps=engine.decode_steps).compile()
+      compiled = slots.decode_fn.lower(gqa_loaded.graphdef, gqa_loaded.state, state, np.ones(SLOTS, np.int32),
+                                       window=w, steps=engine.decode_steps).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < k.size * k.dtype.itemsize * 2 * w // length
   layers, b, _, kv, h = k.shape
   hlo = compiled.as_text()

@@ -38,8 +38,8 @@ def test_multi_step_dispatches_and_batched_inserts_keep_the_cache_in_place():
     cache = rf"bf16\[{','.join(map(str, k.shape))}\]"
     temps = {}
     for steps in (1, 8):
-      compiled = slots.generate_fn.lower(graphdef, params, state, np.ones(SLOTS, np.int32), window=WINDOW,
-                                         steps=steps).compile()
+      compiled = slots.decode_fn.lower(graphdef, params, state, np.ones(SLOTS, np.int32), window=WINDOW,
+                                       steps=steps).compile()
       hlo = compiled.as_text()
       assert not re.search(rf"= {cache}\S* copy\(", hlo), f"{steps} steps copy the cache"
       temps[steps] = compiled.memory_analysis().temp_size_in_bytes

@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
+from helpers import (MAX_NEW, PAD, assert_close, audio_tokens, compiles, left_pad, random_features, random_prompts,
+                     random_text, torch_generate)
 from flax import nnx
-from helpers import MAX_NEW, PAD, assert_close, audio_tokens, left_pad, random_features, random_prompts, random_text, torch_generate
 
 import af3_jax
 from af3_jax.checkpoints.pretrained import read_generation_config
-from af3_jax.generation import Sampling, Settings
-from af3_jax.inference import decode
+from af3_jax.generation import Rows, Sampling, Settings
+from af3_jax.inference import slots
 from af3_jax.models import kv_cache
 
 torch = pytest.importorskip("torch")
@@ -123,10 +124,10 @@ def test_new_prompt_length_in_bucket_reuses_the_compile(gqa_ckpt):
   rows = [random_text(rng, gqa_ckpt.tiny, n) for n in (9, 5, 7)]
   three = af3_jax.generate(model, left_pad(rows), MAX_NEW)
   np.testing.assert_array_equal(three[:2], af3_jax.generate(model, left_pad(rows[:2]), MAX_NEW))
-  traces = decode.TRACES["generate"]
   longer = left_pad([np.concatenate([r, random_text(rng, gqa_ckpt.tiny, 30)]) for r in rows])
-  af3_jax.generate(model, longer, MAX_NEW - 3, eos_token_id=[5, 7], pad_token_id=3)  # same buckets
-  assert decode.TRACES["generate"] == traces
+  with compiles() as compiled:
+    af3_jax.generate(model, longer, MAX_NEW - 3, eos_token_id=[5, 7], pad_token_id=3)  # same buckets
+  assert compiled == []
 
 
 def test_stream_yields_what_generate_returns(gqa_ckpt):
@@ -135,10 +136,10 @@ def test_stream_yields_what_generate_returns(gqa_ckpt):
   full = af3_jax.generate(model, batch, MAX_NEW)
   eos = int(full[1, 3])
   expected = af3_jax.generate(model, batch, MAX_NEW, eos_token_id=eos, pad_token_id=PAD)
-  steps = decode.TRACES["step"]
-  streamed = list(af3_jax.generate_stream(model, batch, MAX_NEW, eos_token_id=eos, pad_token_id=PAD))
+  with compiles() as compiled:
+    streamed = list(af3_jax.generate_stream(model, batch, MAX_NEW, eos_token_id=eos, pad_token_id=PAD))
   np.testing.assert_array_equal(np.stack(streamed, axis=1), expected)
-  assert decode.TRACES["step"] - steps <= 1
+  assert compiled.count("jit(decode_fn)") <= 1
 
 
 def test_sampling_is_seeded(gqa_ckpt):
@@ -176,7 +177,7 @@ def test_processed_scores_match_transformers(kw):
   ref = processors(torch.tensor(ids), torch.tensor(logits)).numpy()
   seen = np.zeros_like(logits, bool)
   np.put_along_axis(seen, ids, True, axis=1)
-  ours = np.asarray(decode.process_logits(jnp.asarray(logits), jnp.asarray(seen), s))
+  ours = np.asarray(slots.process_logits(jnp.asarray(logits), jnp.asarray(seen), Rows.of(*[s] * len(logits))))
   np.testing.assert_array_equal(np.isinf(ours), np.isinf(ref))
   np.testing.assert_allclose(ours, ref, rtol=1e-6)
   assert np.isfinite(ours).sum(-1).min() >= 1

@@ -15,15 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 from helpers import ROOT, Tiny, build_torch_model, random_text
+from flax import nnx
 
 import af3_jax
 from af3_jax import sharding
-from af3_jax.checkpoints.pretrained import abstract_model
+from af3_jax.checkpoints.pretrained import Model, abstract_model
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
-from af3_jax.generation import Sampling
-from af3_jax.inference import decode
+from af3_jax.inference import requests, slots
 
 BENCH = ROOT / "bench" / "bench_memory.py"
 
@@ -85,7 +84,8 @@ def test_the_encoder_takes_every_window_in_one_batch():
   batch["input_ids"][0, :16] = 1
   graphdef, state, _ = abstract_model(cfg, param_dtype=jnp.float32, compute_dtype=jnp.float32,
                                       mesh=sharding.single_device_mesh())
-  jaxpr = jax.make_jaxpr(lambda state: decode.prefill(nnx.merge(graphdef, state), batch, 64, Sampling(),
-                                                      jax.random.key(0), np.zeros(1, np.int32), np.int32(0)))(state)
+  shape = requests.Shape(1, tokens, windows)
+  _, *rest = requests.batch([requests.dummy(Model(cfg, graphdef, state, sharding.single_device_mesh()), shape)], shape, 0)
+  jaxpr = jax.make_jaxpr(lambda state: slots.prefill(nnx.merge(graphdef, state), batch, *rest))(state)
   convs = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"]
   assert [eqn.invars[0].aval.shape[0] for eqn in convs] == [windows, windows]

@@ -6,16 +6,14 @@ without one (deviceless, `af3_jax.targets`), fits the card's 80 GB: weights, the
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from flax import nnx
 
 from af3_jax import sharding, targets
 from af3_jax.buckets import bucket, window_bucket
-from af3_jax.checkpoints.pretrained import abstract_model
+from af3_jax.checkpoints.pretrained import Model, abstract_model
 from af3_jax.config import AF3Config
-from af3_jax.generation import Sampling
-from af3_jax.inference import decode
+from af3_jax.inference import decode, requests
 from af3_jax.models.whisper import tokens_per_window
 
 WINDOWS = 40  # 20 minutes
@@ -25,7 +23,7 @@ NEW_TOKENS = 64  # the smallest new-token bucket
 def twenty_minutes(cfg: AF3Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
   """The prefill's inputs as the engine pads them, as abstract arrays on `mesh`'s device."""
   prompt = 16 + WINDOWS * tokens_per_window(cfg.encoder) + 2  # text around the framed audio
-  length, windows = bucket(prompt, decode.MIN_BUCKET), window_bucket(WINDOWS)
+  length, windows = bucket(prompt, requests.MIN_BUCKET), window_bucket(WINDOWS)
   assert (length, windows) == (32768, 40)
   e = cfg.encoder
   shapes = {"input_ids": ((1, length), jnp.int32), "attention_mask": ((1, length), jnp.int32),
@@ -46,11 +44,11 @@ def test_twenty_minutes_prefill_fits_one_h100():
                                                  mesh=mesh)
   weights = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   batch = twenty_minutes(cfg, mesh)
-  eos = np.full(4, -1, np.int32)
+  shape = requests.Shape(1, batch["input_ids"].shape[1], batch["input_features"].shape[0])
+  _, *rest = requests.batch([requests.dummy(Model(cfg, graphdef, abstract, mesh), shape)], shape, 0)
 
-  def prefill_fn(state, batch):
-    return decode.prefill(nnx.merge(graphdef, state), batch, NEW_TOKENS, Sampling(), jax.random.key(0), eos,
-                          np.int32(0))
+  def prefill_fn(state, batch):  # generate's start: the prefill into a cache with room for the new tokens
+    return decode.start(nnx.merge(graphdef, state), batch, *rest, new_len=NEW_TOKENS)
 
   with jax.set_mesh(mesh):
     lowered = jax.jit(prefill_fn).lower(weights, batch)
