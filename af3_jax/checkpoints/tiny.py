@@ -130,7 +130,8 @@ def random_adapter(params: nnx.State, spec: lora.Spec, seed: int) -> dict[tuple[
 
 
 def write(dst: str | Path, *, model_type: str = "audioflamingo3", config: AF3Config | None = None, seed: int = 0,
-          think: bool = False, generation: dict | None = RELEASE_SAMPLING, shard_bytes: int = safetensors.SHARD_BYTES) -> Path:
+          think: bool = False, generation: dict | None = RELEASE_SAMPLING,
+          shard_bytes: int = safetensors.SHARD_BYTES) -> Path:
   """Writes a complete random checkpoint of `model_type` (one of `MODEL_TYPES`) to the new folder `dst`.
 
   config: the model's shape (default: `CONFIGS[model_type]`; a config with `rote` is a Music Flamingo);

@@ -5,10 +5,11 @@ The app starts without a model (`create_app`), so /health can say 503 while `Ser
 loads and compiles what common requests need (`warmup.py`; the rest compiles in the background as it
 serves); the caller then sets `app.state.service`. Each request is answered by `replies.py`. Requests are
 turned into engine requests on one worker thread (audio decoding and tokenizing stay off the event loop;
-the tokenizer is not shared across threads), and the engine's thread hands each token to the request's asyncio queue. A request whose client
-goes away, or whose answer meets a stop string, is cancelled, which frees its slot. Errors are
-OpenAI-shaped: 400 for a request that cannot be answered, 404 for another model's name, 413 for a body
-over `max_body_bytes`, 429 when the engine's queue is full, 503 while loading or stopping.
+the tokenizer is not shared across threads), and the engine's thread hands each token to the request's
+asyncio queue. A request whose client goes away, or whose answer meets a stop string, is cancelled, which
+frees its slot. Errors are OpenAI-shaped: 400 for a request that cannot be answered, 404 for another
+model's name, 413 for a body over `max_body_bytes`, 429 when the engine's queue is full, 503 while
+loading or stopping.
 """
 
 from __future__ import annotations
@@ -89,8 +90,8 @@ def create_app(model_name: str, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI
       return StreamingResponse(replies.prepend(first, events), media_type="text/event-stream")
     text, answer, handle = await replies.until_done_or_gone(s, request, body.stops, http)
     message = {"role": "assistant", "content": text}
-    return replies.Reply(model_name, "chat.completion").body({"index": 0, "message": message, "logprobs": None,
-                       "finish_reason": replies.finish_reason(answer, handle)}, usage=replies.usage(handle, answer))
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": replies.finish_reason(answer, handle)}
+    return replies.Reply(model_name, "chat.completion").body(choice, usage=replies.token_usage(handle, answer))
 
   @app.post("/v1/audio/transcriptions")
   async def transcriptions(http: Request, file: UploadFile = File(...), model: str | None = Form(None),

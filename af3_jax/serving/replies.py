@@ -106,7 +106,7 @@ async def events(s: Service, request: EngineRequest, body: ChatRequest, reply: R
     else:
       yield chunk({}, reason)
       if body.include_usage:
-        yield _sse(reply.body(usage=usage(handle, answer)))
+        yield _sse(reply.body(usage=token_usage(handle, answer)))
     yield "data: [DONE]\n\n"
 
 
@@ -128,7 +128,7 @@ def finish_reason(answer: Answer, handle) -> str:
   return result.finish_reason
 
 
-def usage(handle, answer: Answer) -> dict:
+def token_usage(handle, answer: Answer) -> dict:
   """Exact counts: the prompt's tokens include its audio tokens; the completion's run to the eos, or
   to the token that completed a stop string."""
   prompt, completion = handle.prompt_tokens, answer.tokens
