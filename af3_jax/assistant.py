@@ -112,19 +112,24 @@ class Assistant:
     # Decodes each new token against a few before it, not the whole answer again (linear, not quadratic
     # in its length); `step` gives None while a multi-byte character is still incomplete.
     stream, backend = DecodeStream(skip_special_tokens=True), self.processor.tokenizer.backend_tokenizer
-    tokens = []
+    tokens, shown = [], []
     for step in decode.generate_stream(self.model, batch, self.max_new_tokens, **self.sampling):
       if not tokens:
         self.stats.first_token_s += time.perf_counter() - start
         self.stats.streamed += 1
       tokens.append(int(step[0]))
       if out is not None and (piece := stream.step(backend, tokens[-1])):
+        shown.append(piece)
         out.write(piece)
         out.flush()
     self.stats.new_tokens += len(tokens)
-    # One full decode at the end (linear) returns exactly what `decode` gives, even where the answer ends
-    # in a cut-off character that the stream holds back.
-    return self._text(tokens).strip()
+    # One full decode at the end (linear) gives exactly what `decode` gives, also where the answer ends in
+    # a cut-off character that the stream held back: `out` gets that rest too (as a replacement char).
+    text = self._text(tokens)
+    if out is not None and text.startswith(held := "".join(shown)) and text != held:
+      out.write(text[len(held):])
+      out.flush()
+    return text.strip()
 
   def answers(self, conversations: Iterable[list[dict]], slots: int) -> Iterator[str | ValueError]:
     """Answers conversations on a continuous-batching engine of `slots` slots, yielding each answer in
