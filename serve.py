@@ -37,10 +37,12 @@ _MAX_SLOTS = flags.DEFINE_integer("max-slots", 8, "Requests decoded together (th
 _MAX_LEN = flags.DEFINE_integer("max-model-len", None, "Prompt plus answer tokens per request (default: the "
                                 "model's context); the KV cache holds this many per slot.", lower_bound=2,
                                 flag_values=FLAGS)
-# 8: engine.DECODE_STEPS, written out so that --help answers without importing jax.
-_STEPS = flags.DEFINE_integer("num-scheduler-steps", 8, "Tokens each request decodes per engine dispatch (vLLM's "
+# 1: engine.DECODE_STEPS, written out so that --help answers without importing jax.
+_STEPS = flags.DEFINE_integer("num-scheduler-steps", 1, "Tokens each request decodes per engine dispatch (vLLM's "
                                "multi-step scheduling): one host round trip per this many tokens, which stream in "
-                               "pieces of up to as many; 1: a round trip per token.", lower_bound=1, flag_values=FLAGS)
+                               "pieces of up to as many. Above 1 the dispatch is a device loop, in which XLA:GPU "
+                               "copies the MLP weights every step (docs/performance.md).", lower_bound=1,
+                               flag_values=FLAGS)
 _DTYPE, _QUANTIZE = cli.weight_flags(FLAGS)
 _CACHE = cli.compilation_cache_flag(FLAGS)
 _THINK = flags.DEFINE_bool("think", False, "Think mode: merge the checkpoint's think/ (or stage35/) adapter and "

@@ -87,7 +87,9 @@ def abstract_model(target: str, cfg: AF3Config, dtype, mesh_shape: tuple[int, in
 
 def compile_for(mesh: jax.sharding.Mesh, fn, *args, compiler_options: dict | None = None, **kwargs) -> Program:
   """`fn` (jitted) lowered with `args` (shapes or arrays) and its keyword arguments, and compiled for
-  the devices of `mesh` (`compiler_options`: XLA options for this compile, e.g. a GPU flag)."""
-  with jax.set_mesh(mesh):
+  the devices of `mesh` (`compiler_options`: XLA options for this compile, e.g. a GPU flag), at the
+  default matmul precision, as programs run outside the suite (conftest.py asks for "highest", which
+  XLA:GPU compiles to other kernels: on an A100 a bf16 Triton GEMM it cannot tile)."""
+  with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
     compiled = fn.lower(*args, **kwargs).compile(compiler_options)
   return Program(compiled.as_text(), plans.memory_plan(compiled))

@@ -105,7 +105,7 @@ def test_serve_bench_runs_at_test_size():
   server = lines.index(next(x for x in lines if x.startswith("| clients | requests |")))
   assert lines[server + 2].startswith("| 1 | 1 | ") and lines[server + 3].startswith("| 2 | 2 | ")
   assert lines[-5] == "| engine | out tok/s |" and lines[-3].startswith("| one request a prefill")
-  assert lines[-1].startswith("| requests prefilled together, 8 tokens a dispatch | ")
+  assert lines[-1].startswith("| requests prefilled together, 8 tokens a dispatch (multi-step) | ")
 
 
 def test_compile_bench_runs_at_test_size():

@@ -1,10 +1,10 @@
 """`generate` and `generate_stream`: a transformers-style batch (left padded) decoded as transformers'
 `generate` decodes it, greedy token for token, through the one generation path (`slots`). The batch's
 rows are checked and taken apart as the engine's requests are (`requests.jobs`), prefilled by the
-engine's prefill (right padded) and decoded by its decode step and sampler. `generate` runs those
-functions in one jitted program, the token loop a `lax.while_loop` (one dispatch for the whole answer);
-`generate_stream` runs the same start (prefill, first tokens, insert) as a program of its own, then
-dispatches the engine's decode step once per token and yields each step's tokens.
+engine's prefill (right padded) and decoded by its decode step and sampler. Both run the start (prefill,
+first tokens, insert) as one program, then dispatch the engine's decode step once per token from the
+host (`_steps`, which says why not in a device loop); `generate_stream` yields each step's tokens,
+`generate` reads only whether every row has stopped, every `STOP_CHECK` tokens, and the tokens at the end.
 
 Rows are padded to a power of two, prompts and audio windows to the engine's buckets (`requests.Shape`)
 and the new tokens to a power of two from 64, so most new prompts reuse a compiled program; the
@@ -40,21 +40,16 @@ def start(model, inputs, length, need, rows, seed, eos, *, new_len: int) -> slot
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_len"), compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
-def _start_fn(graphdef, params, inputs, length, need, rows, seed, eos, *, new_len: int) -> slots.Slots:
-  """`start` as one program: `generate_stream`'s first token in one dispatch."""
-  return start(nnx.merge(graphdef, params), inputs, length, need, rows, seed, eos, new_len=new_len)
+def _start_fn(graphdef, params, inputs, length, need, rows, seed, eos, *, new_len: int):
+  """`start` as one program: the state and its first tokens (P,), an array of their own (the next decode
+  step takes the state's, donated)."""
+  state = start(nnx.merge(graphdef, params), inputs, length, need, rows, seed, eos, new_len=new_len)
+  return state, state.token
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "new_len"), compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
-def _generate_fn(graphdef, params, inputs, length, need, rows, seed, eos, left, *, new_len: int):
-  """The whole answer in one program: `start`, then up to new_len - 1 `slots.decode` steps (left (P,):
-  the tokens each row still wants). -> the first tokens (P,) and the others (new_len - 1, P), -1 past a
-  row's end."""
-  model = nnx.merge(graphdef, params)
-  state = start(model, inputs, length, need, rows, seed, eos, new_len=new_len)
-  first = state.token
-  _, rest = slots.decode(model, state, left, window=state.cache.k.shape[2], steps=new_len - 1)
-  return first, rest
+# How many tokens `generate` queues between its looks at whether every row has stopped: each look waits
+# for the device; between them the host only queues decode steps, which the device runs back to back.
+STOP_CHECK = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,10 +103,13 @@ def generate(model: Model, batch: dict, max_new_tokens: int, do_sample: bool | N
   b = _batch(model, batch, max_new_tokens, seed, do_sample=do_sample, temperature=temperature, top_k=top_k,
              top_p=top_p, repetition_penalty=repetition_penalty, eos_token_id=eos_token_id,
              pad_token_id=pad_token_id)
-  with jax.set_mesh(model.mesh):
-    first, rest = _generate_fn(model.graphdef, model.state, *b.args, b.left(max_new_tokens - 1), new_len=b.new_len)
-  first, rest = jax.device_get((first, rest))
-  return _answers(np.concatenate([first[None], rest])[:, :b.rows].T, b.eos, b.pad)
+  tokens = []
+  for i, (token, state) in enumerate(_steps(model, b, max_new_tokens)):
+    tokens.append(token)
+    if i % STOP_CHECK == STOP_CHECK - 1 and np.asarray(state.stopped)[:b.rows].all():
+      break
+  tokens = np.stack([np.asarray(t).reshape(-1) for t in jax.device_get(tokens)])  # (N, P), -1: stopped
+  return _answers(tokens[:, :b.rows].T, b.eos, b.pad)
 
 
 def generate_stream(model: Model, batch: dict, max_new_tokens: int, seed: int = 0, **kwargs) -> Iterator[np.ndarray]:
@@ -121,18 +119,31 @@ def generate_stream(model: Model, batch: dict, max_new_tokens: int, seed: int = 
   program, then the engine's decode step (`slots.decode_fn`), one dispatch a token.
   """
   b = _batch(model, batch, max_new_tokens, seed, **kwargs)
-  graphdef, params = model.graphdef, model.state
-  with jax.set_mesh(model.mesh):
-    state = _start_fn(graphdef, params, *b.args, new_len=b.new_len)
-  token = np.asarray(state.token)
   done = np.zeros(b.rows, bool)
-  for i in range(max_new_tokens):
-    if i:
-      with jax.set_mesh(model.mesh):
-        state, out = slots.decode_fn(graphdef, params, state, b.left(1), window=b.window, steps=1)
-      token = np.asarray(out)[0]  # on the host: indexing the device array would be a program of its own
-    token = np.where(done, b.pad, token[:b.rows])
+  for token, _ in _steps(model, b, max_new_tokens):
+    # On the host: indexing the device array would be a program of its own.
+    token = np.where(done, b.pad, np.asarray(token).reshape(-1)[:b.rows])
     done |= np.isin(token, b.eos)
     yield token
     if done.all():
       return
+
+
+def _steps(model: Model, b: _Batch, max_new_tokens: int) -> Iterator[tuple[jax.Array, slots.Slots]]:
+  """Each token's step, dispatched when the next item is asked for and never waited on: `start` in one
+  program, then the engine's decode step (`slots.decode_fn`) once per token. Yields the step's tokens on
+  the device ((P,) or (1, P); -1 for a row that had stopped) and the state after it.
+
+  The token loop runs on the host, not in a `lax.while_loop`: inside a loop body XLA:GPU copies each
+  layer's slice of the stacked MLP kernels before the matmul reads it, every step (the decode step alone
+  reads them in place; tests/inference/test_decode_gpu.py compiles both for an H200). The host only
+  queues steps, so the device runs them back to back.
+  """
+  graphdef, params = model.graphdef, model.state
+  with jax.set_mesh(model.mesh):
+    state, first = _start_fn(graphdef, params, *b.args, new_len=b.new_len)
+  yield first, state
+  for _ in range(1, max_new_tokens):
+    with jax.set_mesh(model.mesh):
+      state, out = slots.decode_fn(graphdef, params, state, b.left(1), window=b.window, steps=1)
+    yield out, state

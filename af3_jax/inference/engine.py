@@ -8,8 +8,8 @@ orchestrator): it frees cancelled requests' slots, prefills waiting requests int
 queue), several at once (one encoder call over all their windows, one prefill call over their rows, up to
 `prefill_tokens` padded prompt tokens), starts a decode dispatch, and hands out the tokens of the dispatch
 before, freeing each slot whose request is done (an eos id, or max_new_tokens) at once. A dispatch decodes
-up to `decode_steps` tokens for every slot (vLLM's multi-step scheduling): the host reads tokens once per
-dispatch, and a slot stops on the device at its eos or its budget. So the device decodes while the host
+up to `decode_steps` tokens for every slot (by default 1; more is vLLM's multi-step scheduling: the host
+reads tokens once per dispatch, and a slot stops on the device at its eos or its budget). So the device decodes while the host
 reads tokens and schedules, never waiting for it; the price is decoding a slot whose request ended in the
 dispatch before, whose tokens are dropped (a new request in that slot is inserted after it, in device
 order).
@@ -52,9 +52,10 @@ Item = TypeVar("Item")
 # The cache's shortest length, and the decode window's shortest: each length and window is a compile of
 # the decode step, and a 30 s clip with its answer is about 1,000 tokens anyway.
 MIN_CACHE = 1024
-# Tokens a slot decodes per dispatch by default: a host round trip per 8 tokens costs little next to
-# their decode, and a request that ends early wastes at most 7 steps of its slot.
-DECODE_STEPS = 8
+# Tokens a slot decodes per dispatch by default: one. Several run in a `lax.while_loop`, inside which
+# XLA:GPU copies every layer's slice of the stacked MLP kernels before its matmul, every step
+# (tests/inference/test_decode_gpu.py); the host reading one dispatch behind keeps the device busy anyway.
+DECODE_STEPS = 1
 FREE = -1  # the host's end of a slot that holds no request
 
 

@@ -63,10 +63,11 @@ def compiled(program: str, quantize: str | None = None, fused: bool = False):
   # The suite computes float32 at "highest" precision (conftest.py), which XLA:GPU turns into other
   # kernels; inference runs at the default.
   with jax.set_mesh(mesh()), jax.default_matmul_precision("default"):
-    if program in ("generate", "engine"):
-      # generate_stream's step, the body of generate's loop: one row, a cache of the prompt and the new
-      # tokens; the engine's: SLOTS rows, a dispatch of DECODE_STEPS steps over a window of its cache.
-      rows, length, steps = (1, PROMPT + NEW, 1) if program == "generate" else (SLOTS, WINDOW, engine.DECODE_STEPS)
+    if program in ("generate", "engine", "multi-step"):
+      # generate's and generate_stream's step: one row, a cache of the prompt and the new tokens; the
+      # engine's: SLOTS rows, a dispatch of DECODE_STEPS steps over a window of its cache (multi-step: 8).
+      rows, length, steps = {"generate": (1, PROMPT + NEW, 1), "engine": (SLOTS, WINDOW, engine.DECODE_STEPS),
+                             "multi-step": (SLOTS, WINDOW, 8)}[program]
       state = jax.eval_shape(lambda: slots.empty_fn(CFG, batch=rows, length=length, dtype=jnp.bfloat16))
       lowered = slots.decode_fn.lower(graphdef, weights, _replicated(state), np.ones(rows, np.int32), window=length,
                                       steps=steps)
@@ -81,8 +82,14 @@ def compiled(program: str, quantize: str | None = None, fused: bool = False):
           sum(x.size * x.dtype.itemsize for x in flat.values()), kernels)
 
 
+# Several decode steps a dispatch run in a `lax.while_loop`, inside which XLA:GPU (jax 0.10.2) copies each
+# layer's slice of the stacked MLP kernels before its matmul, every step: why `generate` loops on the host
+# and the engine's default is one step a dispatch. When this passes, multi-step dispatches are free.
+MULTI_STEP_COPIES = pytest.mark.xfail(strict=True, reason="XLA:GPU copies stacked kernels' slices in a loop body")
+
+
 @pytest.mark.parametrize("quantize", [None, "int8"])
-@pytest.mark.parametrize("program", ["generate", "engine"])
+@pytest.mark.parametrize("program", ["generate", "engine", pytest.param("multi-step", marks=MULTI_STEP_COPIES)])
 def test_a_decode_step_copies_no_weight(program, quantize):
   """Every layer's matmuls read the stacked kernels in place, and the step's temporaries stay under 5 %
   of the weights (a rolled scan: 12 %, its five copies per layer; int8 converted outside the matmuls:

@@ -227,8 +227,7 @@ def test_requests_end_inside_a_dispatch(gqa_ckpt, gqa_loaded, mix, monkeypatch):
     return state, tokens
 
   monkeypatch.setattr(slots, "decode_fn", spy)
-  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN)
-  assert engine.decode_steps == 8
+  engine = Engine(gqa_loaded, max_slots=SLOTS, max_len=MAX_LEN, decode_steps=8)
   others = [text_request(rng, tiny, 9, max_new=11), text_request(rng, tiny, 20, max_new=40)]
   handles = [engine.submit(requests[0])] + [engine.submit(r) for r in others]  # its eos is its 6th token
   engine.step()  # one prefill, the first dispatch
