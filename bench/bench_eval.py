@@ -84,9 +84,9 @@ def main(argv: list[str]) -> int:
       print(f"{name}: {speed['items']} items in {speed['wall_s']:.1f} s", flush=True)
   print(f"\n{header}\n| loop | items | wall s | items/s | audio s | RTFx | programs compiled |")
   print("|---|---|---|---|---|---|---|")
-  for name, s, compiles in rows:
+  for name, s, programs in rows:
     print(f"| {name} | {s['items']} | {s['wall_s']:.1f} | {s['items_per_s']:.2f} | {s['audio_s']:.0f} | "
-          f"{s['rtfx']:.1f} | {compiles} |")
+          f"{s['rtfx']:.1f} | {programs} |")
   print(f"batches of {_BATCH.value}: {rows[1][1]['items_per_s'] / rows[0][1]['items_per_s']:.2f}x the items/s "
         "of one at a time")
   return 0

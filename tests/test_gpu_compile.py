@@ -61,17 +61,12 @@ def forward(m):
   return pretrained._forward, (m.graphdef, m.state, _prompt(ROWS, LENGTH) | _audio(WINDOWS)), {}
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="new_len")
-def _start_fn(graphdef, state, *args, new_len):
-  return decode.start(nnx.merge(graphdef, state), *args, new_len=new_len)
-
-
 def prefill(m):
-  """`generate`'s start (`decode.start`): the audio, then the right-padded prompts of ROWS rows into a
-  cache with room for NEW tokens."""
+  """`generate`'s start (`decode.start`, `generate_stream`'s first program): the audio, then the
+  right-padded prompts of ROWS rows into a cache with room for NEW tokens."""
   shape = requests.Shape(ROWS, LENGTH, WINDOWS)
   args = requests.batch([requests.dummy(m, shape)], shape, 0)  # a row and a padding row
-  return _start_fn, (m.graphdef, m.state, *args), dict(new_len=NEW)
+  return decode._start_fn, (m.graphdef, m.state, *args), dict(new_len=NEW)
 
 
 def decode_step(m):

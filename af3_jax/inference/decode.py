@@ -3,8 +3,8 @@
 rows are checked and taken apart as the engine's requests are (`requests.jobs`), prefilled by the
 engine's prefill (right padded) and decoded by its decode step and sampler. `generate` runs those
 functions in one jitted program, the token loop a `lax.while_loop` (one dispatch for the whole answer);
-`generate_stream` dispatches the engine's own programs, the prefill and then one decode step per token,
-and yields each step's tokens.
+`generate_stream` runs the same start (prefill, first tokens, insert) as a program of its own, then
+dispatches the engine's decode step once per token and yields each step's tokens.
 
 Rows are padded to a power of two, prompts and audio windows to the engine's buckets (`requests.Shape`)
 and the new tokens to a power of two from 64, so most new prompts reuse a compiled program; the
@@ -29,10 +29,10 @@ from af3_jax.inference import requests, slots
 from af3_jax.models import layers
 
 
-def start(model, inputs, length, need, rows, key_data, eos, *, new_len: int) -> slots.Slots:
+def start(model, inputs, length, need, rows, seed, eos, *, new_len: int) -> slots.Slots:
   """`generate`'s start: `slots.prefill` of the batch (`slots.prefill`'s arguments), the first tokens'
   `choose`, and the rows `insert`ed into a cache of T + new_len slots each."""
-  prefix, logits = slots.prefill(model, inputs, length, need, rows, key_data, eos)
+  prefix, logits = slots.prefill(model, inputs, length, need, rows, seed, eos)
   token, seen = slots.choose(logits, prefix.seen, prefix.rows, prefix.key)
   p, t = inputs["input_ids"].shape
   state = slots.empty(model.cfg, batch=p, length=t + new_len, dtype=prefix.k.dtype)
@@ -40,12 +40,18 @@ def start(model, inputs, length, need, rows, key_data, eos, *, new_len: int) -> 
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_len"), compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
-def _generate_fn(graphdef, params, inputs, length, need, rows, key_data, eos, left, *, new_len: int):
+def _start_fn(graphdef, params, inputs, length, need, rows, seed, eos, *, new_len: int) -> slots.Slots:
+  """`start` as one program: `generate_stream`'s first token in one dispatch."""
+  return start(nnx.merge(graphdef, params), inputs, length, need, rows, seed, eos, new_len=new_len)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "new_len"), compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
+def _generate_fn(graphdef, params, inputs, length, need, rows, seed, eos, left, *, new_len: int):
   """The whole answer in one program: `start`, then up to new_len - 1 `slots.decode` steps (left (P,):
   the tokens each row still wants). -> the first tokens (P,) and the others (new_len - 1, P), -1 past a
   row's end."""
   model = nnx.merge(graphdef, params)
-  state = start(model, inputs, length, need, rows, key_data, eos, new_len=new_len)
+  state = start(model, inputs, length, need, rows, seed, eos, new_len=new_len)
   first = state.token
   _, rest = slots.decode(model, state, left, window=state.cache.k.shape[2], steps=new_len - 1)
   return first, rest
@@ -111,24 +117,21 @@ def generate(model: Model, batch: dict, max_new_tokens: int, do_sample: bool | N
 def generate_stream(model: Model, batch: dict, max_new_tokens: int, seed: int = 0, **kwargs) -> Iterator[np.ndarray]:
   """Yields each step's new tokens (batch,) as they come, until every row is done or max_new_tokens.
 
-  Takes `generate`'s arguments and yields, step by step, the columns `generate` returns: the engine's
-  programs (`slots`) for this batch, a decode step per token.
+  Takes `generate`'s arguments and yields, step by step, the columns `generate` returns: `start` in one
+  program, then the engine's decode step (`slots.decode_fn`), one dispatch a token.
   """
   b = _batch(model, batch, max_new_tokens, seed, **kwargs)
   graphdef, params = model.graphdef, model.state
   with jax.set_mesh(model.mesh):
-    prefix, logits = slots.prefill_fn(graphdef, params, *b.args)
-    token, seen = slots.choose_fn(logits, prefix.seen, prefix.rows, prefix.key)
-    p = len(b.args[1])
-    state = slots.empty_fn(model.config, batch=p, length=b.window, dtype=prefix.k.dtype)
-    state = slots.insert_fn(state, prefix.replace(token=token, seen=seen), np.arange(p, dtype=np.int32))
+    state = _start_fn(graphdef, params, *b.args, new_len=b.new_len)
+  token = np.asarray(state.token)
   done = np.zeros(b.rows, bool)
   for i in range(max_new_tokens):
     if i:
       with jax.set_mesh(model.mesh):
-        state, token = slots.decode_fn(graphdef, params, state, b.left(1), window=b.window, steps=1)
-      token = token[0]
-    token = np.where(done, b.pad, np.asarray(token)[:b.rows])
+        state, out = slots.decode_fn(graphdef, params, state, b.left(1), window=b.window, steps=1)
+      token = np.asarray(out)[0]  # on the host: indexing the device array would be a program of its own
+    token = np.where(done, b.pad, token[:b.rows])
     done |= np.isin(token, b.eos)
     yield token
     if done.all():

@@ -17,7 +17,6 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
-import jax
 import numpy as np
 
 from af3_jax import buckets
@@ -77,7 +76,7 @@ class Job:
   ids: np.ndarray | None  # dropped, with the audio, once prefilled
   audio: dict[str, np.ndarray] | None
   sampling: Sampling
-  key_data: np.ndarray  # jax.random.key_data of its seed
+  seed: int  # its key is jax.random.key(seed), made in the prefill
   eos: frozenset[int]
   max_new_tokens: int
   length: int = dataclasses.field(init=False)  # the prompt's tokens, its audio tokens included
@@ -141,8 +140,10 @@ def jobs(model: Model, inputs: Mapping[str, Any], max_new_tokens: int, seed: int
     owner = np.minimum(np.searchsorted(tokens, np.cumsum(frames) - frames, side="right"), len(prompts) - 1)
     audio = [{k: v[owner == i] for k, v in windows.items()} if (owner == i).any() else None
              for i in range(len(prompts))]
-  return [Job(p, a, settings.sampling, np.asarray(jax.random.key_data(jax.random.key(seed + i))),
-              frozenset(settings.eos_ids), max_new_tokens) for i, (p, a) in enumerate(zip(prompts, audio))]
+  if not -2**31 <= seed <= 2**31 - len(prompts):
+    raise ValueError(f"seed must be a 32-bit integer, got {seed}")
+  return [Job(p, a, settings.sampling, seed + i, frozenset(settings.eos_ids), max_new_tokens)
+          for i, (p, a) in enumerate(zip(prompts, audio))]
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -175,7 +176,7 @@ def shape_of(jobs: Sequence[Job], max_len: int | None = None) -> Shape:
 
 
 def batch(jobs: Sequence[Job], shape: Shape, filler: int) -> tuple:
-  """`slots.prefill_fn`'s arguments after the model (numpy): inputs, length, need, rows, key_data, eos.
+  """`slots.prefill_fn`'s arguments after the model (numpy): inputs, length, need, rows, seed, eos.
   Rows past the jobs are one `filler` token each (never inserted); audio windows past theirs are empty."""
   p, t = shape.rows, shape.prompt
   ids, mask = np.full((p, t), filler, np.int32), np.zeros((p, t), bool)
@@ -192,9 +193,9 @@ def batch(jobs: Sequence[Job], shape: Shape, filler: int) -> tuple:
   length = np.array([j.length for j in jobs] + [1] * extra, np.int32)
   need = np.array([j.need for j in jobs] + [1] * extra, np.int32)
   rows = Rows.of(*[j.sampling for j in jobs], *[Sampling()] * extra)
-  key_data = np.stack([j.key_data for j in jobs] + [np.zeros_like(jobs[0].key_data)] * extra)
+  seed = np.array([j.seed for j in jobs] + [0] * extra, np.int32)
   eos = np.stack([slots.eos_row(sorted(j.eos)) for j in jobs] + [slots.eos_row(())] * extra)
-  return inputs, length, need, rows, key_data, eos
+  return inputs, length, need, rows, seed, eos
 
 
 def dummy(model: Model, shape: Shape) -> Job:
@@ -206,9 +207,7 @@ def dummy(model: Model, shape: Shape) -> Job:
     audio = {"input_features": np.zeros((shape.windows, e.num_mel_bins, e.mel_frames), np.float32),
              "input_features_mask": np.zeros((shape.windows, e.mel_frames), np.int32),
              "audio_embed_mask": np.zeros((shape.windows, whisper.tokens_per_window(e)), bool)}
-  key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0)))  # no device: compiling for a target
-  return Job(np.full(shape.prompt, filler_id(model), np.int32), audio, Sampling(), np.zeros(key.shape, key.dtype),
-             frozenset(), 1)
+  return Job(np.full(shape.prompt, filler_id(model), np.int32), audio, Sampling(), 0, frozenset(), 1)
 
 
 def filler_id(model: Model) -> int:

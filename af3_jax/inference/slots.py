@@ -3,8 +3,8 @@ length, and the pure functions over it, each also jitted as a program (JetStream
 them): `prefill` runs several requests' audio encoder (one call over all their windows) and prompts (one
 call over their rows) into a cache of their own, `choose` picks their first tokens, `insert` copies them
 into slots, `decode` runs up to `steps` decode steps for every slot. `engine.Engine` drives the jitted
-programs for many requests; `decode.generate_stream` drives them for one batch, and `decode.generate`
-runs the same functions in one program of its own.
+programs for many requests; `decode.generate` runs the same functions in one program for one batch,
+and `decode.generate_stream` runs its start (prefill, choose, insert) as one program, then `decode_fn`.
 
 A slot is a cache row with its own end: the prompt fills slots 0..n-1 (right padded to its bucket, so a
 token's slot is its position) and each new token goes after it. Each row's decoding settings are data
@@ -131,11 +131,11 @@ class Slots:
 
 
 def prefill(model, inputs: dict[str, jax.Array], length: jax.Array, need: jax.Array, rows: Rows,
-            key_data: jax.Array, eos: jax.Array) -> tuple[Prefix, jax.Array]:
+            seed: jax.Array, eos: jax.Array) -> tuple[Prefix, jax.Array]:
   """inputs: input_ids and attention_mask (P, T), right padded, and optionally the audio: the windows of
   every row, row after row (W, ...), which fill the rows' `<sound>` tokens in that order. length, need
-  (P,); key_data (P, ...) the rows' `jax.random.key_data`; eos (P, E). -> the prefix, its tokens not
-  chosen yet, and each row's last prompt token's logits (P, V).
+  (P,); seed (P,) int32, each row's key is jax.random.key(seed); eos (P, E). -> the prefix, its tokens
+  not chosen yet, and each row's last prompt token's logits (P, V).
   Right padding, not left: a row's positions are then its slots (0..n-1, transformers' cumsum(mask) - 1
   for the left-padded prompt), its new tokens go after them in its own row, and attention kernels take
   the padding as each row's length (cuDNN's sequence lengths, `models/attention.py`) instead of a mask."""
@@ -150,7 +150,7 @@ def prefill(model, inputs: dict[str, jax.Array], length: jax.Array, need: jax.Ar
   # sees the prompt's tokens, not its padding).
   seen = jnp.zeros((p, vocab + 1), bool).at[jnp.arange(p)[:, None], jnp.where(mask, ids, vocab)].set(True)
   prefix = Prefix(k=cache.k, v=cache.v, length=length, need=need, token=jnp.zeros((p,), jnp.int32),
-                  seen=seen[:, :vocab], rows=rows, key=jax.random.wrap_key_data(key_data), eos=eos)
+                  seen=seen[:, :vocab], rows=rows, key=jax.vmap(jax.random.key)(seed), eos=eos)
   return prefix, logits
 
 
@@ -225,15 +225,14 @@ def empty(cfg, *, batch: int, length: int, dtype) -> Slots:
                stopped=jnp.zeros((batch,), bool))
 
 
-# The programs the engine and `generate_stream` run (`decode.generate` runs the functions above in one
-# program of its own).
+# The engine's programs (`generate_stream` runs `decode_fn` too).
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",), compiler_options=layers.INFERENCE_COMPILER_OPTIONS)
-def prefill_fn(graphdef, params, inputs, length, need, rows, key_data, eos) -> tuple[Prefix, jax.Array]:
+def prefill_fn(graphdef, params, inputs, length, need, rows, seed, eos) -> tuple[Prefix, jax.Array]:
   """`prefill`; `choose_fn` chooses: the sampler compiled once per P, not into every prompt and audio
   bucket's program."""
-  return prefill(nnx.merge(graphdef, params), inputs, length, need, rows, key_data, eos)
+  return prefill(nnx.merge(graphdef, params), inputs, length, need, rows, seed, eos)
 
 
 @jax.jit

@@ -43,7 +43,8 @@ def test_multi_step_dispatches_and_batched_inserts_keep_the_cache_in_place():
       hlo = compiled.as_text()
       assert not re.search(rf"= {cache}\S* copy\(", hlo), f"{steps} steps copy the cache"
       temps[steps] = compiled.memory_analysis().temp_size_in_bytes
-    assert temps[8] <= temps[1] < k.size * k.dtype.itemsize // 2  # no room for a copy of the cache's k or v
+    # One step (no loop) or eight (a while loop carrying the cache): no room for a copy of the cache's k or v.
+    assert max(temps.values()) < k.size * k.dtype.itemsize // 2
     rows, prompt = 4, 256
     prefix = on_mesh(slots.Prefix(
         k=jax.ShapeDtypeStruct((TINY.decoder.num_layers, rows, prompt) + k.shape[3:], jnp.bfloat16),
