@@ -3,7 +3,7 @@
 rows are checked and taken apart as the engine's requests are (`requests.jobs`), prefilled by the
 engine's prefill (right padded) and decoded by its decode step and sampler. `generate` runs those
 functions in one jitted program, the token loop a `lax.while_loop` (one dispatch for the whole answer);
-`generate_stream` runs the same start (prefill, first tokens, insert) as a program of its own, then
+`generate_stream` runs the same start (prefill, first tokens) as a program of its own, then
 dispatches the engine's decode step once per token and yields each step's tokens.
 
 Rows are padded to a power of two, prompts and audio windows to the engine's buckets (`requests.Shape`)
@@ -19,7 +19,6 @@ import functools
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,13 +29,11 @@ from af3_jax.pretrained import Model
 
 
 def start(model, inputs, length, need, rows, seed, eos, *, new_len: int) -> slots.Slots:
-  """`generate`'s start: `slots.prefill` of the batch (`slots.prefill`'s arguments), the first tokens'
-  `choose`, and the rows `insert`ed into a cache of T + new_len slots each."""
-  prefix, logits = slots.prefill(model, inputs, length, need, rows, seed, eos)
+  """`generate`'s start: `slots.prefill` of the batch (`slots.prefill`'s arguments) into a cache of
+  T + new_len slots a row, and the first tokens' `choose`: the decode state of these rows alone."""
+  prefix, logits = slots.prefill(model, inputs, length, need, rows, seed, eos, room=new_len)
   token, seen = slots.choose(logits, prefix.seen, prefix.rows, prefix.key)
-  p, t = inputs["input_ids"].shape
-  state = slots.empty(model.cfg, batch=p, length=t + new_len, dtype=prefix.k.dtype)
-  return slots.insert(state, prefix.replace(token=token, seen=seen), jnp.arange(p))
+  return slots.own(prefix.replace(token=token, seen=seen))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_len"), compiler_options=layers.INFERENCE_COMPILER_OPTIONS)

@@ -71,7 +71,7 @@ def decode_step(m):
   """`generate`'s decode step after that start (`generate_stream` dispatches it as `slots.decode_fn`)."""
   fn, args, kw = prefill(m)
   with jax.set_mesh(m.mesh):
-    state = jax.eval_shape(functools.partial(fn, **kw), *args)
+    state = jax.eval_shape(functools.partial(fn.__wrapped__, args[0], **kw), *args[1:])  # no nested compiler options
   return slots.decode_fn, (m.graphdef, m.state, state, S((ROWS,), jnp.int32)), dict(window=LENGTH + NEW, steps=1)
 
 
