@@ -34,7 +34,7 @@ def weight_flags(values: flags.FlagValues = flags.FLAGS) -> tuple[flags.FlagHold
   dtype = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "Parameter and compute dtype.",
                             flag_values=values)
   quantize = flags.DEFINE_enum("quantize", "none", ["none", "int8"], "int8: the decoder's linears as int8 weights "
-                               "(half their memory; see README).", flag_values=values)
+                               "(half their memory; see docs/inference.md).", flag_values=values)
   return dtype, quantize
 
 

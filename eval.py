@@ -39,7 +39,7 @@ _MAX_NEW = flags.DEFINE_integer("max-new-tokens", 128, "At most this many new to
 _TEMPLATE = flags.DEFINE_string("prompt-template", None, "The prompt, with {question}, {options} ('(A) ...' "
                                 "lines) and {choices} (plain lines) as the task allows; \\n is a newline "
                                 "(default: the task's).", flag_values=FLAGS)
-_STYLE = flags.DEFINE_enum("style", None, ["hf", "nvidia"], "Prompt style (see README); default: the one the "
+_STYLE = flags.DEFINE_enum("style", None, ["hf", "nvidia"], "Prompt style (see docs/inference.md); default: the one the "
                            "checkpoint was trained with, nvidia for AF3 (how the paper's numbers were made), hf for "
                            "Music Flamingo.", flag_values=FLAGS)
 _DTYPE, _QUANTIZE = cli.weight_flags(FLAGS)

@@ -36,7 +36,7 @@ _GREEDY = flags.DEFINE_bool("greedy", False, "Greedy decoding, whatever generati
 _DTYPE, _QUANTIZE = cli.weight_flags()
 _CACHE = cli.compilation_cache_flag()
 flags.adopt_module_key_flags(cli)  # --dtype, --quantize and --verbosity in --help, not only --helpfull
-_STYLE = flags.DEFINE_enum("style", "hf", ["hf", "nvidia"], "Prompt style (see README).")
+_STYLE = flags.DEFINE_enum("style", "hf", ["hf", "nvidia"], "Prompt style (see docs/inference.md).")
 _CHAT = flags.DEFINE_bool("chat", False, "Interactive multi-turn chat on stdin.")
 _BATCH = flags.DEFINE_string("batch", None, "An upstream-format JSON manifest to answer.")
 _OUT = flags.DEFINE_string("out", None, "With --batch: the JSONL results file, one line per id (done ids skipped).")

@@ -24,7 +24,7 @@ def prompt_bucket(n: int, minimum: int = 1) -> int:
   16,384); here consecutive sizes differ by at most an eighth (30 s: 832, 10 minutes: 15,360). The
   price is eight programs a doubling where a power of two has one, but the audio lengths that
   `window_bucket` allows fall in 13 of them up to 10 minutes (powers of two: 5), and a program is
-  compiled only for the buckets prompts reach (README, "Inference layout").
+  compiled only for the buckets prompts reach (docs/performance.md#padded-sizes).
   """
   return bucket(n, minimum) if n <= _FINE_ABOVE else significant(n, 4)
 

@@ -29,7 +29,7 @@ from af3_jax.config import read_json
 from af3_jax.models import layers
 from af3_jax.safetensors_file import SafetensorsFile
 
-# Every decoder linear, not lm_head (UPSTREAM.md 10: NVIDIA's `find_all_linear_names` on the LLM).
+# Every decoder linear, not lm_head (docs/upstream.md#think-mode-and-af3-chat: NVIDIA's `find_all_linear_names` on the LLM).
 TARGET = r"language_model\.layers\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 _PEFT_PREFIX = "base_model.model."
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[^.]+)?\.weight$")

@@ -1,10 +1,10 @@
 """Checkpoint key names: every upstream layout <-> our parameter paths, and the tensor transforms.
 
-Our parameter paths are transformers' module-tree names without the leading `model.` (STYLE.md rule 4):
+Our parameter paths are transformers' module-tree names without `model.` (docs/architecture.md#parameter-names):
 only the leaf changes (`weight` -> `kernel`, transposed, for linears and convs; `scale` for norms;
 `embedding` for embeddings) and `layers.{i}` becomes index i of a stacked leading axis.
 
-Layouts (shared/UPSTREAM.md section 7):
+Layouts (docs/upstream.md#checkpoint-layouts):
   hf      what transformers 5.x `save_pretrained` writes (`language_model.model.*`, ...) and the
           module-tree names (`model.language_model.*`, `lm_head.weight`); one folder of safetensors.
   nvidia  the original release: `llm/` (Qwen2ForCausalLM), `sound_tower/` (unprefixed encoder keys),

@@ -1,4 +1,4 @@
-"""The optimiser of every AF3 stage (shared/UPSTREAM.md section 10): AdamW + warmup/cosine, optional clipping.
+"""The optimiser of every AF3 stage (docs/upstream.md#optimiser-and-stages): AdamW + warmup/cosine, optional clipping.
 
 Upstream trains with HF `Trainer`: `adamw_torch` (betas 0.9/0.999, eps 1e-8, weight decay 0), the
 `cosine` scheduler with `warmup_ratio` 0.03, and `max_grad_norm` 1.0 (stages 2-4; stage 1's DeepSpeed

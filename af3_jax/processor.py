@@ -1,6 +1,6 @@
 """Processor: conversations of HF-style messages -> the arrays `af3_jax.Model` takes.
 
-Two prompt styles (shared/UPSTREAM.md sections 2, 8, 12):
+Two prompt styles (docs/upstream.md#prompt-format):
   "hf"      token-identical to transformers' `AudioFlamingo3Processor`: one `<sound>` before the message's
             text (no newline), expanded to the audio's exact number of frames.
   "nvidia"  the pipeline AF3 was trained with: one `<sound>` per 30 s window, each followed by "\\n";

@@ -1,7 +1,7 @@
 """The train step: per-stage trainable sets, the loss, and one pure, jitted update (`train_run.py`
 has a run's plumbing around it: config, workdir, final model).
 
-Usage (shared/STYLE.md rule 8):
+Usage (docs/architecture.md#the-train-step):
 
   module = model.module()                                # from af3_jax.from_pretrained
   lora.add(module, lora.Spec(rank=64, alpha=16), key)    # stage 3.5 only
@@ -36,7 +36,7 @@ IGNORE = -100  # labels that are not supervised (transformers' ignore_index)
 # The Whisper position table is never trained upstream (`embed_positions.requires_grad_(False)`).
 _POSITIONS = nnx.PathContains("embed_positions")
 
-# The trainable set of each stage (UPSTREAM.md 10): 1 projector, 2 encoder_projector, 3 and 4 all, 3.5
+# Each stage's trainable set (docs/upstream.md#optimiser-and-stages): 1 projector, 2 encoder_projector, 3 and 4 all, 3.5
 # lora. nnx.LoRAParam subclasses nnx.Param, so "all" also trains LoRA weights if the model has any,
 # and "lora" must name LoRAParam itself, never Param.
 TRAINABLE = {
@@ -129,7 +129,7 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict[str, jax.Array]
   Normalisation: the gradients and losses of all micro-batches are summed over tokens and divided once
   by the window's label count, so the update is that of the token mean over the whole window, as
   HF Trainer normalises with `num_items_in_batch` since transformers 4.46 (the version upstream used;
-  UPSTREAM.md 13 leaves this open). Micro-batches with more label tokens weigh more; averaging
+  docs/upstream.md#open-questions). Micro-batches with more label tokens weigh more; averaging
   per-micro-batch means would not equal one big batch. The same holds across data-parallel devices:
   the batch is one global array, so the count is global.
 

@@ -15,7 +15,7 @@ a few greedy tokens. Reported: the peak resident set size (`ru_maxrss`) before g
 encoder and prompt) and one decode step after it: the weights' bytes, the decode state's (KV cache), and
 each program's temporaries. Prompt and windows are padded to generate's buckets (10 minutes: 16,384
 tokens, 20 windows), as in real use. `--aot` only compiles, from abstract weights, so it runs at full
-size on a CPU (shared/STYLE.md 21). XLA:CPU computes bfloat16 dots in float32 and makes float32 copies
+size on a CPU (tiny models cannot show memory). XLA:CPU computes bfloat16 dots in float32 and makes float32 copies
 of the bfloat16 weights they read: temporaries a GPU does not have. `--target h100` (or h200, a100,
 v5e-1, v6e-1, ...: one device, named as `af3_jax.targets` does) compiles with that accelerator's own
 compiler instead, on this machine (deviceless; needs the `accelerators` extra), and says how much of

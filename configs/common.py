@@ -1,5 +1,5 @@
-"""Settings shared by every stage of the curriculum, and what each stage changes (shared/UPSTREAM.md
-section 10). `configs/stageN.py` is `stage(N)`. Any field can be
+"""Settings shared by every stage of the curriculum, and what each stage changes
+(docs/upstream.md#optimiser-and-stages). `configs/stageN.py` is `stage(N)`. Any field can be
 overridden on the command line: `--config.optim.lr=3e-5`, `--config.data.train=a.json,b.json`.
 The model's shape is never configured: it comes from the checkpoint in `init_from`.
 """

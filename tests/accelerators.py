@@ -1,5 +1,5 @@
 """Compiling for a GPU or TPU on this CPU machine, and reading what its compiler made: the helpers of
-the `accelerator` tests (shared/STYLE.md rule 24; README, "Testing").
+the `accelerator` tests (docs/testing.md#checks-for-gpus-and-tpus-without-one).
 
 `abstract_model` puts a model's shapes (no weights) on a target's compile-only devices; `compile_for`
 lowers and compiles a jitted function for them under `jax.set_mesh`, as the library's entry points

@@ -1,5 +1,5 @@
 """`attention.attention`: the blockwise path equals XLA's one-piece attention, picks itself by size, and
-keeps compiled temporaries linear in the prompt at the full decoder's head shape (shared/STYLE.md 21, 23).
+keeps compiled temporaries linear in the prompt at the full decoder's head shape (docs/performance.md#attention-backends).
 Segments of packed rows never see each other, on either path.
 """
 

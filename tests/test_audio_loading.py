@@ -18,7 +18,7 @@ SR = audio.SAMPLE_RATE
 
 
 def nvidia_rules(path, mp3: bool = False, max_seconds: float | None = None) -> np.ndarray:
-  """UPSTREAM.md 1, step by step on the whole file: scale, resample every channel, pick, normalise."""
+  """docs/upstream.md#audio-loading, step by step on the whole file: scale, resample every channel, pick, normalise."""
   data, sr = sf.read(path, dtype="float64", always_2d=True)
   if max_seconds is not None:
     data = data[:int(max_seconds * sr)]

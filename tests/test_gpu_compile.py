@@ -1,6 +1,6 @@
 """GPU contracts, checked on this CPU machine by compiling for an H100, H200 and A100 (deviceless; see
 `accelerators.py`): every program the library runs on a GPU compiles, and in 16-bit its attention is
-cuDNN's flash attention in the form we mean (shared/STYLE.md rules 23-24): causality and right padding
+cuDNN's flash attention in the form we mean (docs/performance.md#attention-backends): causality and right padding
 as cuDNN's own arguments, a dense mask only where cuDNN has no argument for it (left padding, packed
 segments, causality after a cache), kv heads never repeated (GQA). In float32 cuDNN takes no part.
 

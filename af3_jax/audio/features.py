@@ -2,7 +2,7 @@
 
 Audio is cut into non-overlapping 30 s windows (at most 20) in numpy; every window is zero-padded to
 480000 samples and turned into a (128, 3000) log-mel matrix on the default device, all windows in one
-jitted batch (UPSTREAM.md 2-3). Shape letters: W windows, S samples per window, F mel frames (3000),
+jitted batch (docs/upstream.md#log-mel-features). Shape letters: W windows, S samples per window, F mel frames (3000),
 K frequency bins (201), M mel bins (128).
 """
 

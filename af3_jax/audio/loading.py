@@ -1,4 +1,4 @@
-"""Audio files to 16 kHz mono float32, by NVIDIA's or transformers' loading rules (UPSTREAM.md 1).
+"""Audio files to 16 kHz mono float32, by NVIDIA's or transformers' loading rules (docs/upstream.md#audio-loading).
 
 style "nvidia" mirrors `llava/utils/media.py::_load_audio` in the NVIDIA repo: read at most
 `max_seconds`, scale float files that overshoot [-1, 1], resample with soxr_hq, keep channel 0 (mp3: the

@@ -1,7 +1,7 @@
 """The upstream JSON manifest (NVIDIA `llava/data` format) read into processor conversations.
 
 A manifest is a list of `{"id", "sound": path | [paths] (absent for text only), "conversations":
-[{"from": "human" | "gpt", "value": str}, ...]}` (shared/UPSTREAM.md section 10). As in NVIDIA's
+[{"from": "human" | "gpt", "value": str}, ...]}` (docs/upstream.md#training-data). As in NVIDIA's
 dataset, a single `sound` path (and text only) keeps the first exchange only and drops `<sound>`-like
 literals from the question, while a `sound` list keeps every turn and places audio with `<sound-k>`
 tags. Relative sound paths are taken from the manifest's folder (or a root given to `read_manifest`).

@@ -198,8 +198,8 @@ def scan(layers: nnx.Module, fn: Callable, carry, xs=None, *, remat: str | None 
   `lax.scan`: the body is traced and compiled once, so compile time does not grow with depth, and each
   layer's weights are a dynamic slice of the stacks. Inference (`remat` None) unrolls the same scan: each
   layer reads its weights at a static index, which XLA:GPU hands to the matmul where they lie. A dynamic
-  slice it copies first, every layer of every step: half of a decode step's time on an H200 (README,
-  "Inference layout"). Compile time grows with depth instead (bench/RESULTS.md); programs that run
+  slice it copies first, every layer of every step: half of a decode step's time on an H200
+  (docs/performance.md#the-inference-layout). Compile time grows with depth instead (bench/RESULTS.md); programs that run
   unrolled stacks compile with `INFERENCE_COMPILER_OPTIONS`.
   """
   graphdef, state = nnx.split(layers)

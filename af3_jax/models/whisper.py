@@ -1,7 +1,7 @@
 """AF-Whisper audio encoder: mirrors transformers' `AudioFlamingo3Encoder`.
 
 A Whisper-large-v3 encoder (conv front end, stored position table, pre-LN blocks) followed by
-AvgPool1d(2, 2) over time and then the single final LayerNorm (pool first, LN once: UPSTREAM.md 4).
+AvgPool1d(2, 2) over time and then the single final LayerNorm (pool first, LN once: docs/upstream.md#encoder).
 Shape letters: W windows (the batch here), M mel bins, F mel frames (3000), T positions after conv2
 (1500), P pooled frames (750), D width, N heads, H head dim.
 """
