@@ -1,10 +1,10 @@
 """`generate` and `generate_stream`: a transformers-style batch (left padded) decoded as transformers'
 `generate` decodes it, greedy token for token, through the one generation path (`slots`). The batch's
 rows are checked and taken apart as the engine's requests are (`requests.jobs`), prefilled by the
-engine's prefill (right padded) and decoded by its decode step and sampler. Both run the start (prefill,
-first tokens, insert) as one program, then dispatch the engine's decode step once per token from the
-host (`_steps`, which says why not in a device loop); `generate_stream` yields each step's tokens,
-`generate` reads only whether every row has stopped, every `STOP_CHECK` tokens, and the tokens at the end.
+engine's prefill (right padded) and decoded by its decode step and sampler. Both run the start (the
+prefill into the decode cache, the first tokens) as one program, then dispatch the engine's decode step
+once per token from the host (`_steps`, which says why not in a device loop): `generate_stream` yields
+each step's tokens, `generate` looks every `STOP_CHECK` tokens whether every row has stopped.
 
 Rows are padded to a power of two, prompts and audio windows to the engine's buckets (`requests.Shape`)
 and the new tokens to a power of two from 64, so most new prompts reuse a compiled program; the
@@ -19,7 +19,6 @@ import functools
 from collections.abc import Iterator
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -30,13 +29,11 @@ from af3_jax.models import layers
 
 
 def start(model, inputs, length, need, rows, seed, eos, *, new_len: int) -> slots.Slots:
-  """`generate`'s start: `slots.prefill` of the batch (`slots.prefill`'s arguments), the first tokens'
-  `choose`, and the rows `insert`ed into a cache of T + new_len slots each."""
-  prefix, logits = slots.prefill(model, inputs, length, need, rows, seed, eos)
+  """`generate`'s start: `slots.prefill` of the batch (`slots.prefill`'s arguments) into a cache of
+  T + new_len slots a row, and the first tokens' `choose`: the decode state of these rows alone."""
+  prefix, logits = slots.prefill(model, inputs, length, need, rows, seed, eos, room=new_len)
   token, seen = slots.choose(logits, prefix.seen, prefix.rows, prefix.key)
-  p, t = inputs["input_ids"].shape
-  state = slots.empty(model.cfg, batch=p, length=t + new_len, dtype=prefix.k.dtype)
-  return slots.insert(state, prefix.replace(token=token, seen=seen), jnp.arange(p))
+  return slots.own(prefix.replace(token=token, seen=seen))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "new_len"), compiler_options=layers.INFERENCE_COMPILER_OPTIONS)

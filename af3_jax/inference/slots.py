@@ -4,7 +4,7 @@ them): `prefill` runs several requests' audio encoder (one call over all their w
 call over their rows) into a cache of their own, `choose` picks their first tokens, `insert` copies them
 into slots, `decode` runs up to `steps` decode steps for every slot. `engine.Engine` drives the jitted
 programs for many requests; `decode.generate` runs the same functions in one program for one batch,
-and `decode.generate_stream` runs its start (prefill, choose, insert) as one program, then `decode_fn`.
+and `decode.generate_stream` runs its start (prefill, choose) as one program, then `decode_fn`.
 
 A slot is a cache row with its own end: the prompt fills slots 0..n-1 (right padded to its bucket, so a
 token's slot is its position) and each new token goes after it. Each row's decoding settings are data
@@ -131,11 +131,12 @@ class Slots:
 
 
 def prefill(model, inputs: dict[str, jax.Array], length: jax.Array, need: jax.Array, rows: Rows,
-            seed: jax.Array, eos: jax.Array) -> tuple[Prefix, jax.Array]:
+            seed: jax.Array, eos: jax.Array, *, room: int = 0) -> tuple[Prefix, jax.Array]:
   """inputs: input_ids and attention_mask (P, T), right padded, and optionally the audio: the windows of
   every row, row after row (W, ...), which fill the rows' `<sound>` tokens in that order. length, need
-  (P,); seed (P,) int32, each row's key is jax.random.key(seed); eos (P, E). -> the prefix, its tokens
-  not chosen yet, and each row's last prompt token's logits (P, V).
+  (P,); seed (P,) int32, each row's key is jax.random.key(seed); eos (P, E). room (static): cache slots
+  after the prompt bucket (0: the engine inserts the rows into its own cache; `decode.start` decodes
+  in this one). -> the prefix, its tokens not chosen yet, and each row's last prompt token's logits (P, V).
   Right padding, not left: a row's positions are then its slots (0..n-1, transformers' cumsum(mask) - 1
   for the left-padded prompt), its new tokens go after them in its own row, and attention kernels take
   the padding as each row's length (cuDNN's sequence lengths, `models/attention.py`) instead of a mask."""
@@ -143,7 +144,7 @@ def prefill(model, inputs: dict[str, jax.Array], length: jax.Array, need: jax.Ar
   x = model.embed(ids, mask, **{k: inputs[k] for k in AUDIO if k in inputs})
   (p, t), vocab = ids.shape, model.cfg.decoder.vocab_size
   positions = jnp.broadcast_to(jnp.arange(t), (p, t))
-  h, cache = model.language_model(x, positions, mask, kv_cache.init(model.cfg.decoder, p, t, x.dtype),
+  h, cache = model.language_model(x, positions, mask, kv_cache.init(model.cfg.decoder, p, t + room, x.dtype),
                                   right_padded=True)
   logits = model.lm_head(jnp.take_along_axis(h, (length - 1)[:, None, None], axis=1)[:, 0])
   # Padding points at an extra column that is dropped (transformers' RepetitionPenaltyLogitsProcessor
@@ -161,21 +162,26 @@ def choose(logits: jax.Array, seen: jax.Array, rows: Rows, key: jax.Array) -> tu
   return token, seen.at[jnp.arange(p), token].set(True)
 
 
+def own(prefix: Prefix) -> Slots:
+  """The prefix's rows as a decode state of their own, in the cache the prefill wrote (its prompt
+  bucket and `room`): each row's end at its prompt's end."""
+  s = prefix.k.shape[2]
+  cache = kv_cache.Cache(k=prefix.k, v=prefix.v, key_mask=jnp.arange(s) < prefix.length[:, None], end=prefix.length)
+  return Slots(cache=cache, token=prefix.token, seen=prefix.seen, step=jnp.ones_like(prefix.length), rows=prefix.rows,
+               key=prefix.key, eos=prefix.eos, stopped=(prefix.token[:, None] == prefix.eos).any(-1))
+
+
 def insert(slots: Slots, prefix: Prefix, slot: jax.Array) -> Slots:
   """Puts prefix row i into slot[i] (P,); a slot index out of range (B) drops its row (padding rows)."""
-  c = slots.cache
-  at_slots = lambda rows, new: rows.at[slot].set(new.astype(rows.dtype), mode="drop")
+  new, c = own(prefix), slots.cache
+  at_slots = lambda rows, x: rows.at[slot].set(x.astype(rows.dtype), mode="drop")
   t = prefix.k.shape[2]
   cache = kv_cache.Cache(
       k=c.k.at[:, slot, :t].set(prefix.k.astype(c.k.dtype), mode="drop"),
       v=c.v.at[:, slot, :t].set(prefix.v.astype(c.v.dtype), mode="drop"),
       key_mask=at_slots(c.key_mask, jnp.arange(c.key_mask.shape[1]) < prefix.length[:, None]),
       end=at_slots(c.end, prefix.length))
-  stopped = (prefix.token[:, None] == prefix.eos).any(-1)
-  return Slots(cache=cache, token=at_slots(slots.token, prefix.token), seen=at_slots(slots.seen, prefix.seen),
-               step=at_slots(slots.step, jnp.ones_like(prefix.length)),
-               rows=jax.tree.map(at_slots, slots.rows, prefix.rows), key=at_slots(slots.key, prefix.key),
-               eos=at_slots(slots.eos, prefix.eos), stopped=at_slots(slots.stopped, stopped))
+  return jax.tree.map(at_slots, slots.replace(cache=None), new.replace(cache=None)).replace(cache=cache)
 
 
 def decode(model, slots: Slots, left: jax.Array, *, window: int, steps: int) -> tuple[Slots, jax.Array]:
