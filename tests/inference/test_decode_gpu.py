@@ -59,7 +59,6 @@ def compiled(program: str, quantize: str | None = None, fused: bool = False):
   graphdef, state = nnx.split(nnx.eval_shape(build))
   weights = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
                          sharding.state_shardings(state, mesh()))
-  d = CFG.decoder
   # The suite computes float32 at "highest" precision (conftest.py), which XLA:GPU turns into other
   # kernels; inference runs at the default.
   with jax.set_mesh(mesh()), jax.default_matmul_precision("default"):
