@@ -72,6 +72,7 @@ def use_compilation_cache(folder: str | None) -> Path | None:
                     f"--compilation-cache, or 'off'") from None
     jax.config.update("jax_enable_compilation_cache", False)
     return None
+  jax.config.update("jax_enable_compilation_cache", True)  # after an "off" earlier in this process
   jax.config.update("jax_compilation_cache_dir", str(path))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)  # -1: no size floor, and no override of it

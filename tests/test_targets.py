@@ -56,13 +56,16 @@ def test_every_entry_point_traces_attention_under_the_models_mesh(monkeypatch):
   """Attention picks its backend from the mesh it is traced under (`targets.platform`), so each public
   path onto the devices traces under its model's mesh: `Model.__call__`, `generate`, `generate_stream`
   and the engine's prefill and decode step (train.py and the benchmarks set it around the train step).
-  A config no other test uses, so that every program is traced here, not taken from jit's cache."""
-  cfg = AF3Config(encoder=EncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16,
-                                        max_source_positions=16),
-                  decoder=DecoderConfig(vocab_size=96, hidden_size=16, num_layers=1, num_heads=2, num_kv_heads=1,
-                                        head_dim=8, intermediate_size=24),
-                  audio_token_id=95)
-  model = init_random(cfg, dtype=jnp.float32)
+  Each path gets a config no other test or path uses (its own vocabulary), so that its programs are
+  traced here, not taken from jit's cache (generate and generate_stream share theirs)."""
+  def config(vocab: int) -> AF3Config:
+    return AF3Config(encoder=EncoderConfig(hidden_size=16, num_layers=1, num_heads=2, intermediate_size=16,
+                                          max_source_positions=16),
+                    decoder=DecoderConfig(vocab_size=vocab, hidden_size=16, num_layers=1, num_heads=2,
+                                          num_kv_heads=1, head_dim=8, intermediate_size=24),
+                    audio_token_id=vocab - 1)
+
+  cfg = config(96)
   seen = []
   traced = attention.attention
   monkeypatch.setattr(attention, "attention", lambda *a, **kw: seen.append(jax.sharding.get_abstract_mesh()) or traced(*a, **kw))
@@ -70,15 +73,17 @@ def test_every_entry_point_traces_attention_under_the_models_mesh(monkeypatch):
   audio = {"input_features": np.zeros((1, cfg.encoder.num_mel_bins, frames), np.float32),
            "input_features_mask": np.ones((1, frames), np.int32)}
   ids = np.concatenate([np.ones(3, int), np.full(tokens_per_window(cfg.encoder), cfg.audio_token_id)])[None]
-  engine = Engine(model, max_slots=1, max_len=64)
   paths = {
-      "Model.__call__": lambda: model(input_ids=ids, **audio),
-      "generate": lambda: af3_jax.generate(model, {"input_ids": ids, **audio}, 2),
-      "generate_stream": lambda: list(af3_jax.generate_stream(model, {"input_ids": ids, **audio}, 2)),
-      "engine": lambda: list(engine.map([Request({"input_ids": ids[0], **audio}, 2)], lambda r: r)),
+      "Model.__call__": lambda model, ids: model(input_ids=ids, **audio),
+      "generate": lambda model, ids: af3_jax.generate(model, {"input_ids": ids, **audio}, 2),
+      "generate_stream": lambda model, ids: list(af3_jax.generate_stream(model, {"input_ids": ids, **audio}, 2)),
+      "engine": lambda model, ids: list(Engine(model, max_slots=1, max_len=64).map(
+          [Request({"input_ids": ids[0], **audio}, 2)], lambda r: r)),
   }
-  for name, run in paths.items():
+  for i, (name, run) in enumerate(paths.items()):
+    own = config(96 + i)
+    model = init_random(own, dtype=jnp.float32)
     seen.clear()
-    run()
+    run(model, np.where(ids == cfg.audio_token_id, own.audio_token_id, ids))
     assert seen, f"{name} traced no attention (a cached program: use a config of its own)"
     assert all(m == model.mesh.abstract_mesh for m in seen), f"{name}: {set(map(str, seen))}"
