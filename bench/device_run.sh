@@ -2,7 +2,8 @@
 # The full-size benchmarks on a lent GPU (an H200 here), as one prepared call of the device tool: each step
 # under its own time limit, its output written to $OUT as it goes, a summary of the steps last.
 #   bash bench/device_wheels.sh                    # first, on the CPU machine (the wheels travel in .whl/)
-#   run: bash bench/device_run.sh infer serve      # carry [".whl"], timeout_s 600; then, a second call:
+#   run: bash bench/device_run.sh infer            # carry [".whl"], timeout_s 600; then, one call each:
+#   run: bash bench/device_run.sh serve            # (the lease's 15 minutes hold about two of them)
 #   run: bash bench/device_run.sh train
 # Steps: infer (bench_infer: decode tok/s at batch 1 and 8, TTFT at 30 s, the 10-minute prefill, bf16
 # and int8, transformers beside them), serve (bench_serve: 32 clients against the generate loop), train
@@ -42,8 +43,8 @@ fi
 for s in "$@"; do
   case $s in
     infer) step infer 330 python3 bench/bench_infer.py --size "$SIZE" --quantize none --quantize int8 "${INFER[@]}" ;;
-    serve) step serve 240 python3 bench/bench_serve.py --size "$SIZE" "${SERVE[@]}" ;;
-    train) step train 400 python3 bench/bench_train.py --size "$SIZE" "${TRAIN[@]}" ;;
+    serve) step serve 500 python3 bench/bench_serve.py --size "$SIZE" "${SERVE[@]}" ;;
+    train) step train 500 python3 bench/bench_train.py --size "$SIZE" "${TRAIN[@]}" ;;
     *) echo "error: unknown step $s (infer, serve, train)" >&2; exit 2 ;;
   esac
 done
