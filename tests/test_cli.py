@@ -56,3 +56,12 @@ def test_verbosity_shows_the_info_lines(how):
 ])
 def test_arguments_and_settings_refused_in_one_line(args, env, message):
   assert program(*args, env=env) == (1, "", [message])
+
+
+def test_serve_writes_out_the_engines_decode_steps():
+  """serve.py states --num-scheduler-steps' default as a number, so that --help loads no jax: it must be
+  the engine's own."""
+  import serve
+  from af3_jax.inference import engine
+
+  assert serve.FLAGS["num-scheduler-steps"].default == engine.DECODE_STEPS

@@ -71,9 +71,9 @@ def test_without_the_accelerators_extra_a_target_names_it(full_config, tmp_path,
 
 @pytest.mark.accelerator
 @pytest.mark.parametrize("target, kind, dtype", [
-    # TODO(#20): bfloat16 on the GPU once cuDNN takes the encoder's key mask (accel-gpu); float32 runs XLA's
-    # attention. TPU rejects tokamax's float32 dot algorithm, so bfloat16, the stages' compute dtype.
-    ("h100-8", "8 x NVIDIA H100 80GB HBM3 (79.1 GiB each)", "float32"),
+    # bfloat16, the stages' compute dtype: cuDNN attention on the GPU (its key masks as lengths), and TPU
+    # rejects tokamax's float32 dot algorithm.
+    ("h100-8", "8 x NVIDIA H100 80GB HBM3 (79.1 GiB each)", "bfloat16"),
     ("v5p-16", "8 x TPU v5 (95.0 GiB each)", "bfloat16"),
 ])
 def test_compile_only_plans_each_device_of_a_target(gqa_ckpt, tmp_path, target, kind, dtype):
