@@ -17,7 +17,7 @@ from af3_jax.checkpoints.pretrained import Model, abstract_model
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 from af3_jax.inference import decode, requests, slots
 from af3_jax.models.whisper import tokens_per_window
-from af3_jax.training import pipeline
+from af3_jax.training import pipeline, plans
 
 pytestmark = pytest.mark.accelerator
 
@@ -37,19 +37,11 @@ def _default_precision():
     yield
 
 
-def _peak(compiled) -> int:
-  """Bytes one device holds at the program's peak: arguments, outputs and temporaries, less what the
-  outputs reuse of donated arguments."""
-  m = compiled.memory_analysis()
-  return m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-
-
 def _fits(compiled, target: str, what: str) -> None:
-  hbm, peak, m = targets.parse(target).hbm_bytes, _peak(compiled), compiled.memory_analysis()
-  gib = lambda n: f"{n / 2**30:.2f}"
-  print(f"{what} on {target}, GiB a device: peak {gib(peak)} of {gib(hbm)} (arguments {gib(m.argument_size_in_bytes)}, "
-        f"outputs {gib(m.output_size_in_bytes)}, donated {gib(m.alias_size_in_bytes)}, temporaries {gib(m.temp_size_in_bytes)})")
-  assert peak <= hbm
+  """The program's peak on one device (`plans.memory_plan`) is within the target's HBM."""
+  plan = plans.memory_plan(compiled, targets.parse(target).hbm_bytes)
+  print(f"{what} on {target}: {plans.memory_summary(plan)}")
+  assert plans.fits(plan), plans.memory_summary(plan)
 
 
 def _prefill_and_step(cfg: AF3Config, target: str, windows: int, dtype=jnp.bfloat16):
@@ -84,7 +76,6 @@ def _prefill_and_step(cfg: AF3Config, target: str, windows: int, dtype=jnp.bfloa
 def _train_step(cfg, model_cfg: AF3Config, target: str, length: int):
   """The stage config's train step for `length`-token rows, built as `train.py --compile_only` builds it
   (the config's mesh, batch, accumulation, remat, dtypes), compiled for `target`."""
-  from af3_jax.training import plans
 
   devices = targets.devices(target)
   mesh = sharding.make_mesh(sharding.resolve_shape(cfg.mesh, len(devices)), devices)
