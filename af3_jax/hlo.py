@@ -4,10 +4,12 @@ A program compiled for an accelerator (`targets.devices`, no accelerator needed)
 each top-level instruction (in the entry computation, a loop body or a branch) is a kernel or a library
 call that writes its result to memory; the instructions inside a fusion are not, they run in registers.
 This is how tests see, on a CPU machine, whether a GPU step copies a weight before its matmul.
+`compiles` counts the programs XLA compiles while a block runs (tests' recompile guards, benchmarks).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 
@@ -86,3 +88,22 @@ def writes_of_shape(text: str, shapes) -> list[Instruction]:
   (1, in, out) slice of a stacked kernel matches its (in, out)), in any dtype."""
   wanted = {_squeezed(s) for s in shapes}
   return [i for i in instructions(text) if any(_squeezed(dims) in wanted for _, dims in i.arrays)]
+
+
+@contextlib.contextmanager
+def compiles():
+  """The names of the programs XLA compiles inside the block, a list that grows as they compile (jax's
+  backend compile events, from any thread; a persistent cache hit counts too)."""
+  from jax import monitoring
+
+  names = []
+
+  def listener(event, _, fun_name=None, **__):
+    if event == "/jax/core/compile/backend_compile_duration":
+      names.append(fun_name)
+
+  monitoring.register_event_duration_secs_listener(listener)
+  try:
+    yield names
+  finally:
+    monitoring.unregister_event_duration_listener(listener)

@@ -31,8 +31,9 @@ from absl import app, flags
 from af3_jax.checkpoints.pretrained import init_random
 from af3_jax.data.processor import Processor
 from af3_jax.evaluation import runner, tasks
+from af3_jax.hlo import compiles
 from af3_jax.inference.assistant import Assistant
-from presets import MODELS, compiles, with_tokenizer
+from presets import MODELS, with_tokenizer
 
 _ITEMS = flags.DEFINE_integer("items", 1000, "Items (MMAU test-mini has 1,000).", lower_bound=1)
 _BATCH = flags.DEFINE_integer("batch-size", 8, "Decode slots of the engine in the batched pass (eval.py's default).",

@@ -52,9 +52,10 @@ from absl import app, flags
 from af3_jax import sharding
 from af3_jax.checkpoints.pretrained import Model, init_random
 from af3_jax.config import AF3Config, MODEL_TYPES
+from af3_jax.hlo import compiles
 from af3_jax.inference import decode
 from af3_jax.models.whisper import tokens_per_window
-from presets import TokenClock, compiles, model_config, torch_model
+from presets import TokenClock, model_config, torch_model
 
 _SIZE = flags.DEFINE_enum("size", "tiny", ["tiny", "full"], "A preset: the model and the defaults below.")
 _MODEL_TYPE = flags.DEFINE_enum("model-type", "audioflamingo3", MODEL_TYPES, "The family, as config.json's "

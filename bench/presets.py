@@ -1,12 +1,9 @@
 """What the benchmarks share: model sizes (random weights, so no download) of either family, transformers'
 model built from one, the tiny checkpoints' tokenizer (`af3_jax.checkpoints.tiny.tokenizer`: it needs
-no files), and a count of the programs XLA compiles."""
+no files)."""
 
-import contextlib
 import dataclasses
 import time
-
-import jax
 
 from af3_jax.checkpoints import tiny
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig, MODEL_TYPES, RoTEConfig
@@ -73,20 +70,3 @@ class TokenClock:
 
   def end(self):
     pass
-
-
-@contextlib.contextmanager
-def compiles():
-  """The programs XLA compiles inside the block, a list of their names that grows as they compile (jax's
-  backend compile events; a persistent cache hit counts too)."""
-  names = []
-
-  def listener(event, _, fun_name=None, **__):
-    if event == "/jax/core/compile/backend_compile_duration":
-      names.append(fun_name)
-
-  jax.monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield names
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listener)

@@ -5,7 +5,6 @@ themselves is in programs.py."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -230,25 +229,6 @@ def finish(procs: list[subprocess.Popen], timeout: float) -> list[tuple[str, str
   finally:
     for p in procs:
       p.kill()
-
-
-@contextlib.contextmanager
-def compiles():
-  """The names of the programs XLA compiles inside the block (jax's backend compile events, from any
-  thread; a persistent cache hit counts too)."""
-  from jax import monitoring
-
-  names = []
-
-  def listener(event, _, fun_name=None, **__):
-    if event == "/jax/core/compile/backend_compile_duration":
-      names.append(fun_name)
-
-  monitoring.register_event_duration_secs_listener(listener)
-  try:
-    yield names
-  finally:
-    monitoring.unregister_event_duration_listener(listener)
 
 
 def torch_logits(model, ids, mask, feats=None, feats_mask=None):

@@ -15,12 +15,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import audio_tokens, compiles, random_features, random_text
+from helpers import audio_tokens, random_features, random_text
 
 import af3_jax
 from af3_jax.buckets import window_bucket
 from af3_jax.checkpoints.pretrained import init_random
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.hlo import compiles
 from af3_jax.inference import engine as engine_module, slots
 from af3_jax.inference.engine import Engine, QueueFull, Request
 

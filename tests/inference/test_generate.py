@@ -14,13 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from helpers import (MAX_NEW, PAD, assert_close, audio_tokens, compiles, left_pad, random_features, random_prompts,
+from helpers import (MAX_NEW, PAD, assert_close, audio_tokens, left_pad, random_features, random_prompts,
                      random_text, torch_generate)
 from flax import nnx
 
 import af3_jax
 from af3_jax.checkpoints.pretrained import read_generation_config
 from af3_jax.generation import Rows, Sampling, Settings
+from af3_jax.hlo import compiles
 from af3_jax.inference import slots
 from af3_jax.models import kv_cache
 
