@@ -1,6 +1,6 @@
 """Test setup and fixtures: 8 fake CPU devices, float32 at highest matmul precision, tiny random AF3
 checkpoints, and the files the program tests share (clips, an MMAU set, a training manifest). Helpers
-the tests import are in helpers.py and programs.py.
+the tests import are in helpers/ (by noun) and programs.py.
 
 The checkpoints are written by `af3_jax.checkpoints.tiny` (what `python -m convert.tiny` writes for
 users), whose every tensor is drawn at random (biases and norm weights included), so a wrong transpose,
@@ -28,8 +28,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import soundfile as sf  # noqa: E402
-from helpers import (CHOICES, CLIPS, MUSIC, TINY, Checkpoint, Tester, build_torch_model, torch_model_of,  # noqa: E402
-                     write_nvidia_layout)
+from helpers import CHOICES, CLIPS  # noqa: E402
+from helpers.reference import build_torch_model, torch_model_of, write_nvidia_layout  # noqa: E402
+from helpers.tiny import MUSIC, TINY, Checkpoint, Tester  # noqa: E402
 
 import af3_jax  # noqa: E402
 from af3_jax.checkpoints import tiny as tiny_checkpoint  # noqa: E402

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
-from helpers import assert_close, assert_specs_divide, audio_tokens, mesh_222, random_features, random_text
+from helpers import audio_tokens, random_features, random_text
+from helpers.parity import assert_close
+from helpers.sharding import assert_specs_divide, mesh_222
 
 import af3_jax
 from af3_jax import sharding

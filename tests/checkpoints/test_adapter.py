@@ -3,7 +3,8 @@
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import audio_tokens, build_torch_model, random_features, random_text
+from helpers import audio_tokens, random_features, random_text
+from helpers.reference import build_torch_model
 
 import af3_jax
 

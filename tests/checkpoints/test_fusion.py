@@ -9,7 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import assert_close, audio_tokens, left_pad, random_features, random_text
+from helpers import audio_tokens, left_pad, random_features, random_text
+from helpers.parity import assert_close
 
 import af3_jax
 from af3_jax import sharding

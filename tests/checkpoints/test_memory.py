@@ -5,7 +5,7 @@ import sys
 import textwrap
 
 import pytest
-from helpers import Tiny
+from helpers.tiny import Tiny
 
 torch = pytest.importorskip("torch")
 

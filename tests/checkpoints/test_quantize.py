@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
-from helpers import assert_specs_divide, audio_tokens, left_pad, mesh_222, random_features, random_text
+from helpers import audio_tokens, left_pad, random_features, random_text
+from helpers.sharding import assert_specs_divide, mesh_222
 
 import af3_jax
 from af3_jax.checkpoints import names, quantization

@@ -8,7 +8,8 @@ import sys
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, assert_close
+from helpers import ROOT
+from helpers.parity import assert_close
 
 import af3_jax
 from af3_jax.checkpoints import tiny

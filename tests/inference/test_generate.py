@@ -14,8 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import transformers
-from helpers import (MAX_NEW, PAD, assert_close, audio_tokens, left_pad, random_features, random_prompts,
-                     random_text, torch_generate)
+from helpers import audio_tokens, left_pad, random_features, random_prompts, random_text
+from helpers.parity import assert_close
+from helpers.reference import MAX_NEW, PAD, torch_generate
 from flax import nnx
 
 import af3_jax

@@ -15,7 +15,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, Tiny, build_torch_model, random_text
+from helpers import ROOT, random_text
+from helpers.reference import build_torch_model
+from helpers.tiny import Tiny
 from flax import nnx
 
 import af3_jax

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import case_inputs, reference_mask, segment_ids
+from helpers.attention import case_inputs, reference_mask, segment_ids
 
 from af3_jax.config import DecoderConfig
 from af3_jax.models import attention, kv_cache, qwen2

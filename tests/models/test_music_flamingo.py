@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 import transformers
 from flax import nnx
-from helpers import MAX_NEW, RTOL, assert_close, audio_tokens, left_pad, random_features, random_text, torch_generate, torch_logits
+from helpers import audio_tokens, left_pad, random_features, random_text
+from helpers.parity import RTOL, assert_close
+from helpers.reference import MAX_NEW, torch_generate, torch_logits
 
 import af3_jax
 from af3_jax import Processor

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from helpers import assert_close, audio_tokens, left_pad, random_features, random_prompts, random_text, torch_logits
+from helpers import audio_tokens, left_pad, random_features, random_prompts, random_text
+from helpers.parity import assert_close
+from helpers.reference import torch_logits
 
 import af3_jax
 

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import case_inputs
+from helpers.attention import case_inputs
 
 from af3_jax import sharding
 from af3_jax.models import attention, splash

@@ -5,7 +5,8 @@ JAX's preemption sync point), and per-host counts sum over the processes."""
 import signal
 
 import pytest
-from helpers import ROOT, finish, start_processes
+from helpers import ROOT
+from helpers.processes import finish, start_processes
 
 
 # A run resumed at step 5: it joins, loads for a while, then steps in lockstep as train steps do (a

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
-from helpers import read_events, read_scalars
+from helpers.events import read_events, read_scalars
 
 from af3_jax.config import AF3Config
 from af3_jax.training import flops

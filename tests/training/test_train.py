@@ -15,7 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import ROOT, assert_close, finish, read_scalars, start_processes
+from helpers import ROOT
+from helpers.events import read_scalars
+from helpers.parity import assert_close
+from helpers.processes import finish, start_processes
 from programs import ENV, to_hf, train
 
 import af3_jax

@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx, traverse_util
-from helpers import RTOL, assert_close, audio_tokens, random_features, random_text
+from helpers import audio_tokens, random_features, random_text
+from helpers.parity import RTOL, assert_close
 
 import af3_jax
 from af3_jax import sharding
