@@ -1,12 +1,13 @@
 """Running the programs from the tests: infer.py and eval.py in this process (jit caches shared across
-tests), train.py and convert.to_hf as processes, and serve.py's app on a real uvicorn with the
-`openai` client, with the chat conversations the server tests send."""
+tests), train.py (and its metrics read back) and convert.to_hf as processes, and serve.py's app on a
+real uvicorn with the `openai` client, with the chat conversations the server tests send."""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -41,6 +42,12 @@ def train(workdir, model, manifest, *extra, wait=True, config="configs/tiny.py")
     return proc
   out, err = proc.communicate(timeout=600)
   return proc.returncode, out, err
+
+
+def losses(workdir):
+  """(loss by step, every record) of the metrics.jsonl a train.py run wrote in `workdir`."""
+  records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in records}, records
 
 
 def run_cli(args, stdin="", capsys=None, monkeypatch=None):
