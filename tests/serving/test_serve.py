@@ -253,9 +253,9 @@ def test_a_client_that_goes_away_frees_its_slot(server, media, monkeypatch):
   and the next request is answered."""
   engine = server.service.engine
   handles = []
-  submit, decode = engine.submit, engine._decode
+  submit, decode = engine.submit, engine.batch.decode
   monkeypatch.setattr(engine, "submit", lambda *a, **k: handles.append(submit(*a, **k)) or handles[-1])
-  monkeypatch.setattr(engine, "_decode", lambda window: time.sleep(0.02) or decode(window))
+  monkeypatch.setattr(engine.batch, "decode", lambda: time.sleep(0.02) or decode())
   messages, conversation = conversations(media)["text"]
   stream = ask(server, messages, max_tokens=200, stream=True)
   next(stream), next(stream)
@@ -300,8 +300,8 @@ def test_a_second_signal_cuts_running_requests_short_in_openais_shape(server, mo
   app = create_app(NAME)
   app.state.service = Service.start(server.model, server.processor, max_slots=SLOTS, max_len=MAX_LEN)
   engine = app.state.service.engine
-  decode = engine._decode
-  monkeypatch.setattr(engine, "_decode", lambda window: time.sleep(0.05) or decode(window))
+  decode = engine.batch.decode
+  monkeypatch.setattr(engine.batch, "decode", lambda: time.sleep(0.05) or decode())
   listener = socket.create_server(("127.0.0.1", 0))
   port = listener.getsockname()[1]
   http_server = serve._Server(uvicorn.Config(app, log_level="info"), app)
