@@ -5,7 +5,7 @@
 #   bash bench/device_wheels.sh        # once, here, with the project's environment active
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PACKAGES=(grain array-record portpicker ml-collections tokamax einshape immutabledict typeguard qwix tensorboardX
+PACKAGES=(grain array-record portpicker ml-collections tensorboardX
           librosa audioread soxr pooch platformdirs decorator soundfile cffi pycparser fastapi starlette pydantic
           pydantic-core annotated-types typing-inspection opentelemetry-api uvicorn python-multipart jiwer
           whisper-normalizer rapidfuzz)

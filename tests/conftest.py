@@ -155,7 +155,7 @@ def clips(tmp_path_factory):
   return folder
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # the serving tests' server (package scoped) reads files from it
 def media(tmp_path_factory):
   folder = tmp_path_factory.mktemp("media")
   rng = np.random.default_rng(0)

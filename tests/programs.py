@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import http.client
 import io
 import json
 import os
@@ -182,3 +183,17 @@ def alone(server, conversation: list, max_tokens: int) -> tuple[str, int, int]:
 
 def ask(server, messages, **kwargs):
   return server.client.chat.completions.create(model=NAME, messages=messages, temperature=0, **kwargs)
+
+
+def post(port: int, path: str, body, headers: dict | None = None, timeout: float = 120) -> tuple[int, dict | str]:
+  """A raw POST (bodies the openai client would not send); returns (status, parsed JSON or text)."""
+  conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+  data = body if isinstance(body, bytes) else json.dumps(body).encode()
+  conn.request("POST", path, data, {"content-type": "application/json", **(headers or {})})
+  response = conn.getresponse()
+  raw = response.read().decode()
+  conn.close()
+  try:
+    return response.status, json.loads(raw)
+  except json.JSONDecodeError:
+    return response.status, raw

@@ -21,7 +21,10 @@ from af3_jax.models import splash
 # tiny test models' prompts and decode steps, which compile faster so. Beyond it, blockwise: memory linear
 # in the prompt. The full decoder passes it at ~740 prompt tokens; 15,000 would be 6.3e9 scores (25 GB).
 DENSE_MAX_SCORES = 2**24
-Q_BLOCK = 512  # queries per block of the blockwise path
+# The blockwise path's tile: Q_BLOCK rows of scores (Q_BLOCK // G queries, each with the G heads of a kv
+# head) by KV_CHUNK keys, 8 MiB of float32 scores a kv head.
+Q_BLOCK = 512
+KV_CHUNK = 1024
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, key_mask: jax.Array | None = None,
@@ -109,38 +112,57 @@ class _Mask:
 
 
 def _blockwise(q, k, v, *, scale, mask: _Mask) -> jax.Array:
-  """`attention` in blocks of `Q_BLOCK` queries, each through tokamax's `xla_chunked` (online softmax
-  over 1024-key chunks). Temporaries are linear in S: the mask of one block of queries, (B, 1, Q, S) bool.
+  """`attention` in blocks of queries, each an online softmax over its keys (`_online_softmax`).
+  Temporaries are linear in S: the mask of one block of queries, (B, 1, Q, S) bool.
 
-  Two things tokamax would otherwise do for us cost memory: it turns any mask into a dense (T, S) array
-  (hence our query blocks), and it repeats k and v to N heads for GQA (hence the G queries sharing a kv
-  head become G rows of one block). The last block overlaps the one before it when Q_BLOCK does not
-  divide T, so nothing is padded. Segments of packed rows are part of each block's mask: tokamax's own
-  `Mask` can state contiguous segments as per-query key ranges, but its public API takes a boolean mask.
+  The G query heads that share a kv head are G rows of a block, so k and v are never repeated to N heads
+  for GQA. The last block overlaps the one before it when the block does not divide T, so nothing is
+  padded.
   """
-  # tokamax is imported here, not at the top: GPU runs in 16-bit never need it.
-  import tokamax
-  from absl import flags
-
-  # tokamax 0.0.12 parses sys.argv with absl on first use and fails on the host program's own arguments
-  # (pytest's, a script's; openxla/tokamax#957). Where absl has not parsed them (no app.run), its flags
-  # keep their defaults: parsing here would also run the validators of flags the host defined (train.py's
-  # required ones, once imported).
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-
   b, t, n, h = q.shape
-  kh = k.shape[2]
-  g, rows = n // kh, min(Q_BLOCK, t)
+  s, kh = k.shape[1], k.shape[2]
+  rows = min(max(Q_BLOCK // (n // kh), 1), t)  # queries per block
 
   def block(i, out):
     start = jnp.minimum(i * rows, t - rows)
-    qb = jax.lax.dynamic_slice_in_dim(q, start, rows, axis=1)
-    qb = qb.reshape(b, rows, kh, g, h).transpose(0, 1, 3, 2, 4).reshape(b, rows * g, kh, h)
-    m = mask(start, rows, k.shape[1])
-    m = None if m is None else jnp.repeat(m, g, axis=2)
-    o = tokamax.dot_product_attention(qb, k, v, mask=m, scale=scale, implementation="xla_chunked")
-    o = o.reshape(b, rows, g, kh, h).transpose(0, 1, 3, 2, 4).reshape(b, rows, n, h)
-    return jax.lax.dynamic_update_slice_in_dim(out, o, start, axis=1)
+    qb = jax.lax.dynamic_slice_in_dim(q, start, rows, axis=1).reshape(b, rows, kh, n // kh, h)
+    o = _online_softmax(qb, k, v, mask(start, rows, s), scale)
+    return jax.lax.dynamic_update_slice_in_dim(out, o.reshape(b, rows, n, h), start, axis=1)
 
   return jax.lax.fori_loop(0, -(-t // rows), block, jnp.zeros_like(q))
+
+
+def _online_softmax(q, k, v, mask: jax.Array | None, scale: float) -> jax.Array:
+  """softmax(scale q k) v for (B, Q, K, G, H) queries (G heads a kv head) and (B, S, K, H) keys/values,
+  `mask` (B or 1, 1, Q, S) or None, over `KV_CHUNK` keys at a time: each query carries its running
+  maximum score, the sum of its weights and its weighted values (flash attention's recurrence, in XLA),
+  so no (Q, S) scores exist at once. Scores and sums are float32; a chunk is recomputed in the backward
+  pass (remat), which then stores only the carries. A masked key scores float32's lowest, not -inf, as
+  XLA's one-piece path does: a query that sees no key at all averages every value instead of a NaN.
+  """
+  b, rows, kh, g, h = q.shape
+  s = k.shape[1]
+  lowest = jnp.finfo(jnp.float32).min
+
+  def chunk(carry, start, *, size):
+    acc, top, total = carry
+    kc, vc = (jax.lax.dynamic_slice_in_dim(x, start, size, axis=1) for x in (k, v))
+    x = jnp.einsum("bqkgh,bskh->bkgqs", q, kc, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+      x = jnp.where(jax.lax.dynamic_slice_in_dim(mask, start, size, axis=3)[:, :, None], x, lowest)
+    new_top = jnp.maximum(top, x.max(-1))
+    weights = jnp.exp(x - new_top[..., None])
+    decay = jnp.exp(top - new_top)
+    acc = acc * decay[..., None] + jnp.einsum("bkgqs,bskh->bkgqh", weights, vc, preferred_element_type=jnp.float32)
+    return acc, new_top, total * decay + weights.sum(-1)
+
+  carry = (jnp.zeros((b, kh, g, rows, h), jnp.float32), jnp.full((b, kh, g, rows), -jnp.inf),
+           jnp.zeros((b, kh, g, rows)))
+  step = lambda size: jax.remat(functools.partial(chunk, size=size), prevent_cse=False)
+  full, rest = divmod(s, KV_CHUNK)
+  if full:  # (a loop of no steps is still traced, and a chunk longer than the keys does not slice)
+    carry = jax.lax.fori_loop(0, full, lambda i, c: step(KV_CHUNK)(c, i * KV_CHUNK), carry)
+  if rest:  # the keys past the last whole chunk
+    carry = step(rest)(carry, full * KV_CHUNK)
+  acc, _, total = carry
+  return (acc / total[..., None]).transpose(0, 3, 1, 2, 4).astype(q.dtype)

@@ -4,8 +4,8 @@ Before /health says 200 (`Plan.now`): what the common requests take, a short que
 to 30 s with its question, and the decode windows of such a request with an answer of up to
 `ANSWER_TOKENS`. Then, in a background thread (`Background`), every other shape a request is likely to
 take, likeliest first: shorter clips, several requests prefilled at once, longer decode windows, long
-prompts, long audio (`Plan.later`). Both compile without running anything (`Engine.compile_prefill`,
-`Engine.compile_decode`), so requests are served meanwhile; one whose shape is not compiled yet compiles
+prompts, long audio (`Plan.later`). Both compile without running anything (`DecodeBatch.compile_prefill`,
+`DecodeBatch.compile_decode`), so requests are served meanwhile; one whose shape is not compiled yet compiles
 it first, and is only slower. The shapes come from the engine's own buckets, whatever they are. With the
 persistent compilation cache (`cli.use_compilation_cache`), a later start finds every program there.
 """
@@ -52,8 +52,8 @@ def plan(engine: Engine, max_windows: int = features.MAX_WINDOWS) -> Plan:
   short = [t for t in prompts if t <= requests.prompt_bucket(clip, limit)]
   rows = [r for r in sorted({bucket(n) for n in range(2, engine.max_slots + 1)})
           if r * requests.prompt_bucket(clip, limit) <= engine.prefill_tokens]
-  windows = engine.decode_windows()
-  first = [w for w in windows if w <= engine.length_bucket(clip + ANSWER_TOKENS)]
+  windows = engine.batch.decode_windows()
+  first = [w for w in windows if w <= engine.batch.length_bucket(clip + ANSWER_TOKENS)]
   seen: set[Shape] = set()
   now = _new([Shape.of(1, QUESTION_TOKENS, 0, limit), Shape.of(1, clip, 1, limit)], seen)
   later = _new([Shape(1, t, 1) for t in reversed(short)] + [Shape(1, t, 0) for t in short]
@@ -73,11 +73,11 @@ def _new(shapes: list[Shape], seen: set[Shape]) -> list[Shape]:
 
 
 def _prefills(engine: Engine, shapes: list[Shape]) -> list[Program]:
-  return [Program(f"prefill {s.describe()}", functools.partial(engine.compile_prefill, s)) for s in shapes]
+  return [Program(f"prefill {s.describe()}", functools.partial(engine.batch.compile_prefill, s)) for s in shapes]
 
 
 def _decodes(engine: Engine, windows: list[int]) -> list[Program]:
-  return [Program(f"decode window {w} tokens", functools.partial(engine.compile_decode, w)) for w in windows]
+  return [Program(f"decode window {w} tokens", functools.partial(engine.batch.compile_decode, w)) for w in windows]
 
 
 def _long_audio(engine: Engine, prompts: list[int], max_windows: int) -> list[Shape]:
@@ -99,7 +99,7 @@ def start(engine: Engine, log: logging.Logger, max_windows: int = features.MAX_W
   """Grows the engine's cache to its full length, compiles `plan(engine).now` in this thread, then starts
   compiling the rest in the background; a log line for each phase, with counts, and for each program now."""
   started = time.perf_counter()
-  engine.reserve(engine.max_len)  # the programs compiled ahead are for the cache's length
+  engine.batch.reserve(engine.max_len)  # the programs compiled ahead are for the cache's length
   programs = plan(engine, max_windows)
   log.info("warm-up: compiling %d programs for common requests (a question, a clip of up to 30 s, answers up to "
            "%d tokens)", len(programs.now), ANSWER_TOKENS)

@@ -110,7 +110,7 @@ def test_the_compiled_decode_step_reads_int8_weights(models):
   sizes = {}
   for model in models:
     engine = Engine(model, max_slots=2)
-    state = jax.eval_shape(lambda: slots.empty_fn(model.config, batch=2, length=1024, dtype=engine._dtype))
+    state = jax.eval_shape(lambda: slots.empty_fn(model.config, batch=2, length=1024, dtype=engine.batch.dtype))
     with jax.set_mesh(model.mesh):
       compiled = slots.decode_fn.lower(model.graphdef, model.state, state, np.ones(2, np.int32), window=1024,
                                        steps=engine.decode_steps).compile()

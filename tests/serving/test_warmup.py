@@ -7,6 +7,7 @@ import logging
 import pytest
 
 from af3_jax.inference import requests
+from af3_jax.inference.batch import DecodeBatch
 from af3_jax.inference.engine import Engine, Shape
 from af3_jax.models import whisper
 from af3_jax.serving import warmup
@@ -38,7 +39,7 @@ def test_common_shapes_first_then_every_other(gqa_loaded):
   assert {(s.prompt, s.windows) for s in later + shapes(plan.now) if s.rows == 1} >= {(t, w) for t in buckets
                                                                                       for w in (0, 1)}
   assert {s for s in later if s.rows > 1} == {Shape(r, t, w) for r in (2, 4, 8) for t, w in ((one_clip, r), (64, 0))}
-  assert windows(plan.now) + windows(plan.later) == engine.decode_windows()
+  assert windows(plan.now) + windows(plan.later) == engine.batch.decode_windows()
   ten_minutes = 20 * whisper.tokens_per_window(gqa_loaded.config.encoder) + warmup.QUESTION_TOKENS
   assert Shape(1, requests.prompt_bucket(ten_minutes, engine.max_len), 20) in later
 
@@ -59,8 +60,8 @@ def test_each_phase_is_a_line(gqa_ckpt, tokenizer_dir, gqa_loaded, monkeypatch, 
   from af3_jax.data.processor import Processor
 
   compiled = []
-  monkeypatch.setattr(Engine, "compile_prefill", lambda self, shape: compiled.append(shape))
-  monkeypatch.setattr(Engine, "compile_decode", lambda self, window: compiled.append(window))
+  monkeypatch.setattr(DecodeBatch, "compile_prefill", lambda self, shape: compiled.append(shape))
+  monkeypatch.setattr(DecodeBatch, "compile_decode", lambda self, window: compiled.append(window))
   processor = Processor.from_pretrained(tokenizer_dir, style="hf")
   with caplog.at_level(logging.INFO, logger="uvicorn.error"):
     service = Service.start(gqa_loaded, processor, max_slots=2)

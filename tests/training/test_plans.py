@@ -71,8 +71,8 @@ def test_without_the_accelerators_extra_a_target_names_it(full_config, tmp_path,
 
 @pytest.mark.accelerator
 @pytest.mark.parametrize("target, kind, dtype", [
-    # bfloat16, the stages' compute dtype: cuDNN attention on the GPU (its key masks as lengths), and TPU
-    # rejects tokamax's float32 dot algorithm.
+    # bfloat16, the stages' compute dtype: cuDNN attention on the GPU (its key masks as lengths), the
+    # splash kernel on the TPU.
     ("h100-8", "8 x NVIDIA H100 80GB HBM3 (79.1 GiB each)", "bfloat16"),
     ("v5p-16", "8 x TPU v5 (95.0 GiB each)", "bfloat16"),
 ])
