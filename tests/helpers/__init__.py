@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # for the annotations alone, so that helpers.tiny stays the one place to import them from
   from helpers.tiny import Tester, Tiny
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: the programs and bench/ run from here
