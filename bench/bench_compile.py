@@ -69,15 +69,9 @@ SLOTS = 8
 
 def abstract_weights(cfg, mesh, remat, quantize, fused):
   """(graphdef, weights as ShapeDtypeStructs sharded on `mesh`)."""
-  def build():
-    module = pretrained._build(cfg, jnp.bfloat16, jnp.bfloat16, remat, quantize, seed=0)
-    if fused:
-      module.language_model.fuse()
-    return module
-
-  graphdef, state = nnx.split(nnx.eval_shape(build))
-  return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                                sharding.state_shardings(state, mesh))
+  graphdef, state, shardings = pretrained.abstract_model(cfg, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16,
+                                                         mesh=mesh, remat=remat, quantize=quantize, fused=fused)
+  return graphdef, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
 
 
 def program(name: str, cfg, mesh):

@@ -73,14 +73,15 @@ class Program:
 
 
 def abstract_model(target: str, cfg: AF3Config, dtype, mesh_shape: tuple[int, int, int] | None = None,
-                   quantize: str | None = None, remat: str | None = None) -> pretrained.Model:
+                   quantize: str | None = None, remat: str | None = None, fused: bool = False) -> pretrained.Model:
   """A Model of `cfg` whose state is shapes with shardings on `target`'s compile-only devices (a
   (data, fsdp, tensor) mesh, all on fsdp by default), parameters and compute in `dtype`; `remat` as
-  `from_pretrained` takes it (None: inference's unrolled layers; a policy: training's scan)."""
+  `from_pretrained` takes it (None: inference's unrolled layers; a policy: training's scan); `fused`:
+  `Model.fused`'s joined projections."""
   devices = targets.devices(target)
   mesh = sharding.make_mesh(mesh_shape or (1, len(devices), 1), devices)
   graphdef, state, shardings = pretrained.abstract_model(cfg, param_dtype=dtype, compute_dtype=dtype, mesh=mesh,
-                                                         quantize=quantize, remat=remat)
+                                                         quantize=quantize, remat=remat, fused=fused)
   state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
   return pretrained.Model(cfg, graphdef, state, mesh)
 

@@ -22,13 +22,20 @@ from af3_jax.models.af3 import AudioFlamingo3, audio_positions
 
 
 def abstract_model(cfg: AF3Config, *, param_dtype, compute_dtype, mesh: jax.sharding.Mesh,
-                   rules=sharding.LOGICAL_RULES, remat: str | None = None, quantize: str | None = None):
+                   rules=sharding.LOGICAL_RULES, remat: str | None = None, quantize: str | None = None,
+                   fused: bool = False):
   """(graphdef, abstract state, shardings) of the model, without allocating any parameter. `remat`:
   None for inference (unrolled layer stacks), or training's rematerialisation policy by name
   (`layers.REMAT_POLICIES`; rolled stacks, as `layers.scan` says).
-  quantize: "int8" gives the decoder's linears int8 kernels and their scales (`quantization`)."""
-  module = nnx.eval_shape(lambda: _build(cfg, param_dtype, compute_dtype, remat, quantize, seed=0))
-  graphdef, abstract_state = nnx.split(module)
+  quantize: "int8" gives the decoder's linears int8 kernels and their scales (`quantization`).
+  fused: the decoder's projections joined as `Model.fused` joins them (to compile its programs ahead)."""
+  def build():
+    module = _build(cfg, param_dtype, compute_dtype, remat, quantize, seed=0)
+    if fused:
+      module.language_model.fuse()
+    return module
+
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(build))
   return graphdef, abstract_state, sharding.state_shardings(abstract_state, mesh, rules)
 
 

@@ -189,7 +189,7 @@ class Decoder(nnx.Module):
     key_mask (B, T) bool marks real tokens (False: padding); `right_padded` (static) says each row's
     real tokens come first (the training pipeline's and the engine's prompts), so attention among the
     new tokens takes row lengths (cuDNN runs them as lengths, not as a (T, T) mask). With a
-    `kv_cache.Cache`, the T tokens are appended to it at its `end` (one for all rows, or each row's own)
+    `kv_cache.Cache`, the T tokens are appended to each row at its `end`
     and attend over everything written before them: nothing in an empty cache (end None: the prompt),
     else the prompt and the tokens since (a decode step). `window` (static): attention reads only the
     cache's first `window` slots, which must hold every row's tokens, the new ones included (the
@@ -222,7 +222,8 @@ class Decoder(nnx.Module):
 
     (x, cache), _ = layers.scan(self.layers, cached_step, (x, cache), jnp.arange(cache.k.shape[0]),
                                 remat=self.remat)
-    end = x.shape[1] if cache.end is None else cache.end + x.shape[1]
+    b, t = x.shape[:2]
+    end = jnp.full((b,), t, jnp.int32) if cache.end is None else cache.end + t
     cache = cache.replace(k=sharding.constrain(cache.k, kv_cache.AXES), v=sharding.constrain(cache.v, kv_cache.AXES),
-                          end=jnp.asarray(end, jnp.int32))
+                          end=end)
     return self.norm(x), cache

@@ -17,14 +17,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from accelerators import abstract_model, compile_for
 from flax import nnx, traverse_util
 
-from af3_jax import hlo, sharding, targets
-from af3_jax.checkpoints import quantization
-from af3_jax.checkpoints.pretrained import Model
+from af3_jax import hlo
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 from af3_jax.inference import engine, requests, slots
-from af3_jax.models.af3 import AudioFlamingo3
 
 pytestmark = pytest.mark.accelerator
 
@@ -35,50 +33,27 @@ SLOTS, WINDOW, PROMPT, NEW = 8, 1024, 1024, 64  # the engine's slots and window;
 
 
 @functools.cache
-def mesh():
-  return sharding.make_mesh((1, 1, 1), targets.devices("h200"))
-
-
-def _replicated(tree):
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(mesh(), jax.P())),
-                      tree)
-
-
-@functools.cache
 def compiled(program: str, quantize: str | None = None, fused: bool = False):
   """(optimised HLO text, temporaries bytes, weights bytes, the layer kernels' shapes) of `program`
   compiled for an H200 from abstract bfloat16 weights, as `from_pretrained` lays them out."""
-  def build():
-    module = AudioFlamingo3(CFG, compute_dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
-    if quantize:
-      quantization.quantize_module(module)
-    if fused:
-      module.language_model.fuse()
-    return module
-
-  graphdef, state = nnx.split(nnx.eval_shape(build))
-  weights = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state,
-                         sharding.state_shardings(state, mesh()))
-  # The suite computes float32 at "highest" precision (conftest.py), which XLA:GPU turns into other
-  # kernels; inference runs at the default.
-  with jax.set_mesh(mesh()), jax.default_matmul_precision("default"):
-    if program in ("generate", "engine", "multi-step"):
-      # generate's and generate_stream's step: one row, a cache of the prompt and the new tokens; the
-      # engine's: SLOTS rows, a dispatch of DECODE_STEPS steps over a window of its cache (multi-step: 8).
-      rows, length, steps = {"generate": (1, PROMPT + NEW, 1), "engine": (SLOTS, WINDOW, engine.DECODE_STEPS),
-                             "multi-step": (SLOTS, WINDOW, 8)}[program]
-      state = jax.eval_shape(lambda: slots.empty_fn(CFG, batch=rows, length=length, dtype=jnp.bfloat16))
-      lowered = slots.decode_fn.lower(graphdef, weights, _replicated(state), np.ones(rows, np.int32), window=length,
-                                      steps=steps)
-    else:  # the prefill of 30 s of audio
-      shape = requests.Shape(1, PROMPT, 1)
-      args = requests.batch([requests.dummy(Model(CFG, graphdef, weights, mesh()), shape)], shape, 0)
-      lowered = slots.prefill_fn.lower(graphdef, weights, *_replicated(args))
-    program = lowered.compile()
-  flat = traverse_util.flatten_dict(nnx.to_pure_dict(weights))
+  model = abstract_model("h200", CFG, jnp.bfloat16, quantize=quantize, fused=fused)
+  replicated = lambda tree: jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.NamedSharding(model.mesh, jax.P())), tree)
+  if program in ("generate", "engine", "multi-step"):
+    # generate's and generate_stream's step: one row, a cache of the prompt and the new tokens; the
+    # engine's: SLOTS rows, a dispatch of DECODE_STEPS steps over a window of its cache (multi-step: 8).
+    rows, length, steps = {"generate": (1, PROMPT + NEW, 1), "engine": (SLOTS, WINDOW, engine.DECODE_STEPS),
+                           "multi-step": (SLOTS, WINDOW, 8)}[program]
+    state = jax.eval_shape(lambda: slots.empty_fn(CFG, batch=rows, length=length, dtype=jnp.bfloat16))
+    compiled = compile_for(model.mesh, slots.decode_fn, model.graphdef, model.state, replicated(state),
+                           np.ones(rows, np.int32), window=length, steps=steps)
+  else:  # the prefill of 30 s of audio
+    shape = requests.Shape(1, PROMPT, 1)
+    args = requests.batch([requests.dummy(model, shape)], shape, 0)
+    compiled = compile_for(model.mesh, slots.prefill_fn, model.graphdef, model.state, *replicated(args))
+  flat = traverse_util.flatten_dict(nnx.to_pure_dict(model.state))
   kernels = {x.shape[1:] for path, x in flat.items() if "layers" in path and path[-1] == "kernel"}
-  return (program.as_text(), program.memory_analysis().temp_size_in_bytes,
-          sum(x.size * x.dtype.itemsize for x in flat.values()), kernels)
+  return (compiled.hlo, compiled.memory["temporaries_gib"] * 2**30, sum(x.size * x.dtype.itemsize for x in flat.values()), kernels)
 
 
 # Several decode steps a dispatch run in a `lax.while_loop`, inside which XLA:GPU (jax 0.10.2) copies each
