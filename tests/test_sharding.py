@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx, traverse_util
+from flax import nnx
 from helpers import audio_tokens, random_features, random_text
-from helpers.parity import assert_close
+from helpers.parity import assert_close, flat
 from helpers.sharding import assert_specs_divide, mesh_222
 
 import af3_jax
@@ -51,9 +51,9 @@ def full_abstract():
 
 def test_full_config_parameter_count(full_abstract):
   _, state, _ = full_abstract
-  flat = traverse_util.flatten_dict(nnx.to_pure_dict(state))
-  count = lambda prefix: sum(math.prod(v.shape) for k, v in flat.items() if k[0] == prefix)
-  assert sum(math.prod(v.shape) for v in flat.values()) == 8_267_215_360
+  shapes = flat(state)
+  count = lambda prefix: sum(math.prod(v.shape) for k, v in shapes.items() if k[0] == prefix)
+  assert sum(math.prod(v.shape) for v in shapes.values()) == 8_267_215_360
   assert count("audio_tower") == 636_968_960
   assert count("multi_modal_projector") == 17_439_744
   assert count("language_model") == 7_069_214_208
@@ -74,7 +74,7 @@ def test_full_config_matches_upstream_shapes(full_abstract):
   with torch.device("meta"):
     ref = transformers.AudioFlamingo3ForConditionalGeneration(cfg)
   _, state, _ = full_abstract
-  ours = traverse_util.flatten_dict(nnx.to_pure_dict(state))
+  ours = flat(state)
   seen = set()
   for key, tensor in ref.state_dict().items():
     path, layer, transform = names.param_path(names.canonical(key, names.HF_PREFIXES))

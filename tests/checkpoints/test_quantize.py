@@ -9,8 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx, traverse_util
 from helpers import audio_tokens, left_pad, random_features, random_text
+from helpers.parity import flat
 from helpers.sharding import assert_specs_divide, mesh_222
 
 import af3_jax
@@ -22,9 +22,6 @@ from af3_jax.inference.engine import Engine
 
 STEPS = 24  # greedy tokens per prompt
 
-
-def flat(state) -> dict:
-  return traverse_util.flatten_dict(nnx.to_pure_dict(state))
 
 
 def int8_kernels(state) -> dict:

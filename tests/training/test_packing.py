@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx, traverse_util
 from helpers import audio_tokens, random_features, random_text
+from helpers.parity import flat
 
 from af3_jax import sharding
 from af3_jax.data.processor import IGNORE
@@ -65,9 +65,6 @@ def packed(records):
   assert where == {0: (0, 1), 1: (0, 2), 2: (1, 1), 3: (1, 2)}
   return batch, where
 
-
-def flat(state):
-  return traverse_util.flatten_dict(nnx.to_pure_dict(state))
 
 
 def test_each_packed_sample_has_its_own_loss_and_gradients(gqa_loaded, records, packed):
