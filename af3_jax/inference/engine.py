@@ -59,8 +59,8 @@ class Engine:
   `submit` raises QueueFull. decode_steps: the most tokens a slot decodes per dispatch (1: one host
   round trip per token). prefill_tokens: the most padded prompt tokens one prefill call takes (rows x
   prompt bucket); a longer request goes alone. `step` runs in one thread at a time, the loop's once
-  `start` is called; `submit`, `cancel` and `warmup` may be called from any thread, `batch`'s
-  `compile_prefill` and `compile_decode` too.
+  `start` is called; `submit` and `cancel` may be called from any thread, `batch.compile_prefill` and
+  `batch.compile_decode` too (the cache at its final length: `warmup` and `batch.reserve` set it).
   """
 
   def __init__(self, model: Model, *, max_slots: int = 8, max_len: int | None = None, max_queue: int = 64,
