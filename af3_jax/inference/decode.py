@@ -136,11 +136,11 @@ def _steps(model: Model, b: _Batch, max_new_tokens: int) -> Iterator[tuple[jax.A
   reads them in place; tests/inference/test_decode_gpu.py compiles both for an H200). The host only
   queues steps, so the device runs them back to back.
   """
-  graphdef, params = model.graphdef, model.state
+  graphdef, params, left = model.graphdef, model.state, b.left(1)
   with jax.set_mesh(model.mesh):
     state, first = _start_fn(graphdef, params, *b.args, new_len=b.new_len)
   yield first, state
   for _ in range(1, max_new_tokens):
     with jax.set_mesh(model.mesh):
-      state, out = slots.decode_fn(graphdef, params, state, b.left(1), window=b.window, steps=1)
+      state, out = slots.decode_fn(graphdef, params, state, left, window=b.window, steps=1)
     yield out, state

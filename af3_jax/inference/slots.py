@@ -3,8 +3,8 @@ length, and the pure functions over it, each also jitted as a program (JetStream
 them): `prefill` runs several requests' audio encoder (one call over all their windows) and prompts (one
 call over their rows) into a cache of their own, `choose` picks their first tokens, `insert` copies them
 into slots, `decode` runs up to `steps` decode steps for every slot. `engine.Engine` drives the jitted
-programs for many requests; `decode.generate` runs the same functions in one program for one batch,
-and `decode.generate_stream` runs its start (prefill, choose) as one program, then `decode_fn`.
+programs for many requests; `decode.generate` and `decode.generate_stream` run a batch's start (prefill,
+choose) as one program, then `decode_fn` once per token.
 
 A slot is a cache row with its own end: the prompt fills slots 0..n-1 (right padded to its bucket, so a
 token's slot is its position) and each new token goes after it. Each row's decoding settings are data
@@ -77,13 +77,12 @@ def process_logits(logits: jax.Array, seen: jax.Array, rows: Rows) -> jax.Array:
 def sample(logits: jax.Array, seen: jax.Array, rows: Rows, key: jax.Array, step: jax.Array) -> jax.Array:
   """The sampler: (B, V) logits -> (B,) int32 tokens, each row's as `process_logits` scores it (greedy:
   the best). seen (B, V) bool; key (B,) each row's seed; step (B,) the tokens each row has chosen."""
-  scores = penalize(logits.astype(jnp.float32), seen, rows.repetition_penalty[:, None])
-  greedy = jnp.argmax(scores, axis=-1)
+  greedy = jnp.argmax(penalize(logits.astype(jnp.float32), seen, rows.repetition_penalty[:, None]), axis=-1)
 
-  def draw():
+  def draw():  # only when a row samples: the warpers sort the vocabulary
     # A draw over (1, V) per row, as for the request alone: the same noise whatever rows are beside it.
     one = lambda k, i, x: jax.random.categorical(jax.random.fold_in(k, i), x[None], axis=-1)[0]
-    return jnp.where(rows.do_sample, jax.vmap(one)(key, step, _warp(scores, rows)), greedy)
+    return jnp.where(rows.do_sample, jax.vmap(one)(key, step, process_logits(logits, seen, rows)), greedy)
 
   return jax.lax.cond(rows.do_sample.any(), draw, lambda: greedy).astype(jnp.int32)
 
@@ -216,7 +215,7 @@ def decode(model, slots: Slots, left: jax.Array, *, window: int, steps: int) -> 
 
   carry = (jnp.int32(0), slots, jnp.full((steps, b), -1, jnp.int32))
   # One step needs no loop, and runs without one: inside a while loop's body XLA:GPU copies each layer's
-  # slice of the stacked MLP kernels before its matmul (tests/test_decode_gpu.py), which the step alone
+  # slice of the stacked MLP kernels before its matmul (tests/inference/test_decode_gpu.py), which the step alone
   # reads where they lie. (Rows that are not active decode garbage in it, as in the loop.)
   _, slots, out = step(carry) if steps == 1 else jax.lax.while_loop(more, step, carry)
   return slots, out
