@@ -100,8 +100,8 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
   import numpy as np
   from tqdm import tqdm
 
-  from af3_jax import distributed, sharding, targets
-  from af3_jax.training import checkpoint, metrics, pipeline, plans, run as train_run, setup, workdirs
+  from af3_jax import distributed, memory, sharding, targets
+  from af3_jax.training import checkpoint, metrics, pipeline, run as train_run, setup, workdirs
   from af3_jax.training import step as train_step
   from af3_jax.training.preemption import Stop
 
@@ -162,7 +162,7 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
                      "bucket) ...")
           compiled[shapes] = step_fn.lower(state, frozen, batch).compile()
           tqdm.write(f"compiled train step for input_ids {batch['input_ids'].shape}: "
-                     f"{plans.memory_summary(plans.memory_plan(compiled[shapes], capacity))}")
+                     f"{memory.memory_summary(memory.memory_plan(compiled[shapes], capacity))}")
         state, m = compiled[shapes](state, frozen, batch)
       m = jax.device_get(m)
       if not np.isfinite(m["loss"]):

@@ -39,13 +39,12 @@ from absl import app, flags
 from flax import nnx
 
 import af3_jax
-from af3_jax import sharding, targets
+from af3_jax import memory, sharding, targets
 from af3_jax.buckets import bucket, window_bucket
 from af3_jax.checkpoints.pretrained import Model, abstract_model, init_random
 from af3_jax.config import AF3Config, MODEL_TYPES
 from af3_jax.inference import decode, requests, slots
 from af3_jax.models.whisper import tokens_per_window
-from af3_jax.training import plans as memory_plans
 from presets import model_config
 
 _SIZE = flags.DEFINE_enum("size", "test", ["test", "tiny", "full"], "A model preset (test: the tests' tiny model).")
@@ -113,8 +112,8 @@ def compiled_memory(cfg: AF3Config, dtype, batch: dict, new_tokens: int, quantiz
 
   with jax.set_mesh(mesh):
     decoding = jax.tree.map(on, jax.eval_shape(prefill_fn, abstract, batch))
-    plans = {"prefill_temp": memory_plans.compiled_plan(jax.jit(prefill_fn).lower(abstract, batch)),
-             "step_temp": memory_plans.compiled_plan(jax.jit(step_fn, donate_argnums=1).lower(abstract, decoding))}
+    plans = {"prefill_temp": memory.compiled_plan(jax.jit(prefill_fn).lower(abstract, batch)),
+             "step_temp": memory.compiled_plan(jax.jit(step_fn, donate_argnums=1).lower(abstract, decoding))}
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
   out = dict(weights=nbytes(abstract), state=nbytes(decoding))
   for key, plan in plans.items():

@@ -43,11 +43,12 @@ import torch
 import transformers
 from absl import app, flags
 
+from af3_jax import memory
 from af3_jax.checkpoints import lora
 from af3_jax.checkpoints.pretrained import init_random
 from af3_jax.data import processor
 from af3_jax.models.whisper import tokens_per_window
-from af3_jax.training import flops, optimizer as optim, plans, setup, step as train_step
+from af3_jax.training import flops, optimizer as optim, setup, step as train_step
 from configs import common
 from presets import MODELS
 
@@ -125,7 +126,7 @@ def time_jax(cfg, cell: Cell, host: dict) -> tuple[float, float, float | None, i
       state, m = step(state, frozen, data)
       jax.block_until_ready(m)
       times.append(time.perf_counter() - start)
-  plan = plans.memory_plan(step)
+  plan = memory.memory_plan(step)
   return statistics.median(times[1:]), compile_s, plan and plan["peak_gib"], setup.count(params)
 
 

@@ -16,10 +16,9 @@ import re
 
 import jax
 
-from af3_jax import sharding, targets
+from af3_jax import memory, sharding, targets
 from af3_jax.checkpoints import pretrained
 from af3_jax.config import AF3Config
-from af3_jax.training import plans
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +45,7 @@ class CudnnAttention:
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-  """A compiled program: `hlo`, its optimised HLO text; `memory`, `plans.memory_plan`'s figures."""
+  """A compiled program: `hlo`, its optimised HLO text; `memory`, `memory.memory_plan`'s figures."""
 
   hlo: str
   memory: dict[str, float] | None
@@ -93,4 +92,4 @@ def compile_for(mesh: jax.sharding.Mesh, fn, *args, compiler_options: dict | Non
   XLA:GPU compiles to other kernels: on an A100 a bf16 Triton GEMM it cannot tile)."""
   with jax.set_mesh(mesh), jax.default_matmul_precision("default"):
     compiled = fn.lower(*args, **kwargs).compile(compiler_options)
-  return Program(compiled.as_text(), plans.memory_plan(compiled))
+  return Program(compiled.as_text(), memory.memory_plan(compiled))

@@ -1,7 +1,7 @@
 """The package's layout: wings over a small core, imports only pointing down, no cycles.
 
-Layers, lowest first: the core (config, sharding, buckets, generation, files, targets, hlo, gpu_specs,
-distributed, results) < models, audio < checkpoints < data < inference, training < serving, evaluation
+Layers, lowest first: the core (config, sharding, buckets, generation, files, targets, hlo, memory,
+gpu_specs, distributed, results) < models, audio < checkpoints < data < inference, training < serving, evaluation
 < the package's public names (`af3_jax/__init__.py`, gathered from the wings) and the stage configs
 (configs/) < the programs (infer.py, serve.py, eval.py, train.py, cli.py, convert/, bench/). A module may import
 its own wing and any lower layer; two wings of one layer (models and audio, inference and training,
@@ -17,8 +17,8 @@ from pathlib import Path
 
 from helpers import ROOT
 
-CORE = {"config", "sharding", "buckets", "generation", "files", "targets", "hlo", "gpu_specs", "distributed",
-        "results"}
+CORE = {"config", "sharding", "buckets", "generation", "files", "targets", "hlo", "memory", "gpu_specs",
+        "distributed", "results"}
 # Each layer's wings, lowest first.
 LAYERS = [{"core"}, {"models", "audio"}, {"checkpoints"}, {"data"}, {"inference", "training"},
           {"serving", "evaluation"}, {"api", "configs"}, {"programs", "cli", "bench", "convert"}]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from af3_jax import sharding, targets
+from af3_jax import memory, sharding, targets
 from af3_jax.buckets import bucket, window_bucket
 from af3_jax.checkpoints.pretrained import Model, abstract_model
 from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
@@ -38,10 +38,10 @@ def _default_precision():
 
 
 def _fits(compiled, target: str, what: str) -> None:
-  """The program's peak on one device (`plans.memory_plan`) is within the target's HBM."""
-  plan = plans.memory_plan(compiled, targets.parse(target).hbm_bytes)
-  print(f"{what} on {target}: {plans.memory_summary(plan)}")
-  assert plans.fits(plan), plans.memory_summary(plan)
+  """The program's peak on one device (`memory.memory_plan`) is within the target's HBM."""
+  plan = memory.memory_plan(compiled, targets.parse(target).hbm_bytes)
+  print(f"{what} on {target}: {memory.memory_summary(plan)}")
+  assert memory.fits(plan), memory.memory_summary(plan)
 
 
 def _prefill_and_step(cfg: AF3Config, target: str, windows: int, dtype=jnp.bfloat16):
