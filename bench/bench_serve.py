@@ -20,7 +20,7 @@ serve.py's --max-model-len does (its default, the model's context, is 32,768 slo
 reads only the window its longest request needs, so short requests should decode as fast in a long cache
 as in a short one. Last, the engine alone (no HTTP; inputs prepared ahead) answers all the requests of
 the largest level at once, as it did before issue 21 (one request a prefill, a token a dispatch), with
-requests prefilled together, and with --decode-steps tokens a dispatch: what each lever gives. vLLM is
+requests prefilled together, and with 8 tokens a dispatch (multi-step): what each lever gives. vLLM is
 left out: it serves from a checkpoint folder, not random weights in memory. The server decodes real
 audio, so the audio stack (soundfile, librosa) must be installed."""
 

@@ -4,8 +4,8 @@ the tests import are in helpers/ (by noun) and programs.py.
 
 The checkpoints are written by `af3_jax.checkpoints.tiny` (what `python -m convert.tiny` writes for
 users), whose every tensor is drawn at random (biases and norm weights included), so a wrong transpose,
-bias or norm cannot hide behind an init of zeros and ones; PyTorch's reference model is transformers'
-`from_pretrained` of that folder. transformers' own tester config is built by transformers and redrawn
+bias or norm cannot hide behind an init of zeros and ones; PyTorch's reference model is transformers' model
+built from that folder's config.json holding all its tensors (`helpers.reference.torch_model_of`). transformers' own tester config is built by transformers and redrawn
 alike.
 """
 

@@ -183,6 +183,18 @@ def test_bf16_attention_is_cudnn_as_meant(target, program):
 
 
 
+@pytest.mark.parametrize("program", TRAINING, ids=lambda f: f.__name__)
+def test_the_stages_remat_keeps_cudnns_attention_form(program):
+  """Training as the stages run it (configs/common.py: remat "nothing_saveable", the forward recomputed in
+  the backward pass) on an H200: every decoder attention call, forward and backward, has the form of
+  EXPECTED (remat "none" above counts them exactly)."""
+  decoder, _ = EXPECTED[program]
+  calls = compile_program(program, _model("h200", jnp.bfloat16, "nothing_saveable")).cudnn_attention()
+  dec = [c for c in calls if c.q[2] != c.k[2]]
+  assert {c.backward for c in dec} == {False, True}
+  assert {(c.mask_type, c.bias) for c in dec} == {decoder}
+
+
 @pytest.mark.parametrize("program", [encoder, prefill, decode_step, engine_step], ids=lambda f: f.__name__)
 def test_float32_compiles_without_cudnn_attention(program):
   """cuDNN takes 16-bit only: float32 attention is XLA's own, and still compiles for the GPU (the

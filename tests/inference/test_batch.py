@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from engine_cases import MAX_LEN, SAMPLED, SLOTS, alone, audio_request, run, spy_windows, text_request
 
 from af3_jax.buckets import window_bucket
@@ -89,12 +90,14 @@ def test_nothing_compiles_once_warm(monkeypatch):
   assert all(c.finish_reason in ("stop", "length") and c.tokens for c in done)
 
 
-def test_the_decode_step_writes_the_cache_in_place(gqa_loaded):
-  """A dispatch of several steps carries the cache through its loop. The step's temporaries stay under the
-  size of the cache, which it updates where it lies (the carried cache); rebuilding it per layer, as scan
-  outputs do, needs at least a whole copy. Reading a window of 512 of its 8192 slots, they stay under the
-  size of a 512-slot cache: each layer's attention reads a 512-slot slice, and the only arrays as long as
-  the cache are the cache itself (its k and v, written in place by a scatter, and its key mask)."""
+@pytest.mark.parametrize("steps", [1, 8], ids=["one step", "a loop of 8"])
+def test_the_decode_step_writes_the_cache_in_place(gqa_loaded, steps):
+  """A dispatch of one step, or of several carrying the cache through its loop (`--num-scheduler-steps`).
+  The step's temporaries stay under the size of the cache, which it updates where it lies (the carried
+  cache); rebuilding it per layer, as scan outputs do, needs at least a whole copy. Reading a window of
+  512 of its 8192 slots, they stay under the size of a 512-slot cache: each layer's attention reads a
+  512-slot slice, and the only arrays as long as the cache are the cache itself (its k and v, written in
+  place by a scatter, and its key mask)."""
   engine = Engine(gqa_loaded, max_slots=SLOTS)
   length, window = 8192, 512
   state = jax.eval_shape(lambda: slots.empty_fn(gqa_loaded.config, batch=SLOTS, length=length, dtype=engine.batch.dtype))
@@ -102,7 +105,7 @@ def test_the_decode_step_writes_the_cache_in_place(gqa_loaded):
   for w in (length, window):
     with jax.set_mesh(gqa_loaded.mesh):
       compiled = slots.decode_fn.lower(gqa_loaded.graphdef, gqa_loaded.state, state, np.ones(SLOTS, np.int32),
-                                       window=w, steps=engine.decode_steps).compile()
+                                       window=w, steps=steps).compile()
     assert compiled.memory_analysis().temp_size_in_bytes < k.size * k.dtype.itemsize * 2 * w // length
   layers, b, _, kv, h = k.shape
   hlo = compiled.as_text()

@@ -7,11 +7,11 @@ without one (deviceless, `af3_jax.targets`), fits the card's 80 GB: weights, the
 import jax
 import jax.numpy as jnp
 import pytest
+from accelerators import abstract_model, compile_for
 from flax import nnx
 
-from af3_jax import sharding, targets
+from af3_jax import targets
 from af3_jax.buckets import bucket, window_bucket
-from af3_jax.checkpoints.pretrained import Model, abstract_model
 from af3_jax.config import AF3Config
 from af3_jax.inference import decode, requests
 from af3_jax.models.whisper import tokens_per_window
@@ -38,24 +38,21 @@ def twenty_minutes(cfg: AF3Config, mesh) -> dict[str, jax.ShapeDtypeStruct]:
 @pytest.mark.slow
 def test_twenty_minutes_prefill_fits_one_h100():
   target = targets.parse("h100")
-  mesh = sharding.single_device_mesh(targets.devices(target)[0])
   cfg = AF3Config.music_flamingo()
-  graphdef, abstract, shardings = abstract_model(cfg, param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16,
-                                                 mesh=mesh)
-  weights = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  batch = twenty_minutes(cfg, mesh)
+  model = abstract_model("h100", cfg, jnp.bfloat16)
+  batch = twenty_minutes(cfg, model.mesh)
   shape = requests.Shape(1, batch["input_ids"].shape[1], batch["input_features"].shape[0])
-  _, *rest = requests.batch([requests.dummy(Model(cfg, graphdef, abstract, mesh), shape)], shape, 0)
+  _, *rest = requests.batch([requests.dummy(model, shape)], shape, 0)
 
   def prefill_fn(state, batch):  # generate's start: the prefill into a cache with room for the new tokens
-    return decode.start(nnx.merge(graphdef, state), batch, *rest, new_len=NEW_TOKENS)
+    return decode.start(nnx.merge(model.graphdef, state), batch, *rest, new_len=NEW_TOKENS)
 
-  with jax.set_mesh(mesh):
-    lowered = jax.jit(prefill_fn).lower(weights, batch)
+  weights = model.state
+  with jax.set_mesh(model.mesh):
     state = jax.eval_shape(prefill_fn, weights, batch)
-  memory = lowered.compile().memory_analysis()
+  program = compile_for(model.mesh, jax.jit(prefill_fn), weights, batch)
   nbytes = lambda tree: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree))
-  weights_b, state_b, temp_b = nbytes(weights), nbytes(state), memory.temp_size_in_bytes
+  weights_b, state_b, temp_b = nbytes(weights), nbytes(state), program.memory["temporaries_gib"] * 2**30
   total = weights_b + state_b + temp_b
   gib = 2**30
   print(f"H100 prefill of 20 min (Music Flamingo, bf16): weights {weights_b / gib:.2f} GiB, decode state "

@@ -1,5 +1,5 @@
 """Music Flamingo against transformers' MusicFlamingoForConditionalGeneration on the tiny random checkpoint
-(conftest `MUSIC`): the config, the rotary time embeddings' timestamps and angles, float32 logits (1e-4 of
+(`helpers.tiny.MUSIC`): the config, the rotary time embeddings' timestamps and angles, float32 logits (1e-4 of
 the logit scale) and greedy tokens, for an audio that ends mid-window, a left-padded batch, two audios
 in one prompt and audios in two turns (the window index restarts for each audio). Each audio is
 `<|sound_bos|>`, its `<sound>` run and `<|sound_eos|>`, as MusicFlamingoProcessor writes it.

@@ -1,6 +1,6 @@
 """The server's warm-up (`serving/warmup.py`): what it compiles before answering and what in the background,
 from the engine's own buckets, and the lines it logs for each phase (compiling is stubbed out here;
-tests/inference/test_engine.py shows that compiling ahead leaves nothing to compile while serving)."""
+tests/inference/test_batch.py shows that compiling ahead leaves nothing to compile while serving)."""
 
 import logging
 
