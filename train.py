@@ -106,10 +106,9 @@ def _train(cfg, workdir: Path, samples, init_from: str, start: int) -> int:
   from af3_jax.training.preemption import Stop
 
   print(cfg)
-  mesh = setup.mesh(cfg)
+  mesh = sharding.make_mesh(cfg.mesh)
   print(f"mesh {dict(mesh.shape)} over {jax.device_count()} devices, {jax.process_count()} process(es)")
-  rows = cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] // jax.process_count()
-  data, total, pad_id = _data(cfg, samples, init_from, rows * cfg.accum_steps)
+  data, total, pad_id = _data(cfg, samples, init_from, setup.global_rows(cfg, mesh) // jax.process_count())
 
   ckpt = checkpoint.Checkpointer(workdir / workdirs.CHECKPOINTS, keep=cfg.keep_checkpoints, save_every=cfg.save_every)
   if start > total:

@@ -34,9 +34,13 @@ LOGICAL_RULES: Rules = (
 
 
 def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A `(data, fsdp, tensor)` mesh; by default every device on `fsdp`."""
+  """A `(data, fsdp, tensor)` mesh over `devices` (default: every device present); by default every
+  device on `fsdp`. One entry of `shape` may be -1: the devices the others leave (a config's mesh)."""
   devices = list(jax.devices() if devices is None else devices)
   shape = tuple(shape) if shape is not None else (1, len(devices), 1)
+  if -1 in shape:
+    fixed = math.prod(s for s in shape if s != -1)
+    shape = tuple(len(devices) // fixed if s == -1 else s for s in shape)
   if math.prod(shape) != len(devices):
     raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices, have {len(devices)}")
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
@@ -45,12 +49,6 @@ def make_mesh(shape: Sequence[int] | None = None, devices: Sequence[jax.Device] 
 def single_device_mesh(device: jax.Device | None = None) -> Mesh:
   """A mesh of one device (the first by default): where a model lives when no mesh is given."""
   return make_mesh((1, 1, 1), [device if device is not None else jax.devices()[0]])
-
-
-def resolve_shape(shape: Sequence[int], n_devices: int) -> tuple[int, ...]:
-  """A configured (data, fsdp, tensor) with its one -1 replaced by the devices left over."""
-  fixed = math.prod(s for s in shape if s != -1)
-  return tuple(n_devices // fixed if s == -1 else s for s in shape)
 
 
 def logical_to_spec(axes: Sequence[str | None], shape: Sequence[int], mesh_shape: dict[str, int],

@@ -78,7 +78,7 @@ def _train_step(cfg, model_cfg: AF3Config, target: str, length: int):
   (the config's mesh, batch, accumulation, remat, dtypes), compiled for `target`."""
 
   devices = targets.devices(target)
-  mesh = sharding.make_mesh(sharding.resolve_shape(cfg.mesh, len(devices)), devices)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   frozen, state, step_fn = plans.abstract_step(cfg, model_cfg, mesh)
   with jax.set_mesh(mesh):
     return step_fn.lower(state, frozen, plans.abstract_batch(cfg, mesh, length)).compile()

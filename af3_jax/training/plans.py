@@ -4,7 +4,6 @@ config alone (the figures are `af3_jax.memory`'s)."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import jax
@@ -21,15 +20,15 @@ from af3_jax.training import pipeline, run as train_run, setup
 def stage_plan(cfg, workdir: Path, init_from: str, on=None) -> int:
   """--compile_only: the stage's train step compiled for each length bucket at the stage's global batch
   (rows x accumulation, max_windows audio windows per row) on the config's mesh, from `init_from`'s
-  config alone; prints the per-device plan and writes `workdir/memory.json`. `on`: (target, its
-  compile-only devices) from `targets.compile_only`, planned by that accelerator's compiler; None: the
-  devices present."""
+  config alone; prints the per-device plan and writes `workdir/memory.json`, then raises ValueError
+  if a length does not fit the device. `on`: (target, its compile-only devices) from
+  `targets.compile_only`, planned by that accelerator's compiler; None: the devices present."""
   target, devices = on or (None, jax.devices())
   capacity = target.hbm_bytes if target else targets.device_memory(devices[0])
-  mesh = setup.mesh(cfg, devices)
+  mesh = sharding.make_mesh(cfg.mesh, devices)
   model_cfg = locate.read_config(train_run.base_checkpoint(init_from))
   frozen, state, step_fn = abstract_step(cfg, model_cfg, mesh)
-  rows = global_rows(cfg, mesh)
+  rows = setup.global_rows(cfg, mesh)
   print(f"{target.name if target else 'devices present'}: {len(devices)} x {devices[0].device_kind}"
         f"{f' ({capacity / 2**30:.1f} GiB each)' if capacity else ''}; mesh {dict(mesh.shape)}; {rows} "
         f"{'packed ' if cfg.data.packing else ''}rows a step ({cfg.per_device_batch} per device x {cfg.accum_steps} "
@@ -46,9 +45,9 @@ def stage_plan(cfg, workdir: Path, init_from: str, on=None) -> int:
   files.write_text_atomic(workdir / "memory.json", json.dumps(plan, indent=2) + "\n")
   print(f"wrote {workdir / 'memory.json'}")
   over = [p["length"] for p in plan if not fits(p)]
-  if over:
-    print(f"error: at length {', '.join(map(str, over))} the step does not fit the device", file=sys.stderr)
-  return 1 if over else 0
+  if over:  # the plan is written all the same: it says by how much
+    raise ValueError(f"at length {', '.join(map(str, over))} the step does not fit the device")
+  return 0
 
 
 def abstract_step(cfg, model_cfg: AF3Config, mesh) -> tuple:
@@ -62,15 +61,10 @@ def abstract_step(cfg, model_cfg: AF3Config, mesh) -> tuple:
   return frozen, state, step_fn
 
 
-def global_rows(cfg, mesh) -> int:
-  """The rows of one step across the mesh: per device x data-parallel devices x accumulation."""
-  return cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] * cfg.accum_steps
-
-
 def abstract_batch(cfg, mesh, length: int) -> dict[str, jax.ShapeDtypeStruct]:
-  """The stage's global batch of `length`-token rows (`global_rows`, max_windows audio windows a row),
+  """The stage's global batch of `length`-token rows (`setup.global_rows`, max_windows audio windows a row),
   micro-batched for accumulation and sharded as the training loop shards it, as shapes."""
-  template = pipeline.batch_shapes(global_rows(cfg, mesh), cfg.data.max_windows, length, packed=cfg.data.packing)
+  template = pipeline.batch_shapes(setup.global_rows(cfg, mesh), cfg.data.max_windows, length, packed=cfg.data.packing)
   shapes = {k: jax.ShapeDtypeStruct(sharding.micro_batched(shape, cfg.accum_steps), dtype)
             for k, (shape, dtype) in template.items()}
   shardings = sharding.batch_shardings(shapes, mesh, cfg.accum_steps)

@@ -47,7 +47,7 @@ def load_step(workdir: Path, step: int, *, dtype, mesh: jax.sharding.Mesh | None
 
 
 def load_model(source: str | Path, *, dtype, mesh: jax.sharding.Mesh | None = None, remat: str = "none") -> Model:
-  """The model at `source`, a checkpoint as `resolve_init` or `saved_model` name it: a folder through
+  """The model at `source`, a checkpoint as `workdirs.resolve_init` or `workdirs.saved_model` name it: a folder through
   `from_pretrained`; a training step built in memory, its trained params merged (LoRA too) into the
   frozen weights of its run's init checkpoint (`merged_state`, as `write_model` saves them), whose
   tokenizer and processor files its `path` names."""
@@ -61,7 +61,7 @@ def load_model(source: str | Path, *, dtype, mesh: jax.sharding.Mesh | None = No
 
 
 def saved_dtype(source: str | Path) -> np.dtype:
-  """The dtype a run's model at `source` (`saved_model`) is kept in: its orbax `model/`'s, or for a
+  """The dtype a run's model at `source` (`workdirs.saved_model`) is kept in: its orbax `model/`'s, or for a
   step the run's compute_dtype (its frozen weights', which `write_model` would keep)."""
   found = workdirs.step_of(source)
   return np.dtype(workdirs.read_settings(found[0]).compute_dtype) if found else orbax.orbax_dtype(Path(source))

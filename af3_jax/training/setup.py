@@ -9,7 +9,6 @@ import jax
 import numpy as np
 from flax import nnx
 
-from af3_jax import sharding
 from af3_jax.data.manifest import Sample, read_manifest
 from af3_jax.models import layers
 from af3_jax.training import optimizer as optim, run as train_run, step as train_step
@@ -75,7 +74,6 @@ def build(cfg, model, mesh, total_steps: int, abstract: bool = False):
   return graphdef, frozen, state, step_fn
 
 
-def mesh(cfg, devices=None):
-  """The config's (data, fsdp, tensor) mesh over `devices` (default: every device present)."""
-  devices = jax.devices() if devices is None else devices
-  return sharding.make_mesh(sharding.resolve_shape(cfg.mesh, len(devices)), devices)
+def global_rows(cfg, mesh) -> int:
+  """The rows of one step across the mesh: per device x data-parallel devices x accumulation."""
+  return cfg.per_device_batch * mesh.shape["data"] * mesh.shape["fsdp"] * cfg.accum_steps

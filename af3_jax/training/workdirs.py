@@ -59,34 +59,38 @@ def record_settings(workdir: Path, cfg, init_checkpoint: str) -> list[str]:
   """Writes the run's settings to `workdir/train_config.json` (process 0), with `init_checkpoint`, the
   checkpoint its `init_from` named (`start_checkpoint`), and returns those that differ from the
   settings recorded by the run before, as "name: old -> new" (a resumed run's warning)."""
-  path = workdir / SETTINGS
   settings = {**json.loads(cfg.to_json()), "init_checkpoint": init_checkpoint}
   new = traverse_util.flatten_dict(settings, sep=".")
-  old = traverse_util.flatten_dict(json.loads(path.read_text()), sep=".") if path.is_file() else new
+  old = traverse_util.flatten_dict(_recorded(workdir) or settings, sep=".")
   changed = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(old.keys() | new.keys())
              if old.get(k) != new.get(k)]
   if jax.process_index() == 0:
-    files.write_text_atomic(path, json.dumps(settings, indent=2) + "\n")
+    files.write_text_atomic(workdir / SETTINGS, json.dumps(settings, indent=2) + "\n")
   return changed
 
 
 def read_settings(workdir: Path) -> ml_collections.ConfigDict:
   """The settings `record_settings` wrote in a training workdir."""
-  path = workdir / SETTINGS
-  if not path.is_file():
+  recorded = _recorded(workdir)
+  if recorded is None:
     raise ValueError(f"{workdir}: no {SETTINGS}; not a train.py workdir")
-  return ml_collections.ConfigDict(json.loads(path.read_text()))
+  return ml_collections.ConfigDict(recorded)
 
 
 def start_checkpoint(workdir: Path, init_from: str) -> str:
   """The checkpoint a run in `workdir` starts from: the one it recorded when it first started with this
   same `init_from`, else `resolve_init(init_from)`. A workdir named as init_from may save later steps
   while this run is stopped; resumed, it keeps the weights it started from."""
-  path = workdir / SETTINGS
-  recorded = json.loads(path.read_text()) if path.is_file() else {}
+  recorded = _recorded(workdir) or {}
   if recorded.get("init_from") == init_from and recorded.get("init_checkpoint"):
     return resolve_init(recorded["init_checkpoint"])
   return resolve_init(init_from)
+
+
+def _recorded(workdir: Path) -> dict | None:
+  """The settings `record_settings` wrote in `workdir`, or None before a run's first start."""
+  path = workdir / SETTINGS
+  return json.loads(path.read_text()) if path.is_file() else None
 
 
 def resolve_init(init_from: str) -> str:
@@ -114,7 +118,7 @@ def step_of(source: str | Path) -> tuple[Path, int] | None:
 def saved_model(workdir: Path, step: int | None = None) -> Path:
   """Where training workdir `workdir` keeps its model at `step` (None: the latest step saved):
   `workdir/model` when the finished run wrote it at that step, else that step's checkpoint folder
-  (`load_model` reads both). Raises naming the steps there are."""
+  (`run.load_model` reads both). Raises naming the steps there are."""
   finished = model_step(workdir)
   saved = checkpoint.saved_steps(workdir / CHECKPOINTS)
   steps = sorted(set(saved) | ({finished} - {None}))

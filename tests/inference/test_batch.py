@@ -100,7 +100,8 @@ def test_the_decode_step_writes_the_cache_in_place(gqa_loaded, steps):
   place by a scatter, and its key mask)."""
   engine = Engine(gqa_loaded, max_slots=SLOTS)
   length, window = 8192, 512
-  state = jax.eval_shape(lambda: slots.empty_fn(gqa_loaded.config, batch=SLOTS, length=length, dtype=engine.batch.dtype))
+  state = jax.eval_shape(lambda: slots.empty_fn(gqa_loaded.config, batch=SLOTS, length=length,
+                                                dtype=engine.batch.dtype))
   k = state.cache.k
   for w in (length, window):
     with jax.set_mesh(gqa_loaded.mesh):

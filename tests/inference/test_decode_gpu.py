@@ -53,13 +53,15 @@ def compiled(program: str, quantize: str | None = None, fused: bool = False):
     compiled = compile_for(model.mesh, slots.prefill_fn, model.graphdef, model.state, *replicated(args))
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(model.state))
   kernels = {x.shape[1:] for path, x in flat.items() if "layers" in path and path[-1] == "kernel"}
-  return (compiled.hlo, compiled.memory["temporaries_gib"] * 2**30, sum(x.size * x.dtype.itemsize for x in flat.values()), kernels)
+  weights = sum(x.size * x.dtype.itemsize for x in flat.values())
+  return compiled.hlo, compiled.memory["temporaries_gib"] * 2**30, weights, kernels
 
 
 # Several decode steps a dispatch run in a `lax.while_loop`, inside which XLA:GPU (jax 0.10.2) copies each
 # layer's slice of the stacked MLP kernels before its matmul, every step: why `generate` loops on the host
 # and the engine's default is one step a dispatch. When this passes, multi-step dispatches are free.
-MULTI_STEP_COPIES = pytest.mark.xfail(strict=True, raises=AssertionError, reason="XLA:GPU copies stacked kernels' slices in a loop body")
+MULTI_STEP_COPIES = pytest.mark.xfail(strict=True, raises=AssertionError,
+                                      reason="XLA:GPU copies stacked kernels' slices in a loop body")
 
 
 @pytest.mark.parametrize("quantize", [None, "int8"])

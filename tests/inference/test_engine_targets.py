@@ -1,7 +1,7 @@
 """The engine's programs compiled for an H200 on this CPU machine (deviceless, `af3_jax.targets`): a
 dispatch of 8 decode steps carries the cache through its loop where it lies, as a single step does (no
-copy of the cache, and neither has room for one in its temporaries), and inserting a batch of prefilled requests writes their rows
-into the donated cache in place. Needs the `accelerators` extra and JAX_PLATFORMS=cpu
+copy of the cache, and neither has room for one in its temporaries), and inserting a batch of prefilled
+requests writes their rows into the donated cache in place. Needs the `accelerators` extra and JAX_PLATFORMS=cpu
 (`pytest -m accelerator`)."""
 
 import re

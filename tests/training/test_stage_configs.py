@@ -90,7 +90,7 @@ def test_compile_only_plans_memory_from_the_config_alone(gqa_ckpt, tmp_path):
   assert plan[0]["temporaries_gib"] < plan[-1]["temporaries_gib"]
 
   cfg = tiny.get_config("5")  # the same step from the loaded checkpoint, at the first bucket
-  mesh = sharding.make_mesh(sharding.resolve_shape(cfg.mesh, jax.device_count()))
+  mesh = sharding.make_mesh(cfg.mesh)
   _, frozen, state, step_fn = run_setup.build(cfg, run_setup.load(cfg, str(gqa_ckpt.hf), mesh), mesh, total_steps=1000)
   rows = cfg.per_device_batch * jax.device_count()
   template = pipeline.batch_shapes(rows, cfg.data.max_windows, 256, packed=cfg.data.packing)
