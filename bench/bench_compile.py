@@ -85,8 +85,7 @@ def program(name: str, cfg, mesh):
     state = jax.eval_shape(lambda: slots.empty_fn(cfg, batch=b, length=length, dtype=jnp.bfloat16))
     return slots.decode_fn, (replicated(state), np.ones(b, np.int32)), dict(window=length, steps=steps)
   shape = requests.Shape(1, prompt, AUDIO[name])
-  model = pretrained.Model(cfg, None, None, mesh)  # `requests.dummy` reads its config
-  return slots.prefill_fn, replicated(requests.batch([requests.dummy(model, shape)], shape, 0)), {}
+  return slots.prefill_fn, replicated(requests.dummy_batch(cfg, shape)), {}
 
 
 def options() -> dict | None:

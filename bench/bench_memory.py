@@ -41,7 +41,7 @@ from flax import nnx
 import af3_jax
 from af3_jax import memory, sharding, targets
 from af3_jax.buckets import bucket, window_bucket
-from af3_jax.checkpoints.pretrained import Model, abstract_model, init_random
+from af3_jax.checkpoints.pretrained import abstract_model, init_random
 from af3_jax.config import AF3Config, MODEL_TYPES
 from af3_jax.inference import decode, requests, slots
 from af3_jax.models.whisper import tokens_per_window
@@ -101,7 +101,7 @@ def compiled_memory(cfg: AF3Config, dtype, batch: dict, new_tokens: int, quantiz
   abstract, batch = jax.tree.map(on, abstract, shardings), jax.tree.map(on, batch)
   new_len = bucket(new_tokens, requests.MIN_BUCKET)
   shape = requests.Shape(1, batch["input_ids"].shape[1], batch["input_features"].shape[0])
-  _, *rest = requests.batch([requests.dummy(Model(cfg, graphdef, abstract, mesh), shape)], shape, 0)
+  _, *rest = requests.dummy_batch(cfg, shape)
 
   def prefill_fn(state, batch):
     return decode.start(nnx.merge(graphdef, state), batch, *rest, new_len=new_len)

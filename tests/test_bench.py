@@ -13,15 +13,12 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 from helpers import ROOT
+from helpers.tiny import TINY
 
 from af3_jax import sharding
 from af3_jax.checkpoints.pretrained import abstract_model, init_random
-from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 
-CFG = AF3Config(encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-                decoder=DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                      head_dim=16, intermediate_size=128),
-                audio_token_id=299)
+CFG = TINY[0].config()  # the gqa shape (helpers.tiny)
 
 
 def run_bench(script: str, args: list[str], timeout: int = 300) -> list[str]:

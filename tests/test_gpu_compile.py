@@ -65,7 +65,7 @@ def prefill(m):
   """`generate`'s start (`decode.start`, `generate_stream`'s first program): the audio, then the
   right-padded prompts of ROWS rows into a cache with room for NEW tokens."""
   shape = requests.Shape(ROWS, LENGTH, WINDOWS)
-  args = requests.batch([requests.dummy(m, shape)], shape, 0)  # a row and a padding row
+  args = requests.dummy_batch(m.config, shape)  # a row and a padding row
   return decode._start_fn, (m.graphdef, m.state, *args), dict(new_len=NEW)
 
 
@@ -80,7 +80,7 @@ def decode_step(m):
 def engine_prefill(m):
   """The engine's prefill: one right-padded prompt with audio into a cache of its own."""
   shape = requests.Shape(1, LENGTH, WINDOWS)
-  return slots.prefill_fn, (m.graphdef, m.state, *requests.batch([requests.dummy(m, shape)], shape, 0)), {}
+  return slots.prefill_fn, (m.graphdef, m.state, *requests.dummy_batch(m.config, shape)), {}
 
 
 def engine_step(m):

@@ -10,11 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers.tiny import TINY
 
 from af3_jax import memory, sharding, targets
 from af3_jax.buckets import bucket, window_bucket
-from af3_jax.checkpoints.pretrained import Model, abstract_model
-from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.checkpoints.pretrained import abstract_model
+from af3_jax.config import AF3Config
 from af3_jax.inference import decode, requests, slots
 from af3_jax.models.whisper import tokens_per_window
 from af3_jax.training import pipeline, plans
@@ -22,11 +23,7 @@ from af3_jax.training import pipeline, plans
 pytestmark = pytest.mark.accelerator
 
 KERNEL = "tpu_custom_call"
-TINY = AF3Config(
-    encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-    decoder=DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                          intermediate_size=128),
-    audio_token_id=299)
+CFG = TINY[0].config()  # the gqa shape (helpers.tiny)
 NEW_TOKENS = 64  # requests.MIN_BUCKET: the cache's room after the prompt
 
 
@@ -57,7 +54,7 @@ def _prefill_and_step(cfg: AF3Config, target: str, windows: int, dtype=jnp.bfloa
   batch_shardings = sharding.batch_shardings({k: jax.ShapeDtypeStruct(*v) for k, v in shapes.items()}, mesh)
   batch = {k: jax.ShapeDtypeStruct(shape, dt, sharding=batch_shardings[k]) for k, (shape, dt) in shapes.items()}
   shape = requests.Shape(1, length, window_bucket(windows))
-  _, *rest = requests.batch([requests.dummy(Model(cfg, graphdef, abstract, mesh), shape)], shape, 0)
+  _, *rest = requests.dummy_batch(cfg, shape)
 
   def prefill_fn(state, batch):
     return decode.start(nnx.merge(graphdef, state), batch, *rest, new_len=NEW_TOKENS)
@@ -86,7 +83,7 @@ def _train_step(cfg, model_cfg: AF3Config, target: str, length: int):
 
 @pytest.mark.parametrize("target", ["v5e-4", "v5p-8"])
 def test_tiny_prefill_runs_the_kernel_and_decoding_does_not(target):
-  prefill, step = _prefill_and_step(TINY, target, windows=1)
+  prefill, step = _prefill_and_step(CFG, target, windows=1)
   assert KERNEL in prefill.as_text()  # the encoder's windows and the prompt
   assert KERNEL not in step.as_text()  # one query a row: XLA
 
@@ -96,7 +93,7 @@ def test_tiny_packed_training_step_runs_the_kernel_both_ways():
 
   cfg = stage5.get_config()
   cfg.per_device_batch, cfg.accum_steps, cfg.data.max_windows = 1, 2, 1
-  hlo = _train_step(cfg, TINY, "v5p-8", length=256).as_text()
+  hlo = _train_step(cfg, CFG, "v5p-8", length=256).as_text()
   assert "splash_mha_fwd_segmented" in hlo and "splash_mha_dkv_segmented" in hlo  # forward and backward
 
 

@@ -90,8 +90,7 @@ class DecodeBatch:
   def compile_prefill(self, shape: Shape) -> None:
     """Compiles (without running) what admitting a batch of `shape` runs: the prefill, the first tokens'
     choice and the insert. Any thread; the cache must have its final length (`warmup` makes it so)."""
-    job = requests.dummy(self.model, shape)
-    args = requests.batch([job], shape, requests.filler_id(self.model))
+    args = requests.dummy_batch(self.model.config, shape)
     with jax.set_mesh(self.model.mesh):
       prefix, logits = _compiled(slots.prefill_fn, self.model.graphdef, self.model.state, *args)
       token, seen = _compiled(slots.choose_fn, logits, prefix.seen, prefix.rows, prefix.key)
@@ -106,7 +105,7 @@ class DecodeBatch:
 
   def prefill(self, jobs: Sequence[Job]) -> Prefix:
     """Prefills `jobs` in one batch (its rows past theirs are padding) and chooses their first tokens."""
-    args = requests.batch(jobs, requests.shape_of(jobs, self.max_len), requests.filler_id(self.model))
+    args = requests.batch(jobs, requests.shape_of(jobs, self.max_len), requests.filler_id(self.model.config))
     with jax.set_mesh(self.model.mesh):
       prefix, logits = slots.prefill_fn(self.model.graphdef, self.model.state, *args)
       token, seen = slots.choose_fn(logits, prefix.seen, prefix.rows, prefix.key)

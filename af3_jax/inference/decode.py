@@ -72,7 +72,7 @@ def _batch(model: Model, batch: dict, max_new_tokens: int, seed: int, **kwargs) 
   jobs = requests.jobs(model, batch, max_new_tokens, seed, settings)
   shape = requests.shape_of(jobs)
   new_len = bucket(max_new_tokens, requests.MIN_BUCKET)
-  return _Batch(requests.batch(jobs, shape, requests.filler_id(model)), len(jobs), settings.eos_ids,
+  return _Batch(requests.batch(jobs, shape, requests.filler_id(model.config)), len(jobs), settings.eos_ids,
                 settings.pad_id, new_len, shape.prompt + new_len)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from af3_jax import buckets
 from af3_jax.buckets import bucket, window_bucket
 from af3_jax.checkpoints.pretrained import AUDIO_INPUTS as AUDIO, Model, check_inputs
+from af3_jax.config import AF3Config
 from af3_jax.generation import Rows, Sampling, Settings
 from af3_jax.inference import slots
 from af3_jax.models import whisper
@@ -198,21 +199,22 @@ def batch(jobs: Sequence[Job], shape: Shape, filler: int) -> tuple:
   return inputs, length, need, rows, seed, eos
 
 
-def dummy(model: Model, shape: Shape) -> Job:
-  """A job of `shape`'s prompt length with its windows (empty: no audio tokens), for compiling ahead."""
-  cfg = model.config
+def dummy_batch(cfg: AF3Config, shape: Shape) -> tuple:
+  """`batch`'s arguments for one prompt of `shape`'s length with its windows (empty: no audio tokens),
+  for compiling a prefill of that shape ahead."""
   audio = None
   if shape.windows:
     e = cfg.encoder
     audio = {"input_features": np.zeros((shape.windows, e.num_mel_bins, e.mel_frames), np.float32),
              "input_features_mask": np.zeros((shape.windows, e.mel_frames), np.int32),
              "audio_embed_mask": np.zeros((shape.windows, whisper.tokens_per_window(e)), bool)}
-  return Job(np.full(shape.prompt, filler_id(model), np.int32), audio, Sampling(), 0, frozenset(), 1)
+  filler = filler_id(cfg)
+  return batch([Job(np.full(shape.prompt, filler, np.int32), audio, Sampling(), 0, frozenset(), 1)], shape, filler)
 
 
-def filler_id(model: Model) -> int:
+def filler_id(cfg: AF3Config) -> int:
   """A token id for padding rows: any id but the audio token's (padding never takes audio frames)."""
-  return (model.config.audio_token_id + 1) % model.config.decoder.vocab_size
+  return (cfg.audio_token_id + 1) % cfg.decoder.vocab_size
 
 
 class Handle:

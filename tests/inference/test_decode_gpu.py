@@ -49,7 +49,7 @@ def compiled(program: str, quantize: str | None = None, fused: bool = False):
                            np.ones(rows, np.int32), window=length, steps=steps)
   else:  # the prefill of 30 s of audio
     shape = requests.Shape(1, PROMPT, 1)
-    args = requests.batch([requests.dummy(model, shape)], shape, 0)
+    args = requests.dummy_batch(CFG, shape)
     compiled = compile_for(model.mesh, slots.prefill_fn, model.graphdef, model.state, *replicated(args))
   flat = traverse_util.flatten_dict(nnx.to_pure_dict(model.state))
   kernels = {x.shape[1:] for path, x in flat.items() if "layers" in path and path[-1] == "kernel"}

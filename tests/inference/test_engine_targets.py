@@ -11,25 +11,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from accelerators import abstract_model, compile_for
+from helpers.tiny import TINY
 
-from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
 from af3_jax.inference import slots
 
 pytestmark = pytest.mark.accelerator
 
-TINY = AF3Config(
-    encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-    decoder=DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
-                          intermediate_size=128),
-    audio_token_id=299)
+CFG = TINY[0].config()  # the gqa shape (helpers.tiny)
 SLOTS, LENGTH, WINDOW = 8, 4096, 1024
 
 
 def test_multi_step_dispatches_and_batched_inserts_keep_the_cache_in_place():
-  model = abstract_model("h200", TINY, jnp.bfloat16)
+  model = abstract_model("h200", CFG, jnp.bfloat16)
   whole = jax.sharding.NamedSharding(model.mesh, jax.sharding.PartitionSpec())
   on_mesh = lambda tree: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=whole), tree)
-  state = on_mesh(jax.eval_shape(lambda: slots.empty_fn(TINY, batch=SLOTS, length=LENGTH, dtype=jnp.bfloat16)))
+  state = on_mesh(jax.eval_shape(lambda: slots.empty_fn(CFG, batch=SLOTS, length=LENGTH, dtype=jnp.bfloat16)))
   k = state.cache.k
   cache = rf"bf16\[{','.join(map(str, k.shape))}\]"
   temps = {}
@@ -42,8 +38,8 @@ def test_multi_step_dispatches_and_batched_inserts_keep_the_cache_in_place():
   assert max(temps.values()) < k.size * k.dtype.itemsize // 2
   rows, prompt = 4, 256
   prefix = on_mesh(slots.Prefix(
-      k=jax.ShapeDtypeStruct((TINY.decoder.num_layers, rows, prompt) + k.shape[3:], jnp.bfloat16),
-      v=jax.ShapeDtypeStruct((TINY.decoder.num_layers, rows, prompt) + k.shape[3:], jnp.bfloat16),
+      k=jax.ShapeDtypeStruct((CFG.decoder.num_layers, rows, prompt) + k.shape[3:], jnp.bfloat16),
+      v=jax.ShapeDtypeStruct((CFG.decoder.num_layers, rows, prompt) + k.shape[3:], jnp.bfloat16),
       length=jax.ShapeDtypeStruct((rows,), jnp.int32), need=jax.ShapeDtypeStruct((rows,), jnp.int32),
       token=jax.ShapeDtypeStruct((rows,), jnp.int32), seen=jax.ShapeDtypeStruct((rows, 300), bool),
       rows=jax.tree.map(lambda a: jax.ShapeDtypeStruct((rows,), a.dtype), state.rows),

@@ -17,13 +17,12 @@ import numpy as np
 import pytest
 from helpers import ROOT, random_text
 from helpers.reference import build_torch_model
-from helpers.tiny import Tiny
+from helpers.tiny import TINY as SHAPES, Tiny
 from flax import nnx
 
 import af3_jax
 from af3_jax import sharding
-from af3_jax.checkpoints.pretrained import Model, abstract_model
-from af3_jax.config import AF3Config, DecoderConfig, EncoderConfig
+from af3_jax.checkpoints.pretrained import abstract_model
 from af3_jax.inference import requests, slots
 
 BENCH = ROOT / "bench" / "bench_memory.py"
@@ -75,9 +74,7 @@ def test_long_audio_memory_is_linear_in_the_prompt(model_type, lengths):
 def test_the_encoder_takes_every_window_in_one_batch():
   """10 minutes of audio is 20 windows of 30 s, and the prefill encodes them as one batch: the encoder's
   two convolutions appear once each, over all 20 windows, not once per window."""
-  cfg = AF3Config(encoder=EncoderConfig(hidden_size=32, num_layers=2, num_heads=2, intermediate_size=64),
-                  decoder=DecoderConfig(vocab_size=300, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2,
-                                        head_dim=16, intermediate_size=128), audio_token_id=299)
+  cfg = SHAPES[0].config()  # the gqa shape (helpers.tiny)
   windows, e = 20, cfg.encoder
   tokens = windows * 750 + 16
   batch = {"input_ids": np.full((1, tokens), 299, np.int32), "attention_mask": np.ones((1, tokens), np.int32),
@@ -87,7 +84,7 @@ def test_the_encoder_takes_every_window_in_one_batch():
   graphdef, state, _ = abstract_model(cfg, param_dtype=jnp.float32, compute_dtype=jnp.float32,
                                       mesh=sharding.single_device_mesh())
   shape = requests.Shape(1, tokens, windows)
-  _, *rest = requests.batch([requests.dummy(Model(cfg, graphdef, state, sharding.single_device_mesh()), shape)], shape, 0)
+  _, *rest = requests.dummy_batch(cfg, shape)
   jaxpr = jax.make_jaxpr(lambda state: slots.prefill(nnx.merge(graphdef, state), batch, *rest))(state)
   convs = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "conv_general_dilated"]
   assert [eqn.invars[0].aval.shape[0] for eqn in convs] == [windows, windows]

@@ -42,7 +42,7 @@ def test_twenty_minutes_prefill_fits_one_h100():
   model = abstract_model("h100", cfg, jnp.bfloat16)
   batch = twenty_minutes(cfg, model.mesh)
   shape = requests.Shape(1, batch["input_ids"].shape[1], batch["input_features"].shape[0])
-  _, *rest = requests.batch([requests.dummy(model, shape)], shape, 0)
+  _, *rest = requests.dummy_batch(cfg, shape)
 
   def prefill_fn(state, batch):  # generate's start: the prefill into a cache with room for the new tokens
     return decode.start(nnx.merge(model.graphdef, state), batch, *rest, new_len=NEW_TOKENS)
