@@ -1,6 +1,6 @@
 """Running the programs from the tests: infer.py and eval.py in this process (jit caches shared across
-tests), train.py (and its metrics read back) and convert.to_hf as processes, and serve.py's app on a
-real uvicorn with the `openai` client, with the chat conversations the server tests send."""
+tests), train.py (and its metrics and checkpoints read back) and convert.to_hf as processes, and serve.py's
+app on a real uvicorn with the `openai` client, with the chat conversations the server tests send."""
 
 from __future__ import annotations
 
@@ -35,10 +35,15 @@ def to_hf(workdir, out, *flags):
   return out
 
 
+def train_args(workdir, model, manifest, *extra, config="configs/tiny.py") -> list[str]:
+  """train.py's command line after `python`: one run of `config` from `model` on `manifest`."""
+  return ["train.py", f"--config={config}", f"--workdir={workdir}", f"--config.init_from={model}",
+          f"--config.data.train={manifest}", *extra]
+
+
 def train(workdir, model, manifest, *extra, wait=True, config="configs/tiny.py"):
-  cmd = [sys.executable, "train.py", f"--config={config}", f"--workdir={workdir}",
-         f"--config.init_from={model}", f"--config.data.train={manifest}", *extra]
-  proc = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  proc = subprocess.Popen([sys.executable, *train_args(workdir, model, manifest, *extra, config=config)], cwd=ROOT,
+                          env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   if not wait:
     return proc
   out, err = proc.communicate(timeout=600)
@@ -49,6 +54,24 @@ def losses(workdir):
   """(loss by step, every record) of the metrics.jsonl a train.py run wrote in `workdir`."""
   records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {r["step"]: r["loss"] for r in records}, records
+
+
+def wait_for_steps(workdir, n: int, timeout: float = 300) -> None:
+  """Returns once a running train.py has logged `n` lines to `workdir`'s metrics.jsonl, or after `timeout` s."""
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + timeout
+  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < n):
+    time.sleep(0.05)
+
+
+def saved_params(workdir, step) -> dict:
+  """The trainable params a run's checkpoint holds at `step`, read with orbax alone, as a pure dict."""
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckptr:
+    saved = ckptr.restore((workdir / "checkpoints" / str(step) / "state").absolute())["params"]
+  unwrap = lambda tree: tree["value"] if set(tree) == {"value"} else {k: unwrap(v) for k, v in tree.items()}
+  return unwrap(saved)  # orbax keeps nnx.State's leaf level
 
 
 def run_cli(args, stdin="", capsys=None, monkeypatch=None):

@@ -12,6 +12,7 @@ it compiling: slow (.ci/run runs it). The fast tests check what the pages hold, 
 between them, and every citation of docs/ in the code, leads somewhere.
 """
 
+import functools
 import json
 import os
 import re
@@ -22,15 +23,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import ROOT
 
-
-def _repo_root() -> Path:
-  """The folder holding pyproject.toml, wherever under it this file lives."""
-  here = Path(__file__).resolve().parent
-  return next(p for p in (here, *here.parents) if (p / "pyproject.toml").is_file())
-
-
-ROOT = _repo_root()
 HUB_ID = "nvidia/audio-flamingo-3-hf"
 TINY = "runs/tiny"
 SKIP = "# not run by the tests"
@@ -109,6 +103,14 @@ def test_the_pages_have_their_steps():
   assert "\npytest " in section(readme, "Set up")  # the test command CI runs, on the front page
 
 
+@functools.cache
+def listed_files() -> list[str]:
+  """The repository's files as a clone of this working tree has them: tracked and new, not ignored ones."""
+  listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+                          capture_output=True, text=True, check=True).stdout
+  return [name for name in listed.split("\0") if name]
+
+
 def _anchors(page: Path) -> set[str]:
   """The ids GitHub gives a page's headings: lower case, punctuation dropped, spaces as hyphens."""
   titles = re.findall(r"^#+ (.+)$", page.read_text(), re.M)
@@ -133,9 +135,7 @@ def test_links_and_citations_lead_somewhere():
     for target in re.findall(r"\]\(([^)\s]+)\)", page.read_text()):
       if not re.match(r"[a-z]+:", target):
         problems.append(_check_target(page, page.parent, target))
-  listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
-                          capture_output=True, text=True, check=True).stdout.split()
-  for name in listed:
+  for name in listed_files():
     source = ROOT / name
     if source.suffix in (".py", ".toml", ".md") or name == ".ci/run":
       for target in re.findall(r"\bdocs/[\w-]+\.md(?:#[\w-]+)?", source.read_text()):
@@ -147,12 +147,9 @@ def test_links_and_citations_lead_somewhere():
 def copies(tmp_path_factory):
   """Fresh copies of the repository as a clone of this working tree has it (tracked and new files, not
   ignored ones), and the environment they run in: a user's, with a compilation cache of its own."""
-  listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
-                          capture_output=True, text=True, check=True).stdout
-
   def copy(name: str) -> Path:
     dst = tmp_path_factory.mktemp(name) / "af3-jax"
-    for file in filter(None, listed.split("\0")):
+    for file in listed_files():
       if (ROOT / file).is_file():
         (dst / file).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / file, dst / file)

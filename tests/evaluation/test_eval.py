@@ -3,7 +3,6 @@ here): scores and files, a rerun that writes nothing, a killed run resumed, a mi
 --rescore, the other tasks, and bad input as one line."""
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -12,6 +11,7 @@ import time
 
 import pytest
 from helpers import ROOT
+from helpers.processes import finish, start_processes
 from programs import FAST, run_eval
 
 import eval as eval_cli
@@ -95,18 +95,9 @@ def test_a_killed_run_resumes_to_the_predictions_of_an_uninterrupted_one(model_d
 @pytest.mark.slow  # about 25 s; test_eval_run.py checks the split and the merge in one process
 def test_two_processes_split_the_items_and_write_the_files_of_one(model_dir, mmau, straight, tmp_path):
   """eval.py as 2 processes (one CPU device each, gloo): the predictions of one process."""
-  portpicker = pytest.importorskip("portpicker")
   out = tmp_path / "run"
-  env = {**os.environ, "XLA_FLAGS": "", "JAX_COORDINATOR_ADDRESS": f"localhost:{portpicker.pick_unused_port()}",
-         "JAX_NUM_PROCESSES": "2"}
-  procs = [subprocess.Popen([sys.executable, "eval.py", *mmau_args(model_dir, mmau[0], out, "--batch-size", "1")],
-                            cwd=ROOT, env={**env, "JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True) for i in range(2)]
-  try:
-    results = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      p.kill()
+  procs = start_processes(["eval.py", *mmau_args(model_dir, mmau[0], out, "--batch-size", "1")], ROOT)
+  results = finish(procs, timeout=300)
   assert [p.returncode for p in procs] == [1, 0], [err[-2000:] for _, err in results]  # process 0 reports q4
   assert "mmau: accuracy" in results[0][0] and "mmau:" not in results[1][0]  # process 0 alone reports
   assert (out / "predictions.json").read_bytes() == straight[1]["predictions.json"][0]

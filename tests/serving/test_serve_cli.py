@@ -6,7 +6,6 @@ one line, as a process or on a real uvicorn in this one, over the tiny checkpoin
 import http.client
 import json
 import logging
-import os
 import signal
 import socket
 import subprocess
@@ -16,7 +15,7 @@ import time
 
 import pytest
 from helpers import ROOT
-from programs import MAX_LEN, NAME, SLOTS, post
+from programs import ENV, MAX_LEN, NAME, SLOTS, post
 
 uvicorn = pytest.importorskip("uvicorn")
 from af3_jax.serving.app import create_app  # noqa: E402
@@ -78,9 +77,8 @@ def test_a_second_signal_cuts_running_requests_short_in_openais_shape(server, mo
 
 
 def _serve(model_dir, *args, log=subprocess.PIPE) -> subprocess.Popen:
-  env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
   return subprocess.Popen([sys.executable, str(ROOT / "serve.py"), "--model", str(model_dir), *args], cwd=ROOT,
-                          env=env, stdout=log, stderr=log, text=True)
+                          env=ENV, stdout=log, stderr=log, text=True)
 
 
 @pytest.mark.parametrize("args, says", [

@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +17,7 @@ from helpers import ROOT
 from helpers.events import read_scalars
 from helpers.parity import assert_close
 from helpers.processes import finish, start_processes
-from programs import ENV, losses, train
+from programs import ENV, losses, saved_params, to_hf, train, train_args, wait_for_steps
 
 import af3_jax
 from flax import nnx
@@ -43,10 +42,7 @@ def test_loss_falls_and_the_export_loads_in_transformers(run_setup, tmp_path):
   assert logged == pytest.approx(by_step, rel=1e-6)  # the same losses as metrics.jsonl
   assert "trainable" in out and "compiled train step" in out and "first step: 1 sample(s) (packed)" in out
 
-  export = tmp_path / "hf"
-  run = subprocess.run([sys.executable, "-m", "convert.to_hf", f"--workdir={tmp_path / 'run'}", f"--out={export}",
-                        "--dtype=float32"], cwd=ROOT, env=ENV, capture_output=True, text=True)
-  assert run.returncode == 0, run.stderr[-2000:]
+  export = to_hf(tmp_path / "run", tmp_path / "hf", "--dtype=float32")
   ours = af3_jax.from_pretrained(tmp_path / "run" / "model", dtype=jnp.float32)
   ref = transformers.AudioFlamingo3ForConditionalGeneration.from_pretrained(export).eval()
   ids = np.random.default_rng(1).integers(0, 290, (1, 12))
@@ -66,10 +62,7 @@ def stop_and_resume(run_setup, tmp_path, save_every: int, stop, while_running=la
   code, out, err = train(tmp_path / "straight", model, manifest, *args)
   assert code == 0 and "first step: 3 sample(s) (packed)" in out, err[-2000:]
   proc = train(tmp_path / "cut", model, manifest, *args, wait=False)
-  metrics = tmp_path / "cut" / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
-    time.sleep(0.05)
+  wait_for_steps(tmp_path / "cut", 3)
   while_running()
   stop(proc)
   stop_out, _ = proc.communicate(timeout=300)
@@ -101,25 +94,17 @@ def test_a_longer_rerun_writes_the_last_steps_model_and_warns_of_changes(run_set
   assert "optim.lr: 0.003 -> 0.001" in err and "total_steps: 3 -> 5" in err
   assert [r["step"] for r in losses(workdir)[1]] == [2, 3, 4, 5]
   assert json.loads((workdir / "model" / "trainer_state.json").read_text()) == {"step": 5}
-  import orbax.checkpoint as ocp
-
-  with ocp.StandardCheckpointer() as ckptr:
-    saved = ckptr.restore((workdir / "checkpoints" / "5" / "state").absolute())["params"]
+  saved = saved_params(workdir, 5)
   last = af3_jax.from_pretrained(workdir / "model", dtype=jnp.float32).state
   flat = lambda tree: dict(jax.tree_util.tree_flatten_with_path(tree)[0])
   ours = {jax.tree_util.keystr(k): v for k, v in flat(nnx.to_pure_dict(last)).items()}
   moved = 0
   before = {jax.tree_util.keystr(k): v for k, v in flat(nnx.to_pure_dict(first.state)).items()}
   for key, value in flat(saved).items():
-    name = jax.tree_util.keystr(key).removesuffix("['value']")  # orbax keeps nnx.State's leaf level
+    name = jax.tree_util.keystr(key)
     np.testing.assert_array_equal(ours[name], value, err_msg=name)
     moved += not np.array_equal(value, before[name])
   assert moved  # steps 4 and 5 changed the model
-
-
-def train_args(workdir, model, manifest, *extra) -> list[str]:
-  return ["train.py", "--config=configs/tiny.py", f"--workdir={workdir}", f"--config.init_from={model}",
-          f"--config.data.train={manifest}", *extra]
 
 
 def test_two_processes_match_one(run_setup, tmp_path):
@@ -189,10 +174,7 @@ def test_sigterm_to_one_of_two_processes_saves_one_step_and_resumes(run_setup, t
     assert p.returncode == 0, err[-2000:]
 
   cut = start_processes(train_args(tmp_path / "cut", model, manifest, *args), ROOT)
-  metrics = tmp_path / "cut" / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
-    time.sleep(0.05)
+  wait_for_steps(tmp_path / "cut", 2)
   cut[1].send_signal(signal.SIGTERM)
   outs = finish(cut, timeout=300)
   stopped = [[line for line in out.splitlines() if line.startswith("stopped at step")] for out, _ in outs]

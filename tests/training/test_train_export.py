@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from helpers import ROOT
 from helpers.parity import assert_close
-from programs import ENV, to_hf, train
+from programs import ENV, saved_params, to_hf, train
 
 import af3_jax
 from flax import nnx
@@ -53,16 +53,6 @@ def test_lora_run_exports_a_peft_adapter(gqa_ckpt, lora_run, tmp_path):
   assert np.abs(expected - before).max() > 1e-3 * np.abs(before).max()  # training moved the adapter
   got = np.asarray(af3_jax.from_pretrained(lora_run / "model", dtype=jnp.float32)(input_ids=ids))
   assert_close(got, expected)
-
-
-def saved_params(workdir, step) -> dict:
-  """The trainable params a run's checkpoint holds at `step`, read with orbax alone, as a pure dict."""
-  import orbax.checkpoint as ocp
-
-  with ocp.StandardCheckpointer() as ckptr:
-    saved = ckptr.restore((workdir / "checkpoints" / str(step) / "state").absolute())["params"]
-  unwrap = lambda tree: tree["value"] if set(tree) == {"value"} else {k: unwrap(v) for k, v in tree.items()}
-  return unwrap(saved)  # orbax keeps nnx.State's leaf level
 
 
 def files_of(folder) -> dict:
